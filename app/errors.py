@@ -1,0 +1,72 @@
+"""Errors a caller can see. Each carries a stable `code` and a message that says what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TokentapeError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, code: str | None = None, message: str = "", **detail: Any) -> None:
+        if code is not None:
+            self.code = code
+        self.message = message or self.code.replace("_", " ")
+        self.detail = detail
+        super().__init__(f"{self.code}: {self.message}")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.detail}}
+
+
+class InvalidRequest(TokentapeError):
+    status = 400
+    code = "invalid_request"
+
+
+class NotFound(TokentapeError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(TokentapeError):
+    status = 409
+    code = "conflict"
+
+
+class Expired(TokentapeError):
+    status = 410
+    code = "expired"
+
+
+class Unavailable(TokentapeError):
+    """Redis (or another dependency) is not answering; retrying later may succeed."""
+
+    status = 503
+    code = "unavailable"
+
+
+# Refusals of the append script. A worker that sees one of these must stop writing.
+
+
+class AppendRefused(TokentapeError):
+    status = 409
+
+
+class Fenced(AppendRefused):
+    """The writer's lease epoch is no longer current: another worker took the generation over."""
+
+    code = "fenced"
+
+
+class AlreadyFinished(AppendRefused):
+    """The generation already has its terminal event; nothing can follow it."""
+
+    code = "already_finished"
+
+
+class SeqConflict(AppendRefused):
+    """The writer's next seq disagrees with the log, and it is not a retry of an applied batch."""
+
+    code = "seq_conflict"

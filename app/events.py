@@ -1,0 +1,121 @@
+"""The events of a generation: one tagged union, encoded once to JSON.
+
+An event's JSON carries its type (`{"type": "token", "text": "Hi"}`); its
+position in the generation, `seq`, is not part of the event but of the log
+entry that holds it (see `LogEntry`), because seq is assigned by the log at
+append time, atomically, never by the writer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "content_filter"]
+
+
+class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=True):
+    pass
+
+
+class Started(_Event, tag="started", frozen=True):
+    """The worker picked the generation up; `attempt` counts takeovers from 1."""
+
+    model: str | None = None
+    attempt: int | None = None
+
+
+class Token(_Event, tag="token", frozen=True):
+    text: str
+
+
+class ToolCallDelta(_Event, tag="tool_call_delta", frozen=True):
+    """A fragment of a tool call's arguments as the model streams it: show it, never parse it."""
+
+    index: int
+    arguments_delta: str = ""
+    id: str | None = None
+    name: str | None = None
+
+
+class ToolCall(_Event, tag="tool_call", frozen=True):
+    """A complete tool call; `arguments` is the parsed JSON object."""
+
+    index: int
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class Usage(msgspec.Struct, omit_defaults=True, frozen=True):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class Done(_Event, tag="done", frozen=True):
+    reason: FinishReason
+    usage: Usage | None = None
+
+
+class Error(_Event, tag="error", frozen=True):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class Gap(msgspec.Struct, frozen=True):
+    """Sent (without an SSE id) when retention removed part of what a client asked for."""
+
+    requested: int
+    first_available: int
+
+
+Event = Started | Token | ToolCallDelta | ToolCall | Done | Error
+TerminalEvent = Done | Error
+
+EVENT_TYPES: tuple[str, ...] = tuple(
+    t.__struct_config__.tag  # type: ignore[misc]
+    for t in (Started, Token, ToolCallDelta, ToolCall, Done, Error)
+)
+TERMINAL_TYPES = frozenset({"done", "error"})
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+
+
+def encode(event: Event | Gap) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> Event:
+    return _decoder.decode(data)
+
+
+def event_type(event: Event) -> str:
+    tag: str = event.__struct_config__.tag  # type: ignore[assignment]
+    return tag
+
+
+def is_terminal(event: Event) -> bool:
+    return isinstance(event, Done | Error)
+
+
+def status_of(event: TerminalEvent) -> str:
+    """The generation status a terminal event leaves behind."""
+    if isinstance(event, Error):
+        return "error"
+    return "cancelled" if event.reason == "cancelled" else "done"
+
+
+class LogEntry(msgspec.Struct, frozen=True):
+    """One event as the log holds it: its seq, append time and encoded JSON."""
+
+    seq: int
+    type: str
+    data: bytes
+    appended_ms: int
+
+    def event(self) -> Event:
+        return decode(self.data)

@@ -1,0 +1,78 @@
+"""The Redis key schema: every key tokentape touches is named here and nowhere else.
+
+All keys of one generation share the hash tag `{<generation id>}`, so a
+generation lives in one Redis Cluster slot and one Lua script can touch all of
+its keys atomically. The few global keys carry their own tag.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from app.errors import InvalidRequest
+
+DEFAULT_PREFIX = "tt"
+
+# 16 random bytes = 128 bits, base64url without padding: 22 characters.
+_ID_BYTES = 16
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def new_generation_id() -> str:
+    return secrets.token_urlsafe(_ID_BYTES)
+
+
+def check_generation_id(generation_id: str) -> str:
+    if not _ID_RE.match(generation_id):
+        raise InvalidRequest("invalid_id", "generation id must be 16-64 URL-safe characters")
+    return generation_id
+
+
+class Keys:
+    """Key names under one prefix (tests and tenants use their own prefix)."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+        self.prefix = prefix
+        # Global keys get their own hash tags: each is one key in one slot.
+        self.jobs = f"{prefix}:{{jobs}}"
+        self.open_generations = f"{prefix}:{{open}}"
+        self.recent_generations = f"{prefix}:{{recent}}"
+        self.cancel_channel = f"{prefix}:cancel"
+        self.worker_group = "workers"
+
+    def _tag(self, generation_id: str) -> str:
+        return f"{self.prefix}:{{{generation_id}}}"
+
+    def log(self, generation_id: str) -> str:
+        """The Redis Stream of events; entry id `<seq>-0`."""
+        return f"{self._tag(generation_id)}:log"
+
+    def meta(self, generation_id: str) -> str:
+        """Hash: status, model, last_seq, lease epoch, timestamps. Outlives the log."""
+        return f"{self._tag(generation_id)}:meta"
+
+    def request(self, generation_id: str) -> str:
+        """The generation's request JSON, as the worker needs it (and a takeover)."""
+        return f"{self._tag(generation_id)}:request"
+
+    def lease(self, generation_id: str) -> str:
+        """String `<worker>:<epoch>` with a TTL: present while a worker holds the generation."""
+        return f"{self._tag(generation_id)}:lease"
+
+    def live_channel(self, generation_id: str) -> str:
+        """Pub/sub channel that carries each appended batch to live readers."""
+        return f"{self._tag(generation_id)}:live"
+
+    def generation_keys(self, generation_id: str) -> list[str]:
+        """The keys the append script touches, in the order it expects them."""
+        return [
+            self.meta(generation_id),
+            self.log(generation_id),
+            self.request(generation_id),
+            self.lease(generation_id),
+        ]
+
+    def generation_id_of_channel(self, channel: str) -> str:
+        start = channel.index("{") + 1
+        return channel[start : channel.index("}", start)]

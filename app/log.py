@@ -1,0 +1,393 @@
+"""The durable generation log on Redis: create, append, read, lease, cancel, retention.
+
+Every write that must be atomic is one Lua script in `app/lua/` over the keys of
+one generation (one hash tag, one Cluster slot). The log is a Redis Stream whose
+entry ids are `<seq>-0`, so "everything after position P" is `XRANGE (P+1)-0 +`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, cast
+
+import msgspec
+from redis.asyncio import Redis
+
+from app import events
+from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
+from app.events import Event, LogEntry
+from app.generations import TERMINAL_STATUSES, GenerationRequest
+from app.keys import Keys
+from app.settings import Settings
+
+
+def _script(name: str) -> str:
+    return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationState:
+    """A generation's metadata as the log's hash holds it."""
+
+    id: str
+    status: str
+    model: str
+    last_seq: int
+    created_ms: int
+    started_ms: int | None
+    finished_ms: int | None
+    last_append_ms: int | None
+    finish_reason: str | None
+    epoch: int
+    attempts: int
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """The right to append to one generation, fenced by `epoch`."""
+
+    generation_id: str
+    worker_id: str
+    epoch: int
+    last_seq: int  # what the log held when the lease was taken
+    attempt: int
+    cancel_requested: bool
+
+
+_STATE_FIELDS = (
+    "status",
+    "model",
+    "last_seq",
+    "created_ms",
+    "started_ms",
+    "finished_ms",
+    "last_append_ms",
+    "finish_reason",
+    "epoch",
+    "attempts",
+    "cancel_requested",
+)
+
+
+def _int(raw: bytes | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+class GenerationLog:
+    """All reads and writes of generation logs go through here."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self._append = redis.register_script(_script("append"))
+        self._acquire = redis.register_script(_script("acquire"))
+        self._renew = redis.register_script(_script("renew"))
+        self._cancel = redis.register_script(_script("cancel"))
+
+    # -- TTLs ---------------------------------------------------------------
+
+    @property
+    def _open_ttl_ms(self) -> int:
+        # An open generation's keys outlive the abandon deadline plus retention even
+        # when no sweeper runs: Redis memory never grows without bound.
+        return int((self.settings.abandon_after_seconds + self.settings.retention_seconds) * 1000)
+
+    @property
+    def _log_ttl_ms(self) -> int:
+        return int(self.settings.retention_seconds * 1000)
+
+    @property
+    def _meta_ttl_ms(self) -> int:
+        s = self.settings
+        return int(max(s.metadata_retention_seconds, s.retention_seconds) * 1000)
+
+    # -- create -------------------------------------------------------------
+
+    async def create(self, generation_id: str, request: GenerationRequest) -> GenerationState:
+        created = now_ms()
+        k = self.keys
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                k.meta(generation_id),
+                mapping={
+                    "status": "queued",
+                    "model": request.model,
+                    "last_seq": 0,
+                    "created_ms": created,
+                    "epoch": 0,
+                    "attempts": 0,
+                },
+            )
+            pipe.pexpire(k.meta(generation_id), self._open_ttl_ms)
+            pipe.set(k.request(generation_id), msgspec.json.encode(request), px=self._open_ttl_ms)
+            pipe.zadd(k.open_generations, {generation_id: created})
+            await pipe.execute()
+        return GenerationState(
+            id=generation_id,
+            status="queued",
+            model=request.model,
+            last_seq=0,
+            created_ms=created,
+            started_ms=None,
+            finished_ms=None,
+            last_append_ms=None,
+            finish_reason=None,
+            epoch=0,
+            attempts=0,
+            cancel_requested=False,
+        )
+
+    async def request(self, generation_id: str) -> GenerationRequest | None:
+        raw = await self.redis.get(self.keys.request(generation_id))
+        return None if raw is None else msgspec.json.decode(raw, type=GenerationRequest)
+
+    # -- read ---------------------------------------------------------------
+
+    async def state(self, generation_id: str) -> GenerationState | None:
+        values = await self.redis.hmget(self.keys.meta(generation_id), _STATE_FIELDS)
+        return self._state(generation_id, cast(list[bytes | None], values))
+
+    def _state(self, generation_id: str, values: Sequence[bytes | None]) -> GenerationState | None:
+        m = dict(zip(_STATE_FIELDS, values, strict=True))
+        if m["status"] is None:
+            return None
+
+        def text(name: str) -> str | None:
+            raw = m[name]
+            return None if raw is None else raw.decode()
+
+        return GenerationState(
+            id=generation_id,
+            status=text("status") or "queued",
+            model=text("model") or "",
+            last_seq=_int(m["last_seq"]) or 0,
+            created_ms=_int(m["created_ms"]) or 0,
+            started_ms=_int(m["started_ms"]),
+            finished_ms=_int(m["finished_ms"]),
+            last_append_ms=_int(m["last_append_ms"]),
+            finish_reason=text("finish_reason") or None,
+            epoch=_int(m["epoch"]) or 0,
+            attempts=_int(m["attempts"]) or 0,
+            cancel_requested=m["cancel_requested"] == b"1",
+        )
+
+    async def read(self, generation_id: str, after_seq: int, count: int) -> list[LogEntry]:
+        """Up to `count` entries with seq > after_seq, in order."""
+        rows = await self.redis.xrange(
+            self.keys.log(generation_id), min=f"{after_seq + 1}-0", max="+", count=count
+        )
+        return _entries(rows)
+
+    async def snapshot(
+        self, generation_id: str, after_seq: int, count: int
+    ) -> tuple[GenerationState | None, bool, list[LogEntry]]:
+        """State, whether the log exists, and the first page after `after_seq`: one round trip."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(k.meta(generation_id), _STATE_FIELDS)
+            pipe.exists(k.log(generation_id))
+            pipe.xrange(k.log(generation_id), min=f"{after_seq + 1}-0", max="+", count=count)
+            values, log_exists, rows = await pipe.execute()
+        return self._state(generation_id, values), bool(log_exists), _entries(rows)
+
+    async def first_seq(self, generation_id: str) -> int | None:
+        entries = _entries(await self.redis.xrange(self.keys.log(generation_id), count=1))
+        return entries[0].seq if entries else None
+
+    # -- append -------------------------------------------------------------
+
+    async def append(self, lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
+        """Append `batch` as seq first_seq, first_seq+1, …; returns the last seq.
+
+        Idempotent: retrying a batch that was applied returns without writing again.
+        Raises Fenced, AlreadyFinished or SeqConflict when the writer must stop.
+        """
+        code, last = await self._run_append(
+            lease.generation_id, str(lease.epoch), first_seq, batch, min_idle_ms=None
+        )
+        if code in ("ok", "duplicate"):
+            return last
+        raise _refusal(code, lease.generation_id, last)
+
+    async def close(
+        self, generation_id: str, terminal: events.TerminalEvent, *, min_idle_ms: int | None = None
+    ) -> int | None:
+        """Append a terminal event as the system (not a worker), fencing any lease holder.
+
+        Returns the terminal seq, or None when the generation already ended, is gone,
+        or (with `min_idle_ms`) saw an append more recently than that.
+        """
+        code, last = await self._run_append(generation_id, "*", 0, [terminal], min_idle_ms)
+        return last if code == "ok" else None
+
+    async def _run_append(
+        self,
+        generation_id: str,
+        epoch: str,
+        first_seq: int,
+        batch: Sequence[Event],
+        min_idle_ms: int | None,
+    ) -> tuple[str, int]:
+        if not batch:
+            raise ValueError("empty batch")
+        for event in batch[:-1]:
+            if events.is_terminal(event):
+                raise ValueError("a terminal event must be the last of its batch")
+        final, reason = "", ""
+        last_event = batch[-1]
+        if isinstance(last_event, events.Done):
+            final, reason = events.status_of(last_event), last_event.reason
+        elif isinstance(last_event, events.Error):
+            final, reason = "error", last_event.code
+        args: list[Any] = [
+            epoch,
+            first_seq,
+            self.settings.max_events_per_generation,
+            self._open_ttl_ms,
+            self._log_ttl_ms,
+            self._meta_ttl_ms,
+            self.keys.live_channel(generation_id),
+            final,
+            reason,
+            "" if min_idle_ms is None else min_idle_ms,
+            len(batch),
+        ]
+        for event in batch:
+            args.append(events.event_type(event))
+            args.append(events.encode(event))
+        result = await self._append(keys=self.keys.generation_keys(generation_id), args=args)
+        code, last = result[0].decode(), int(result[1])
+        if final and code == "ok":
+            await self.redis.zrem(self.keys.open_generations, generation_id)
+        return code, last
+
+    # -- leases -------------------------------------------------------------
+
+    async def acquire(self, generation_id: str, worker_id: str) -> Lease | None:
+        """Take the lease if nobody holds it; None if held or the generation ended/expired."""
+        k = self.keys
+        result = await self._acquire(
+            keys=[k.meta(generation_id), k.lease(generation_id)],
+            args=[worker_id, int(self.settings.lease_seconds * 1000)],
+        )
+        if result[0] != b"ok":
+            return None
+        return Lease(
+            generation_id=generation_id,
+            worker_id=worker_id,
+            epoch=int(result[1]),
+            last_seq=int(result[2]),
+            attempt=int(result[3]),
+            cancel_requested=result[4] == b"1",
+        )
+
+    async def renew(self, lease: Lease, *, release: bool = False) -> bool:
+        """Extend (or release) the lease; returns whether a cancel was requested.
+
+        Raises Fenced when the lease is no longer ours.
+        """
+        k = self.keys
+        result = await self._renew(
+            keys=[k.meta(lease.generation_id), k.lease(lease.generation_id)],
+            args=[
+                lease.worker_id,
+                lease.epoch,
+                int(self.settings.lease_seconds * 1000),
+                "1" if release else "0",
+            ],
+        )
+        if result[0] != b"ok":
+            raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
+        return bool(result[1] == b"1")
+
+    # -- cancel & retention -------------------------------------------------
+
+    async def request_cancel(self, generation_id: str) -> GenerationState:
+        """Mark the generation for cancellation; close it at once if no worker has it yet."""
+        k = self.keys
+        status = await self._cancel(keys=[k.meta(generation_id)])
+        state = await self.state(generation_id)
+        if status is None or state is None:
+            raise NotFound("generation_not_found", f"no generation {generation_id}")
+        if state.terminal:
+            return state
+        if state.status == "queued":
+            await self.close(generation_id, events.Done(reason="cancelled"))
+        await self.redis.publish(k.cancel_channel, generation_id)
+        return await self.state(generation_id) or state
+
+    async def sweep_abandoned(self, limit: int = 100) -> list[str]:
+        """Close open generations with no append for `abandon_after_seconds`.
+
+        Generations that ended or expired leave the open set; active ones are
+        re-scored with their last activity, so each sweep only looks at candidates.
+        """
+        k = self.keys
+        idle_ms = int(self.settings.abandon_after_seconds * 1000)
+        candidates = await self.redis.zrangebyscore(
+            k.open_generations, "-inf", now_ms() - idle_ms, start=0, num=limit
+        )
+        closed: list[str] = []
+        for raw in cast(list[bytes], candidates):
+            generation_id = raw.decode()
+            error = events.Error(
+                code="abandoned",
+                message=f"no event for {self.settings.abandon_after_seconds:g} s; closed",
+                retryable=True,
+            )
+            if await self.close(generation_id, error, min_idle_ms=idle_ms) is not None:
+                closed.append(generation_id)
+                continue
+            state = await self.state(generation_id)
+            if state is None or state.terminal:
+                await self.redis.zrem(k.open_generations, generation_id)
+            else:
+                active = state.last_append_ms or state.created_ms
+                await self.redis.zadd(k.open_generations, {generation_id: active})
+        return closed
+
+
+def _entries(rows: Any) -> list[LogEntry]:
+    """XRANGE rows (`[(b"<seq>-0", {b"type", b"data", b"t"}), …]`) as entries."""
+    return [
+        LogEntry(
+            seq=int(entry_id.split(b"-", 1)[0]),
+            type=fields[b"type"].decode(),
+            data=fields[b"data"],
+            appended_ms=int(fields[b"t"]),
+        )
+        for entry_id, fields in rows or ()
+    ]
+
+
+def parse_live(payload: bytes) -> list[LogEntry]:
+    """Decode a live message published by append.lua into entries."""
+    parts = payload.split(b"\n")
+    first, appended = int(parts[0]), int(parts[1])
+    return [
+        LogEntry(seq=first + i, type=kind.decode(), data=data, appended_ms=appended)
+        for i, (kind, data) in enumerate(zip(parts[2::2], parts[3::2], strict=True))
+    ]
+
+
+def _refusal(code: str, generation_id: str, last: int) -> Exception:
+    if code == "fenced":
+        return Fenced(message=f"{generation_id}: another worker holds the lease")
+    if code == "already_finished":
+        return AlreadyFinished(message=f"{generation_id} already ended at seq {last}")
+    if code == "unknown":
+        return NotFound("generation_not_found", f"no generation {generation_id}")
+    return SeqConflict(message=f"{generation_id}: log is at seq {last}")

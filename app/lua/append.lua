@@ -1,0 +1,78 @@
+-- Append a batch of events to one generation, atomically.
+--
+-- KEYS: meta, log, request, lease (all under the generation's hash tag)
+-- ARGV: 1 epoch       writer's lease epoch, or '*' for a system writer (cancel of a
+--                     queued generation, the abandon sweeper) that fences every worker
+--       2 first_seq   seq the writer expects its first event to get ('*' writers: ignored)
+--       3 maxlen      length cap of the log (approximate trimming)
+--       4 open_ttl    ms the keys live while the generation is open (refreshed per append)
+--       5 log_ttl     ms the log and request live after the terminal event
+--       6 meta_ttl    ms the metadata lives after the terminal event (to answer 410, not 404)
+--       7 channel     pub/sub channel of live readers
+--       8 final       status after this batch ('' unless its last event is terminal)
+--       9 reason      finish reason or error code of the terminal event
+--      10 min_idle    '*' writers only: refuse if the generation was active more recently
+--                     than this many ms ago ('' = no condition)
+--      11 n           number of events, then n pairs of (type, data)
+--
+-- Returns {code, last_seq}: 'ok' | 'duplicate' (a retry of an applied batch) |
+-- 'fenced' | 'already_finished' | 'seq_conflict' | 'unknown' | 'active'.
+-- The live message is "first_seq\nappended_ms\ntype\ndata\ntype\ndata..." (event JSON
+-- never contains a raw newline).
+local meta, log, request, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local epoch, final, n = ARGV[1], ARGV[8], tonumber(ARGV[11])
+
+local m = redis.call('HMGET', meta, 'status', 'last_seq', 'epoch', 'last_append_ms', 'created_ms')
+local status = m[1]
+if not status then return {'unknown', 0} end
+local last = tonumber(m[2]) or 0
+local terminal = status == 'done' or status == 'error' or status == 'cancelled'
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local first
+if epoch == '*' then
+  if terminal then return {'already_finished', last} end
+  if ARGV[10] ~= '' then
+    local active = tonumber(m[4]) or tonumber(m[5]) or 0
+    if now - active < tonumber(ARGV[10]) then return {'active', last} end
+  end
+  redis.call('HINCRBY', meta, 'epoch', 1)
+  redis.call('DEL', lease)
+  first = last + 1
+else
+  if m[3] ~= epoch then return {'fenced', last} end
+  first = tonumber(ARGV[2])
+  if first <= last then
+    if first + n - 1 <= last then return {'duplicate', last} end
+    return {'seq_conflict', last}
+  end
+  if first ~= last + 1 then return {'seq_conflict', last} end
+  if terminal then return {'already_finished', last} end
+end
+
+local live = {first, now}
+for i = 0, n - 1 do
+  local kind, data = ARGV[12 + 2 * i], ARGV[13 + 2 * i]
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], (first + i) .. '-0', 'type', kind, 'data', data, 't', now)
+  live[#live + 1] = kind
+  live[#live + 1] = data
+end
+last = first + n - 1
+
+redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now)
+if final ~= '' then
+  redis.call('HSET', meta, 'status', final, 'finished_ms', now, 'finish_reason', ARGV[9])
+  if status == 'queued' then redis.call('HSET', meta, 'started_ms', now) end
+  redis.call('DEL', lease)
+  redis.call('PEXPIRE', log, ARGV[5])
+  redis.call('PEXPIRE', request, ARGV[5])
+  redis.call('PEXPIRE', meta, ARGV[6])
+else
+  redis.call('PEXPIRE', log, ARGV[4])
+  redis.call('PEXPIRE', request, ARGV[4])
+  redis.call('PEXPIRE', meta, ARGV[4])
+end
+redis.call('PUBLISH', ARGV[7], table.concat(live, '\n'))
+return {'ok', last}

@@ -1,0 +1,79 @@
+"""Configuration: one dataclass with defaults; `from_env` reads `TOKENTAPE_*` variables.
+
+The CLI only parses its arguments into a `Settings`; nothing else reads the
+environment for these values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from app.errors import InvalidRequest
+from app.keys import DEFAULT_PREFIX
+
+HOUR = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # None: `tokentape serve` starts an embedded Redis-protocol server.
+    redis_url: str | None = None
+    key_prefix: str = DEFAULT_PREFIX
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Public base URL used in `events_url`/`status_url`; empty: relative URLs.
+    public_url: str = ""
+
+    # SSE
+    heartbeat_seconds: float = 15.0
+    retry_milliseconds: int = 1000
+    catch_up_page_size: int = 500
+    # Events a client may have queued before it drops back to reading the log.
+    client_buffer_events: int = 1024
+
+    # Retention
+    max_events_per_generation: int = 100_000
+    retention_seconds: float = 24 * HOUR  # the log after the terminal event
+    metadata_retention_seconds: float = 7 * 24 * HOUR  # status kept to answer 410, not 404
+    abandon_after_seconds: float = 1 * HOUR  # no append for this long: closed as abandoned
+    sweep_interval_seconds: float = 30.0
+
+    # Workers
+    lease_seconds: float = 10.0
+    worker_concurrency: int = 256
+    worker_id: str = ""
+
+    # HTTP input limits
+    max_request_bytes: int = 1 << 20
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `TOKENTAPE_<FIELD>` variables, then explicit overrides (not None)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(f"TOKENTAPE_{field.name.upper()}")
+            if raw is not None and raw != "":
+                values[field.name] = _parse(field, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise InvalidRequest(
+            "invalid_setting", f"TOKENTAPE_{field.name.upper()} must be a number, got {raw!r}"
+        ) from None
+    return raw

@@ -1,0 +1,114 @@
+"""Server-Sent Events framing, both ways: the bytes we write and a parser for clients.
+
+Rules from the WHATWG EventSource spec that shape this module:
+- a line is ended by LF, CR or CRLF; an event ends at an empty line, and an
+  unterminated final event is dropped by the client;
+- a field value may not contain a line break, so multi-line data becomes several
+  `data:` lines (our event JSON never has one: JSON escapes control characters);
+- `retry:` must be all digits; a line starting with `:` is a comment (used to
+  flush headers through proxies and as a heartbeat);
+- an `id:` line sets the client's last event id, which the browser sends back as
+  `Last-Event-ID` when it reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgspec
+
+
+def event_frame(seq: int, event_type: str, data: bytes) -> bytes:
+    """One event: `id: <seq>`, `event: <type>`, `data: <json>`, blank line."""
+    if b"\n" in data or b"\r" in data:
+        lines = b"".join(b"data: " + line + b"\n" for line in data.splitlines())
+    else:
+        lines = b"data: " + data + b"\n"
+    return b"id: %d\nevent: %s\n%s\n" % (seq, event_type.encode(), lines)
+
+
+def unnumbered_frame(event_type: str, data: bytes) -> bytes:
+    """An event without `id:` (a gap notice): it must not move the client's position."""
+    return b"event: %s\ndata: %s\n\n" % (event_type.encode(), data)
+
+
+def retry_frame(milliseconds: int) -> bytes:
+    return b"retry: %d\n\n" % milliseconds
+
+
+def comment_frame(text: str = "") -> bytes:
+    return b": %s\n\n" % text.encode() if text else b":\n\n"
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One dispatched SSE event as a client sees it."""
+
+    event: str
+    data: str
+    id: str | None  # the last event id in force when it was dispatched
+    retry: int | None = None
+
+
+class Parser:
+    """Incremental SSE parser with the browser's semantics, for our own clients and tests."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = ""
+        self._data: list[str] = []
+        self._has_data = False
+        self.last_event_id: str | None = None
+        self.retry: int | None = None
+        self.comments: list[str] = []
+
+    def feed(self, chunk: bytes) -> Iterator[Message]:
+        self._buffer += chunk
+        while True:
+            line, ending = self._take_line()
+            if ending is None:
+                return
+            message = self._line(line.decode("utf-8", errors="replace"))
+            if message is not None:
+                yield message
+
+    def _take_line(self) -> tuple[bytes, bytes | None]:
+        buffer = self._buffer
+        cr, lf = buffer.find(b"\r"), buffer.find(b"\n")
+        if cr == -1 and lf == -1:
+            return b"", None
+        if cr != -1 and (lf == -1 or cr < lf):
+            if cr == len(buffer) - 1:
+                return b"", None  # a CR at the end may be the first half of CRLF
+            end = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+            line = buffer[:cr]
+        else:
+            end, line = lf + 1, buffer[:lf]
+        self._buffer = buffer[end:]
+        return line, buffer[len(line) : end]
+
+    def _line(self, line: str) -> Message | None:
+        if line == "":
+            return self._dispatch()
+        if line.startswith(":"):
+            self.comments.append(line[1:].lstrip(" "))
+            return None
+        field, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if field == "event":
+            self._event = value
+        elif field == "data":
+            self._data.append(value)
+            self._has_data = True
+        elif field == "id" and "\0" not in value:
+            self.last_event_id = value
+        elif field == "retry" and value.isdigit():
+            self.retry = int(value)
+        return None
+
+    def _dispatch(self) -> Message | None:
+        event, data, has_data = self._event, self._data, self._has_data
+        self._event, self._data, self._has_data = "", [], False
+        if not has_data:
+            return None
+        return Message(event=event or "message", data="\n".join(data), id=self.last_event_id)

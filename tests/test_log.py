@@ -1,0 +1,220 @@
+"""The append script against a real Redis: seq, atomicity, idempotency, fencing, retention."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+
+from app import events
+from app.errors import AlreadyFinished, Fenced, SeqConflict
+from app.generations import parse_request
+from app.keys import new_generation_id
+from app.log import GenerationLog, Lease, parse_live
+from app.settings import Settings
+
+REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
+
+
+async def started(log: GenerationLog) -> tuple[str, Lease]:
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST)
+    lease = await log.acquire(generation_id, "worker-a")
+    assert lease is not None
+    return generation_id, lease
+
+
+async def test_seq_is_consecutive_from_one(log: GenerationLog) -> None:
+    generation_id, lease = await started(log)
+    assert await log.append(lease, 1, [events.Started(), events.Token(text="a")]) == 2
+    assert await log.append(lease, 3, [events.Token(text="b")]) == 3
+    entries = await log.read(generation_id, 0, 100)
+    assert [e.seq for e in entries] == [1, 2, 3]
+    assert [e.event() for e in entries] == [
+        events.Started(),
+        events.Token(text="a"),
+        events.Token(text="b"),
+    ]
+
+
+async def test_retried_batch_is_not_duplicated(log: GenerationLog) -> None:
+    generation_id, lease = await started(log)
+    batch = [events.Token(text="x"), events.Token(text="y")]
+    assert await log.append(lease, 1, batch) == 2
+    assert await log.append(lease, 1, batch) == 2  # the retry of an applied batch
+    assert [e.seq for e in await log.read(generation_id, 0, 100)] == [1, 2]
+
+
+async def test_skipping_or_overlapping_seq_is_refused(log: GenerationLog) -> None:
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Token(text="x")])
+    with pytest.raises(SeqConflict):
+        await log.append(lease, 3, [events.Token(text="gap")])
+    await log.append(lease, 2, [events.Token(text="y")])
+    with pytest.raises(SeqConflict):
+        await log.append(lease, 2, [events.Token(text="y"), events.Token(text="z")])
+    assert [e.seq for e in await log.read(generation_id, 0, 100)] == [1, 2]
+
+
+async def test_a_worker_that_lost_its_lease_is_fenced(log: GenerationLog, redis: Redis) -> None:
+    generation_id, old = await started(log)
+    await log.append(old, 1, [events.Token(text="from old")])
+    await redis.delete(log.keys.lease(generation_id))  # the lease expired
+    new = await log.acquire(generation_id, "worker-b")
+    assert new is not None
+    assert new.epoch == old.epoch + 1
+    assert new.last_seq == 1
+    assert new.attempt == 2
+    with pytest.raises(Fenced):
+        await log.append(old, 2, [events.Token(text="zombie")])
+    with pytest.raises(Fenced):
+        await log.renew(old)
+    assert await log.append(new, 2, [events.Token(text="from new")]) == 2
+    texts = [e.event() for e in await log.read(generation_id, 0, 100)]
+    assert texts == [events.Token(text="from old"), events.Token(text="from new")]
+
+
+async def test_a_held_lease_cannot_be_taken(log: GenerationLog) -> None:
+    generation_id, _ = await started(log)
+    assert await log.acquire(generation_id, "worker-b") is None
+
+
+async def test_nothing_follows_the_terminal_event(log: GenerationLog) -> None:
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")])
+    assert await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")]) == 2
+    with pytest.raises(AlreadyFinished):
+        await log.append(lease, 3, [events.Token(text="late")])
+    assert await log.close(generation_id, events.Error(code="abandoned", message="m")) is None
+    assert await log.acquire(generation_id, "worker-b") is None
+    state = await log.state(generation_id)
+    assert state is not None
+    assert (state.status, state.last_seq, state.finish_reason) == ("done", 2, "stop")
+
+
+async def test_terminal_event_must_end_its_batch(log: GenerationLog) -> None:
+    _, lease = await started(log)
+    with pytest.raises(ValueError, match="last of its batch"):
+        await log.append(lease, 1, [events.Done(reason="stop"), events.Token(text="x")])
+
+
+async def test_concurrent_writers_never_interleave_a_batch(log: GenerationLog) -> None:
+    """Two batches race for the same seqs: exactly one lands, whole.
+
+    Under one epoch a batch is identified by (epoch, first seq, length), so the
+    loser reads as a retry of the winner; the lease makes two writers per epoch
+    impossible in practice.
+    """
+    generation_id, lease = await started(log)
+    a = [events.Token(text=f"a{i}") for i in range(50)]
+    b = [events.Token(text=f"b{i}") for i in range(50)]
+    results = await asyncio.gather(
+        log.append(lease, 1, a), log.append(lease, 1, b), return_exceptions=True
+    )
+    assert list(results) == [50, 50]
+    texts = [e.event() for e in await log.read(generation_id, 0, 1000)]
+    assert texts in (a, b)
+
+
+async def test_terminal_status_and_retention_ttls(
+    log: GenerationLog, redis: Redis, settings: Settings
+) -> None:
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Done(reason="cancelled")])
+    state = await log.state(generation_id)
+    assert state is not None
+    assert state.status == "cancelled"
+    k = log.keys
+    log_ttl = await redis.pttl(k.log(generation_id))
+    meta_ttl = await redis.pttl(k.meta(generation_id))
+    assert settings.retention_seconds * 1000 - 5000 < log_ttl <= settings.retention_seconds * 1000
+    assert meta_ttl > settings.retention_seconds * 1000
+    assert await redis.exists(k.lease(generation_id)) == 0
+    assert await redis.zscore(k.open_generations, generation_id) is None
+
+
+async def test_open_generation_keys_expire_even_without_a_sweeper(
+    log: GenerationLog, redis: Redis, settings: Settings
+) -> None:
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Token(text="x")])
+    bound = (settings.abandon_after_seconds + settings.retention_seconds) * 1000
+    for key in (log.keys.log(generation_id), log.keys.meta(generation_id)):
+        ttl = await redis.pttl(key)
+        assert 0 < ttl <= bound
+
+
+async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) -> None:
+    log = GenerationLog(redis, settings.replace(max_events_per_generation=100))
+    generation_id, lease = await started(log)
+    seq = 1
+    for _ in range(10):
+        batch = [events.Token(text=str(seq + i)) for i in range(100)]
+        seq = await log.append(lease, seq, batch) + 1
+    first = await log.first_seq(generation_id)
+    assert first is not None
+    # Approximate trimming keeps at least the cap, and far less than everything.
+    assert 100 <= 1001 - first < 1000
+    entries = await log.read(generation_id, 0, 10_000)
+    assert [e.seq for e in entries] == list(range(first, 1001))
+
+
+async def test_sweeper_closes_only_abandoned_generations(redis: Redis, settings: Settings) -> None:
+    log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2))
+    idle_id, idle_lease = await started(log)
+    await log.append(idle_lease, 1, [events.Token(text="x")])
+    active_id, active_lease = await started(log)
+    # Make the idle one look old; the active one appended "just now".
+    await redis.hset(log.keys.meta(idle_id), "last_append_ms", 1)
+    await redis.zadd(log.keys.open_generations, {idle_id: 1, active_id: 1})
+    await log.append(active_lease, 1, [events.Token(text="y")])
+
+    assert await log.sweep_abandoned() == [idle_id]
+
+    idle = await log.read(idle_id, 0, 10)
+    assert idle[-1].event() == events.Error(
+        code="abandoned", message="no event for 0.2 s; closed", retryable=True
+    )
+    with pytest.raises(Fenced):
+        await log.append(idle_lease, 2, [events.Token(text="late")])
+    assert (await log.state(active_id)).status == "running"  # type: ignore[union-attr]
+    assert await redis.zscore(log.keys.open_generations, active_id) is not None
+
+
+async def test_cancel_of_a_queued_generation_closes_it(log: GenerationLog) -> None:
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST)
+    state = await log.request_cancel(generation_id)
+    assert state.status == "cancelled"
+    assert [e.event() for e in await log.read(generation_id, 0, 10)] == [
+        events.Done(reason="cancelled")
+    ]
+    assert await log.acquire(generation_id, "late-worker") is None
+
+
+async def test_cancel_of_a_running_generation_is_pushed_and_flagged(
+    log: GenerationLog, redis: Redis
+) -> None:
+    generation_id, lease = await started(log)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(log.keys.cancel_channel)
+        state = await log.request_cancel(generation_id)
+        assert state.status == "running"
+        message = None
+        while message is None or message["type"] != "message":
+            message = await pubsub.get_message(timeout=5)
+        assert message["data"] == generation_id.encode()
+    assert await log.renew(lease) is True
+
+
+async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) -> None:
+    generation_id, lease = await started(log)
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(log.keys.live_channel(generation_id))
+        await log.append(lease, 1, [events.Token(text="line\nbreak"), events.Done(reason="stop")])
+        message = None
+        while message is None or message["type"] != "message":
+            message = await pubsub.get_message(timeout=5)
+    live = parse_live(message["data"])
+    assert live == await log.read(generation_id, 0, 10)
