@@ -134,6 +134,9 @@ class GenerationLog:
             pipe.pexpire(k.meta(generation_id), self._open_ttl_ms)
             pipe.set(k.request(generation_id), msgspec.json.encode(request), px=self._open_ttl_ms)
             pipe.zadd(k.open_generations, {generation_id: created})
+            # The index behind `tokentape ls`, trimmed to what metadata retention keeps.
+            pipe.zadd(k.recent_generations, {generation_id: created})
+            pipe.zremrangebyscore(k.recent_generations, "-inf", created - self._meta_ttl_ms)
             await pipe.execute()
         return GenerationState(
             id=generation_id,
