@@ -37,6 +37,8 @@ from app.log import GenerationLog
 from app.settings import Settings
 
 LOG_KEY = web.AppKey("log", GenerationLog)
+# A second client on its own pool, used only for the blocking XREADs.
+BLOCKING_REDIS_KEY = web.AppKey("blocking_redis", Redis)
 PRODUCER_KEY = web.AppKey("producer", str)
 PRODUCER_TASKS = web.AppKey("producer_tasks", set[asyncio.Task[None]])
 XREAD_COUNT = 500
@@ -76,6 +78,7 @@ async def generation_status(request: web.Request) -> web.Response:
 async def generation_events(request: web.Request) -> EventSourceResponse:
     """The naive reader: one XREAD BLOCK at a time, on its own Redis connection."""
     log = request.app[LOG_KEY]
+    blocking_redis = request.app[BLOCKING_REDIS_KEY]
     stream = log.keys.log(check_generation_id(request.match_info["id"]))
     position = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
     last_id = f"{int(position)}-0"
@@ -87,7 +90,7 @@ async def generation_events(request: web.Request) -> EventSourceResponse:
             # BLOCK 0 waits forever: this connection is held for the whole stream.
             reply = cast(
                 StreamReply,
-                await log.redis.xread({stream: last_id}, count=XREAD_COUNT, block=0),
+                await blocking_redis.xread({stream: last_id}, count=XREAD_COUNT, block=0),
             )
             for _stream, entries in reply:
                 for entry_id, fields in entries:
@@ -122,9 +125,10 @@ async def produce_sim(log: GenerationLog, generation_id: str, sim: SimParams | N
     await log.append(lease, seq + 1, [events.Done(reason="stop")])
 
 
-def build_app(log: GenerationLog, producer: str) -> web.Application:
+def build_app(log: GenerationLog, blocking_redis: Redis, producer: str) -> web.Application:
     app = web.Application()
     app[LOG_KEY] = log
+    app[BLOCKING_REDIS_KEY] = blocking_redis
     app[PRODUCER_KEY] = producer
     app[PRODUCER_TASKS] = set()
     app.router.add_post("/v1/generations", create_generation)
@@ -135,21 +139,23 @@ def build_app(log: GenerationLog, producer: str) -> web.Application:
 
 async def serve(args: argparse.Namespace) -> None:
     settings = Settings.from_env(redis_url=args.redis)
+    # Creates (and `--producer inprocess` appends) share a small pool and wait their
+    # turn for a connection: redis-py's default pool raises past 100 instead.
+    redis = Redis(connection_pool=BlockingConnectionPool.from_url(args.redis, max_connections=64))
     # redis-py's 5 s default socket timeout would cut every XREAD BLOCK short, and its
     # default pool caps at 100 connections: with one blocking read per stream, the
-    # 101st stream would wait forever. A blocking pool sized by the caller (below
-    # Redis's maxclients and our fd limit) is what this design costs.
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url or "redis://127.0.0.1:6379/0",
-        max_connections=args.max_redis_connections,
-        timeout=None,
-        socket_timeout=None,
+    # 101st stream would wait forever. A pool sized by the caller (below Redis's
+    # maxclients and our fd limit) is what this design costs; streams beyond it wait
+    # for a connection. Creates use their own pool so they never wait behind readers.
+    blocking_pool = BlockingConnectionPool.from_url(
+        args.redis, max_connections=args.max_redis_connections, timeout=None, socket_timeout=None
     )
-    redis = Redis(connection_pool=pool)
+    blocking_redis = Redis(connection_pool=blocking_pool)
     log = GenerationLog(redis, settings)
     if args.producer == "worker":
         await jobs.ensure_group(redis, log.keys)
-    runner = web.AppRunner(build_app(log, args.producer), handler_cancellation=True)
+    app = build_app(log, blocking_redis, args.producer)
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=4096)
     await site.start()
@@ -158,6 +164,7 @@ async def serve(args: argparse.Namespace) -> None:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        await blocking_redis.aclose()
         await redis.aclose()
 
 

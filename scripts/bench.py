@@ -1,0 +1,999 @@
+"""Black-box benchmark of tokentape's SSE reader beside a naive reference reader.
+
+Both run as subprocesses on the same Redis, fed by the same tokentape worker
+processes with the `sim` model, and are measured through the public HTTP API only:
+
+  (a) live     many concurrent generations, one reader each
+  (b) fast     fewer, faster concurrent generations, one reader each
+  (c) fanout   one generation read by many readers at once
+  (d) catchup  a finished generation read from the start
+  (e) idle     many connections waiting on generations that never start
+
+It prints one table with ratios (and `--json FILE` writes the raw figures). What
+each column means, and the exact command of the recorded run: docs/benchmarks.md.
+
+    python scripts/bench.py --quick                 # < 60 s smoke check
+    python scripts/bench.py                         # the full run (minutes)
+    python scripts/bench.py --impl naive --naive-producer inprocess --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import re
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+NAIVE_SERVER = ROOT / "scripts" / "naive_server.py"
+HOST = "127.0.0.1"  # the benchmark only ever talks to this machine
+AS_FAST_AS_POSSIBLE = 1e9  # the sim's "no pacing" rate
+TERMINAL_TYPES = (b"done", b"error")
+
+Implementation = Literal["naive", "tokentape"]
+JobKind = Literal["generate", "read", "idle"]
+
+
+# -- reading SSE on the client side -----------------------------------------
+
+# `app.sse.Parser` decodes and dispatches line by line in Python: about 220k
+# events/s on a whole core here, below what scenario (d) must measure (300k/s)
+# and too slow for 50k/s shared with everything else on a 2-core machine. This
+# reader takes the complete events of a chunk and pulls out (id, type) with one
+# C-level regex pass (millions of events/s). It relies on what both servers
+# write: `id:` then `event:` as the first two lines of a numbered event, LF or
+# CRLF line endings, and one-line JSON data (JSON escapes raw newlines).
+# Comments, `retry:` and id-less events (tokentape's `gap`) are skipped.
+# tests/test_bench_reader.py checks it against `app.sse.Parser`.
+_EVENT_HEAD = re.compile(rb"^id: (\d+)\r?\nevent: ([A-Za-z_]+)\r?$", re.MULTILINE)
+
+
+class EventReader:
+    """Incremental (seq, type) extraction from an SSE byte stream."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        buffer = self._pending + chunk if self._pending else chunk
+        cut = max(buffer.rfind(b"\n\n") + 2, buffer.rfind(b"\n\r\n") + 3)
+        if cut < 3:  # neither found: no complete event yet
+            self._pending = buffer
+            return []
+        self._pending = buffer[cut:]
+        heads: list[tuple[bytes, bytes]] = _EVENT_HEAD.findall(buffer, 0, cut)
+        return heads
+
+
+# -- what one client process measures ---------------------------------------
+
+
+@dataclasses.dataclass
+class ClientJob:
+    """One client process's share of a scenario."""
+
+    kind: JobKind
+    base_url: str
+    streams: int
+    deadline: float  # time.monotonic(); the job stops by itself then
+    tokens: int = 0
+    rate: float = AS_FAST_AS_POSSIBLE
+    events_url: str = ""  # kind "read": the shared generation
+    requested_at: float = 0.0  # kind "read": when its POST was sent
+    seed: int = 0
+    connect_concurrency: int = 256
+    create_concurrency: int = 64
+
+
+@dataclasses.dataclass
+class ClientReport:
+    """Raw measurements of one client process (merged by the coordinator)."""
+
+    streams: int = 0
+    complete: int = 0
+    failures: Counter[str] = dataclasses.field(default_factory=Counter)
+    events: int = 0
+    ttft: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    drift: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    first_event_at: float = math.inf
+    last_event_at: float = 0.0
+
+    def merge(self, other: ClientReport) -> None:
+        self.streams += other.streams
+        self.complete += other.complete
+        self.failures.update(other.failures)
+        self.events += other.events
+        self.ttft.extend(other.ttft)
+        self.drift.extend(other.drift)
+        self.first_event_at = min(self.first_event_at, other.first_event_at)
+        self.last_event_at = max(self.last_event_at, other.last_event_at)
+
+
+class StreamFailure(Exception):
+    """Why one stream did not count as complete (the message is the failure's class)."""
+
+
+def sim_body(tokens: int, rate: float, seed: int) -> dict[str, Any]:
+    return {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "bench"}],
+        "sim": {"tokens": tokens, "tokens_per_second": rate, "seed": seed},
+    }
+
+
+class ClientRun:
+    """Runs one ClientJob in one process: one aiohttp session, unlimited connector."""
+
+    def __init__(self, job: ClientJob, session: aiohttp.ClientSession) -> None:
+        self.job = job
+        self.session = session
+        self.report = ClientReport(streams=job.streams)
+        self.connect_gate = asyncio.Semaphore(job.connect_concurrency)
+        self.create_gate = asyncio.Semaphore(job.create_concurrency)
+        self.connected = 0
+        self.all_connected = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def run(self) -> None:
+        job = self.job
+        tasks = [asyncio.create_task(self._stream(job.seed + i)) for i in range(job.streams)]
+        try:
+            async with asyncio.timeout_at(job.deadline):
+                await asyncio.gather(*tasks)
+        except TimeoutError:
+            pass
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, seed: int) -> None:
+        job = self.job
+        try:
+            if job.kind == "read":
+                # Fan-out: TTFT from the generation's POST; catch-up: from this GET.
+                await self._read(job.events_url, job.requested_at or time.monotonic())
+            else:
+                requested_at = time.monotonic()
+                async with self.create_gate:
+                    events_url = await self._create(seed)
+                await self._read(events_url, requested_at)
+            self.report.complete += 1
+        except StreamFailure as failure:
+            self.report.failures[str(failure)] += 1
+        except asyncio.CancelledError:
+            self.report.failures["timeout" if job.kind != "idle" else "not connected"] += 1
+            raise
+        except (aiohttp.ClientError, OSError) as exc:
+            self.report.failures[f"client error: {type(exc).__name__}"] += 1
+        finally:
+            if job.kind == "idle":
+                self._settle()
+
+    async def _create(self, seed: int) -> str:
+        body = sim_body(self.job.tokens, self.job.rate, seed)
+        async with self.session.post(f"{self.job.base_url}/v1/generations", json=body) as resp:
+            if resp.status != 201:
+                raise StreamFailure(f"create answered {resp.status}")
+            created = await resp.json()
+        return str(created["events_url"])
+
+    def _settle(self) -> None:
+        """Idle jobs: every stream has either connected or failed."""
+        if self.connected + sum(self.report.failures.values()) >= self.job.streams:
+            self.all_connected.set()
+
+    async def _read(self, events_url: str, requested_at: float) -> None:
+        job = self.job
+        async with self.connect_gate:
+            resp = await self.session.get(f"{job.base_url}{events_url}")
+        try:
+            if resp.status != 200:
+                raise StreamFailure(f"events answered {resp.status}")
+            connected_at = time.monotonic()
+            if job.kind == "idle":
+                self.connected += 1
+                self._settle()
+                await self.release.wait()
+                return
+            await self._consume(resp, requested_at, connected_at)
+        finally:
+            resp.release()
+
+    async def _consume(
+        self, resp: aiohttp.ClientResponse, requested_at: float, connected_at: float
+    ) -> None:
+        report, rate = self.report, self.job.rate
+        reader = EventReader()
+        expected_seq = 1
+        token_index = 0
+        # arrival - index/rate for each token: the schedule offset it was delivered at.
+        offsets = array("d")
+        first_token_at: float | None = None
+        finished = False
+        async for chunk in resp.content.iter_any():
+            arrived_at = time.monotonic()
+            heads = reader.feed(chunk)
+            if not heads:
+                continue
+            report.first_event_at = min(report.first_event_at, arrived_at)
+            report.last_event_at = arrived_at
+            report.events += len(heads)
+            for raw_seq, kind in heads:
+                seq = int(raw_seq)
+                if seq != expected_seq:
+                    raise StreamFailure("gap" if seq > expected_seq else "duplicate")
+                expected_seq += 1
+                if kind == b"token":
+                    if first_token_at is None:
+                        first_token_at = arrived_at
+                    offsets.append(arrived_at - token_index / rate)
+                    token_index += 1
+                elif kind in TERMINAL_TYPES:
+                    finished = True
+            if finished:
+                break
+        if not finished:
+            raise StreamFailure("ended without a terminal event")
+        if first_token_at is not None:
+            report.ttft.append(first_token_at - requested_at)
+        if offsets and rate < AS_FAST_AS_POSSIBLE:
+            report.drift.extend(live_drift(offsets, rate, connected_at))
+
+
+def live_drift(offsets: Sequence[float], rate: float, connected_at: float) -> Iterator[float]:
+    """How far each live token arrived behind the stream's own schedule.
+
+    The schedule is token k at anchor + k/rate, anchored at the earliest offset
+    seen (so drift >= 0, and a stream delivered exactly at its pace has drift 0
+    whatever its start latency, which TTFT measures). Tokens scheduled before the
+    client's response headers arrived are catch-up, not live: left out.
+    """
+    anchor = min(offsets)
+    return (
+        offset - anchor
+        for index, offset in enumerate(offsets)
+        if anchor + index / rate >= connected_at
+    )
+
+
+async def run_client_job(job: ClientJob, conn: Connection) -> ClientReport:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
+        client = ClientRun(job, session)
+        if job.kind != "idle":
+            await client.run()
+            return client.report
+        running = asyncio.create_task(client.run())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(job.deadline):
+                await client.all_connected.wait()
+        conn.send(("connected", client.connected))
+        # The coordinator samples the reader while these connections idle, then
+        # releases them; bounded by the job's deadline either way.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(job.deadline):
+                await loop.run_in_executor(None, conn.recv)
+        client.release.set()
+        await running
+        return client.report
+
+
+def client_process_main(conn: Connection) -> None:
+    """Entry of a client process: run jobs from the coordinator until told to stop."""
+    raise_fd_limit()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        report = asyncio.run(run_client_job(job, conn))
+        conn.send(("report", report))
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- the client processes ----------------------------------------------------
+
+
+class ClientPool:
+    """N client processes (one asyncio loop each), reused across scenarios."""
+
+    def __init__(self, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipes: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        for _ in range(processes):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=client_process_main, args=(theirs,), daemon=True)
+            process.start()
+            self._pipes.append(ours)
+            self._processes.append(process)
+
+    @property
+    def size(self) -> int:
+        return len(self._pipes)
+
+    async def run(
+        self,
+        jobs: Sequence[ClientJob],
+        while_connected: Callable[[], Any] | None = None,
+    ) -> ClientReport:
+        """Run one job per process; idle jobs are held until `while_connected` returns."""
+        pipes = self._pipes[: len(jobs)]
+        for pipe, job in zip(pipes, jobs, strict=True):
+            pipe.send(job)
+        deadline = max(job.deadline for job in jobs) + 30
+        if jobs[0].kind == "idle":
+            for pipe in pipes:
+                await self._receive(pipe, "connected", deadline)
+            if while_connected is not None:
+                await while_connected()
+            for pipe in pipes:
+                pipe.send("release")
+        merged = ClientReport()
+        for pipe in pipes:
+            report = await self._receive(pipe, "report", deadline)
+            assert isinstance(report, ClientReport)
+            merged.merge(report)
+        return merged
+
+    @staticmethod
+    async def _receive(pipe: Connection, tag: str, deadline: float) -> object:
+        def receive() -> object:
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"a client process sent no {tag!r} before its deadline")
+            message_tag, value = pipe.recv()
+            assert message_tag == tag, (message_tag, tag)
+            return value
+
+        return await asyncio.to_thread(receive)
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(None)
+        for process in self._processes:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [n for n in (total // parts + (i < total % parts) for i in range(parts)) if n]
+
+
+# -- the processes under test, seen from outside -----------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Stop one process we started, and the children it may have (its own session)."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and its descendants (a reader may run several processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def rss_bytes(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def redis_connections(pids: Sequence[int], redis_port: int) -> int:
+    """Established TCP connections to Redis's port owned by these processes."""
+    inodes: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    if not pids:
+        return 0
+    port_hex = f":{redis_port:04X}"
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                # fields: sl, local, remote, state (01 = ESTABLISHED), …, inode (10th)
+                if fields[2].endswith(port_hex) and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+@dataclasses.dataclass
+class ReaderProbe:
+    """Samples a reader's RSS and Redis connections from /proc, keeping the peaks."""
+
+    pid: int
+    redis_port: int
+    peak_rss: int = 0
+    peak_redis_connections: int = 0
+
+    def sample(self) -> tuple[int, int]:
+        pids = process_tree(self.pid)
+        rss, connections = rss_bytes(pids), redis_connections(pids, self.redis_port)
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_redis_connections = max(self.peak_redis_connections, connections)
+        return rss, connections
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(interval)
+
+
+# -- scenarios -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    key: str
+    name: str
+    kind: JobKind
+    streams: int  # SSE connections
+    tokens: int  # per generation
+    rate: float  # tokens per second
+
+    @property
+    def label(self) -> str:
+        return f"({self.key}) {self.name}"
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.rate >= AS_FAST_AS_POSSIBLE else self.tokens / self.rate
+
+
+def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
+    scale = float(args.scale)
+
+    def count(n: int) -> int:
+        return max(1, round(n * scale))
+
+    def tokens(n: int) -> int:
+        return max(5, round(n * scale))
+
+    every = [
+        Scenario("a", "live", "generate", count(args.live_generations), tokens(args.live_tokens),
+                 args.live_rate),
+        Scenario("b", "fast", "generate", count(args.fast_generations), tokens(args.fast_tokens),
+                 args.fast_rate),
+        Scenario("c", "fanout", "read", count(args.fanout_readers), tokens(args.fanout_tokens),
+                 args.fanout_rate),
+        # started + tokens + done = catchup_events
+        Scenario("d", "catchup", "read", args.catchup_readers,
+                 max(1, count(args.catchup_events) - 2), AS_FAST_AS_POSSIBLE),
+        Scenario("e", "idle", "idle", count(args.idle_connections), 1, 1.0),
+    ]  # fmt: skip
+    wanted = set(args.scenarios.split(","))
+    return [s for s in every if s.key in wanted or s.name in wanted]
+
+
+@dataclasses.dataclass
+class Figures:
+    """One scenario on one implementation: what the table and the JSON report."""
+
+    scenario: str
+    implementation: str
+    streams: int
+    complete: int
+    failures: dict[str, int]
+    events: int
+    events_per_second: float | None
+    ttft_p50: float | None
+    ttft_p99: float | None
+    drift_p50: float | None
+    drift_p99: float | None
+    drift_samples: int
+    rss_before: int
+    rss_peak: int
+    rss_per_connection: float | None
+    redis_connections_before: int
+    redis_connections_peak: int
+    wall_seconds: float
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclasses.dataclass
+class Bench:
+    """One invocation: the Redis, the workers, the client processes, the readers."""
+
+    args: argparse.Namespace
+    redis_url: str
+    redis_port: int
+    key_prefix: str
+    run_dir: Path
+    clients: ClientPool
+    naive_redis_connections: int
+
+    def env(self, key_prefix: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TOKENTAPE_REDIS_URL": self.redis_url,
+            "TOKENTAPE_KEY_PREFIX": key_prefix,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def start_reader(
+        self, implementation: Implementation, port: int, key_prefix: str, idle: bool
+    ) -> subprocess.Popen[bytes]:
+        python = sys.executable
+        if implementation == "naive":
+            # Idle generations must stay queued: never produced in-process.
+            producer = "worker" if idle else self.args.naive_producer
+            argv = [python, str(NAIVE_SERVER), "--redis", self.redis_url, "--port", str(port),
+                    "--max-redis-connections", str(self.naive_redis_connections),
+                    "--producer", producer]  # fmt: skip
+        else:
+            argv = [python, "-m", "app", "serve", "--redis", self.redis_url, "--port", str(port),
+                    *self.args.serve_arg]  # fmt: skip
+        return start_process(argv, self.env(key_prefix), self.run_dir / f"{implementation}.log")
+
+    async def measure(self, scenario: Scenario, implementation: Implementation) -> Figures:
+        # Idle generations live under their own prefix, which no worker consumes:
+        # they stay queued for as long as the scenario holds them.
+        idle = scenario.kind == "idle"
+        key_prefix = f"{self.key_prefix}-idle" if idle else self.key_prefix
+        port = free_port()
+        reader = self.start_reader(implementation, port, key_prefix, idle)
+        base_url = f"http://{HOST}:{port}"
+        try:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+            ) as session:
+                await wait_ready(session, base_url, reader)
+                if not idle:
+                    # Warm-up: imports, Redis connections and the worker path are hot.
+                    await read_generation(session, base_url, tokens=3, rate=AS_FAST_AS_POSSIBLE)
+                probe = ReaderProbe(reader.pid, self.redis_port)
+                rss_before, redis_before = await asyncio.to_thread(probe.sample)
+                probe.peak_rss, probe.peak_redis_connections = rss_before, redis_before
+                started = time.monotonic()
+                watching = asyncio.create_task(probe.watch(self.args.sample_interval))
+                try:
+                    report = await self._drive(scenario, session, base_url, probe)
+                finally:
+                    watching.cancel()
+                    await asyncio.gather(watching, return_exceptions=True)
+                wall = time.monotonic() - started
+        finally:
+            stop_process(reader)
+        window = report.last_event_at - report.first_event_at
+        growth = probe.peak_rss - rss_before
+        return Figures(
+            scenario=scenario.label,
+            implementation=implementation,
+            streams=report.streams,
+            complete=report.complete,
+            failures=dict(report.failures),
+            events=report.events,
+            events_per_second=report.events / window if report.events > 1 and window > 0 else None,
+            ttft_p50=percentile(report.ttft, 50),
+            ttft_p99=percentile(report.ttft, 99),
+            drift_p50=percentile(report.drift, 50),
+            drift_p99=percentile(report.drift, 99),
+            drift_samples=len(report.drift),
+            rss_before=rss_before,
+            rss_peak=probe.peak_rss,
+            rss_per_connection=growth / scenario.streams if scenario.streams else None,
+            redis_connections_before=redis_before,
+            redis_connections_peak=probe.peak_redis_connections,
+            wall_seconds=wall,
+        )
+
+    async def _drive(
+        self,
+        scenario: Scenario,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        probe: ReaderProbe,
+    ) -> ClientReport:
+        args = self.args
+        shares = split(scenario.streams, self.clients.size)
+        seeds = [sum(shares[:i]) for i in range(len(shares))]
+        now = time.monotonic()
+        job = ClientJob(
+            kind=scenario.kind,
+            base_url=base_url,
+            streams=0,
+            deadline=now + 3 * scenario.seconds + 30 + scenario.streams * 0.01,
+            tokens=scenario.tokens,
+            rate=scenario.rate,
+            connect_concurrency=args.connect_concurrency,
+            create_concurrency=args.create_concurrency,
+        )
+        if scenario.kind == "read":
+            requested_at = time.monotonic()
+            events_url = await create_generation(session, base_url, scenario.tokens, scenario.rate)
+            job.events_url = events_url
+            if scenario.rate >= AS_FAST_AS_POSSIBLE:
+                # Catch-up: read it through once so it is finished; TTFT counts from each GET.
+                await read_all(session, base_url + events_url)
+            else:
+                job.requested_at = requested_at
+        jobs = [
+            dataclasses.replace(job, streams=share, seed=seed)
+            for share, seed in zip(shares, seeds, strict=True)
+        ]
+
+        async def hold() -> None:
+            await asyncio.to_thread(probe.sample)
+            await asyncio.sleep(args.idle_hold)
+            await asyncio.to_thread(probe.sample)
+
+        return await self.clients.run(jobs, while_connected=hold)
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession, base_url: str, process: subprocess.Popen[bytes]
+) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the reader exited with {process.returncode}; see its log")
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(f"{base_url}/v1/generations/{'0' * 22}") as resp:
+                await resp.read()
+                return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the reader at {base_url} did not answer within 30 s")
+
+
+async def create_generation(
+    session: aiohttp.ClientSession, base_url: str, tokens: int, rate: float
+) -> str:
+    async with session.post(
+        f"{base_url}/v1/generations", json=sim_body(tokens, rate, seed=0)
+    ) as resp:
+        if resp.status != 201:
+            raise RuntimeError(f"POST /v1/generations answered {resp.status}: {await resp.text()}")
+        created = await resp.json()
+    return str(created["events_url"])
+
+
+async def read_all(session: aiohttp.ClientSession, url: str) -> int:
+    """Read one stream to its terminal event (within 120 s); returns its last seq."""
+    reader = EventReader()
+    last_seq = 0
+    async with asyncio.timeout(120), session.get(url) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET {url} answered {resp.status}")
+        async for chunk in resp.content.iter_any():
+            for raw_seq, kind in reader.feed(chunk):
+                last_seq = int(raw_seq)
+                if kind in TERMINAL_TYPES:
+                    return last_seq
+    raise RuntimeError(f"GET {url} ended without a terminal event")
+
+
+async def read_generation(
+    session: aiohttp.ClientSession, base_url: str, tokens: int, rate: float
+) -> int:
+    events_url = await create_generation(session, base_url, tokens, rate)
+    return await read_all(session, base_url + events_url)
+
+
+# -- the table -----------------------------------------------------------------
+
+Better = Literal["lower", "higher", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    title: str
+    value: Callable[[Figures], float | None]
+    show: Callable[[float], str]
+    better: Better
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}" if seconds >= 0.01 else f"{seconds * 1000:.1f}"
+
+
+COLUMNS = [
+    Column("ttft p50 ms", lambda f: f.ttft_p50, _ms, "lower"),
+    Column("ttft p99 ms", lambda f: f.ttft_p99, _ms, "lower"),
+    Column("drift p50 ms", lambda f: f.drift_p50, _ms, "lower"),
+    Column("drift p99 ms", lambda f: f.drift_p99, _ms, "lower"),
+    Column("events/s", lambda f: f.events_per_second, lambda v: f"{v:,.0f}", "higher"),
+    Column("RSS/conn KiB", lambda f: f.rss_per_connection, lambda v: f"{v / 1024:.1f}", "lower"),
+    Column("Redis conns", lambda f: f.redis_connections_peak, lambda v: f"{v:.0f}", "lower"),
+]
+
+
+def advantage(column: Column, naive: Figures, tokentape: Figures) -> str:
+    """How many times better tokentape is than naive on this column (> 1: better)."""
+    ours, theirs = column.value(tokentape), column.value(naive)
+    if ours is None or theirs is None or ours <= 0 or theirs <= 0:
+        return "-"
+    ratio = theirs / ours if column.better == "lower" else ours / theirs
+    return f"{ratio:.1f}x" if ratio < 100 else f"{ratio:,.0f}x"
+
+
+def render_table(results: Sequence[Figures]) -> str:
+    header = ["scenario", "reader", "complete", *(c.title for c in COLUMNS)]
+    rows: list[list[str]] = []
+    by_scenario: dict[str, dict[str, Figures]] = {}
+    for figures in results:
+        by_scenario.setdefault(figures.scenario, {})[figures.implementation] = figures
+    for scenario, sides in by_scenario.items():
+        for implementation, figures in sides.items():
+            cells = [
+                "-" if (v := column.value(figures)) is None else column.show(v)
+                for column in COLUMNS
+            ]
+            rows.append([scenario, implementation, f"{figures.complete}/{figures.streams}", *cells])
+        if "naive" in sides and "tokentape" in sides:
+            ratios = [advantage(c, sides["naive"], sides["tokentape"]) for c in COLUMNS]
+            rows.append(["", "advantage", "", *ratios])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+        return "| " + " | ".join(padded) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), separator, *(line(row) for row in rows)])
+
+
+# -- one invocation ------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark tokentape's SSE reader beside a naive aiohttp-sse + XREAD reader.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--redis", help="Redis URL; default: start a private redis-server for the run")
+    add("--impl", default="naive,tokentape", help="readers to measure, comma-separated")
+    add("--scenarios", default="a,b,c,d,e", help="scenarios to run, by letter or name")
+    add("--scale", type=float, default=1.0, help="multiplies every count and token count")
+    add("--quick", action="store_true", help="smoke-check sizes (--scale 0.05, short idle hold)")
+    add("--json", type=Path, help="write the raw figures here")
+    add("--live-generations", type=int, default=1000, help="(a) concurrent generations")
+    add("--live-rate", type=float, default=20.0, help="(a) tokens/s of each")
+    add("--live-tokens", type=int, default=300, help="(a) tokens of each")
+    add("--fast-generations", type=int, default=200, help="(b) concurrent generations")
+    add("--fast-rate", type=float, default=50.0, help="(b) tokens/s of each")
+    add("--fast-tokens", type=int, default=750, help="(b) tokens of each")
+    add("--fanout-readers", type=int, default=500, help="(c) readers of the one generation")
+    add("--fanout-rate", type=float, default=100.0, help="(c) tokens/s")
+    add("--fanout-tokens", type=int, default=1500, help="(c) tokens")
+    add("--catchup-events", type=int, default=50_000, help="(d) events of the finished log")
+    add("--catchup-readers", type=int, default=1, help="(d) readers at once (not scaled)")
+    add("--idle-connections", type=int, default=10_000, help="(e) connections, one generation each")
+    add("--idle-hold", type=float, default=5.0, help="(e) seconds to hold them once all are open")
+    add("--workers", type=int, default=2, help="tokentape worker processes (the producers)")
+    add("--client-processes", type=int, default=2, help="load-generating processes")
+    add("--connect-concurrency", type=int, default=256, help="opening connections per client")
+    add("--create-concurrency", type=int, default=64, help="POSTs in flight per client")
+    add("--sample-interval", type=float, default=1.0, help="seconds between /proc samples")
+    add("--naive-producer", choices=("worker", "inprocess"), default="worker",
+        help="inprocess: the naive server appends the sim itself (harness tests only)")  # fmt: skip
+    add("--serve-arg", action="append", default=[], help="extra argument for `app serve`")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.scale = min(args.scale, 0.05)
+        args.idle_hold = min(args.idle_hold, 1.0)
+        args.sample_interval = min(args.sample_interval, 0.2)  # scenarios last ~1 s
+    return args
+
+
+@contextlib.asynccontextmanager
+async def private_redis(run_dir: Path) -> Any:
+    """A redis-server of our own for the run: the naive reader may open thousands of
+    connections, which must not exhaust the maxclients of a Redis others share."""
+    port = free_port()
+    process = start_process(
+        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+         "--maxclients", "30000", "--protected-mode", "yes"],
+        dict(os.environ), run_dir / "redis.log",
+    )  # fmt: skip
+    url = f"redis://{HOST}:{port}/0"
+    try:
+        client: aioredis.Redis = aioredis.Redis.from_url(url)
+        async with client:
+            for _ in range(100):
+                with contextlib.suppress(aioredis.ConnectionError):
+                    if await client.ping():
+                        break
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        stop_process(process)
+
+
+async def naive_pool_size(redis_url: str, largest_scenario: int) -> int:
+    """The naive reader's pool: below the Redis's free client slots and our fd limit."""
+    client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+    async with client:
+        config = await client.config_get("maxclients")
+        clients: dict[str, int] = await client.info("clients")
+    maxclients, connected = int(config["maxclients"] or 0), int(clients["connected_clients"])
+    _soft, fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free_slots = maxclients - connected - 200  # leave room for everyone else
+    free_fds = fd_limit - largest_scenario - 512
+    return max(100, min(free_slots, free_fds))
+
+
+async def delete_keys(redis_url: str, key_prefix: str) -> int:
+    """Delete this run's keys (ours only: the prefix is unique to the run)."""
+    client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+    deleted = 0
+    async with client:
+        batch: list[bytes] = []
+        async for key in client.scan_iter(match=f"{key_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(await client.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(await client.unlink(*batch))
+    return deleted
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def run(args: argparse.Namespace) -> list[Figures]:
+    implementations: list[Implementation] = []
+    for name in args.impl.split(","):
+        if name not in ("naive", "tokentape"):
+            raise SystemExit(f"unknown --impl {name!r}: naive or tokentape")
+        implementations.append("naive" if name == "naive" else "tokentape")
+    scenarios = scenarios_from(args)
+    run_id = secrets.token_hex(4)
+    key_prefix = f"ttbench-{run_id}"
+    run_dir = Path("/tmp") / f"tokentape-bench-{run_id}"
+    run_dir.mkdir(parents=True)
+    log(f"run {run_id}: logs in {run_dir}, keys under {key_prefix}*")
+    results: list[Figures] = []
+    async with contextlib.AsyncExitStack() as stack:
+        redis_url = args.redis or await stack.enter_async_context(private_redis(run_dir))
+        stack.push_async_callback(delete_keys, redis_url, key_prefix)
+        largest = max((s.streams for s in scenarios), default=0)
+        bench = Bench(
+            args=args,
+            redis_url=redis_url,
+            redis_port=int(redis_url.rsplit(":", 1)[1].split("/", 1)[0]),
+            key_prefix=key_prefix,
+            run_dir=run_dir,
+            clients=ClientPool(args.client_processes),
+            naive_redis_connections=await naive_pool_size(redis_url, largest),
+        )
+        stack.callback(bench.clients.close)
+        if "tokentape" in implementations or args.naive_producer == "worker":
+            concurrency = max((s.streams for s in scenarios if s.kind == "generate"), default=1)
+            env = bench.env(key_prefix)
+            env["TOKENTAPE_WORKER_CONCURRENCY"] = str(concurrency // args.workers + 16)
+            for index in range(args.workers):
+                worker = start_process(
+                    [sys.executable, "-m", "app", "worker", "--redis", redis_url],
+                    env,
+                    run_dir / f"worker-{index}.log",
+                )
+                stack.callback(stop_process, worker)
+        for scenario in scenarios:
+            for implementation in implementations:
+                log(f"{scenario.label}: {implementation}, {scenario.streams} streams …")
+                try:
+                    figures = await bench.measure(scenario, implementation)
+                except (RuntimeError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+                    log(f"{scenario.label}: {implementation} failed: {exc}")
+                    continue
+                log(
+                    f"{scenario.label}: {implementation}: {figures.complete}/{figures.streams} "
+                    f"complete in {figures.wall_seconds:.1f} s"
+                    + (f", failures {figures.failures}" if figures.failures else "")
+                )
+                results.append(figures)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    raise_fd_limit()  # inherited by every process we start
+    started = time.monotonic()
+    results = asyncio.run(run(args))
+    print(render_table(results))
+    log(f"total {time.monotonic() - started:.0f} s")
+    if args.json:
+        report = {
+            "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
+            "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "results": [dataclasses.asdict(figures) for figures in results],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
