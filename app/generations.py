@@ -88,12 +88,12 @@ class GenerationStatus(msgspec.Struct, omit_defaults=True):
     status: Status
     model: str
     last_seq: int
+    attempts: int
+    # True once retention removed the events; the status is kept a while longer.
+    expired: bool
     created_at: str
     events_url: str
     started_at: str | None = None
     finished_at: str | None = None
     finish_reason: str | None = None
     error: ErrorInfo | None = None
-    attempts: int = 0
-    # True once retention removed the events; the status is kept a while longer.
-    expired: bool = False

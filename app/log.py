@@ -194,17 +194,26 @@ class GenerationLog:
         )
         return _entries(rows)
 
-    async def snapshot(
-        self, generation_id: str, after_seq: int, count: int
-    ) -> tuple[GenerationState | None, bool, list[LogEntry]]:
-        """State, whether the log exists, and the first page after `after_seq`: one round trip."""
+    async def snapshot(self, generation_id: str) -> tuple[GenerationState | None, bool]:
+        """The state and whether the log still exists, in one round trip."""
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(k.meta(generation_id), _STATE_FIELDS)
             pipe.exists(k.log(generation_id))
-            pipe.xrange(k.log(generation_id), min=f"{after_seq + 1}-0", max="+", count=count)
-            values, log_exists, rows = await pipe.execute()
-        return self._state(generation_id, values), bool(log_exists), _entries(rows)
+            values, log_exists = await pipe.execute()
+        return self._state(generation_id, values), bool(log_exists)
+
+    async def last_entry(self, generation_id: str) -> LogEntry | None:
+        entries = _entries(await self.redis.xrevrange(self.keys.log(generation_id), count=1))
+        return entries[0] if entries else None
+
+    async def last_seqs(self, generation_ids: Sequence[str]) -> list[int]:
+        """The last appended seq of each generation (0 when none or gone), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for generation_id in generation_ids:
+                pipe.hget(self.keys.meta(generation_id), "last_seq")
+            values = await pipe.execute()
+        return [int(v) if v is not None else 0 for v in values]
 
     async def first_seq(self, generation_id: str) -> int | None:
         entries = _entries(await self.redis.xrange(self.keys.log(generation_id), count=1))

@@ -33,6 +33,8 @@ class Settings:
     catch_up_page_size: int = 500
     # Events a client may have queued before it drops back to reading the log.
     client_buffer_events: int = 1024
+    # A client whose socket accepts nothing for this long is disconnected.
+    write_timeout_seconds: float = 30.0
 
     # Retention
     max_events_per_generation: int = 100_000

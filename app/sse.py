@@ -13,8 +13,6 @@ Rules from the WHATWG EventSource spec that shape this module:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import msgspec
 
 
@@ -54,6 +52,7 @@ class Parser:
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._skip_lf = False
         self._event = ""
         self._data: list[str] = []
         self._has_data = False
@@ -61,30 +60,32 @@ class Parser:
         self.retry: int | None = None
         self.comments: list[str] = []
 
-    def feed(self, chunk: bytes) -> Iterator[Message]:
-        self._buffer += chunk
+    def feed(self, chunk: bytes) -> list[Message]:
+        """The events that `chunk` completes, in order."""
+        messages: list[Message] = []
+        if self._skip_lf and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF split across chunks
+        self._skip_lf = False
+        buffer = self._buffer + chunk
+        start = 0
         while True:
-            line, ending = self._take_line()
-            if ending is None:
-                return
-            message = self._line(line.decode("utf-8", errors="replace"))
+            cr, lf = buffer.find(b"\r", start), buffer.find(b"\n", start)
+            if cr == -1 and lf == -1:
+                break
+            if cr != -1 and (lf == -1 or cr < lf):
+                end, next_start = cr, cr + 1
+                if buffer[cr + 1 : cr + 2] == b"\n":
+                    next_start += 1
+                elif cr + 1 == len(buffer):
+                    self._skip_lf = True
+            else:
+                end, next_start = lf, lf + 1
+            message = self._line(buffer[start:end].decode("utf-8", errors="replace"))
+            start = next_start
             if message is not None:
-                yield message
-
-    def _take_line(self) -> tuple[bytes, bytes | None]:
-        buffer = self._buffer
-        cr, lf = buffer.find(b"\r"), buffer.find(b"\n")
-        if cr == -1 and lf == -1:
-            return b"", None
-        if cr != -1 and (lf == -1 or cr < lf):
-            if cr == len(buffer) - 1:
-                return b"", None  # a CR at the end may be the first half of CRLF
-            end = cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
-            line = buffer[:cr]
-        else:
-            end, line = lf + 1, buffer[:lf]
-        self._buffer = buffer[end:]
-        return line, buffer[len(line) : end]
+                messages.append(message)
+        self._buffer = buffer[start:]
+        return messages
 
     def _line(self, line: str) -> Message | None:
         if line == "":

@@ -1,0 +1,43 @@
+"""The HTTP face of tokentape: generations (create, status, cancel) and their events (SSE)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app.http import events, generations, pages
+from app.http.errors import json_errors
+from app.http.state import HUB, LOG, SETTINGS
+from app.hub import Hub
+from app.log import GenerationLog
+from app.settings import Settings
+
+__all__ = ["HUB", "LOG", "SETTINGS", "create_app"]
+
+
+def create_app(settings: Settings, redis: Redis) -> web.Application:
+    """The aiohttp application. `redis` is owned by the caller, who closes it."""
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes)
+    log = GenerationLog(redis, settings)
+    app[SETTINGS] = settings
+    app[LOG] = log
+    app[HUB] = Hub(
+        log,
+        redis,
+        page_size=settings.catch_up_page_size,
+        buffer_limit=settings.client_buffer_events,
+    )
+    app.add_routes(generations.routes)
+    app.add_routes(events.routes)
+    app.add_routes(pages.routes)
+
+    async def start_hub(app: web.Application) -> None:
+        await app[HUB].start()
+
+    async def stop_hub(app: web.Application) -> None:
+        # Ends every open event stream cleanly: clients reconnect to another reader.
+        await app[HUB].stop()
+
+    app.on_startup.append(start_hub)
+    app.on_shutdown.append(stop_hub)
+    return app

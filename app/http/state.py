@@ -1,0 +1,13 @@
+"""Typed keys of what the application holds."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.hub import Hub
+from app.log import GenerationLog
+from app.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+LOG = web.AppKey("log", GenerationLog)
+HUB = web.AppKey("hub", Hub)

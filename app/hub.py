@@ -1,0 +1,433 @@
+"""Per-process fan-out of generation logs to SSE clients.
+
+One pub/sub connection per process carries the live batches of every generation
+that has a reader here; all readers of one generation share one `Feed`. A
+`Subscription` is one client: it catches up from the log in pages, then takes
+live batches from its feed. Delivery is exactly-once and in order because every
+subscription tracks the last seq it handed out and falls back to the log
+whenever live delivery cannot be trusted:
+
+- a live batch that starts after the next expected seq (pub/sub is at-most-once:
+  a message was missed) -> back-fill from the log;
+- more than `client_buffer_events` pending for a slow client -> drop the buffer
+  and read from the log at the client's pace (the log is durable; memory stays
+  bounded);
+- the pub/sub connection dropped, or a feed has been silent for a while -> every
+  affected subscription re-checks the log.
+
+Each event is framed once (`app.sse.event_frame`) and its bytes are shared by
+every subscription that receives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+from collections.abc import Coroutine, Iterable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from app import sse
+from app.events import TERMINAL_TYPES, Gap, LogEntry, encode
+from app.log import GenerationLog, parse_live
+
+logger = logging.getLogger(__name__)
+
+
+class Frame:
+    """An event's SSE bytes, encoded once and shared by every reader."""
+
+    __slots__ = ("appended_ms", "data", "seq", "terminal")
+
+    def __init__(self, entry: LogEntry) -> None:
+        self.seq = entry.seq
+        self.terminal = entry.type in TERMINAL_TYPES
+        self.appended_ms = entry.appended_ms
+        self.data = sse.event_frame(entry.seq, entry.type, entry.data)
+
+
+class Subscription:
+    """One client's position in one generation's log."""
+
+    def __init__(self, hub: Hub, feed: Feed, after_seq: int) -> None:
+        self._hub = hub
+        self._feed = feed
+        self.requested_after = after_seq
+        self.delivered = after_seq  # last seq handed to the client
+        self._queued_until = after_seq  # last seq handed out or in `_pending`
+        self._pending: collections.deque[Frame] = collections.deque()
+        self._pending_gap: bytes | None = None
+        self._read_log = True  # catch-up, back-fill or slow-client mode
+        self._first_read = True
+        self._live_hint = 0  # highest seq announced live while reading the log
+        self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        self.finished = False  # the terminal event was handed out
+        self.closed_reason: str | None = None
+        self.fell_behind = 0  # times the client's buffer overflowed
+        self.gap: Gap | None = None
+
+    @property
+    def generation_id(self) -> str:
+        return self._feed.generation_id
+
+    # -- called by the feed --------------------------------------------------
+
+    def _offer(self, frames: list[Frame]) -> None:
+        self._live_hint = max(self._live_hint, frames[-1].seq)
+        if self._read_log or self.finished:
+            self._wakeup.set()
+            return
+        expected = self._queued_until + 1
+        if frames[0].seq > expected:
+            self._switch_to_log()  # a live batch was missed: back-fill from the log
+            return
+        fresh = frames[expected - frames[0].seq :] if frames[0].seq < expected else frames
+        if not fresh:
+            return
+        if len(self._pending) + len(fresh) > self._hub.buffer_limit:
+            self.fell_behind += 1
+            self._switch_to_log()
+            return
+        self._pending.extend(fresh)
+        self._queued_until = fresh[-1].seq
+        self._wakeup.set()
+
+    def _switch_to_log(self) -> None:
+        self._pending.clear()
+        self._queued_until = self.delivered
+        self._read_log = True
+        self._wakeup.set()
+
+    def _recheck(self) -> None:
+        """Something may have been missed (pub/sub reconnect, silent feed): look at the log."""
+        if not self.finished and not self._read_log:
+            self._switch_to_log()
+
+    def _close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._wakeup.set()
+
+    # -- called by the client's handler ----------------------------------------
+
+    async def next_chunk(self, wait_seconds: float) -> bytes | None:
+        """The SSE bytes of everything ready for this client, in one piece.
+
+        Waits up to `wait_seconds`; returns b"" when nothing came (write a heartbeat),
+        None when the subscription ended (terminal event delivered, or closed).
+        """
+        if self.finished or self.closed_reason is not None:
+            return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while True:
+            if self.closed_reason is not None:
+                return None
+            if self._read_log:
+                chunk = await self._read_page(deadline - loop.time())
+                if chunk is not None:
+                    return chunk
+            elif self._pending:
+                return self._take_pending()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return b""
+            self._wakeup.clear()
+            if self._read_log or self._pending or self.closed_reason is not None:
+                continue
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                return b""
+
+    def _take_pending(self) -> bytes:
+        frames = list(self._pending)
+        self._pending.clear()
+        return self._hand_out(frames)
+
+    def _hand_out(self, frames: list[Frame]) -> bytes:
+        self.delivered = frames[-1].seq
+        self._queued_until = max(self._queued_until, self.delivered)
+        if frames[-1].terminal:
+            self.finished = True
+        chunk = b"".join(f.data for f in frames)
+        if self._pending_gap is not None:
+            chunk, self._pending_gap = self._pending_gap + chunk, None
+        return chunk
+
+    async def _read_page(self, budget: float) -> bytes | None:
+        """One page from the log; None when there is nothing (more) to read now."""
+        if budget <= 0:
+            return None
+        try:
+            async with asyncio.timeout(budget):
+                entries = await self._hub.log.read(
+                    self.generation_id, self.delivered, self._hub.page_size
+                )
+        except TimeoutError:
+            return None
+        except RedisError as exc:
+            # Hold the connection (heartbeats keep flowing) and retry: a passing
+            # Redis fault must never turn into an error the browser gives up on.
+            logger.warning("log read for %s failed, retrying: %s", self.generation_id, exc)
+            await asyncio.sleep(min(budget, self._hub.retry_delay()))
+            return None
+        if self._first_read:
+            self._first_read = False
+            if entries and entries[0].seq > self.delivered + 1:
+                self.gap = Gap(requested=self.delivered + 1, first_available=entries[0].seq)
+                self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
+        if not entries:
+            self._read_log = False  # caught up: live batches take over
+            return None
+        frames = [Frame(e) for e in entries]
+        # A full page, or a live batch announced past this page: more to read.
+        if len(entries) < self._hub.page_size and self._live_hint <= frames[-1].seq:
+            self._read_log = False
+        return self._hand_out(frames)
+
+
+class Feed:
+    """All subscriptions of one generation in this process, and its live channel."""
+
+    def __init__(self, generation_id: str, channel: str) -> None:
+        self.generation_id = generation_id
+        self.channel = channel
+        self.subscriptions: set[Subscription] = set()
+        self.confirmed = asyncio.Event()
+        self.subscribe_number = 0  # which SUBSCRIBE of this channel confirms us
+        self.last_seen = 0  # highest seq seen live
+        self.silent_since = 0.0
+        self.linger: asyncio.TimerHandle | None = None
+
+    def dispatch(self, entries: list[LogEntry], now: float) -> None:
+        frames = [Frame(e) for e in entries]
+        self.last_seen = max(self.last_seen, frames[-1].seq)
+        self.silent_since = now
+        for subscription in list(self.subscriptions):
+            subscription._offer(frames)
+
+
+class Hub:
+    """Owns the process's pub/sub connection and its feeds."""
+
+    def __init__(
+        self,
+        log: GenerationLog,
+        pubsub_redis: Redis,
+        *,
+        page_size: int = 500,
+        buffer_limit: int = 1024,
+        recheck_seconds: float = 5.0,
+        linger_seconds: float = 5.0,
+    ) -> None:
+        self.log = log
+        self.page_size = page_size
+        self.buffer_limit = buffer_limit
+        self.recheck_seconds = recheck_seconds
+        self.linger_seconds = linger_seconds
+        self._pubsub_redis = pubsub_redis
+        self._pubsub: PubSub | None = None
+        self._feeds: dict[str, Feed] = {}
+        self._channels: dict[str, Feed] = {}
+        self._subscribes_sent: collections.Counter[str] = collections.Counter()
+        self._subscribes_acked: collections.Counter[str] = collections.Counter()
+        self._loops: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._failures = 0
+        self._closing = False
+        self._changed = asyncio.Condition()
+        # A channel that is always subscribed, so the connection never idles unsubscribed.
+        self._anchor = f"{log.keys.prefix}:hub"
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(f.subscriptions) for f in self._feeds.values())
+
+    async def until_subscriptions(self, count: int) -> None:
+        """Wait until exactly `count` subscriptions are open (drain, tests)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.subscription_count == count)
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        self._spawn(notify())
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def retry_delay(self) -> float:
+        delay: float = min(2.0, 0.05 * 2 ** min(self._failures, 6))
+        return delay * (0.5 + random.random())
+
+    async def start(self) -> None:
+        self._pubsub = self._pubsub_redis.pubsub()
+        await self._pubsub.subscribe(self._anchor)
+        self._loops = [
+            asyncio.create_task(self._listen(), name="hub-listen"),
+            asyncio.create_task(self._recheck_loop(), name="hub-recheck"),
+        ]
+
+    async def stop(self) -> None:
+        """Close every subscription (`server_drain`) and the pub/sub connection."""
+        self._closing = True
+        for feed in list(self._feeds.values()):
+            for subscription in list(feed.subscriptions):
+                subscription._close("server_drain")
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # -- subscriptions -------------------------------------------------------
+
+    async def subscribe(
+        self, generation_id: str, after_seq: int, *, confirm_timeout: float = 5.0
+    ) -> Subscription:
+        """A subscription positioned after `after_seq`, live channel confirmed first.
+
+        Subscribing before reading the log is what makes the hand-over from
+        catch-up to live lossless: anything appended after the confirmation
+        arrives live; anything before it is in the log.
+        """
+        feed = self._feeds.get(generation_id)
+        if feed is None:
+            channel = self.log.keys.live_channel(generation_id)
+            feed = Feed(generation_id, channel)
+            feed.silent_since = asyncio.get_running_loop().time()
+            self._feeds[generation_id] = feed
+            self._channels[channel] = feed
+            await self._send_subscribe(feed)
+        elif feed.linger is not None:
+            feed.linger.cancel()
+            feed.linger = None
+        subscription = Subscription(self, feed, after_seq)
+        feed.subscriptions.add(subscription)
+        self._notify()
+        try:
+            async with asyncio.timeout(confirm_timeout):
+                await feed.confirmed.wait()
+        except TimeoutError:
+            # The pub/sub connection is unwell; the recheck loop covers this feed.
+            logger.warning("live channel of %s not confirmed in time", generation_id)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        feed = subscription._feed
+        feed.subscriptions.discard(subscription)
+        subscription._close("unsubscribed")
+        self._notify()
+        if not feed.subscriptions and feed.linger is None and not self._closing:
+            # Keep the channel a moment: reconnect storms come back to the same generation.
+            loop = asyncio.get_running_loop()
+            feed.linger = loop.call_later(self.linger_seconds, self._drop_feed, feed)
+
+    def _drop_feed(self, feed: Feed) -> None:
+        feed.linger = None
+        if feed.subscriptions or self._feeds.get(feed.generation_id) is not feed:
+            return
+        del self._feeds[feed.generation_id]
+        del self._channels[feed.channel]
+        if self._pubsub is not None:
+            self._spawn(self._send_unsubscribe(feed.channel))
+
+    async def _send_subscribe(self, feed: Feed) -> None:
+        assert self._pubsub is not None
+        self._subscribes_sent[feed.channel] += 1
+        feed.subscribe_number = self._subscribes_sent[feed.channel]
+        try:
+            await self._pubsub.subscribe(feed.channel)
+        except (RedisError, OSError) as exc:
+            logger.warning("subscribe to %s failed: %s", feed.channel, exc)
+
+    async def _send_unsubscribe(self, channel: str) -> None:
+        assert self._pubsub is not None
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.unsubscribe(channel)
+
+    # -- the pub/sub connection ----------------------------------------------
+
+    async def _listen(self) -> None:
+        assert self._pubsub is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                self._failures += 1
+                logger.warning("pub/sub connection lost, recovering: %s", exc)
+                await asyncio.sleep(self.retry_delay())
+                await self._resubscribe_all()
+                continue
+            if message is None:
+                continue
+            if self._failures:
+                self._failures = 0
+            kind = message["type"]
+            channel = _text(message["channel"])
+            if kind == "message":
+                feed = self._channels.get(channel)
+                if feed is not None:
+                    feed.dispatch(parse_live(message["data"]), loop.time())
+            elif kind == "subscribe":
+                self._subscribes_acked[channel] += 1
+                feed = self._channels.get(channel)
+                if feed is not None and self._subscribes_acked[channel] >= feed.subscribe_number:
+                    feed.confirmed.set()
+
+    async def _resubscribe_all(self) -> None:
+        """After a reconnect, live messages may have been lost: every feed re-checks the log."""
+        assert self._pubsub is not None
+        with contextlib.suppress(RedisError, OSError):
+            # redis-py re-subscribes known channels when it reconnects; this forces it.
+            await self._pubsub.ping()
+        for feed in self._feeds.values():
+            _recheck_all(feed.subscriptions)
+
+    async def _recheck_loop(self) -> None:
+        """Silent feeds look at the log's last seq now and then: the safety net under pub/sub."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.recheck_seconds)
+            now = loop.time()
+            silent = [
+                f
+                for f in self._feeds.values()
+                if f.subscriptions and now - f.silent_since >= self.recheck_seconds
+            ]
+            if not silent:
+                continue
+            try:
+                last_seqs = await self.log.last_seqs([f.generation_id for f in silent])
+            except (RedisError, OSError) as exc:
+                logger.warning("recheck failed: %s", exc)
+                continue
+            for feed, last_seq in zip(silent, last_seqs, strict=True):
+                feed.silent_since = now
+                _recheck_all(feed.subscriptions, last_seq)
+
+
+def _recheck_all(subscriptions: Iterable[Subscription], last_seq: int | None = None) -> None:
+    for subscription in list(subscriptions):
+        if last_seq is None or last_seq > subscription._queued_until:
+            subscription._recheck()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

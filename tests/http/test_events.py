@@ -1,0 +1,291 @@
+"""The SSE endpoint on a real Redis: framing, positions, resume, gap, 204, heartbeat, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app import events
+from app.http import HUB
+from app.log import GenerationLog
+from app.settings import Settings
+from tests.http.conftest import (
+    Client,
+    ClientFactory,
+    Stream,
+    Writer,
+    as_events,
+    read_all,
+    until_subscriptions,
+)
+
+WriterFactory = Callable[..., Awaitable[Writer]]
+
+
+async def test_headers_and_first_chunk_come_before_any_event(
+    client: Client, writer_factory: WriterFactory, settings: Settings
+) -> None:
+    writer = await writer_factory()
+    async with client.get(writer.events_url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert "Content-Encoding" not in response.headers
+        assert "Content-Length" not in response.headers
+        first = await response.content.readany()
+        assert first == b"retry: %d\n\n" % settings.retry_milliseconds
+
+
+async def test_compression_is_never_applied(client: Client, writer_factory: WriterFactory) -> None:
+    writer = await writer_factory()
+    await writer.tokens(3)
+    async with client.get(writer.events_url, headers={"Accept-Encoding": "gzip"}) as response:
+        assert "Content-Encoding" not in response.headers
+        assert b"event: done" in await response.read()
+
+
+async def test_a_finished_generation_is_served_whole_and_the_response_ends(
+    client: Client, writer_factory: WriterFactory
+) -> None:
+    writer = await writer_factory()
+    await writer.append(events.Started(model="sim"))
+    written = [events.Started(model="sim"), *await writer.tokens(3)]
+    async with client.get(writer.events_url) as response:
+        stream = Stream(response)
+        messages = await stream.rest()
+    assert as_events(messages) == list(enumerate(written, start=1))
+    assert [m.event for m in messages] == ["started", "token", "token", "token", "done"]
+    assert stream.raw.endswith(b'id: 5\nevent: done\ndata: {"type":"done","reason":"stop"}\n\n')
+
+
+async def test_live_events_reach_a_connected_client(
+    client: Client, writer_factory: WriterFactory, app: web.Application
+) -> None:
+    writer = await writer_factory()
+    async with client.get(writer.events_url) as response:
+        stream = Stream(response)
+        await stream.next_chunk()  # retry frame
+        await until_subscriptions(app, 1)
+        for i in range(5):
+            await writer.append(events.Token(text=str(i)))
+            [message] = await stream.take(1)
+            assert (message.id, message.data) == (str(i + 1), f'{{"type":"token","text":"{i}"}}')
+        await writer.append(events.Done(reason="stop"))
+        assert [m.event for m in await stream.rest()] == ["done"]
+
+
+async def test_position_from_header_query_and_header_wins(
+    client: Client, writer_factory: WriterFactory
+) -> None:
+    writer = await writer_factory()
+    await writer.tokens(5)
+    _, from_header = await read_all(client, writer.events_url, headers={"Last-Event-ID": "3"})
+    _, from_query = await read_all(client, writer.events_url + "?last_event_id=3")
+    _, both = await read_all(
+        client, writer.events_url + "?last_event_id=1", headers={"Last-Event-ID": "3"}
+    )
+    assert [m.id for m in from_header] == ["4", "5", "6"]
+    assert from_query == from_header == both
+
+
+@pytest.mark.parametrize("position", ["-1", "abc", "1.5", "9" * 19, "0x10", "\uff11"])
+async def test_malformed_position_is_400(
+    client: Client, writer_factory: WriterFactory, position: str
+) -> None:
+    writer = await writer_factory()
+    for kwargs in (
+        {"headers": {"Last-Event-ID": position}},
+        {"params": {"last_event_id": position}},
+    ):
+        async with client.get(writer.events_url, **kwargs) as response:  # type: ignore[arg-type]
+            assert response.status == 400
+            error = (await response.json())["error"]
+            assert error["code"] == "invalid_position"
+
+
+async def test_204_at_or_after_the_terminal_event(
+    client: Client, writer_factory: WriterFactory
+) -> None:
+    writer = await writer_factory()
+    await writer.tokens(2)  # seqs 1, 2 and done at 3
+    for position in ("3", "4", "1000"):
+        status, _ = await read_all(client, writer.events_url, headers={"Last-Event-ID": position})
+        assert status == 204
+    status, messages = await read_all(client, writer.events_url, headers={"Last-Event-ID": "2"})
+    assert (status, [m.event for m in messages]) == (200, ["done"])
+
+
+async def test_unknown_is_404_expired_is_410(
+    client: Client, writer_factory: WriterFactory, redis: Redis, log: GenerationLog
+) -> None:
+    async with client.get("/v1/generations/AAAAAAAAAAAAAAAAAAAAAA/events") as response:
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "generation_not_found"
+    writer = await writer_factory()
+    await writer.tokens(2)
+    await redis.delete(log.keys.log(writer.generation_id))  # retention expired the log
+    async with client.get(writer.events_url) as response:
+        assert response.status == 410
+        assert (await response.json())["error"]["code"] == "generation_expired"
+    status = await (await client.get(f"/v1/generations/{writer.generation_id}")).json()
+    assert status["expired"] is True
+
+
+async def test_gap_when_retention_trimmed_what_was_asked_for(
+    aiohttp_client: ClientFactory, settings: Settings, redis: Redis
+) -> None:
+    settings = settings.replace(max_events_per_generation=100)
+    log = GenerationLog(redis, settings)
+    from app.http import create_app
+
+    client = await aiohttp_client(create_app(settings, redis))
+    writer = await Writer.start(log)
+    for _ in range(10):
+        await writer.tokens(100, done=False)
+    await writer.append(events.Done(reason="stop"))
+    first = await log.first_seq(writer.generation_id)
+    assert first is not None
+    assert first > 2
+
+    async with client.get(writer.events_url, headers={"Last-Event-ID": "1"}) as response:
+        stream = Stream(response)
+        messages = await stream.rest()
+    gap, *rest = messages
+    assert gap.event == "gap"
+    assert gap.data == f'{{"requested":2,"first_available":{first}}}'
+    assert b"event: gap\ndata: " in stream.raw
+    assert not stream.raw.split(b"event: gap")[0].endswith(b"\nid: ")  # the gap has no id
+    assert [int(m.id or 0) for m in rest] == list(range(first, 1002))
+    # After the gap the client's position is unchanged until the next real event.
+    assert gap.id is None
+
+
+async def test_resume_from_every_position_of_a_finished_generation(
+    client: Client, writer_factory: WriterFactory
+) -> None:
+    writer = await writer_factory()
+    written = await writer.tokens(30)
+    whole = list(enumerate(written, start=1))
+    for position in range(len(written)):
+        _, messages = await read_all(
+            client, writer.events_url, headers={"Last-Event-ID": str(position)}
+        )
+        assert as_events(messages) == whole[position:]
+
+
+async def read_interrupted(
+    client: Client, url: str, cuts: list[int]
+) -> list[tuple[int, events.Event]]:
+    """Read in several connections, each dropped after `cut` events; resume like a browser."""
+    received: list[tuple[int, events.Event]] = []
+    last_id = ""
+    for cut in [*cuts, 10**9]:
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        async with client.get(url, headers=headers) as response:
+            if response.status == 204:
+                break
+            stream = Stream(response)
+            taken = await stream.take(cut)
+        received.extend(as_events(taken))
+        if taken:
+            last_id = taken[-1].id or last_id
+        if received and isinstance(received[-1][1], events.Done):
+            break
+    return received
+
+
+async def test_interrupted_reads_of_a_finished_generation_equal_one_read(
+    client: Client, writer_factory: WriterFactory
+) -> None:
+    writer = await writer_factory()
+    await writer.tokens(40)
+    _, whole = await read_all(client, writer.events_url)
+    rng = random.Random(7)
+    for _ in range(10):
+        cuts = [rng.randint(1, 8) for _ in range(rng.randint(1, 8))]
+        assert await read_interrupted(client, writer.events_url, cuts) == as_events(whole)
+
+
+async def test_interrupted_reads_of_a_live_generation_equal_one_read(
+    client: Client, writer_factory: WriterFactory, app: web.Application
+) -> None:
+    writer = await writer_factory()
+
+    async def produce() -> None:
+        for i in range(60):
+            await writer.append(events.Token(text=f"{i} "))
+            if i % 7 == 0:
+                await asyncio.sleep(0.005)  # let readers interleave with the producer
+        await writer.append(events.Done(reason="stop"))
+
+    producer = asyncio.create_task(produce())
+    rng = random.Random(11)
+    readers = [
+        read_interrupted(client, writer.events_url, [rng.randint(1, 9) for _ in range(12)])
+        for _ in range(4)
+    ]
+    whole_read = asyncio.create_task(read_all(client, writer.events_url))
+    interrupted = await asyncio.gather(*readers)
+    _, whole = await whole_read
+    await producer
+    assert [seq for seq, _ in as_events(whole)] == list(range(1, 62))
+    for received in interrupted:
+        assert received == as_events(whole)
+
+
+async def test_heartbeat_while_idle(
+    aiohttp_client: ClientFactory, settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    from app.http import create_app
+
+    client = await aiohttp_client(create_app(settings.replace(heartbeat_seconds=0.05), redis))
+    writer = await Writer.start(log)
+    async with client.get(writer.events_url) as response:
+        stream = Stream(response)
+        while stream.raw.count(b": keep-alive\n\n") < 3:
+            await stream.next_chunk()
+        await writer.append(events.Token(text="after"), events.Done(reason="stop"))
+        assert [m.event for m in await stream.rest()] == ["token", "done"]
+
+
+async def test_client_disconnect_releases_everything(
+    client: Client, writer_factory: WriterFactory, app: web.Application
+) -> None:
+    writer = await writer_factory()
+    streams = []
+    for _ in range(3):
+        response = await client.get(writer.events_url)
+        await response.content.readany()
+        streams.append(response)
+    await until_subscriptions(app, 3)
+    for response in streams:
+        response.close()
+    await until_subscriptions(app, 0)
+    # The feed lingers briefly for reconnects, then the channel is dropped.
+    assert app[HUB].subscription_count == 0
+
+
+async def test_slow_client_falls_back_to_the_log_and_gets_everything(
+    aiohttp_client: ClientFactory, settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    from app.http import create_app
+
+    app = create_app(settings.replace(client_buffer_events=4), redis)
+    client = await aiohttp_client(app)
+    writer = await Writer.start(log)
+    async with client.get(writer.events_url) as response:
+        stream = Stream(response)
+        await stream.next_chunk()
+        await until_subscriptions(app, 1)
+        # Far more than the buffer arrives while the client reads nothing.
+        for i in range(50):
+            await writer.append(*[events.Token(text=f"{i}.{j}") for j in range(10)])
+        await writer.append(events.Done(reason="stop"))
+        messages = await stream.rest()
+    assert [int(m.id or 0) for m in messages] == list(range(1, 502))

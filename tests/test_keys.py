@@ -1,0 +1,41 @@
+"""The key schema: one hash tag per generation, so one Cluster slot."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from app.errors import InvalidRequest
+from app.keys import Keys, check_generation_id, new_generation_id
+
+
+def test_all_keys_of_a_generation_share_one_slot() -> None:
+    keys = Keys("tt")
+    generation_id = new_generation_id()
+    names = [*keys.generation_keys(generation_id), keys.live_channel(generation_id)]
+    assert all(f"{{{generation_id}}}" in name for name in names)
+    assert len({key_slot(name.encode()) for name in names}) == 1
+    assert len(set(names)) == len(names)
+    assert keys.generation_id_of_channel(keys.live_channel(generation_id)) == generation_id
+
+
+def test_ids_are_random_url_safe_and_128_bits() -> None:
+    ids = {new_generation_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for generation_id in ids:
+        assert len(generation_id) == 22  # 16 bytes, base64url, no padding
+        assert check_generation_id(generation_id) == generation_id
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "short", "has space in it!!!!!", "a" * 65, "../../etc/passwd00"]
+)
+def test_malformed_ids_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidRequest):
+        check_generation_id(bad)
+
+
+def test_prefixes_separate_tenants() -> None:
+    generation_id = new_generation_id()
+    assert Keys("a").meta(generation_id) != Keys("b").meta(generation_id)
+    assert Keys("a").jobs != Keys("b").jobs

@@ -1,0 +1,75 @@
+"""SSE framing to the byte, and the client parser's EventSource semantics."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import sse
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (
+            sse.event_frame(7, "token", b'{"type":"token","text":"hi"}'),
+            b'id: 7\nevent: token\ndata: {"type":"token","text":"hi"}\n\n',
+        ),
+        (sse.event_frame(1, "x", b"a\nb\r\nc"), b"id: 1\nevent: x\ndata: a\ndata: b\ndata: c\n\n"),
+        (
+            sse.unnumbered_frame("gap", b'{"requested":1,"first_available":9}'),
+            b'event: gap\ndata: {"requested":1,"first_available":9}\n\n',
+        ),
+        (sse.retry_frame(1500), b"retry: 1500\n\n"),
+        (sse.comment_frame("keep-alive"), b": keep-alive\n\n"),
+        (sse.comment_frame(), b":\n\n"),
+    ],
+    ids=["event", "multi-line-data", "gap-without-id", "retry", "comment", "empty-comment"],
+)
+def test_frames_are_exact(frame: bytes, expected: bytes) -> None:
+    assert frame == expected
+
+
+def parse(*chunks: bytes) -> tuple[list[sse.Message], sse.Parser]:
+    parser = sse.Parser()
+    messages = [m for chunk in chunks for m in parser.feed(chunk)]
+    return messages, parser
+
+
+def test_parser_reads_what_we_write_split_anywhere() -> None:
+    stream = (
+        sse.retry_frame(10)
+        + sse.event_frame(1, "token", b'{"t":1}')
+        + sse.comment_frame("keep-alive")
+        + sse.unnumbered_frame("gap", b"{}")
+        + sse.event_frame(2, "done", b"{}")
+    )
+    whole, _ = parse(stream)
+    assert whole == [
+        sse.Message(event="token", data='{"t":1}', id="1"),
+        sse.Message(event="gap", data="{}", id="1"),
+        sse.Message(event="done", data="{}", id="2"),
+    ]
+    for cut in range(len(stream) + 1):
+        split, parser = parse(stream[:cut], stream[cut:])
+        assert split == whole
+        assert parser.retry == 10
+        assert parser.comments == ["keep-alive"]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_parser_accepts_every_line_ending(ending: bytes) -> None:
+    stream = ending.join([b"id: 3", b"event: token", b"data: a", b"data: b", b"", b""])
+    messages, _ = parse(stream)
+    assert messages == [sse.Message(event="token", data="a\nb", id="3")]
+
+
+def test_unterminated_final_event_is_dropped() -> None:
+    messages, parser = parse(b"id: 1\ndata: complete\n\nid: 2\ndata: cut off\n")
+    assert [m.data for m in messages] == ["complete"]
+    assert parser.last_event_id == "2"  # the id line itself was processed, as in a browser
+
+
+def test_parser_ignores_invalid_retry_and_ids_with_nul() -> None:
+    messages, parser = parse(b"retry: 10x\nid: a\0b\ndata: x\n\n")
+    assert parser.retry is None
+    assert messages == [sse.Message(event="message", data="x", id=None)]
