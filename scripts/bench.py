@@ -612,8 +612,9 @@ class Bench:
                     "--max-redis-connections", str(self.naive_redis_connections),
                     "--producer", producer]  # fmt: skip
         else:
-            argv = [python, "-m", "app", "serve", "--redis", self.redis_url, "--port", str(port),
-                    *self.args.serve_arg]  # fmt: skip
+            template = self.args.serve_command.split()
+            fields = {"python": python, "redis": self.redis_url, "port": str(port)}
+            argv = [part.format(**fields) for part in template] + self.args.serve_arg
         return start_process(argv, self.env(key_prefix), self.run_dir / f"{implementation}.log")
 
     async def measure(self, scenario: Scenario, implementation: Implementation) -> Figures:
@@ -858,7 +859,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--sample-interval", type=float, default=1.0, help="seconds between /proc samples")
     add("--naive-producer", choices=("worker", "inprocess"), default="worker",
         help="inprocess: the naive server appends the sim itself (harness tests only)")  # fmt: skip
-    add("--serve-arg", action="append", default=[], help="extra argument for `app serve`")
+    add(
+        "--serve-command",
+        default="{python} -m app serve --redis {redis} --port {port}",
+        help="how to start the tokentape reader ({python}, {redis}, {port} are filled in)",
+    )
+    add(
+        "--worker-command",
+        default="{python} -m app worker --redis {redis}",
+        help="how to start one tokentape worker",
+    )
+    add("--serve-arg", action="append", default=[],
+        help="extra argument for the reader, e.g. --serve-arg=--processes=2")  # fmt: skip
     args = parser.parse_args(argv)
     if args.quick:
         args.scale = min(args.scale, 0.05)
@@ -956,8 +968,9 @@ async def run(args: argparse.Namespace) -> list[Figures]:
             env = bench.env(key_prefix)
             env["TOKENTAPE_WORKER_CONCURRENCY"] = str(concurrency // args.workers + 16)
             for index in range(args.workers):
+                fields = {"python": sys.executable, "redis": redis_url}
                 worker = start_process(
-                    [sys.executable, "-m", "app", "worker", "--redis", redis_url],
+                    [part.format(**fields) for part in args.worker_command.split()],
                     env,
                     run_dir / f"worker-{index}.log",
                 )
