@@ -118,8 +118,12 @@ class ClientReport:
     drift: array[float] = dataclasses.field(default_factory=lambda: array("d"))
     first_event_at: float = math.inf
     last_event_at: float = 0.0
+    # The busiest client process's CPU share of one core: near 1.0, the client
+    # itself was the bottleneck and the figures understate the reader.
+    busiest_client_cpu: float = 0.0
 
     def merge(self, other: ClientReport) -> None:
+        self.busiest_client_cpu = max(self.busiest_client_cpu, other.busiest_client_cpu)
         self.streams += other.streams
         self.complete += other.complete
         self.failures.update(other.failures)
@@ -312,7 +316,10 @@ def client_process_main(conn: Connection) -> None:
         job = conn.recv()
         if job is None:
             return
+        cpu_before, started = cpu_seconds(os.getpid()), time.monotonic()
         report = asyncio.run(run_client_job(job, conn))
+        elapsed = time.monotonic() - started
+        report.busiest_client_cpu = (cpu_seconds(os.getpid()) - cpu_before) / max(elapsed, 1e-9)
         conn.send(("report", report))
 
 
@@ -447,6 +454,15 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     total = 0
     for pid in pids:
@@ -571,6 +587,8 @@ class Figures:
     redis_connections_before: int
     redis_connections_peak: int
     wall_seconds: float
+    reader_cpu_seconds: float
+    busiest_client_cpu: float
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -635,6 +653,7 @@ class Bench:
                     await read_generation(session, base_url, tokens=3, rate=AS_FAST_AS_POSSIBLE)
                 probe = ReaderProbe(reader.pid, self.redis_port)
                 rss_before, redis_before = await asyncio.to_thread(probe.sample)
+                cpu_before = sum(map(cpu_seconds, process_tree(reader.pid)))
                 probe.peak_rss, probe.peak_redis_connections = rss_before, redis_before
                 started = time.monotonic()
                 watching = asyncio.create_task(probe.watch(self.args.sample_interval))
@@ -644,6 +663,7 @@ class Bench:
                     watching.cancel()
                     await asyncio.gather(watching, return_exceptions=True)
                 wall = time.monotonic() - started
+                reader_cpu = sum(map(cpu_seconds, process_tree(reader.pid))) - cpu_before
         finally:
             stop_process(reader)
         window = report.last_event_at - report.first_event_at
@@ -667,6 +687,8 @@ class Bench:
             redis_connections_before=redis_before,
             redis_connections_peak=probe.peak_redis_connections,
             wall_seconds=wall,
+            reader_cpu_seconds=reader_cpu,
+            busiest_client_cpu=report.busiest_client_cpu,
         )
 
     async def _drive(
@@ -985,7 +1007,9 @@ async def run(args: argparse.Namespace) -> list[Figures]:
                     continue
                 log(
                     f"{scenario.label}: {implementation}: {figures.complete}/{figures.streams} "
-                    f"complete in {figures.wall_seconds:.1f} s"
+                    f"complete in {figures.wall_seconds:.1f} s, reader CPU "
+                    f"{figures.reader_cpu_seconds:.1f} s, busiest client at "
+                    f"{figures.busiest_client_cpu:.0%} of a core"
                     + (f", failures {figures.failures}" if figures.failures else "")
                 )
                 results.append(figures)
@@ -998,6 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.monotonic()
     results = asyncio.run(run(args))
     print(render_table(results))
+    busy = [f"{r.scenario} {r.implementation}" for r in results if r.busiest_client_cpu > 0.9]
+    if busy:
+        print(f"note: a client process used > 90 % of a core in: {', '.join(busy)}")
     log(f"total {time.monotonic() - started:.0f} s")
     if args.json:
         report = {
