@@ -179,8 +179,9 @@ class ClientRun:
                 # Fan-out: TTFT from the generation's POST; catch-up: from this GET.
                 await self._read(job.events_url, job.requested_at or time.monotonic())
             else:
-                requested_at = time.monotonic()
                 async with self.create_gate:
+                    # From the POST leaving this client, not from waiting for a slot.
+                    requested_at = time.monotonic()
                     events_url = await self._create(seed)
                 await self._read(events_url, requested_at)
             self.report.complete += 1
@@ -260,6 +261,13 @@ class ClientRun:
                 break
         if not finished:
             raise StreamFailure("ended without a terminal event")
+        try:
+            async with asyncio.timeout(5):
+                rest = await resp.content.read()
+        except TimeoutError:
+            raise StreamFailure("did not end after the terminal event") from None
+        if reader.feed(rest):
+            raise StreamFailure("events after the terminal event")
         if first_token_at is not None:
             report.ttft.append(first_token_at - requested_at)
         if offsets and rate < AS_FAST_AS_POSSIBLE:
