@@ -513,9 +513,11 @@ class ReaderProbe:
     redis_port: int
     peak_rss: int = 0
     peak_redis_connections: int = 0
+    processes: int = 1
 
     def sample(self) -> tuple[int, int]:
         pids = process_tree(self.pid)
+        self.processes = max(self.processes, len(pids))
         rss, connections = rss_bytes(pids), redis_connections(pids, self.redis_port)
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_redis_connections = max(self.peak_redis_connections, connections)
@@ -594,6 +596,7 @@ class Figures:
     rss_per_connection: float | None
     redis_connections_before: int
     redis_connections_peak: int
+    reader_processes: int  # the reader's process tree: divide RSS and connections by it
     wall_seconds: float
     reader_cpu_seconds: float
     busiest_client_cpu: float
@@ -694,6 +697,7 @@ class Bench:
             rss_per_connection=growth / scenario.streams if scenario.streams else None,
             redis_connections_before=redis_before,
             redis_connections_peak=probe.peak_redis_connections,
+            reader_processes=probe.processes,
             wall_seconds=wall,
             reader_cpu_seconds=reader_cpu,
             busiest_client_cpu=report.busiest_client_cpu,
@@ -1029,7 +1033,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_fd_limit()  # inherited by every process we start
     started = time.monotonic()
     results = asyncio.run(run(args))
-    print(render_table(results))
+    table = render_table(results)
+    print(table)
     busy = [f"{r.scenario} {r.implementation}" for r in results if r.busiest_client_cpu > 0.9]
     if busy:
         print(f"note: a client process used > 90 % of a core in: {', '.join(busy)}")
@@ -1038,6 +1043,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         report = {
             "command": " ".join(["python", "scripts/bench.py", *sys.argv[1:]]),
             "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "table": table.splitlines(),
             "results": [dataclasses.asdict(figures) for figures in results],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
