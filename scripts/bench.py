@@ -102,6 +102,7 @@ class ClientJob:
     events_url: str = ""  # kind "read": the shared generation
     requested_at: float = 0.0  # kind "read": when its POST was sent
     seed: int = 0
+    reads: int = 1  # kind "read": sequential reads per stream (catch-up repeats)
     connect_concurrency: int = 256
     create_concurrency: int = 64
 
@@ -152,7 +153,7 @@ class ClientRun:
     def __init__(self, job: ClientJob, session: aiohttp.ClientSession) -> None:
         self.job = job
         self.session = session
-        self.report = ClientReport(streams=job.streams)
+        self.report = ClientReport(streams=job.streams * job.reads)
         self.connect_gate = asyncio.Semaphore(job.connect_concurrency)
         self.create_gate = asyncio.Semaphore(job.create_concurrency)
         self.connected = 0
@@ -173,6 +174,10 @@ class ClientRun:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stream(self, seed: int) -> None:
+        for _ in range(self.job.reads):
+            await self._attempt(seed)
+
+    async def _attempt(self, seed: int) -> None:
         job = self.job
         try:
             if job.kind == "read":
@@ -731,6 +736,7 @@ class Bench:
             if scenario.rate >= AS_FAST_AS_POSSIBLE:
                 # Catch-up: read it through once so it is finished; TTFT counts from each GET.
                 await read_all(session, base_url + events_url)
+                job.reads = args.catchup_reads
             else:
                 job.requested_at = requested_at
         jobs = [
@@ -884,6 +890,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--fanout-tokens", type=int, default=1500, help="(c) tokens")
     add("--catchup-events", type=int, default=50_000, help="(d) events of the finished log")
     add("--catchup-readers", type=int, default=1, help="(d) readers at once (not scaled)")
+    add("--catchup-reads", type=int, default=5, help="(d) reads one after another per reader")
     add("--idle-connections", type=int, default=10_000, help="(e) connections, one generation each")
     add("--idle-hold", type=float, default=5.0, help="(e) seconds to hold them once all are open")
     add("--workers", type=int, default=2, help="tokentape worker processes (the producers)")
