@@ -203,7 +203,7 @@ class AnthropicStream:
         return b"event: " + name.encode() + b"\ndata: " + payload + b"\n\n"
 
     def message_start(self, input_tokens: int = 25) -> bytes:
-        message = {
+        message: dict[str, Any] = {
             "id": "msg_fake",
             "type": "message",
             "role": "assistant",
