@@ -250,6 +250,9 @@ class AnthropicStream:
     def ping(self) -> bytes:
         return self.event("ping", {})
 
+    def keep_alive(self) -> bytes:
+        return self.ping()
+
     def error(self, kind: str, message: str) -> bytes:
         return self.event("error", {"error": {"type": kind, "message": message}})
 

@@ -38,16 +38,23 @@ def _tokens(events: list[Event]) -> str:
     return "".join(e.text for e in events if isinstance(e, Token))
 
 
-async def test_429_with_retry_after_is_waited_then_succeeds(
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [({"Retry-After": "7"}, 7.0), ({"retry-after-ms": "1500", "Retry-After": "2"}, 1.5)],
+    ids=["retry-after", "retry-after-ms"],
+)
+async def test_429_is_retried_after_the_wait_the_provider_asked_for(
     dialect: Dialect,
     fake: FakeProvider,
     fake_url: str,
     session: aiohttp.ClientSession,
     retry: RetryPolicy,
     sleep: RecordedSleep,
+    headers: dict[str, str],
+    wait: float,
 ) -> None:
     fake.script(
-        Reply(status=429, headers={"Retry-After": "7"}, body=_error_body("slow down")),
+        Reply(status=429, headers=headers, body=_error_body("slow down")),
         Reply(frames=dialect.stream.text_reply(["Hel", "lo"])),
     )
     adapter = dialect.make_adapter(session, fake_url, retry)
@@ -56,8 +63,27 @@ async def test_429_with_retry_after_is_waited_then_succeeds(
 
     assert _tokens(events) == "Hello"
     assert isinstance(events[-1], Done)
-    assert sleep.waits == [7.0]
+    assert sleep.waits == [wait]
     assert len(fake.requests) == 2
+
+
+async def test_a_retry_after_beyond_the_retry_budget_gives_up_at_once(
+    dialect: Dialect,
+    fake: FakeProvider,
+    fake_url: str,
+    session: aiohttp.ClientSession,
+    retry: RetryPolicy,
+    sleep: RecordedSleep,
+) -> None:
+    fake.script(Reply(status=429, headers={"Retry-After": "3600"}, body=_error_body("quota")))
+    adapter = dialect.make_adapter(session, fake_url, retry)
+
+    with pytest.raises(ProviderError) as raised:
+        await collect(adapter, context(dialect.model))
+
+    assert raised.value.code == "provider_unavailable"
+    assert "quota" in raised.value.message
+    assert sleep.waits == []
 
 
 async def test_5xx_is_retried_with_bounded_jittered_backoff(
@@ -250,3 +276,25 @@ async def test_cancel_closes_the_upstream_connection(
         await task
 
     await asyncio.wait_for(fake.client_left.wait(), timeout=5)
+
+
+async def test_cancel_before_the_first_event_closes_the_upstream_without_retrying(
+    dialect: Dialect,
+    fake: FakeProvider,
+    fake_url: str,
+    session: aiohttp.ClientSession,
+    retry: RetryPolicy,
+    sleep: RecordedSleep,
+) -> None:
+    fake.script(Reply(frames=[dialect.stream.keep_alive()], ending="hold"))
+    adapter = dialect.make_adapter(session, fake_url, retry)
+    task = asyncio.create_task(collect(adapter, context(dialect.model)))
+
+    await asyncio.wait_for(fake.holding.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    await asyncio.wait_for(fake.client_left.wait(), timeout=5)
+    assert len(fake.requests) == 1
+    assert sleep.waits == []

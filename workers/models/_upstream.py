@@ -24,7 +24,7 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential,
     wait_random,
 )
@@ -56,6 +56,7 @@ class RetryPolicy:
     """Bounded retries before the first event: exponential backoff with jitter, or Retry-After."""
 
     attempts: int = 5
+    # No attempt starts after this long, counting the wait before it.
     max_seconds: float = 60.0
     initial_wait: float = 0.5
     max_wait: float = 20.0
@@ -94,7 +95,7 @@ async def stream_events(
     """
     policy = upstream.retry
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_seconds),
+        stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.max_seconds),
         wait=_Wait(policy),
         retry=retry_if_exception_type(_TRANSIENT_ERRORS),
         sleep=policy.sleep,
@@ -176,7 +177,7 @@ async def _check_status(provider: str, response: aiohttp.ClientResponse) -> None
     detail = await _error_detail(response)
     message = f"{provider} returned HTTP {response.status}: {detail}"
     if response.status in RETRYABLE_STATUSES:
-        raise Transient(message, retry_after=_retry_after(response.headers.get("Retry-After")))
+        raise Transient(message, retry_after=_retry_after(response.headers))
     if response.status in (401, 403):
         raise ProviderError("provider_unauthorized", f"{message} (check the API key)")
     raise ProviderError("provider_rejected", message)
@@ -196,14 +197,18 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
     return raw.decode("utf-8", errors="replace").strip()
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the provider asks us to wait: OpenAI's `retry-after-ms`, else `Retry-After`
+    as delta-seconds or an HTTP date."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(milliseconds) / 1000)
+    value = headers.get("Retry-After")
     if not value:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

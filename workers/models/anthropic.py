@@ -180,6 +180,7 @@ class AnthropicAdapter:
             stop = request.stop
             body["stop_sequences"] = [stop] if isinstance(stop, str) else stop
         body.update(request.provider_options or {})
+        body["stream"] = True  # the one option a caller cannot turn off: this adapter reads SSE
         return body
 
 

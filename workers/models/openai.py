@@ -149,6 +149,7 @@ class OpenAIAdapter:
         }
         body.update({name: value for name, value in optional.items() if value is not None})
         body.update(request.provider_options or {})
+        body["stream"] = True  # the one option a caller cannot turn off: this adapter reads SSE
         if continue_text:
             messages.append({"role": "assistant", "content": continue_text})
             body.update(self._continuation_options)
