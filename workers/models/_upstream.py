@@ -60,8 +60,6 @@ class RetryPolicy:
     max_seconds: float = 60.0
     initial_wait: float = 0.5
     max_wait: float = 20.0
-    # A provider asking for more than this is not waited for longer.
-    max_retry_after: float = 60.0
     # Injected by tests to observe the waits instead of spending them.
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
@@ -106,7 +104,7 @@ async def stream_events(
     except _TRANSIENT_ERRORS as exc:
         raise ProviderError(
             "provider_unavailable",
-            f"{upstream.provider} did not answer after retries: {_describe(exc)}",
+            f"{upstream.provider} is unavailable, retries given up: {_describe(exc)}",
             retryable=True,
         ) from exc
 
@@ -198,8 +196,10 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds the provider asks us to wait: OpenAI's `retry-after-ms`, else `Retry-After`
-    as delta-seconds or an HTTP date."""
+    """Seconds the provider asks us to wait.
+
+    OpenAI's `retry-after-ms` first, else `Retry-After` as delta-seconds or an HTTP date.
+    """
     milliseconds = headers.get("retry-after-ms")
     if milliseconds:
         with contextlib.suppress(ValueError):
@@ -220,7 +220,6 @@ class _Wait:
     """tenacity wait: the provider's Retry-After when it gave one, else jittered backoff."""
 
     def __init__(self, policy: RetryPolicy) -> None:
-        self._policy = policy
         self._backoff = wait_exponential(
             multiplier=policy.initial_wait, max=policy.max_wait
         ) + wait_random(0, policy.initial_wait)
@@ -228,7 +227,8 @@ class _Wait:
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
         if isinstance(exc, Transient) and exc.retry_after is not None:
-            return min(exc.retry_after, self._policy.max_retry_after)
+            # Honoured as asked; one that does not fit in max_seconds stops the retries.
+            return exc.retry_after
         return self._backoff(state)
 
 
