@@ -316,3 +316,17 @@ async def test_configuration_comes_from_the_conventional_environment(
 
     assert events[0] == Token(text="hi")
     assert fake.requests[0].headers["x-api-key"] == "sk-ant-env"
+
+
+async def test_a_retried_continuation_drops_the_repeated_whitespace_afresh(
+    fake: FakeProvider, fake_url: str, session: aiohttp.ClientSession, retry: RetryPolicy
+) -> None:
+    stream = AnthropicStream()
+    first_attempt = [*stream.text_start([" "]), stream.error("overloaded_error", "Overloaded")]
+    fake.script(Reply(frames=first_attempt), Reply(frames=stream.text_reply([" ", "\nWorld"])))
+    prior = [Token(text="Hello \n")]
+
+    events = await collect(_adapter(session, fake_url, retry), context(MODEL, prior=prior))
+
+    assert events == [Token(text="World"), Done(reason="stop", usage=USAGE)]
+    assert len(fake.requests) == 2

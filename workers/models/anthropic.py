@@ -191,6 +191,8 @@ class _Translator:
         self._already_sent = already_sent
 
     async def __call__(self, messages: AsyncIterator[sse.Message]) -> AsyncGenerator[Event, None]:
+        # Called once per attempt: all state is local, a retry starts afresh.
+        skip = self._already_sent
         calls = ToolCallAccumulator()
         tool_blocks: set[int] = set()
         usage = _Usage()
@@ -208,15 +210,15 @@ class _Translator:
                     if delta is not None:
                         yield delta
                 elif block.type == "text" and block.text:
-                    token = self._token(block.text)
-                    if token is not None:
-                        yield token
+                    text, skip = _without_repeat(block.text, skip)
+                    if text:
+                        yield Token(text=text)
             elif event.type == "content_block_delta" and event.delta is not None:
                 index = event.index or 0
                 if event.delta.type == "text_delta" and event.delta.text:
-                    token = self._token(event.delta.text)
-                    if token is not None:
-                        yield token
+                    text, skip = _without_repeat(event.delta.text, skip)
+                    if text:
+                        yield Token(text=text)
                 elif event.delta.type == "input_json_delta" and event.delta.partial_json:
                     delta = calls.add(index, arguments_delta=event.delta.partial_json)
                     if delta is not None:
@@ -242,16 +244,19 @@ class _Translator:
             # ping, and event or delta types added after this was written: skipped.
         raise Transient("anthropic stream ended without message_stop")
 
-    def _token(self, text: str) -> Token | None:
-        skip = self._already_sent
-        if skip:
-            # The continuation usually starts with the whitespace the prefill left out.
-            matched = 0
-            while matched < min(len(text), len(skip)) and text[matched] == skip[matched]:
-                matched += 1
-            self._already_sent = skip[matched:] if matched == len(text) else ""
-            text = text[matched:]
-        return Token(text=text) if text else None
+
+def _without_repeat(text: str, skip: str) -> tuple[str, str]:
+    """`text` without the start of `skip` it repeats, and what is left of `skip`.
+
+    The continuation after a prefill usually starts with the whitespace the
+    prefill had to leave out; the log already has it.
+    """
+    if not skip:
+        return text, skip
+    matched = 0
+    while matched < min(len(text), len(skip)) and text[matched] == skip[matched]:
+        matched += 1
+    return text[matched:], skip[matched:] if matched == len(text) else ""
 
 
 def _decode(data: str) -> _StreamEvent:
