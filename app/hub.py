@@ -274,7 +274,6 @@ class Hub:
 
     async def start(self) -> None:
         self._pubsub = self._pubsub_redis.pubsub()
-        await self._pubsub.subscribe(self._anchor)
         self._loops = [
             asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._recheck_loop(), name="hub-recheck"),
@@ -368,6 +367,9 @@ class Hub:
         loop = asyncio.get_running_loop()
         while True:
             try:
+                if self._pubsub.connection is None:
+                    # Not connected yet (Redis was down at start): the first subscribe connects.
+                    await self._pubsub.subscribe(self._anchor)
                 message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as exc:
                 self._failures += 1

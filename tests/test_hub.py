@@ -1,0 +1,134 @@
+"""The hub delivers exactly once and in order, whatever happens around it (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from redis.asyncio import Redis
+
+from app import events, sse
+from app.events import LogEntry
+from app.generations import parse_request
+from app.hub import Feed, Hub, Subscription
+from app.keys import new_generation_id
+from app.log import GenerationLog
+from app.settings import Settings
+from tests.conftest import REDIS_URL
+
+REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
+
+operation = st.one_of(
+    st.tuples(st.just("append"), st.integers(1, 12)),
+    st.tuples(st.just("subscribe"), st.integers(0, 40)),
+    st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
+    st.tuples(st.just("consume"), st.integers(0, 7)),
+    st.tuples(st.just("drop_next_live"), st.just(0)),
+    st.tuples(st.just("settle"), st.just(0)),
+    st.tuples(st.just("catch_up"), st.integers(0, 7)),
+)
+
+
+class Reader:
+    def __init__(self, subscription: Subscription, after: int) -> None:
+        self.subscription = subscription
+        self.after = after
+        self.parser = sse.Parser()
+        self.seqs: list[int] = []
+
+    async def consume(self, wait: float) -> bytes | None:
+        """One chunk (b"" when nothing came in time, None when the subscription ended)."""
+        chunk = await self.subscription.next_chunk(wait)
+        if chunk:
+            self.seqs.extend(int(m.id or 0) for m in self.parser.feed(chunk) if m.event != "gap")
+        return chunk
+
+
+async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None:
+    prefix = f"tttest:{uuid.uuid4().hex[:12]}"
+    redis = Redis.from_url(REDIS_URL)
+    settings = Settings(key_prefix=prefix)
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis, page_size=7, buffer_limit=buffer_limit, recheck_seconds=0.1)
+    await hub.start()
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST)
+    lease = await log.acquire(generation_id, "w")
+    assert lease is not None
+    last = 0
+    readers: list[Reader] = []
+    drop = [False]
+    intercepted: set[int] = set()
+    live_seen = [0]
+    live_arrived = asyncio.Event()
+
+    def lose_next_live_message(feed: Feed) -> None:
+        """Route the feed's live batches through a switch that can lose one, as pub/sub may."""
+        if id(feed) in intercepted:
+            return
+        intercepted.add(id(feed))
+        deliver = feed.dispatch
+
+        def dispatch(entries: list[LogEntry], now: float) -> None:
+            live_seen[0] = max(live_seen[0], entries[-1].seq)
+            live_arrived.set()
+            if drop[0]:
+                drop[0] = False
+                return
+            deliver(entries, now)
+
+        feed.dispatch = dispatch  # type: ignore[method-assign]
+
+    try:
+        for kind, value in program:
+            if kind == "append":
+                batch = [events.Token(text=str(last + i + 1)) for i in range(value)]
+                last = await log.append(lease, last + 1, batch)
+            elif kind == "subscribe":
+                after = min(value, last)
+                readers.append(Reader(await hub.subscribe(generation_id, after), after))
+                lose_next_live_message(hub._feeds[generation_id])
+            elif kind == "unsubscribe" and readers:
+                reader = readers.pop(value % len(readers))
+                hub.unsubscribe(reader.subscription)
+                assert reader.seqs == list(
+                    range(reader.after + 1, reader.after + 1 + len(reader.seqs))
+                )
+            elif kind == "consume" and readers:
+                await readers[value % len(readers)].consume(0.01)
+            elif kind == "drop_next_live":
+                drop[0] = True
+            elif kind == "settle" and intercepted:
+                # Wait until the live batches of every append so far have arrived.
+                async with asyncio.timeout(5):
+                    while live_seen[0] < last:
+                        live_arrived.clear()
+                        await live_arrived.wait()
+            elif kind == "catch_up" and readers:
+                reader = readers[value % len(readers)]
+                while (reader.seqs[-1] if reader.seqs else reader.after) < last:
+                    if not await reader.consume(1.0):
+                        break
+        last = await log.append(lease, last + 1, [events.Done(reason="stop")])
+        for reader in readers:
+            async with asyncio.timeout(10):
+                while await reader.consume(1.0) is not None:
+                    pass
+            assert reader.seqs == list(range(reader.after + 1, last + 1)), reader.after
+    finally:
+        await hub.stop()
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.lists(operation, max_size=40), buffer_limit=st.integers(1, 16))
+def test_exactly_once_in_order_under_any_interleaving(
+    program: list[tuple[str, int]], buffer_limit: int
+) -> None:
+    asyncio.run(run_program(program, buffer_limit))
