@@ -7,6 +7,7 @@ import asyncio
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -223,11 +224,16 @@ async def cli_process() -> AsyncIterator[list[asyncio.subprocess.Process]]:
 
 
 async def start_cli(
-    processes: list[asyncio.subprocess.Process], *argv: str, stubbed: bool
+    processes: list[asyncio.subprocess.Process], *argv: str, stubbed: bool, embed: str
 ) -> tuple[asyncio.subprocess.Process, str, str | None]:
-    """Start `python -m app …` with no TOKENTAPE_* set; return it, its URL and embedded Redis."""
+    """Start `python -m app …` with no TOKENTAPE_* set; return it, its URL and embedded Redis.
+
+    `embed="fakeredis"` leaves redis-server off PATH, forcing the in-process fallback.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENTAPE_")}
     env["PYTHONPATH"] = str(ROOT)
+    if embed == "fakeredis":
+        env["PATH"] = str(Path(sys.executable).parent)
     code = ["-c", STUBBED_CLI] if stubbed else ["-m", "app"]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -246,6 +252,8 @@ async def start_cli(
         stderr = await process.stderr.read() if process.stderr else b""
         raise AssertionError(f"unexpected first line {line!r}; stderr: {stderr.decode()}")
     redis_url = match.group(2).decode() if match.group(2) else None
+    if redis_url is not None:
+        assert f"via {embed}".encode() in line
     return process, match.group(1).decode(), redis_url
 
 
@@ -269,11 +277,25 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+EMBEDDED = [
+    pytest.param(
+        "redis-server",
+        marks=pytest.mark.skipif(
+            shutil.which("redis-server") is None, reason="no redis-server on PATH"
+        ),
+    ),
+    "fakeredis",
+]
+
+
+@pytest.mark.parametrize("embed", EMBEDDED)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
-    cli_process: list[asyncio.subprocess.Process], signum: signal.Signals
+    cli_process: list[asyncio.subprocess.Process], signum: signal.Signals, embed: str
 ) -> None:
-    process, url, redis_url = await start_cli(cli_process, "serve", "--port", "0", stubbed=True)
+    process, url, redis_url = await start_cli(
+        cli_process, "serve", "--port", "0", stubbed=True, embed=embed
+    )
     assert redis_url is not None
     async with aiohttp.ClientSession() as session, session.get(f"{url}/ping") as response:
         assert response.status == 200
@@ -285,6 +307,7 @@ async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
     assert _processes_mentioning(f"--port\0{redis_port}\0") == []
 
 
+@pytest.mark.parametrize("embed", EMBEDDED)
 @pytest.mark.skipif(
     not hasattr(importlib.import_module("app.http"), "create_app")
     or importlib.util.find_spec("workers.runner") is None,
@@ -292,9 +315,11 @@ async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
     "this end-to-end test runs once both are merged",
 )
 async def test_tokentape_serve_with_nothing_configured_streams_a_generation(
-    cli_process: list[asyncio.subprocess.Process],
+    cli_process: list[asyncio.subprocess.Process], embed: str
 ) -> None:
-    _, url, redis_url = await start_cli(cli_process, "serve", "--port", "0", stubbed=False)
+    _, url, redis_url = await start_cli(
+        cli_process, "serve", "--port", "0", stubbed=False, embed=embed
+    )
     assert redis_url is not None
     body = {
         "model": "sim",
