@@ -15,7 +15,7 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol, cast
 
 from aiohttp import web
@@ -118,6 +118,18 @@ async def serve(
 ) -> int:
     """Run the HTTP service (and optionally a worker) until SIGTERM/SIGINT or `stop`."""
     stop = stop or asyncio.Event()
+    with _stop_on_signals(stop):
+        return await _serve(settings, with_worker, note, stop, app_factory, worker_factory)
+
+
+async def _serve(
+    settings: Settings,
+    with_worker: bool,
+    note: str,
+    stop: asyncio.Event,
+    app_factory: AppFactory | None,
+    worker_factory: WorkerFactory | None,
+) -> int:
     app_factory = app_factory or load_app_factory()
     if with_worker:
         worker_factory = worker_factory or load_worker_factory()
@@ -143,7 +155,7 @@ async def serve(
             async with _worker(
                 redis, settings, worker_factory if with_worker else None, stop
             ) as worker:
-                await _until_signalled(stop)
+                await stop.wait()
                 logger.info("stopping: no new connections; open streams end")
         finally:
             await runner.cleanup()
@@ -184,12 +196,19 @@ async def work(
     stop = stop or asyncio.Event()
     worker_factory = worker_factory or load_worker_factory()
     redis = connect(settings)
+    with _stop_on_signals(stop):
+        return await _work(settings, redis, worker_factory, stop)
+
+
+async def _work(
+    settings: Settings, redis: Redis, worker_factory: WorkerFactory, stop: asyncio.Event
+) -> int:
     try:
         if not await _reachable(redis, settings):
             return 1
         print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
         async with _worker(redis, settings, worker_factory, stop) as worker:
-            await _until_signalled(stop)
+            await stop.wait()
     finally:
         await redis.aclose()
     return 1 if worker.failed else 0
@@ -227,12 +246,14 @@ async def _worker(
             logger.exception("worker failed")
 
 
-async def _until_signalled(stop: asyncio.Event) -> None:
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` (from the first moment, startup included)."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await stop.wait()
+        yield
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
