@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import logging
 import shutil
 import signal
@@ -242,7 +243,7 @@ def _fake_request_handler() -> type:
         fakeredis 2.40's handler closes the connection after any error reply, so
         redis-py's EVALSHA → NOSCRIPT → SCRIPT LOAD fallback (how every Lua script of
         the log is first loaded) dies with "Connection closed by server"
-        (fakeredis-py issue #432).
+        (seen with 2.40; related: fakeredis-py issue #432).
         """
 
         def setup(self) -> None:
@@ -277,6 +278,14 @@ def _patch_fakeredis() -> None:
     from fakeredis.commands_mixins.streams_mixin import StreamsCommandsMixin
 
     original = StreamsCommandsMixin._xreadgroup
+    expected = ["self", "consumer_name", "group_params", "count", "noack", "min_idle_time"]
+    if list(inspect.signature(original).parameters)[:6] != expected:
+        logger.warning(
+            "this fakeredis version's XREADGROUP is not the one tokentape patches: "
+            "left as it is; a worker may spin instead of blocking on an empty queue"
+        )
+        _patched = True
+        return
 
     def _xreadgroup(
         self: Any,
