@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -337,3 +338,18 @@ async def test_tokentape_serve_with_nothing_configured_streams_a_generation(
             text = await asyncio.wait_for(response.text(), 30)
     assert "event: started" in text
     assert "event: done" in text
+
+
+def test_python_dash_m_app_is_the_same_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: tokentape")
+    for command in cli.COMMANDS:
+        assert command.name in result.stdout
