@@ -1,7 +1,7 @@
 """The `tokentape ls | export | inspect | replay | tail` subcommands.
 
 `register(subparsers)` adds them to the `tokentape` parser; each sets
-`handler`, a function of the parsed arguments that returns the exit status.
+`run`, a function of the parsed arguments that returns the exit status.
 Arguments are parsed into a `Settings` here and nowhere else.
 """
 
@@ -42,19 +42,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ls.add_argument("--since", help="only generations created within this long, e.g. 30m, 1h, 2d")
     ls.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
     ls.add_argument("--json", action="store_true", help="JSON lines (the default when piped)")
-    ls.set_defaults(handler=_command(_ls))
+    ls.set_defaults(run=_command(_ls))
 
     export = subparsers.add_parser("export", help="write a generation as a recording file")
     _redis_options(export)
     export.add_argument("generation_id", metavar="ID")
     export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
-    export.set_defaults(handler=_command(_export))
+    export.set_defaults(run=_command(_export))
 
     inspect = subparsers.add_parser("inspect", help="a generation's timeline: TTFT, stalls, …")
     _redis_options(inspect)
     inspect.add_argument("source", metavar="ID|FILE", help="a generation id or a recording file")
     inspect.add_argument("--json", action="store_true", help="the timeline as JSON")
-    inspect.set_defaults(handler=_command(_inspect))
+    inspect.set_defaults(run=_command(_inspect))
 
     replay = subparsers.add_parser("replay", help="re-append a recording as a new generation")
     _redis_options(replay)
@@ -63,13 +63,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     pace.add_argument("--speed", type=float, default=1.0, help="pace factor (2 = twice as fast)")
     pace.add_argument("--as-fast-as-possible", action="store_true", help="ignore the timing")
     replay.add_argument("--url", default=DEFAULT_URL, help=f"service base URL ({DEFAULT_URL})")
-    replay.set_defaults(handler=_command(_replay))
+    replay.set_defaults(run=_command(_replay))
 
     tail = subparsers.add_parser("tail", help="follow a generation's events over SSE")
     tail.add_argument("generation_id", metavar="ID")
     tail.add_argument("--url", default=DEFAULT_URL, help=f"service base URL ({DEFAULT_URL})")
     tail.add_argument("--raw", action="store_true", help="the text as is, no markdown rendering")
-    tail.set_defaults(handler=_command(_tail))
+    tail.set_defaults(run=_command(_tail))
 
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:

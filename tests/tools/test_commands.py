@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def run(*argv: str) -> int:
     """One command, with its own event loop as under the console script."""
     args = parser().parse_args(argv)
-    status: int = args.handler(args)
+    status: int = args.run(args)
     return status
 
 
@@ -40,7 +40,7 @@ def redis_options(settings: Settings) -> list[str]:
 def test_register_adds_the_five_commands() -> None:
     for command in ("ls", "export", "inspect", "replay", "tail"):
         assert callable(
-            parser().parse_args([command, "x"] if command != "ls" else [command]).handler
+            parser().parse_args([command, "x"] if command != "ls" else [command]).run
         )
 
 
