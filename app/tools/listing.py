@@ -85,10 +85,11 @@ async def recent_generations(
         if not ids:
             break
         offset += len(ids)
-        snapshots = await asyncio.gather(
-            *(log.snapshot(generation_id, 0, FIRST_PAGE) for generation_id in ids)
+        states, first_pages = await asyncio.gather(
+            asyncio.gather(*(log.state(generation_id) for generation_id in ids)),
+            asyncio.gather(*(log.read(generation_id, 0, FIRST_PAGE) for generation_id in ids)),
         )
-        for state, _, first_page in snapshots:
+        for state, first_page in zip(states, first_pages, strict=True):
             if state is None or (status is not None and state.status != status):
                 continue
             found.append(summarize(state, first_page, now))

@@ -39,9 +39,7 @@ def redis_options(settings: Settings) -> list[str]:
 
 def test_register_adds_the_five_commands() -> None:
     for command in ("ls", "export", "inspect", "replay", "tail"):
-        assert callable(
-            parser().parse_args([command, "x"] if command != "ls" else [command]).run
-        )
+        assert callable(parser().parse_args([command, "x"] if command != "ls" else [command]).run)
 
 
 async def test_export_inspect_replay_ls_from_the_command_line(
