@@ -69,7 +69,7 @@ class SSEStub:
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(sse.retry_frame(10))
+        await response.write(sse.retry_frame(self.log.settings.retry_milliseconds))
         first = await self.log.first_seq(generation_id)
         if first is not None and first > position + 1:
             gap = events.Gap(requested=position + 1, first_available=first)

@@ -13,6 +13,7 @@ from app import events
 from app.errors import NotFound
 from app.keys import new_generation_id
 from app.log import GenerationLog
+from app.settings import Settings
 from app.tools.tail import BOLD, DIM, RESET, Follower, MarkdownRenderer, RawRenderer
 from tests.tools.builders import REQUEST, tokens, write_generation
 from tests.tools.sse_stub import SSEStub
@@ -53,7 +54,7 @@ async def stub(log: GenerationLog) -> AsyncIterator[SSEStub]:
 
 
 async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
-    log: GenerationLog, stub: SSEStub
+    log: GenerationLog, settings: Settings, stub: SSEStub
 ) -> None:
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST)
@@ -87,7 +88,7 @@ async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
     assert result.last_seq == last
     assert isinstance(result.terminal, events.Done)
     assert stub.last_event_ids[:2] == [None, str(first_seq)]
-    assert delays[0] == 0.01  # the stub's `retry: 10`
+    assert delays[0] == settings.retry_milliseconds / 1000  # the server's `retry:`
     assert any(f"reconnecting after seq {first_seq}" in n for n in notices)
 
 
