@@ -32,6 +32,10 @@ class SSEStub:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._stopping
+
     def notify(self) -> None:
         """Wake every open stream: the log has new events (or the stub is stopping)."""
         changed, self._changed = self._changed, asyncio.Event()

@@ -49,7 +49,7 @@ async def stub(log: GenerationLog) -> AsyncIterator[SSEStub]:
     server = SSEStub(log)
     await server.start()
     yield server
-    if not server._stopping:
+    if server.running:
         await server.stop()
 
 
