@@ -74,6 +74,19 @@ class Metrics:
         )
         self.events_sent = counter("events_sent", "{event}", "Events written to SSE clients.")
 
+        # A series exists only once something is recorded: start counters at 0 so a
+        # fresh process's /metrics already has them (and rate() has a first point).
+        for zero_first in (
+            self.lease_takeovers,
+            self.cancellations,
+            self.active_streams,
+            self.resumes,
+            self.gaps,
+            self.slow_client_disconnects,
+            self.events_sent,
+        ):
+            zero_first.add(0)
+
 
 class PrometheusText:
     """A private prometheus_client registry fed by OpenTelemetry, rendered on demand."""

@@ -52,17 +52,17 @@ class Telemetry(Spans):
         gap_sample_every: int = 1,
         clock: Clock = time.perf_counter,
     ) -> None:
-        resource = resource or Resource.create({SERVICE_NAME: "tokentape"})
+        self.resource = resource or Resource.create({SERVICE_NAME: "tokentape"})
         self.tracer_provider: TracerProvider | None = None
         tracer: trace.Tracer = trace.NoOpTracer()
         if span_processors:
-            self.tracer_provider = TracerProvider(resource=resource)
+            self.tracer_provider = TracerProvider(resource=self.resource)
             for processor in span_processors:
                 self.tracer_provider.add_span_processor(processor)
             tracer = self.tracer_provider.get_tracer(_INSTRUMENTATION_SCOPE)
         self.prometheus = PrometheusText()
         self.meter_provider = MeterProvider(
-            resource=resource, metric_readers=[self.prometheus.reader, *metric_readers]
+            resource=self.resource, metric_readers=[self.prometheus.reader, *metric_readers]
         )
         super().__init__(
             tracer,
@@ -73,21 +73,20 @@ class Telemetry(Spans):
         self._shut_down = False
 
     @classmethod
-    def from_env(
-        cls,
-        service_name: str = "tokentape",
-        environ: Mapping[str, str] | None = None,
-        *,
-        gap_sample_every: int = 1,
-    ) -> Telemetry:
+    def from_env(cls, service_name: str = "tokentape", *, gap_sample_every: int = 1) -> Telemetry:
         """Exporters from `OTEL_TRACES_EXPORTER` / `OTEL_METRICS_EXPORTER` (otlp, console, none).
 
         Unset means none, unless an `OTEL_EXPORTER_OTLP_*ENDPOINT` is set, which
         means otlp. `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the
-        resource; `service_name` is the default. `gap_sample_every=N` records
-        one inter-token gap in N (each record costs a few microseconds).
+        resource; `service_name` is the default. `OTEL_SDK_DISABLED=true` turns
+        the SDK off: no exporter, and /metrics has only the process metrics.
+        `gap_sample_every=N` records one inter-token gap in N (a record costs ~4 µs).
         """
-        environ = os.environ if environ is None else environ
+        # os.environ, not a mapping passed in: the OTLP exporters read their endpoint,
+        # headers and timeouts from it themselves.
+        environ = os.environ
+        if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls(resource=_resource(service_name, environ), gap_sample_every=gap_sample_every)
         span_exporters = _span_exporters(_exporter_names(environ, "TRACES"))
         metric_exporters = _metric_exporters(_exporter_names(environ, "METRICS"))
         return cls(

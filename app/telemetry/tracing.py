@@ -21,6 +21,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
+from app.errors import TokentapeError
 from app.events import Usage
 from app.telemetry.logs import generation_context
 from app.telemetry.metrics import Metrics
@@ -59,6 +60,10 @@ ERROR_TYPE = "error.type"
 
 Clock = Callable[[], float]  # monotonic seconds
 EndReason = Literal["terminal", "client_gone", "server_drain", "slow_client"]
+
+# How aiohttp tells a handler its client left: the write fails, or the handler task is
+# cancelled. Not builtin ConnectionError as a whole: a refused Redis connection is ours.
+_CLIENT_GONE = (ConnectionResetError, BrokenPipeError, asyncio.CancelledError)
 
 _propagator = TraceContextTextMapPropagator()
 _reader_log = logging.getLogger("tokentape.reader")
@@ -166,7 +171,7 @@ class GenerationSpan:
             if usage.completion_tokens is not None:
                 self.span.set_attribute(GEN_AI_USAGE_OUTPUT_TOKENS, usage.completion_tokens)
         if reason == "cancelled":
-            self._metrics.cancellations.add(1, self._metric_attributes)
+            self._metrics.cancellations.add(1)
 
     def error(self, code: str, message: str = "") -> None:
         """The generation ended with an `error` event."""
@@ -259,7 +264,7 @@ class Spans:
         Yields the traceparent to store in the job (`Job.traceparent`); without
         tracing, that is the caller's own traceparent (or None), passed through.
         """
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             "POST /v1/generations",
             context=context_from_headers(headers),
             kind=SpanKind.SERVER,
@@ -268,8 +273,24 @@ class Spans:
                 "http.request.method": "POST",
                 "http.route": "/v1/generations",
             },
-        ) as span:
+        )
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             yield traceparent_of(span)
+        except TokentapeError as exc:
+            span.set_attribute("http.response.status_code", exc.status)
+            if exc.status >= 500:
+                _failed(span, exc)
+            else:
+                # A refused request is the caller's error, not ours (HTTP semconv).
+                span.set_attribute(ERROR_TYPE, exc.code)
+            raise
+        except Exception as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
 
     @contextmanager
     def generation_span(
@@ -322,9 +343,7 @@ class Spans:
             span.set_attribute(INTERRUPTED, True)
             raise
         except Exception as exc:
-            span.record_exception(exc)
-            span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            _failed(span, exc)
             raise
         finally:
             otel_context.detach(token)
@@ -362,17 +381,20 @@ class Spans:
         try:
             with generation_context(generation_id):
                 yield reader
-        except (ConnectionError, asyncio.CancelledError):
-            # aiohttp cancels the handler or fails the write when the client leaves.
+        except _CLIENT_GONE:
             reader.ended("client_gone")
             raise
         except Exception as exc:
-            span.record_exception(exc)
-            span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            _failed(span, exc)
             raise
         finally:
             reader._close()
             self.metrics.active_streams.add(-1)
             otel_context.detach(token)
             span.end()
+
+
+def _failed(span: Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))

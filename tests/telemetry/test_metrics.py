@@ -123,10 +123,14 @@ def test_render_prometheus_parses_and_names_every_instrument(recorded: Recorded)
     assert "process_cpu_seconds_total" in samples or "process_cpu_seconds" in families
 
 
-def test_render_prometheus_before_anything_was_recorded() -> None:
+def test_a_fresh_process_already_shows_its_counters_at_zero() -> None:
     telemetry = Telemetry()
-    assert list(text_string_to_metric_families(telemetry.render_prometheus().decode())) is not None
+    samples = samples_by_name(telemetry.render_prometheus())
     telemetry.shutdown()
+
+    for counter in ("resumes", "gaps", "slow_client_disconnects", "events_sent"):
+        assert samples[f"tokentape_{counter}_total"][0].value == 0
+    assert samples["tokentape_active_streams"][0].value == 0
 
 
 async def test_metrics_handler_serves_prometheus_text(

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
@@ -11,18 +16,35 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.telemetry import Telemetry
 from app.telemetry.setup import _exporter_names, _metric_exporters, _span_exporters
 from tests.telemetry.conftest import GENERATION_ID
 
+OtelEnv = Callable[[dict[str, str]], None]
+
+
+@pytest.fixture
+def otel_env(monkeypatch: pytest.MonkeyPatch) -> OtelEnv:
+    """Replace every OTEL_* variable of the process with `values` for this test."""
+
+    def set_env(values: dict[str, str]) -> None:
+        for name in [name for name in os.environ if name.startswith("OTEL_")]:
+            monkeypatch.delenv(name)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
 
 def service_name(telemetry: Telemetry) -> object:
-    return telemetry.meter_provider._sdk_config.resource.attributes["service.name"]
+    return telemetry.resource.attributes["service.name"]
 
 
-def test_no_exporter_configured_means_no_tracing() -> None:
-    telemetry = Telemetry.from_env("tokentape-reader", environ={})
+def test_no_exporter_configured_means_no_tracing(otel_env: OtelEnv) -> None:
+    otel_env({})
+    telemetry = Telemetry.from_env("tokentape-reader")
     try:
         assert not telemetry.tracing
         assert service_name(telemetry) == "tokentape-reader"
@@ -78,16 +100,15 @@ def test_exporters_are_built_for_each_name(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_otlp_without_its_package_warns_and_carries_on(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, otel_env: OtelEnv
 ) -> None:
     # A None entry in sys.modules makes `import` raise ImportError, as if not installed.
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.metric_exporter", None)
     caplog.set_level(logging.WARNING, "tokentape.telemetry")
 
-    telemetry = Telemetry.from_env(
-        environ={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp"}
-    )
+    otel_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp"})
+    telemetry = Telemetry.from_env()
     try:
         assert not telemetry.tracing
         with telemetry.generation_span(GENERATION_ID, model="m", provider="p") as generation:
@@ -100,16 +121,18 @@ def test_otlp_without_its_package_warns_and_carries_on(
     assert all("pip install 'tokentape[otlp]'" in w for w in warnings)
 
 
-def test_resource_comes_from_otel_service_name_and_resource_attributes() -> None:
-    telemetry = Telemetry.from_env(
-        "tokentape-worker",
-        environ={
+def test_resource_comes_from_otel_service_name_and_resource_attributes(
+    otel_env: OtelEnv,
+) -> None:
+    otel_env(
+        {
             "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,team=ml%20infra",
             "OTEL_SERVICE_NAME": "tt-worker-eu",
-        },
+        }
     )
+    telemetry = Telemetry.from_env("tokentape-worker")
     try:
-        attributes = telemetry.meter_provider._sdk_config.resource.attributes
+        attributes = telemetry.resource.attributes
         assert attributes["service.name"] == "tt-worker-eu"
         assert attributes["deployment.environment"] == "prod"
         assert attributes["team"] == "ml infra"
@@ -130,3 +153,61 @@ def test_shutdown_flushes_batched_spans_and_can_be_called_twice() -> None:
     telemetry.shutdown()
 
     assert [span.name for span in exporter.get_finished_spans()] == ["chat m"]
+
+
+def test_otel_sdk_disabled_records_nothing_and_metrics_stays_scrapeable(
+    otel_env: OtelEnv,
+) -> None:
+    otel_env({"OTEL_SDK_DISABLED": "true", "OTEL_TRACES_EXPORTER": "console"})
+    telemetry = Telemetry.from_env()
+    try:
+        assert not telemetry.tracing
+        with telemetry.reader_span(GENERATION_ID, position=0, resume=False, link_to=None):
+            pass
+        text = telemetry.render_prometheus()
+        assert b"tokentape_" not in text  # the SDK's meters are no-ops too
+        assert list(text_string_to_metric_families(text.decode()))
+    finally:
+        telemetry.shutdown()
+
+
+class Collector(BaseHTTPRequestHandler):
+    """A stand-in OTLP/http collector that remembers which paths it was sent."""
+
+    received: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[str]:
+    Collector.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_otlp_endpoint_gets_traces_and_metrics_on_shutdown(
+    collector: str, otel_env: OtelEnv
+) -> None:
+    otel_env({"OTEL_EXPORTER_OTLP_ENDPOINT": collector})
+    telemetry = Telemetry.from_env()
+    with telemetry.generation_span(GENERATION_ID, model="m", provider="p") as generation:
+        generation.token()
+    assert telemetry.tracing
+
+    telemetry.shutdown()
+
+    assert sorted(set(Collector.received)) == ["/v1/metrics", "/v1/traces"]

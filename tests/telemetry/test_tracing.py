@@ -10,6 +10,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from app.errors import InvalidRequest, TokentapeError, Unavailable
 from app.events import Usage
 from app.jobs import Job
 from app.telemetry import (
@@ -320,3 +321,39 @@ def test_unconfigured_telemetry_records_no_spans_and_installs_no_provider() -> N
         assert trace.get_tracer_provider() is before
     finally:
         telemetry.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("error", "status_code", "span_status"),
+    [
+        (InvalidRequest("invalid_model", "unknown model"), 400, StatusCode.UNSET),
+        (Unavailable("redis_down", "Redis is not answering"), 503, StatusCode.ERROR),
+    ],
+    ids=["refused-4xx", "failed-5xx"],
+)
+def test_request_span_is_an_error_only_when_the_server_failed(
+    recorded: Recorded, error: TokentapeError, status_code: int, span_status: StatusCode
+) -> None:
+    with (
+        pytest.raises(type(error)),
+        recorded.telemetry.request_span({}, GENERATION_ID),
+    ):
+        raise error
+
+    (span,) = recorded.finished()
+    assert attrs(span)["http.response.status_code"] == status_code
+    assert span.status.status_code is span_status
+
+
+def test_a_redis_connection_error_in_a_reader_is_an_error_not_client_gone(
+    recorded: Recorded,
+) -> None:
+    with (
+        pytest.raises(ConnectionRefusedError),
+        recorded.telemetry.reader_span(GENERATION_ID, position=0, resume=False, link_to=None),
+    ):
+        raise ConnectionRefusedError("redis:6379")
+
+    (span,) = recorded.finished()
+    assert span.status.status_code is StatusCode.ERROR
+    assert "tokentape.read.end_reason" not in attrs(span)
