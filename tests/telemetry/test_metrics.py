@@ -11,7 +11,7 @@ from pytest_aiohttp import AiohttpClient
 
 from app.telemetry import Telemetry
 from app.telemetry.web import metrics_app
-from tests.telemetry.conftest import GENERATION_ID, Recorded
+from tests.telemetry.conftest import GENERATION_ID, FakeClock, Recorded
 
 MODEL = {"gen_ai.provider.name": "sim", "gen_ai.request.model": "sim-1"}
 
@@ -71,8 +71,6 @@ def test_metric_values_after_a_known_run(recorded: Recorded) -> None:
 
 
 def test_inter_token_gaps_can_be_sampled() -> None:
-    from tests.telemetry.conftest import FakeClock
-
     clock = FakeClock()
     telemetry = Telemetry(gap_sample_every=3, clock=clock)
     with telemetry.generation_span(GENERATION_ID, model="m", provider="p") as generation:
