@@ -23,7 +23,9 @@ from redis.asyncio import Redis
 
 from app import embedded
 from app.errors import TokentapeError
+from app.http import create_app
 from app.settings import Settings
+from app.tools import commands as tools
 
 logger = logging.getLogger("tokentape")
 
@@ -42,8 +44,6 @@ class Command:
 
 
 # -- seams to code that other modules own --------------------------------------
-# Looked up at run time so the CLI does not import the web app or the worker
-# runtime for commands that need neither.
 
 
 class WorkerRuntime(Protocol):
@@ -52,10 +52,6 @@ class WorkerRuntime(Protocol):
 
 AppFactory = Callable[[Settings, Redis], web.Application]
 WorkerFactory = Callable[[Redis, Settings], WorkerRuntime]
-
-
-def load_app_factory() -> AppFactory:
-    return cast(AppFactory, importlib.import_module("app.http").create_app)
 
 
 def load_worker_factory() -> WorkerFactory:
@@ -130,7 +126,7 @@ async def _serve(
     app_factory: AppFactory | None,
     worker_factory: WorkerFactory | None,
 ) -> int:
-    app_factory = app_factory or load_app_factory()
+    app_factory = app_factory or create_app
     if with_worker:
         worker_factory = worker_factory or load_worker_factory()
     redis = connect(settings)
@@ -296,6 +292,7 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
         sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
+    tools.register(subparsers)
     return parser
 
 

@@ -33,7 +33,7 @@ STUBBED_CLI = """
 import sys
 from app import cli
 from tests.cli import stubs
-cli.load_app_factory = lambda: stubs.create_app
+cli.create_app = stubs.create_app
 cli.load_worker_factory = lambda: stubs.Worker
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -130,9 +130,18 @@ def test_commands_are_registered_by_appending_to_the_list() -> None:
     def run(args: argparse.Namespace) -> int:
         return 7 if args.generation == "g1" else 0
 
-    extra = cli.Command("inspect", "show one generation", add_arguments, run)
-    args = cli.build_parser([*cli.COMMANDS, extra]).parse_args(["inspect", "g1"])
+    extra = cli.Command("greet", "say hello to one generation", add_arguments, run)
+    args = cli.build_parser([*cli.COMMANDS, extra]).parse_args(["greet", "g1"])
     assert args.run(args) == 7
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["ls"], ["export", "ID"], ["inspect", "ID"], ["replay", "FILE"], ["tail", "ID"]],
+    ids=lambda argv: argv[0],
+)
+def test_incident_tools_are_subcommands(argv: list[str]) -> None:
+    assert callable(parse(*argv).run)
 
 
 # -- serve and worker in this process -------------------------------------------
