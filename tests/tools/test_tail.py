@@ -16,7 +16,7 @@ from app.log import GenerationLog
 from app.settings import Settings
 from app.tools.tail import BOLD, DIM, RESET, Follower, MarkdownRenderer, RawRenderer
 from tests.tools.builders import REQUEST, tokens, write_generation
-from tests.tools.sse_stub import SSEStub
+from tests.tools.reader_server import ReaderServer
 
 FIRST_HALF = "## Plan\nStep one: **split** the tokens"
 SECOND_HALF = " anywhere.\n- a bullet\n```py\nx = 1\n```\nThe end."
@@ -45,8 +45,8 @@ class Capture(io.StringIO):
 
 
 @pytest.fixture
-async def stub(log: GenerationLog) -> AsyncIterator[SSEStub]:
-    server = SSEStub(log)
+async def stub(log: GenerationLog) -> AsyncIterator[ReaderServer]:
+    server = ReaderServer(log)
     await server.start()
     yield server
     if server.running:
@@ -54,7 +54,7 @@ async def stub(log: GenerationLog) -> AsyncIterator[SSEStub]:
 
 
 async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
-    log: GenerationLog, settings: Settings, stub: SSEStub
+    log: GenerationLog, settings: Settings, stub: ReaderServer
 ) -> None:
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST)
@@ -92,7 +92,7 @@ async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
     assert any(f"reconnecting after seq {first_seq}" in n for n in notices)
 
 
-async def test_tail_follows_live_appends(log: GenerationLog, stub: SSEStub) -> None:
+async def test_tail_follows_live_appends(log: GenerationLog, stub: ReaderServer) -> None:
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST)
     lease = await log.acquire(generation_id, "worker-test")
@@ -114,7 +114,7 @@ async def test_tail_follows_live_appends(log: GenerationLog, stub: SSEStub) -> N
 
 
 async def test_tail_reports_a_retention_gap(
-    log: GenerationLog, redis: Redis, stub: SSEStub
+    log: GenerationLog, redis: Redis, stub: ReaderServer
 ) -> None:
     generation_id = await write_generation(
         log,
@@ -128,7 +128,7 @@ async def test_tail_reports_a_retention_gap(
 
 
 async def test_tail_stops_on_204_and_refuses_an_unknown_id(
-    log: GenerationLog, stub: SSEStub
+    log: GenerationLog, stub: ReaderServer
 ) -> None:
     generation_id = await write_generation(log, [[events.Done(reason="stop")]])
     follower = Follower(stub.url, generation_id, RawRenderer(io.StringIO()), notice=print)
