@@ -71,6 +71,7 @@ class Subscription:
         self.closed_reason: str | None = None
         self.fell_behind = 0  # times the client's buffer overflowed
         self.gap: Gap | None = None
+        self.last_appended_ms: int | None = None  # of the last event handed out
 
     @property
     def generation_id(self) -> str:
@@ -154,6 +155,7 @@ class Subscription:
 
     def _hand_out(self, frames: list[Frame]) -> bytes:
         self.delivered = frames[-1].seq
+        self.last_appended_ms = frames[-1].appended_ms
         self._queued_until = max(self._queued_until, self.delivered)
         if frames[-1].terminal:
             self.finished = True

@@ -48,6 +48,8 @@ class GenerationState:
     epoch: int
     attempts: int
     cancel_requested: bool
+    # The generation span's W3C traceparent (reader spans link to it).
+    traceparent: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -78,6 +80,7 @@ _STATE_FIELDS = (
     "epoch",
     "attempts",
     "cancel_requested",
+    "traceparent",
 )
 
 
@@ -185,6 +188,7 @@ class GenerationLog:
             epoch=_int(m["epoch"]) or 0,
             attempts=_int(m["attempts"]) or 0,
             cancel_requested=m["cancel_requested"] == b"1",
+            traceparent=text("traceparent"),
         )
 
     async def read(self, generation_id: str, after_seq: int, count: int) -> list[LogEntry]:

@@ -63,6 +63,7 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
     drop = [False]
     intercepted: set[int] = set()
     live_seen = [0]
+    live_expected = 0  # the last seq appended while the feed was subscribed
     live_arrived = asyncio.Event()
 
     def lose_next_live_message(feed: Feed) -> None:
@@ -87,6 +88,8 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
             if kind == "append":
                 batch = [events.Token(text=str(last + i + 1)) for i in range(value)]
                 last = await log.append(lease, last + 1, batch)
+                if intercepted:
+                    live_expected = last
             elif kind == "subscribe":
                 after = min(value, last)
                 readers.append(Reader(await hub.subscribe(generation_id, after), after))
@@ -101,10 +104,10 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 await readers[value % len(readers)].consume(0.01)
             elif kind == "drop_next_live":
                 drop[0] = True
-            elif kind == "settle" and intercepted:
+            elif kind == "settle":
                 # Wait until the live batches of every append so far have arrived.
                 async with asyncio.timeout(5):
-                    while live_seen[0] < last:
+                    while live_seen[0] < live_expected:
                         live_arrived.clear()
                         await live_arrived.wait()
             elif kind == "catch_up" and readers:

@@ -7,20 +7,28 @@ from redis.asyncio import Redis
 
 from app.http import events, generations, pages
 from app.http.errors import json_errors
-from app.http.state import HUB, LOG, SETTINGS
+from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
 from app.hub import Hub
 from app.log import GenerationLog
 from app.settings import Settings
+from app.telemetry import Telemetry
+from app.telemetry.web import metrics_handler
 
-__all__ = ["HUB", "LOG", "SETTINGS", "create_app"]
+__all__ = ["HUB", "LOG", "SETTINGS", "TELEMETRY", "create_app"]
 
 
-def create_app(settings: Settings, redis: Redis) -> web.Application:
-    """The aiohttp application. `redis` is owned by the caller, who closes it."""
+def create_app(
+    settings: Settings, redis: Redis, telemetry: Telemetry | None = None
+) -> web.Application:
+    """The aiohttp application. `redis` and `telemetry` are owned by the caller.
+
+    Without `telemetry`, spans are no-ops and metrics are only served at /metrics.
+    """
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes)
     log = GenerationLog(redis, settings)
     app[SETTINGS] = settings
     app[LOG] = log
+    app[TELEMETRY] = telemetry if telemetry is not None else Telemetry()
     app[HUB] = Hub(
         log,
         redis,
@@ -30,6 +38,7 @@ def create_app(settings: Settings, redis: Redis) -> web.Application:
     app.add_routes(generations.routes)
     app.add_routes(events.routes)
     app.add_routes(pages.routes)
+    app.router.add_get("/metrics", metrics_handler)
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()

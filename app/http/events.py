@@ -18,8 +18,10 @@ from redis.exceptions import RedisError
 
 from app import sse
 from app.errors import Expired, InvalidRequest, NotFound
-from app.http.state import HUB, LOG, SETTINGS
+from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
+from app.hub import Subscription
 from app.keys import check_generation_id
+from app.telemetry.tracing import ReaderSpan
 
 logger = logging.getLogger(__name__)
 
@@ -74,37 +76,57 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     if state.terminal and after_seq >= state.last_seq:
         return web.Response(status=204)
 
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    await response.prepare(request)
-    # Flush headers and a first chunk at once: proxies and clients see a live stream
-    # before the first event exists.
-    await response.write(sse.retry_frame(settings.retry_milliseconds))
-    subscription = await hub.subscribe(generation_id, after_seq)
-    try:
-        while True:
-            chunk = await subscription.next_chunk(settings.heartbeat_seconds)
-            if chunk is None:
-                break
+    with request.app[TELEMETRY].reader_span(
+        generation_id,
+        position=after_seq,
+        resume=after_seq > 0,
+        link_to=state.traceparent,
+        headers=request.headers,
+    ) as reader:
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await response.prepare(request)
+        # Flush headers and a first chunk at once: proxies and clients see a live
+        # stream before the first event exists.
+        await response.write(sse.retry_frame(settings.retry_milliseconds))
+        subscription = await hub.subscribe(generation_id, after_seq)
+        try:
+            await _pump(request, response, subscription, reader)
+        finally:
+            hub.unsubscribe(subscription)
+    return response
+
+
+async def _pump(
+    request: web.Request,
+    response: web.StreamResponse,
+    subscription: Subscription,
+    reader: ReaderSpan,
+) -> None:
+    """Write what the subscription hands out until the terminal event, a drain or a stuck client."""
+    settings = request.app[SETTINGS]
+    while True:
+        before = subscription.delivered
+        chunk = await subscription.next_chunk(settings.heartbeat_seconds)
+        if chunk is None:
+            break
+        if subscription.gap is not None and before == subscription.requested_after:
+            reader.gap(subscription.gap.requested, subscription.gap.first_available)
+        try:
             async with asyncio.timeout(settings.write_timeout_seconds):
                 await response.write(chunk or sse.comment_frame("keep-alive"))
-    except TimeoutError:
-        subscription._close("slow_client")
-        logger.info(
-            "events %s: client stuck for %ss, disconnected",
-            generation_id,
-            settings.write_timeout_seconds,
-        )
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    except ConnectionResetError:
-        subscription._close("client_gone")
-        logger.info("events %s: client gone at seq %d", generation_id, subscription.delivered)
-        return response
-    finally:
-        hub.unsubscribe(subscription)
+        except TimeoutError:
+            reader.ended("slow_client")
+            if request.transport is not None:
+                request.transport.abort()
+            return
+        except ConnectionResetError:
+            reader.ended("client_gone")  # one info line, no traceback
+            return
+        if subscription.delivered > before:
+            reader.first_event(before + 1)
+            reader.sent(subscription.delivered - before, len(chunk), subscription.last_appended_ms)
+    reader.ended("terminal" if subscription.finished else "server_drain")
     await response.write_eof()
-    return response
 
 
 async def _come_back_later(request: web.Request, retry_ms: int) -> web.StreamResponse:

@@ -10,7 +10,7 @@ from aiohttp import web
 from app import events, jobs
 from app.errors import Conflict, NotFound
 from app.generations import ErrorInfo, GenerationStatus, parse_request
-from app.http.state import LOG, SETTINGS
+from app.http.state import LOG, SETTINGS, TELEMETRY
 from app.keys import check_generation_id, new_generation_id
 from app.log import GenerationState
 
@@ -40,8 +40,9 @@ async def create_generation(request: web.Request) -> web.Response:
     generation_request = parse_request(await request.read())
     generation_id = new_generation_id()
     log = request.app[LOG]
-    await log.create(generation_id, generation_request)
-    await jobs.enqueue(log.redis, log.keys, generation_id, request.headers.get("traceparent"))
+    with request.app[TELEMETRY].request_span(request.headers, generation_id) as traceparent:
+        await log.create(generation_id, generation_request)
+        await jobs.enqueue(log.redis, log.keys, generation_id, traceparent)
     events_url, status_url = _urls(request, generation_id)
     response = _json(
         {"id": generation_id, "events_url": events_url, "status_url": status_url}, status=201

@@ -7,7 +7,10 @@ from aiohttp import web
 from app.hub import Hub
 from app.log import GenerationLog
 from app.settings import Settings
+from app.telemetry.web import TELEMETRY
 
 SETTINGS = web.AppKey("settings", Settings)
 LOG = web.AppKey("log", GenerationLog)
 HUB = web.AppKey("hub", Hub)
+
+__all__ = ["HUB", "LOG", "SETTINGS", "TELEMETRY"]

@@ -1,0 +1,307 @@
+"""The `tokentape` command line (also `python -m app`).
+
+Each subcommand is a `Command`: a name, a function that adds its arguments and a
+function that runs it. To add one, append a `Command` to `COMMANDS`. The CLI only
+parses arguments into a `Settings`; what runs lives with the code it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Protocol, cast
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app import embedded
+from app.errors import TokentapeError
+from app.http import create_app
+from app.settings import Settings
+from app.tools import commands as tools
+
+logger = logging.getLogger("tokentape")
+
+# Open SSE streams are given this long to end on SIGTERM before their handlers are
+# cancelled; a browser EventSource reconnects (to another instance) on its own.
+SHUTDOWN_GRACE_SECONDS = 5.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- seams to code that other modules own --------------------------------------
+
+
+class WorkerRuntime(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+AppFactory = Callable[[Settings, Redis], web.Application]
+WorkerFactory = Callable[[Redis, Settings], WorkerRuntime]
+
+
+def load_worker_factory() -> WorkerFactory:
+    return cast(WorkerFactory, importlib.import_module("workers.runner").Worker)
+
+
+def connect(settings: Settings) -> Redis:
+    assert settings.redis_url is not None
+    # socket_timeout=None: redis-py's default 5 s socket timeout would cut blocking
+    # reads (XREADGROUP BLOCK, pub/sub) short.
+    return Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=5)
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+def _add_redis_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="Redis URL, e.g. redis://127.0.0.1:6379/0 (default: $TOKENTAPE_REDIS_URL)",
+    )
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_redis_argument(parser)
+    parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: 8080; 0: any)")
+    parser.add_argument(
+        "--with-worker",
+        action="store_true",
+        help="also run a worker in this process (always on with the embedded Redis)",
+    )
+
+
+def serve_settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(redis_url=args.redis, host=args.host, port=args.port)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    settings = serve_settings(args)
+    if settings.redis_url is not None:
+        return asyncio.run(serve(settings, with_worker=args.with_worker))
+    # Started here, on the main thread, before the event loop (see embedded._die_with_parent).
+    with embedded.embedded_redis() as server:
+        note = f"embedded Redis at {server.url} via {server.kind}; data is lost on exit"
+        return asyncio.run(
+            serve(settings.replace(redis_url=server.url), with_worker=True, note=note)
+        )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    with_worker: bool,
+    note: str = "",
+    stop: asyncio.Event | None = None,
+    app_factory: AppFactory | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> int:
+    """Run the HTTP service (and optionally a worker) until SIGTERM/SIGINT or `stop`."""
+    stop = stop or asyncio.Event()
+    with _stop_on_signals(stop):
+        return await _serve(settings, with_worker, note, stop, app_factory, worker_factory)
+
+
+async def _serve(
+    settings: Settings,
+    with_worker: bool,
+    note: str,
+    stop: asyncio.Event,
+    app_factory: AppFactory | None,
+    worker_factory: WorkerFactory | None,
+) -> int:
+    app_factory = app_factory or create_app
+    if with_worker:
+        worker_factory = worker_factory or load_worker_factory()
+    redis = connect(settings)
+    try:
+        if not await _reachable(redis, settings):
+            return 1
+        runner = web.AppRunner(
+            app_factory(settings, redis),
+            # A client disconnect cancels its SSE handler at once, releasing what it held.
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+            host, port = runner.addresses[0][:2]
+            print(
+                f"tokentape serving on http://{_url_host(host)}:{port}"
+                + (f" ({note})" if note else ""),
+                flush=True,
+            )
+            async with _worker(
+                redis, settings, worker_factory if with_worker else None, stop
+            ) as worker:
+                await stop.wait()
+                logger.info("stopping: no new connections; open streams end")
+        finally:
+            await runner.cleanup()
+    finally:
+        await redis.aclose()
+    return 1 if worker.failed else 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# -- worker --------------------------------------------------------------------
+
+
+def worker_settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(redis_url=args.redis)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    settings = worker_settings(args)
+    if settings.redis_url is None:
+        print(
+            "tokentape worker: needs a Redis: pass --redis URL or set TOKENTAPE_REDIS_URL",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(work(settings))
+
+
+async def work(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> int:
+    """Run a worker until SIGTERM/SIGINT or `stop`."""
+    stop = stop or asyncio.Event()
+    worker_factory = worker_factory or load_worker_factory()
+    redis = connect(settings)
+    with _stop_on_signals(stop):
+        return await _work(settings, redis, worker_factory, stop)
+
+
+async def _work(
+    settings: Settings, redis: Redis, worker_factory: WorkerFactory, stop: asyncio.Event
+) -> int:
+    try:
+        if not await _reachable(redis, settings):
+            return 1
+        print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
+        async with _worker(redis, settings, worker_factory, stop) as worker:
+            await stop.wait()
+    finally:
+        await redis.aclose()
+    return 1 if worker.failed else 0
+
+
+@dataclasses.dataclass
+class _WorkerOutcome:
+    failed: bool = False
+
+
+@contextlib.asynccontextmanager
+async def _worker(
+    redis: Redis, settings: Settings, factory: WorkerFactory | None, stop: asyncio.Event
+) -> AsyncIterator[_WorkerOutcome]:
+    """Run a worker beside the body; on exit set its stop event and wait for it to finish."""
+    outcome = _WorkerOutcome()
+    if factory is None:
+        yield outcome
+        return
+    task = asyncio.create_task(factory(redis, settings).run(stop), name="tokentape-worker")
+    # A worker that dies on its own stops the process: a silent half-service is worse.
+    task.add_done_callback(lambda _: stop.set())
+    try:
+        yield outcome
+    finally:
+        stop.set()
+        try:
+            # The worker ends its generations' leases in order; past that it is cancelled
+            # and another worker takes its generations over when their leases expire.
+            await asyncio.wait_for(task, timeout=settings.lease_seconds)
+        except TimeoutError:
+            logger.warning("worker did not stop within %.0f s; cancelled", settings.lease_seconds)
+        except Exception:
+            outcome.failed = True
+            logger.exception("worker failed")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT set `stop` (from the first moment, startup included)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _reachable(redis: Redis, settings: Settings) -> bool:
+    try:
+        await redis.ping()
+    except Exception as exc:
+        logger.error("cannot reach Redis at %s: %s", settings.redis_url, exc)
+        return False
+    return True
+
+
+# -- entry point ---------------------------------------------------------------
+
+COMMANDS: list[Command] = [
+    Command(
+        "serve",
+        "run the HTTP service (with no Redis configured: an embedded one and a worker)",
+        _add_serve_arguments,
+        _run_serve,
+    ),
+    Command(
+        "worker",
+        "consume generation jobs and run the models",
+        _add_redis_argument,
+        _run_worker,
+    ),
+]
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokentape",
+        description="LLM generations as durable event logs on Redis, served as resumable SSE.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    tools.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    run = cast(Callable[[argparse.Namespace], int], args.run)
+    try:
+        return run(args)
+    except (TokentapeError, embedded.EmbeddedUnavailable) as exc:
+        print(f"tokentape {args.command}: {exc}", file=sys.stderr)
+        return 2

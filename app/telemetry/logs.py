@@ -1,0 +1,156 @@
+"""Structured logs: JSON lines off a terminal, readable lines on one, with ids on every line.
+
+Every record gets `trace_id` and `span_id` from the current span, and
+`generation_id` from the generation being worked on (`generation_context`,
+entered by the generation and reader spans) or from `extra=`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import msgspec
+from opentelemetry import trace
+
+_generation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tokentape_generation_id", default=None
+)
+
+# What a LogRecord carries by itself; anything else on a record came from `extra=`.
+_RECORD_FIELDS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+)
+_ID_FIELDS = ("generation_id", "trace_id", "span_id")
+
+
+@contextmanager
+def generation_context(generation_id: str) -> Iterator[None]:
+    """Log lines inside this block carry `generation_id`."""
+    token = _generation_id.set(generation_id)
+    try:
+        yield
+    finally:
+        _generation_id.reset(token)
+
+
+def generation_logger(
+    generation_id: str, logger: logging.Logger | str = "tokentape"
+) -> logging.LoggerAdapter[logging.Logger]:
+    """A logger whose lines carry `generation_id` wherever it is used."""
+    base = logging.getLogger(logger) if isinstance(logger, str) else logger
+    return _MergingAdapter(base, {"generation_id": generation_id})
+
+
+class _MergingAdapter(logging.LoggerAdapter[logging.Logger]):
+    # The stock adapter replaces a call's `extra=` with its own (before 3.13's merge_extra).
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return msg, kwargs
+
+
+class TraceContextFilter(logging.Filter):
+    """Adds `generation_id`, `trace_id` and `span_id` (None when unknown) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "generation_id", None) is None:
+            record.generation_id = _generation_id.get()
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            record.trace_id = trace.format_trace_id(span_context.trace_id)
+            record.span_id = trace.format_span_id(span_context.span_id)
+        else:
+            record.trace_id = record.span_id = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, ids, extras, exception."""
+
+    _encoder = msgspec.json.Encoder(enc_hook=str)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in _ID_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
+        line.update(_extras(record))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return self._encoder.encode(line).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`12:00:01.123 INFO tokentape.reader: message key=value … gen=… trace=…`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extras = " ".join(f"{key}={value}" for key, value in _extras(record).items())
+        ids = " ".join(
+            f"{label}={value}"
+            for label, value in (
+                ("gen", getattr(record, "generation_id", None)),
+                ("trace", getattr(record, "trace_id", None)),
+            )
+            if value is not None
+        )
+        head, _, tail = text.partition("\n")  # keep a traceback below the line
+        head = " ".join(part for part in (head, extras, ids) if part)
+        return f"{head}\n{tail}" if tail else head
+
+
+_handler: logging.Handler | None = None
+
+
+def configure_logging(
+    level: int | str = "INFO", *, stream: IO[str] | None = None, json: bool | None = None
+) -> logging.Handler:
+    """Send the root logger's records to `stream` (stderr): JSON unless it is a terminal.
+
+    Calling it again replaces the handler it installed before, not others.
+    """
+    global _handler
+    stream = sys.stderr if stream is None else stream
+    if json is None:
+        json = not (hasattr(stream, "isatty") and stream.isatty())
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(TraceContextFilter())
+    handler.setFormatter(JsonFormatter() if json else ConsoleFormatter())
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    _handler = handler
+    return handler
+
+
+def _extras(record: logging.LogRecord) -> Mapping[str, Any]:
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _RECORD_FIELDS and key not in _ID_FIELDS and not key.startswith("_")
+    }
+
+
+def _iso_time(created: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+    return f"{seconds}.{int(created % 1 * 1000):03d}Z"

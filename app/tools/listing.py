@@ -1,0 +1,132 @@
+"""`tokentape ls`: recent generations, newest first, from the `recent_generations` index."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import cast
+
+import msgspec
+
+from app.errors import InvalidRequest
+from app.events import LogEntry
+from app.log import GenerationLog, GenerationState, now_ms
+from app.tools.inspection import seconds
+
+# Time to first token comes from this many leading events only: `ls` stays one
+# cheap round trip per page, and a generation whose first token comes later
+# (after a long tool-call preamble) shows "-".
+FIRST_PAGE = 8
+_INDEX_PAGE = 100
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+class GenerationSummary(msgspec.Struct, frozen=True):
+    id: str
+    status: str
+    model: str
+    events: int  # last seq
+    created_ms: int
+    duration_ms: int  # creation to the terminal event, or to now while open
+    time_to_first_token_ms: int | None
+
+
+def parse_since(text: str) -> int:
+    """`90s`, `15m`, `1h`, `2d`, `1w` (a bare number is seconds) as milliseconds."""
+    match = _DURATION_RE.match(text)
+    if match is None:
+        raise InvalidRequest(
+            "invalid_since", f"--since takes a duration like 30m, 1h or 2d, got {text!r}"
+        )
+    return int(float(match.group(1)) * _UNIT_MS[match.group(2) or "s"])
+
+
+def summarize(
+    state: GenerationState, first_page: Sequence[LogEntry], now: int
+) -> GenerationSummary:
+    ttft = None
+    if first_page and first_page[0].seq == 1:
+        first_token = next((e for e in first_page if e.type == "token"), None)
+        if first_token is not None:
+            ttft = first_token.appended_ms - state.created_ms
+    end = state.finished_ms if state.finished_ms is not None else now
+    return GenerationSummary(
+        id=state.id,
+        status=state.status,
+        model=state.model,
+        events=state.last_seq,
+        created_ms=state.created_ms,
+        duration_ms=max(end - state.created_ms, 0),
+        time_to_first_token_ms=ttft,
+    )
+
+
+async def recent_generations(
+    log: GenerationLog,
+    *,
+    status: str | None = None,
+    since_ms: int | None = None,
+    limit: int = 20,
+) -> list[GenerationSummary]:
+    """Newest first; generations whose metadata expired are skipped."""
+    now = now_ms()
+    low = "-inf" if since_ms is None else now - since_ms
+    found: list[GenerationSummary] = []
+    offset = 0
+    while len(found) < limit:
+        raw_ids = await log.redis.zrevrangebyscore(
+            log.keys.recent_generations, "+inf", low, start=offset, num=_INDEX_PAGE
+        )
+        ids = [raw.decode() for raw in cast(list[bytes], raw_ids)]
+        if not ids:
+            break
+        offset += len(ids)
+        states, first_pages = await asyncio.gather(
+            asyncio.gather(*(log.state(generation_id) for generation_id in ids)),
+            asyncio.gather(*(log.read(generation_id, 0, FIRST_PAGE) for generation_id in ids)),
+        )
+        for state, first_page in zip(states, first_pages, strict=True):
+            if state is None or (status is not None and state.status != status):
+                continue
+            found.append(summarize(state, first_page, now))
+            if len(found) == limit:
+                break
+    return found
+
+
+# -- rendering ---------------------------------------------------------------
+
+_COLUMNS = ("ID", "STATUS", "MODEL", "EVENTS", "CREATED (UTC)", "DURATION", "TTFT")
+
+
+def render_table(summaries: Sequence[GenerationSummary]) -> str:
+    rows = [_COLUMNS] + [
+        (
+            s.id,
+            s.status,
+            s.model,
+            str(s.events),
+            datetime.fromtimestamp(s.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            seconds(s.duration_ms),
+            seconds(s.time_to_first_token_ms),
+        )
+        for s in summaries
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    numeric = {3, 5, 6}
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_json_lines(summaries: Sequence[GenerationSummary]) -> bytes:
+    return b"".join(msgspec.json.encode(s) + b"\n" for s in summaries)

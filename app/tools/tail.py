@@ -1,0 +1,281 @@
+"""`tokentape tail`: follow a generation over SSE as a client would, and render its text.
+
+It reconnects on its own after a drop with `Last-Event-ID`, so the text it
+prints has no gap and no duplicate. Text goes to stdout; everything about the
+stream (gaps, takeovers, reconnects, the end) goes to stderr, so `tail --raw`
+piped to a file holds exactly the generated text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TextIO
+
+import aiohttp
+import msgspec
+
+from app import events
+from app.errors import Expired, InvalidRequest, NotFound, TokentapeError, Unavailable
+from app.sse import Message, Parser
+
+_gap_decoder = msgspec.json.Decoder(events.Gap)
+
+BOLD, DIM, RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
+
+
+class Renderer(Protocol):
+    def text(self, chunk: str) -> None: ...
+
+    def tool_call(self, name: str, arguments: dict[str, Any]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def tool_call_line(name: str, arguments: dict[str, Any]) -> str:
+    return f"⚙ {name}({json.dumps(arguments, ensure_ascii=False)})"
+
+
+class RawRenderer:
+    """The text exactly as generated, written as it arrives."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._at_line_start = True
+
+    def text(self, chunk: str) -> None:
+        if chunk:
+            self.out.write(chunk)
+            self.out.flush()
+            self._at_line_start = chunk.endswith("\n")
+
+    def tool_call(self, name: str, arguments: dict[str, Any]) -> None:
+        self.text(("" if self._at_line_start else "\n") + tool_call_line(name, arguments) + "\n")
+
+    def finish(self) -> None:
+        self.out.flush()
+
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
+_BULLET = re.compile(r"^(\s*)[-*+]\s+(.*)$")
+_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
+_STRONG = re.compile(r"\*\*(.+?)\*\*")
+_CODE = re.compile(r"`([^`]+)`")
+
+
+class MarkdownLines:
+    """Markdown rendered one complete line at a time.
+
+    Rendering chunk by chunk breaks on a `**` or a code fence split across
+    tokens; holding the current line until its newline never does.
+    """
+
+    def __init__(self) -> None:
+        self.in_code = False
+
+    def render(self, line: str) -> str:
+        if line.lstrip().startswith(("```", "~~~")):
+            self.in_code = not self.in_code
+            return f"{DIM}{line}{RESET}"
+        if self.in_code:
+            return f"{DIM}{line}{RESET}"
+        if match := _HEADING.match(line):
+            return f"{BOLD}{_inline(match.group(2))}{RESET}"
+        if _RULE.match(line):
+            return f"{DIM}{'─' * 40}{RESET}"
+        if match := _BULLET.match(line):
+            return f"{match.group(1)}• {_inline(match.group(2))}"
+        if line.startswith(">"):
+            return f"{DIM}│ {_inline(line[1:].lstrip())}{RESET}"
+        return _inline(line)
+
+
+def _inline(text: str) -> str:
+    text = _STRONG.sub(lambda m: f"{BOLD}{m.group(1)}{RESET}", text)
+    return _CODE.sub(lambda m: f"{DIM}{m.group(1)}{RESET}", text)
+
+
+class MarkdownRenderer:
+    """Buffers the current line and renders only complete lines."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.lines = MarkdownLines()
+        self._line = ""
+
+    def text(self, chunk: str) -> None:
+        *complete, self._line = (self._line + chunk).split("\n")
+        for line in complete:
+            self.out.write(self.lines.render(line) + "\n")
+        if complete:
+            self.out.flush()
+
+    def tool_call(self, name: str, arguments: dict[str, Any]) -> None:
+        self._flush_line()
+        self.out.write(f"{DIM}{tool_call_line(name, arguments)}{RESET}\n")
+        self.out.flush()
+
+    def finish(self) -> None:
+        self._flush_line()
+        self.out.flush()
+
+    def _flush_line(self) -> None:
+        if self._line:
+            self.out.write(self.lines.render(self._line) + "\n")
+            self._line = ""
+
+
+@dataclasses.dataclass
+class TailResult:
+    last_seq: int
+    terminal: events.TerminalEvent | None  # None: the server answered 204 (already over)
+    connections: int
+
+
+def events_url(base_url: str, generation_id: str) -> str:
+    return f"{base_url.rstrip('/')}/v1/generations/{generation_id}/events"
+
+
+class Follower:
+    """One generation followed to its end over SSE, reconnecting with backoff."""
+
+    def __init__(
+        self,
+        base_url: str,
+        generation_id: str,
+        renderer: Renderer,
+        *,
+        notice: Callable[[str], None],
+        initial_backoff: float = 0.5,
+        max_backoff: float = 15.0,
+        max_failures: int = 12,
+        idle_timeout: float = 60.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.url = events_url(base_url, generation_id)
+        self.generation_id = generation_id
+        self.renderer = renderer
+        self.notice = notice
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.max_failures = max_failures
+        # Longer than the server's heartbeat interval: silence this long means a dead connection.
+        self.idle_timeout = idle_timeout
+        self.sleep = sleep
+        self.last_seq = 0
+        self._retry_ms: int | None = None
+
+    async def run(self, session: aiohttp.ClientSession | None = None) -> TailResult:
+        if session is None:
+            async with aiohttp.ClientSession() as own:
+                return await self.run(own)
+        failures = connections = 0
+        while True:
+            connections += 1
+            try:
+                outcome = await self._connect(session)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                outcome = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if isinstance(outcome, TailResult):
+                self.renderer.finish()
+                outcome.connections = connections
+                return outcome
+            if outcome == "progress":
+                failures = 0
+                outcome = "the stream ended before the terminal event"
+            failures += 1
+            if failures > self.max_failures:
+                raise Unavailable(
+                    "tail_gave_up",
+                    f"{self.url}: {failures - 1} reconnects failed ({outcome}); "
+                    f"run tail again to resume (the last event seen was {self.last_seq})",
+                )
+            delay = self._backoff(failures)
+            self.notice(f"↻ {outcome}; reconnecting after seq {self.last_seq} in {delay:.1f} s")
+            await self.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        # The server's `retry:` sets the first delay, as it would for a browser.
+        base = self._retry_ms / 1000 if self._retry_ms is not None else self.initial_backoff
+        return float(min(self.max_backoff, base * 2 ** (failures - 1)))
+
+    async def _connect(self, session: aiohttp.ClientSession) -> TailResult | str:
+        """One connection: a finished TailResult, "progress", or why it ended without any."""
+        headers = {"Accept": "text/event-stream"}
+        if self.last_seq:
+            headers["Last-Event-ID"] = str(self.last_seq)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.idle_timeout)
+        async with session.get(self.url, headers=headers, timeout=timeout) as response:
+            if response.status == 204:
+                return TailResult(self.last_seq, None, 0)
+            if response.status in (400, 404, 410):
+                raise await _client_error(response)
+            content_type = response.headers.get("Content-Type", "")
+            if response.status != 200 or not content_type.startswith("text/event-stream"):
+                return f"HTTP {response.status} {content_type or 'without a content type'}"
+            parser = Parser()
+            progressed = False
+            async for chunk in response.content.iter_any():
+                for message in parser.feed(chunk):
+                    terminal = self._on_message(message)
+                    progressed = True
+                    if terminal is not None:
+                        return TailResult(self.last_seq, terminal, 0)
+                if parser.retry is not None:
+                    self._retry_ms = parser.retry
+            return "progress" if progressed else "the stream ended with no event"
+
+    def _on_message(self, message: Message) -> events.TerminalEvent | None:
+        if message.event == "gap":
+            try:
+                gap = _gap_decoder.decode(message.data)
+            except msgspec.DecodeError:
+                self.notice("⚠ gap: some events were removed by retention")
+                return None
+            self.notice(
+                f"⚠ gap: events {gap.requested}..{gap.first_available - 1} were removed "
+                f"by retention; continuing at {gap.first_available}"
+            )
+            return None
+        seq = int(message.id) if message.id and message.id.isdigit() else None
+        if seq is not None:
+            if seq <= self.last_seq:
+                return None  # already rendered: never print a token twice
+            self.last_seq = seq
+        try:
+            event = events.decode(message.data)
+        except msgspec.DecodeError:
+            self.notice(f"? skipped an event this tail does not know: {message.event}")
+            return None
+        if isinstance(event, events.Token):
+            self.renderer.text(event.text)
+        elif isinstance(event, events.ToolCall):
+            self.renderer.tool_call(event.name, event.arguments)
+        elif isinstance(event, events.Started) and (event.attempt or 1) > 1:
+            self.notice(f"↻ seq {seq}: a worker took over (attempt {event.attempt})")
+        elif isinstance(event, events.Done | events.Error):
+            return event
+        return None
+
+
+async def _client_error(response: aiohttp.ClientResponse) -> TokentapeError:
+    try:
+        body = await response.json(content_type=None)
+        error = body["error"]
+        code, message = str(error["code"]), str(error.get("message", ""))
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+        code, message = f"http_{response.status}", await response.text()
+    kind = {404: NotFound, 410: Expired}.get(response.status, InvalidRequest)
+    return kind(code, message)
+
+
+def describe_end(result: TailResult) -> str:
+    terminal = result.terminal
+    if isinstance(terminal, events.Done):
+        return f"■ done ({terminal.reason}) at seq {result.last_seq}"
+    if isinstance(terminal, events.Error):
+        return f"■ error {terminal.code}: {terminal.message} at seq {result.last_seq}"
+    return f"■ the generation had already ended (after seq {result.last_seq})"

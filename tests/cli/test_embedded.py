@@ -1,0 +1,190 @@
+"""The embedded default Redis: a redis-server child, or fakeredis in-process; both stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from app import embedded, events, jobs
+from app.embedded import EmbeddedUnavailable, FakeRedisServer, RedisProcess, embedded_redis
+from app.generations import parse_request
+from app.keys import new_generation_id
+from app.log import GenerationLog, parse_live
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
+needs_redis_server = pytest.mark.skipif(
+    shutil.which("redis-server") is None and shutil.which("valkey-server") is None,
+    reason="no redis-server or valkey-server on PATH",
+)
+
+
+def nothing_on_path(name: str) -> str | None:
+    return None
+
+
+def answers_ping(url: str) -> bool:
+    client = SyncRedis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except OSError:
+        return False
+    except Exception as exc:
+        if "Connection" in type(exc).__name__:
+            return False
+        raise
+    finally:
+        client.close()
+
+
+@needs_redis_server
+def test_redis_server_on_path_is_started_and_stopped() -> None:
+    with embedded_redis() as server:
+        assert isinstance(server, RedisProcess)
+        assert server.kind in embedded.SERVER_BINARIES
+        assert server.url.startswith("redis://127.0.0.1:")
+        assert answers_ping(server.url)
+        pid = server.pid
+        assert pid is not None
+        directory = Path(server._directory.name)
+        assert directory.is_dir()
+    assert not answers_ping(server.url)
+    # Reaped, not a zombie: the pid is gone from /proc.
+    assert not Path(f"/proc/{pid}").exists()
+    assert not directory.exists()
+
+
+@needs_redis_server
+def test_redis_server_dies_with_a_killed_parent() -> None:
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from app.embedded import start; s = start(); "
+            "print(s.url, flush=True); time.sleep(60)",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+    )
+    assert parent.stdout is not None
+    url = parent.stdout.readline().decode().strip()
+    parent.stdout.close()
+    assert answers_ping(url)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while answers_ping(url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not answers_ping(url)
+
+
+def test_fallback_is_fakeredis_when_no_server_is_on_path() -> None:
+    with embedded_redis(which=nothing_on_path) as server:
+        assert isinstance(server, FakeRedisServer)
+        assert server.kind == "fakeredis"
+        assert answers_ping(server.url)
+    assert not answers_ping(server.url)
+    assert not server._thread.is_alive()
+
+
+def test_without_server_or_fakeredis_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_fakeredis() -> FakeRedisServer:
+        raise ImportError("fakeredis")
+
+    monkeypatch.setattr(FakeRedisServer, "start", no_fakeredis)
+    with pytest.raises(EmbeddedUnavailable, match="apt-get install redis-server"):
+        embedded.start(which=nothing_on_path)
+
+
+async def next_message(pubsub: PubSub) -> bytes:
+    # get_message answers None for an ignored subscribe confirmation: read on.
+    async with asyncio.timeout(5):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                data: bytes = message["data"]
+                return data
+
+
+def entry_count(reply: Any) -> int:
+    """Entries in an XREADGROUP reply: `[[stream, [(id, fields), …]], …]`."""
+    return sum(len(entries) for _, entries in reply)
+
+
+@pytest.fixture
+def fake_server() -> FakeRedisServer:
+    server = embedded.start(which=nothing_on_path)
+    assert isinstance(server, FakeRedisServer)
+    return server
+
+
+async def test_fakeredis_fallback_runs_what_tokentape_needs(fake_server: FakeRedisServer) -> None:
+    """The log's Lua scripts via EVALSHA, live pub/sub, and the job queue's consumer group."""
+    redis = Redis.from_url(fake_server.url, socket_timeout=None)
+    log = GenerationLog(redis, Settings(redis_url=fake_server.url))
+    pubsub = redis.pubsub()
+    try:
+        generation_id = new_generation_id()
+        await log.create(generation_id, REQUEST)
+        lease = await log.acquire(generation_id, "worker-a")  # EVALSHA, NOSCRIPT, SCRIPT LOAD
+        assert lease is not None
+        await pubsub.subscribe(log.keys.live_channel(generation_id))
+        batch: list[events.Event] = [events.Started(), events.Token(text="a")]
+        assert await log.append(lease, 1, batch) == 2
+        assert await log.append(lease, 1, batch) == 2  # an idempotent retry
+        assert [e.seq for e in parse_live(await next_message(pubsub))] == [1, 2]
+        assert await log.append(lease, 3, [events.Done(reason="stop")]) == 3
+        assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1, 2, 3]
+        state = await log.state(generation_id)
+        assert state is not None
+        assert state.status == "done"
+
+        keys = log.keys
+        await jobs.ensure_group(redis, keys)
+        await jobs.ensure_group(redis, keys)  # BUSYGROUP answered, connection kept
+        started = time.monotonic()
+        empty = await redis.xreadgroup(
+            keys.worker_group, "c1", {keys.jobs: ">"}, count=10, block=300
+        )
+        assert not empty
+        assert time.monotonic() - started >= 0.25  # it blocked
+
+        async def enqueue_later() -> None:
+            await asyncio.sleep(0.2)
+            await jobs.enqueue(redis, keys, generation_id, None)
+
+        producer = asyncio.create_task(enqueue_later())
+        reader = Redis.from_url(fake_server.url, socket_timeout=None)
+        try:
+            woken = await reader.xreadgroup(
+                keys.worker_group, "c1", {keys.jobs: ">"}, count=10, block=5000
+            )
+        finally:
+            await reader.aclose()
+        await producer
+        assert entry_count(woken) == 1
+
+        claimed = await redis.xautoclaim(
+            keys.jobs, keys.worker_group, "c2", min_idle_time=0, start_id="0-0"
+        )
+        assert len(claimed[1]) == 1
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+        fake_server.stop()

@@ -1,0 +1,128 @@
+"""Log lines: JSON off a terminal, ids on every line about a generation, disconnect in one line."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from app.telemetry import configure_logging, generation_logger
+from tests.telemetry.conftest import GENERATION_ID, Recorded
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    """Put the root logger back the way the test found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_json_lines_inside_a_generation_span_carry_generation_trace_and_span_ids(
+    recorded: Recorded,
+) -> None:
+    stream = io.StringIO()  # not a terminal: JSON
+    configure_logging("DEBUG", stream=stream)
+
+    with recorded.telemetry.generation_span(GENERATION_ID, model="m", provider="p") as generation:
+        logging.getLogger("tokentape.worker").info("calling the model", extra={"attempt": 1})
+    logging.getLogger("tokentape.worker").info("idle")
+
+    inside, outside = lines(stream)
+    context = generation.span.get_span_context()
+    assert inside == {
+        "time": inside["time"],
+        "level": "info",
+        "logger": "tokentape.worker",
+        "message": "calling the model",
+        "generation_id": GENERATION_ID,
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+        "attempt": 1,
+    }
+    assert str(inside["time"]).endswith("Z")
+    assert set(outside) == {"time", "level", "logger", "message"}
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_generation_logger_tags_lines_outside_any_span() -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+
+    generation_logger(GENERATION_ID, "tokentape.api").warning("queue is long")
+
+    (line,) = lines(stream)
+    assert line["generation_id"] == GENERATION_ID
+    assert line["logger"] == "tokentape.api"
+    assert "trace_id" not in line
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_client_disconnect_is_one_info_line_without_a_traceback(recorded: Recorded) -> None:
+    stream = io.StringIO()
+    configure_logging("DEBUG", stream=stream)
+
+    def handler() -> None:
+        with recorded.telemetry.reader_span(
+            GENERATION_ID, position=4, resume=True, link_to=None
+        ) as reader:
+            reader.first_event(5)
+            reader.sent(2, 64)
+            raise asyncio.CancelledError  # aiohttp cancels the handler of a vanished client
+
+    with pytest.raises(asyncio.CancelledError):
+        handler()
+
+    (line,) = lines(stream)
+    (span,) = recorded.finished()
+    assert span.context is not None
+    assert line["level"] == "info"
+    assert line["message"] == "sse connection ended: client_gone"
+    assert line["generation_id"] == GENERATION_ID
+    assert line["trace_id"] == f"{span.context.trace_id:032x}"
+    assert (line["position"], line["first_seq"], line["events_sent"], line["bytes_sent"]) == (
+        4,
+        5,
+        2,
+        64,
+    )
+    assert "exception" not in line
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_a_terminal_gets_readable_lines_and_reconfiguring_replaces_the_handler() -> None:
+    root = logging.getLogger()
+    before = len(root.handlers)
+    configure_logging("INFO", stream=io.StringIO())
+    terminal = Terminal()
+    configure_logging("INFO", stream=terminal)
+    assert len(root.handlers) == before + 1
+
+    generation_logger(GENERATION_ID).info("resumed", extra={"position": 3})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("tokentape").exception("append failed")
+
+    text = terminal.getvalue()
+    first, second = text.split("\n", 1)
+    assert first.endswith(f"INFO tokentape: resumed position=3 gen={GENERATION_ID}")
+    assert "ERROR tokentape: append failed" in second
+    assert "Traceback" in second
+    assert "ValueError: boom" in second

@@ -1,0 +1,199 @@
+"""tail: follows over real HTTP SSE, survives a reader restart, prints the text exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from app import events
+from app.errors import NotFound
+from app.keys import new_generation_id
+from app.log import GenerationLog
+from app.settings import Settings
+from app.tools.tail import BOLD, DIM, RESET, Follower, MarkdownRenderer, RawRenderer
+from tests.tools.builders import REQUEST, tokens, write_generation
+from tests.tools.reader_server import ReaderServer
+
+FIRST_HALF = "## Plan\nStep one: **split** the tokens"
+SECOND_HALF = " anywhere.\n- a bullet\n```py\nx = 1\n```\nThe end."
+
+
+class Capture(io.StringIO):
+    """Stdout for the renderer; `reached(text)` is awaitable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[str, asyncio.Event]] = []
+
+    def write(self, s: str) -> int:
+        written = super().write(s)
+        for text, reached in self._waiting:
+            if self.getvalue().endswith(text):
+                reached.set()
+        return written
+
+    async def reached(self, text: str) -> None:
+        event = asyncio.Event()
+        self._waiting.append((text, event))
+        if self.getvalue().endswith(text):
+            event.set()
+        await event.wait()
+
+
+@pytest.fixture
+async def stub(log: GenerationLog) -> AsyncIterator[ReaderServer]:
+    server = ReaderServer(log)
+    await server.start()
+    yield server
+    if server.running:
+        await server.stop()
+
+
+async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
+    log: GenerationLog, settings: Settings, stub: ReaderServer
+) -> None:
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST)
+    lease = await log.acquire(generation_id, "worker-test")
+    assert lease is not None
+    first_seq = await log.append(lease, 1, [events.Started(), *tokens(FIRST_HALF)])
+
+    out, notices, delays = Capture(), list[str](), list[float]()
+    reader_up = asyncio.Event()
+
+    async def wait_for_the_reader(delay: float) -> None:
+        # The backoff wait: it ends when the test has restarted the reader.
+        delays.append(delay)
+        await reader_up.wait()
+
+    follower = Follower(
+        stub.url, generation_id, RawRenderer(out), notice=notices.append, sleep=wait_for_the_reader
+    )
+    tail = asyncio.create_task(follower.run())
+    await out.reached(FIRST_HALF)
+
+    await stub.stop()  # the reader process dies mid-stream
+    last = await log.append(
+        lease, first_seq + 1, [*tokens(SECOND_HALF), events.Done(reason="stop")]
+    )
+    await stub.start()
+    reader_up.set()
+
+    result = await asyncio.wait_for(tail, 10)
+    assert out.getvalue() == FIRST_HALF + SECOND_HALF
+    assert result.last_seq == last
+    assert isinstance(result.terminal, events.Done)
+    assert stub.last_event_ids[:2] == [None, str(first_seq)]
+    assert delays[0] == settings.retry_milliseconds / 1000  # the server's `retry:`
+    assert any(f"reconnecting after seq {first_seq}" in n for n in notices)
+
+
+async def test_tail_follows_live_appends(log: GenerationLog, stub: ReaderServer) -> None:
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST)
+    lease = await log.acquire(generation_id, "worker-test")
+    assert lease is not None
+    out = Capture()
+    tail = asyncio.create_task(
+        Follower(stub.url, generation_id, RawRenderer(out), notice=print).run()
+    )
+    seq = 0
+    for word in ["one ", "two ", "three"]:
+        seq = await log.append(lease, seq + 1, [events.Token(text=word)])
+        stub.notify()
+        await out.reached(word)
+    await log.append(lease, seq + 1, [events.Done(reason="stop")])
+    stub.notify()
+    result = await asyncio.wait_for(tail, 10)
+    assert out.getvalue() == "one two three"
+    assert result.connections == 1
+
+
+async def test_tail_reports_a_retention_gap(
+    log: GenerationLog, redis: Redis, stub: ReaderServer
+) -> None:
+    generation_id = await write_generation(
+        log,
+        [[events.Token(text="lost ")], [events.Token(text="kept")], [events.Done(reason="stop")]],
+    )
+    await redis.xdel(log.keys.log(generation_id), "1-0")  # what the length cap does
+    out, notices = Capture(), list[str]()
+    await Follower(stub.url, generation_id, RawRenderer(out), notice=notices.append).run()
+    assert out.getvalue() == "kept"
+    assert notices == ["⚠ gap: events 1..1 were removed by retention; continuing at 2"]
+
+
+async def test_tail_stops_on_204_and_refuses_an_unknown_id(
+    log: GenerationLog, stub: ReaderServer
+) -> None:
+    generation_id = await write_generation(log, [[events.Done(reason="stop")]])
+    follower = Follower(stub.url, generation_id, RawRenderer(io.StringIO()), notice=print)
+    follower.last_seq = 1  # a resumed tail, already past the terminal event
+    result = await follower.run()
+    assert (result.terminal, result.connections) == (None, 1)
+
+    with pytest.raises(NotFound):
+        await Follower(
+            stub.url, new_generation_id(), RawRenderer(io.StringIO()), notice=print
+        ).run()
+
+
+async def test_tail_gives_up_after_bounded_backoff() -> None:
+    delays: list[float] = []
+
+    async def no_wait(delay: float) -> None:
+        delays.append(delay)
+
+    follower = Follower(
+        "http://127.0.0.1:9",  # discard port: connection refused
+        new_generation_id(),
+        RawRenderer(io.StringIO()),
+        notice=lambda _: None,
+        initial_backoff=1.0,
+        max_backoff=8.0,
+        max_failures=6,
+        sleep=no_wait,
+    )
+    with pytest.raises(Exception, match="tail_gave_up"):
+        await follower.run()
+    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+def test_markdown_renders_only_complete_lines() -> None:
+    out = io.StringIO()
+    renderer = MarkdownRenderer(out)
+    for chunk in [
+        "# Ti",
+        "tle\nsome **bo",
+        "ld** te",
+        "xt\n- it",
+        "em\n``",
+        "`\ncode\n```\n",
+        "tail",
+    ]:
+        renderer.text(chunk)
+        assert "**" not in out.getvalue()  # a split `**` is never shown raw
+    renderer.tool_call("lookup", {"q": "x"})
+    renderer.finish()
+    assert out.getvalue().splitlines() == [
+        f"{BOLD}Title{RESET}",
+        f"some {BOLD}bold{RESET} text",
+        "• item",
+        f"{DIM}```{RESET}",
+        f"{DIM}code{RESET}",
+        f"{DIM}```{RESET}",
+        "tail",
+        f'{DIM}⚙ lookup({{"q": "x"}}){RESET}',
+    ]
+
+
+def test_raw_puts_a_tool_call_on_its_own_line() -> None:
+    out = io.StringIO()
+    renderer = RawRenderer(out)
+    renderer.text("Let me check")
+    renderer.tool_call("lookup", {"q": "x"})
+    assert out.getvalue() == 'Let me check\n⚙ lookup({"q": "x"})\n'
