@@ -27,6 +27,7 @@ from app import embedded
 from app.errors import InvalidRequest, TokentapeError
 from app.http import create_app
 from app.settings import Settings
+from app.telemetry import Telemetry, configure_logging
 from app.tools import commands as tools
 
 logger = logging.getLogger("tokentape")
@@ -34,7 +35,6 @@ logger = logging.getLogger("tokentape")
 # Open SSE streams are given this long to end on SIGTERM before their handlers are
 # cancelled; a browser EventSource reconnects (to another instance) on its own.
 SHUTDOWN_GRACE_SECONDS = 5.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class WorkerRuntime(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-AppFactory = Callable[[Settings, Redis], web.Application]
+AppFactory = Callable[[Settings, Redis, Telemetry], web.Application]
 WorkerFactory = Callable[[Redis, Settings], WorkerRuntime]
 
 
@@ -226,11 +226,12 @@ async def _serve(
     if with_worker:
         worker_factory = worker_factory or load_worker_factory()
     redis = connect(settings, "reader", settings.reader_redis_connections)
+    telemetry = Telemetry.from_env("tokentape-reader")
     try:
         if not await _reachable(redis, settings):
             return 1
         runner = web.AppRunner(
-            app_factory(settings, redis),
+            app_factory(settings, redis, telemetry),
             # A client disconnect cancels its SSE handler at once, releasing what it held.
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
@@ -253,6 +254,7 @@ async def _serve(
             await runner.cleanup()
     finally:
         await redis.aclose()
+        telemetry.shutdown()  # flushes the exporters
     return 1 if worker.failed else 0
 
 
@@ -397,7 +399,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # JSON lines when stderr is not a terminal, with generation, trace and span ids.
+    configure_logging(os.environ.get("TOKENTAPE_LOG_LEVEL", "INFO"))
     run = cast(Callable[[argparse.Namespace], int], args.run)
     try:
         return run(args)
