@@ -13,18 +13,21 @@ import contextlib
 import dataclasses
 import importlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from app import embedded
-from app.errors import TokentapeError
+from app.errors import InvalidRequest, TokentapeError
 from app.http import create_app
 from app.settings import Settings
+from app.telemetry import Telemetry, configure_logging
 from app.tools import commands as tools
 
 logger = logging.getLogger("tokentape")
@@ -32,7 +35,6 @@ logger = logging.getLogger("tokentape")
 # Open SSE streams are given this long to end on SIGTERM before their handlers are
 # cancelled; a browser EventSource reconnects (to another instance) on its own.
 SHUTDOWN_GRACE_SECONDS = 5.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +52,7 @@ class WorkerRuntime(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-AppFactory = Callable[[Settings, Redis], web.Application]
+AppFactory = Callable[[Settings, Redis, Telemetry], web.Application]
 WorkerFactory = Callable[[Redis, Settings], WorkerRuntime]
 
 
@@ -58,11 +60,26 @@ def load_worker_factory() -> WorkerFactory:
     return cast(WorkerFactory, importlib.import_module("workers.runner").Worker)
 
 
-def connect(settings: Settings) -> Redis:
+def connect(settings: Settings, role: str = "worker", max_connections: int | None = None) -> Redis:
+    """A Redis client named `tokentape-<role>-<pid>`, as CLIENT LIST shows it.
+
+    With `max_connections`, callers wait for a free connection instead of opening
+    more: a reader holds a fixed number whatever the number of open streams.
+    """
     assert settings.redis_url is not None
     # socket_timeout=None: redis-py's default 5 s socket timeout would cut blocking
     # reads (XREADGROUP BLOCK, pub/sub) short.
-    return Redis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=5)
+    options: dict[str, Any] = {
+        "socket_timeout": None,
+        "socket_connect_timeout": 5,
+        "client_name": f"tokentape-{role}-{os.getpid()}",
+    }
+    if max_connections is None:
+        return Redis.from_url(settings.redis_url, **options)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=max_connections, timeout=None, **options
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 # -- serve ---------------------------------------------------------------------
@@ -85,6 +102,15 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run a worker in this process (always on with the embedded Redis)",
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N reader processes on the same port (Linux SO_REUSEPORT; default 1)",
+    )
+    # Set by `--processes` on the readers it starts.
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:
@@ -93,14 +119,80 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 def _run_serve(args: argparse.Namespace) -> int:
     settings = serve_settings(args)
+    if args.processes < 1:
+        raise InvalidRequest("invalid_processes", "--processes must be at least 1")
     if settings.redis_url is not None:
-        return asyncio.run(serve(settings, with_worker=args.with_worker))
+        return _serve_in_processes(settings, args, with_worker=args.with_worker, note="")
     # Started here, on the main thread, before the event loop (see embedded._die_with_parent).
     with embedded.embedded_redis() as server:
         note = f"embedded Redis at {server.url} via {server.kind}; data is lost on exit"
+        settings = settings.replace(redis_url=server.url)
+        return _serve_in_processes(settings, args, with_worker=True, note=note)
+
+
+def _serve_in_processes(
+    settings: Settings, args: argparse.Namespace, *, with_worker: bool, note: str
+) -> int:
+    if args.processes == 1:
         return asyncio.run(
-            serve(settings.replace(redis_url=server.url), with_worker=True, note=note)
+            serve(settings, with_worker=with_worker, note=note, reuse_port=args.reuse_port)
         )
+    return asyncio.run(
+        serve_processes(settings, args.processes, with_worker=with_worker, note=note)
+    )
+
+
+async def serve_processes(
+    settings: Settings,
+    processes: int,
+    *,
+    with_worker: bool,
+    note: str = "",
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run `processes` reader processes on one port, and a worker here if asked.
+
+    Readers share nothing but Redis, so they need no coordination: the kernel
+    spreads new connections over them, and any reader can serve any generation.
+    """
+    stop = stop or asyncio.Event()
+    port = settings.port or _free_port(settings.host)
+    assert settings.redis_url is not None
+    command = [
+        sys.executable, "-m", "app", "serve",
+        "--redis", settings.redis_url,
+        "--host", settings.host,
+        "--port", str(port),
+        "--reuse-port",
+    ]  # fmt: skip
+    with _stop_on_signals(stop):
+        readers = [await asyncio.create_subprocess_exec(*command) for _ in range(processes)]
+        print(
+            f"tokentape serving on http://{_url_host(settings.host)}:{port}"
+            f" with {processes} reader processes" + (f" ({note})" if note else ""),
+            flush=True,
+        )
+        factory = load_worker_factory() if with_worker else None
+        async with _worker(settings, factory, stop) as worker:
+            exits = [asyncio.create_task(reader.wait()) for reader in readers]
+            stopping = asyncio.create_task(stop.wait())
+            # A reader that dies stops the whole service: a silent half-service is worse.
+            await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()
+            for reader in readers:
+                if reader.returncode is None:
+                    reader.terminate()
+            codes = await asyncio.gather(*exits)
+            stopping.cancel()
+    failed = worker.failed or any(code not in (0, -signal.SIGTERM) for code in codes)
+    return 1 if failed else 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 async def serve(
@@ -111,11 +203,14 @@ async def serve(
     stop: asyncio.Event | None = None,
     app_factory: AppFactory | None = None,
     worker_factory: WorkerFactory | None = None,
+    reuse_port: bool = False,
 ) -> int:
     """Run the HTTP service (and optionally a worker) until SIGTERM/SIGINT or `stop`."""
     stop = stop or asyncio.Event()
     with _stop_on_signals(stop):
-        return await _serve(settings, with_worker, note, stop, app_factory, worker_factory)
+        return await _serve(
+            settings, with_worker, note, stop, app_factory, worker_factory, reuse_port
+        )
 
 
 async def _serve(
@@ -125,38 +220,41 @@ async def _serve(
     stop: asyncio.Event,
     app_factory: AppFactory | None,
     worker_factory: WorkerFactory | None,
+    reuse_port: bool,
 ) -> int:
     app_factory = app_factory or create_app
     if with_worker:
         worker_factory = worker_factory or load_worker_factory()
-    redis = connect(settings)
+    redis = connect(settings, "reader", settings.reader_redis_connections)
+    telemetry = Telemetry.from_env("tokentape-reader")
     try:
         if not await _reachable(redis, settings):
             return 1
         runner = web.AppRunner(
-            app_factory(settings, redis),
+            app_factory(settings, redis, telemetry),
             # A client disconnect cancels its SSE handler at once, releasing what it held.
             handler_cancellation=True,
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
         )
         await runner.setup()
         try:
-            await web.TCPSite(runner, settings.host, settings.port).start()
+            # reuse_port: `--processes N` runs N readers on one port (the kernel spreads
+            # connections over them).
+            await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
             host, port = runner.addresses[0][:2]
             print(
                 f"tokentape serving on http://{_url_host(host)}:{port}"
                 + (f" ({note})" if note else ""),
                 flush=True,
             )
-            async with _worker(
-                redis, settings, worker_factory if with_worker else None, stop
-            ) as worker:
+            async with _worker(settings, worker_factory if with_worker else None, stop) as worker:
                 await stop.wait()
                 logger.info("stopping: no new connections; open streams end")
         finally:
             await runner.cleanup()
     finally:
         await redis.aclose()
+        telemetry.shutdown()  # flushes the exporters
     return 1 if worker.failed else 0
 
 
@@ -202,11 +300,11 @@ async def _work(
     try:
         if not await _reachable(redis, settings):
             return 1
-        print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
-        async with _worker(redis, settings, worker_factory, stop) as worker:
-            await stop.wait()
     finally:
         await redis.aclose()
+    print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
+    async with _worker(settings, worker_factory, stop) as worker:
+        await stop.wait()
     return 1 if worker.failed else 0
 
 
@@ -217,13 +315,14 @@ class _WorkerOutcome:
 
 @contextlib.asynccontextmanager
 async def _worker(
-    redis: Redis, settings: Settings, factory: WorkerFactory | None, stop: asyncio.Event
+    settings: Settings, factory: WorkerFactory | None, stop: asyncio.Event
 ) -> AsyncIterator[_WorkerOutcome]:
-    """Run a worker beside the body; on exit set its stop event and wait for it to finish."""
+    """Run a worker (on a Redis client of its own) beside the body; on exit stop it."""
     outcome = _WorkerOutcome()
     if factory is None:
         yield outcome
         return
+    redis = connect(settings, "worker")
     task = asyncio.create_task(factory(redis, settings).run(stop), name="tokentape-worker")
     # A worker that dies on its own stops the process: a silent half-service is worse.
     task.add_done_callback(lambda _: stop.set())
@@ -240,6 +339,8 @@ async def _worker(
         except Exception:
             outcome.failed = True
             logger.exception("worker failed")
+        finally:
+            await redis.aclose()
 
 
 @contextlib.contextmanager
@@ -298,7 +399,8 @@ def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # JSON lines when stderr is not a terminal, with generation, trace and span ids.
+    configure_logging(os.environ.get("TOKENTAPE_LOG_LEVEL", "INFO"))
     run = cast(Callable[[argparse.Namespace], int], args.run)
     try:
         return run(args)

@@ -35,6 +35,9 @@ class Settings:
     client_buffer_events: int = 1024
     # A client whose socket accepts nothing for this long is disconnected.
     write_timeout_seconds: float = 30.0
+    # Redis connections of one reader process, whatever the number of open streams:
+    # one for pub/sub, the rest for log reads.
+    reader_redis_connections: int = 4
 
     # Retention
     max_events_per_generation: int = 100_000

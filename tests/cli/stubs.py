@@ -12,9 +12,10 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.settings import Settings
+from app.telemetry import Telemetry
 
 
-def create_app(settings: Settings, redis: Redis) -> web.Application:
+def create_app(settings: Settings, redis: Redis, telemetry: Telemetry) -> web.Application:
     async def ping(request: web.Request) -> web.Response:
         return web.json_response({"redis": await redis.ping(), "url": settings.redis_url})
 
