@@ -382,6 +382,11 @@ class Worker:
     def claim_interval_seconds(self) -> float:
         return self.settings.lease_seconds / 4
 
+    async def until_idle(self) -> None:
+        """Wait until no generation runs here."""
+        while self._tasks:
+            await asyncio.wait(self._tasks)
+
     def resolve(self, model: str) -> ModelAdapter:
         return self._resolve(model)
 

@@ -21,6 +21,8 @@ from workers.models.base import GenerationContext, ProviderError
 
 # Without sleeping (a very high rate), hand the loop back every this many events.
 _YIELD_EVERY = 64
+# Shorter waits are not worth a timer: such events go out together, still on the clock.
+_MIN_SLEEP = 0.001
 
 _WORDS = (  # noqa: SIM905 - a paragraph reads better than a list of 80 strings
     "the stream event log token reader worker lease replay append seq generation "
@@ -189,7 +191,7 @@ class SimModel:
             if _paced(event):
                 delay = t0 + units / rate - self.clock.monotonic()
                 units += 1
-                if delay > 0:
+                if delay >= _MIN_SLEEP:
                     await self.clock.sleep(delay)
                     emitted = 0
             emitted += 1
