@@ -67,7 +67,7 @@ TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 def command_client(url: str, max_connections: int = 16) -> Redis:
     """A client for a worker's commands with a fixed number of connections."""
     pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None)
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)
 
 
 def _blocking_client(redis: Redis) -> Redis:
@@ -79,7 +79,7 @@ def _blocking_client(redis: Redis) -> Redis:
     blocking = BlockingConnectionPool(
         connection_class=pool.connection_class, max_connections=2, timeout=None, **kwargs
     )
-    return Redis(connection_pool=blocking)
+    return Redis.from_pool(blocking)
 
 
 class Outcome(enum.Enum):
