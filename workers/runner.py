@@ -478,8 +478,17 @@ class Worker:
                     await self.log.renew(lease, release=True)
             await jobs.enqueue(self.redis, k, run.generation_id, run.job.traceparent)
             await self.redis.xack(k.jobs, k.worker_group, run.job.id)
-        # HELD, FENCED, FAILED: the job stays pending until a worker that can take
-        # the lease claims it.
+        elif outcome is Outcome.HELD:
+            # Another worker holds the lease (alive, or dead with its lease not yet
+            # expired). Set the job's idle time so it becomes claimable again right
+            # when that lease runs out, not a full lease later.
+            remaining_ms = await self.redis.pttl(k.lease(run.generation_id))
+            idle_ms = self.takeover_idle_ms - max(0, min(remaining_ms, self.takeover_idle_ms))
+            await self.redis.xclaim(
+                k.jobs, k.worker_group, self.worker_id, 0, [run.job.id], idle=idle_ms, justid=True
+            )
+        # FENCED, FAILED: the job stays pending until a worker that can take the lease
+        # claims it.
 
     async def _drain(self) -> None:
         """Let in-flight generations finish within the grace period, then hand the rest off."""
