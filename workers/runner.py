@@ -316,6 +316,8 @@ class _GenerationRun:
         page_size = self.worker.settings.catch_up_page_size
         while len(prior) < lease.last_seq:
             page = await self.worker.log.read(self.generation_id, len(prior), page_size)
+            # Our own `started` may already follow what the lease saw.
+            page = [entry for entry in page if entry.seq <= lease.last_seq]
             if not page or page[0].seq != len(prior) + 1:
                 raise ProviderError(
                     "worker_lost",
@@ -533,11 +535,35 @@ class Worker:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
             try:
                 closed = await self.log.sweep_abandoned()
+                await self.trim_jobs()
             except RedisError as exc:
                 logger.warning("sweeping abandoned generations failed: %s", exc)
                 continue
             if closed:
                 logger.info("closed %d abandoned generations", len(closed))
+
+    async def trim_jobs(self) -> int:
+        """Drop acknowledged jobs from the job stream; returns how many were removed.
+
+        Everything older than both the oldest pending job and the group's last
+        delivered one was delivered and acknowledged: the stream never grows without
+        bound, and a pending job (a takeover candidate) is never trimmed.
+        """
+        k = self.keys
+        groups = await self.redis.xinfo_groups(k.jobs)
+        group = next((g for g in groups if g["name"] == k.worker_group.encode()), None)
+        if group is None:
+            return 0
+        floor = _stream_id(group["last-delivered-id"])
+        summary = await self.redis.xpending(k.jobs, k.worker_group)
+        if summary["pending"]:
+            floor = min(floor, _stream_id(summary["min"]))
+        if floor == (0, 0):
+            return 0
+        removed: int = await self.redis.xtrim(
+            k.jobs, minid=f"{floor[0]}-{floor[1]}", approximate=False
+        )
+        return removed
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         """Take over jobs whose worker stopped renewing (died) for a full lease."""
@@ -571,6 +597,12 @@ class Worker:
                 self._start(jobs.job_from_entry(entry_id, fields))
                 started += 1
         return started
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

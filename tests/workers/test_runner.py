@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app import events
+from app import events, jobs
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.log import GenerationLog, Lease
 from app.settings import Settings
@@ -296,3 +296,34 @@ async def test_a_job_whose_lease_is_still_held_is_taken_as_soon_as_that_lease_ex
     assert without_started(entries) == expected_events(request)
     # Not a second full lease after the first attempt found it held.
     assert waited < 1.6 * settings.lease_seconds, waited
+
+
+async def test_a_cancel_whose_message_was_missed_is_caught_by_the_lease_renewal(
+    log: GenerationLog, redis: Redis, settings: Settings, start_worker: StartWorker
+) -> None:
+    settings = settings.replace(lease_seconds=0.6)
+    adapter = EndlessAdapter()
+    await start_worker(settings, adapters=lambda model: adapter)
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(2))
+    # The flag request_cancel sets, without the pub/sub message (lost in a reconnect).
+    await redis.hset(log.keys.meta(generation_id), "cancel_requested", "1")
+    entries = await until_log(log, generation_id, ended)
+    assert entries[-1].event() == Done(reason="cancelled")
+    assert adapter.closed.is_set()
+
+
+async def test_acknowledged_jobs_are_trimmed_and_pending_ones_kept(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    running = await start_worker()
+    finished = [await submit(log, sim_request(tokens=3)) for _ in range(5)]
+    for generation_id in finished:
+        await until_log(log, generation_id, ended)
+    await running.drain()
+    # A job delivered to a worker that died: pending, so a takeover still finds it.
+    await jobs.enqueue(redis, log.keys, "x" * 22, None)
+    await redis.xreadgroup(log.keys.worker_group, "dead", {log.keys.jobs: ">"}, count=1)
+    assert await running.worker.trim_jobs() == 5
+    assert await redis.xlen(log.keys.jobs) == 1
+    assert await pending_jobs(redis, log) == 1
