@@ -60,6 +60,8 @@ MAX_BATCH = 512
 MAX_PENDING = 4096
 # Longest a job read blocks, so `stop` is noticed this soon.
 READ_BLOCK_MS = 500
+# How often jobs are polled from a server whose XREADGROUP does not block.
+FALLBACK_POLL_SECONDS = 0.05
 # Errors after which a retried append may succeed; a refusal never is one.
 TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -426,6 +428,8 @@ class Worker:
                 self._slot_free.clear()
                 await _first(self._slot_free.wait(), stop.wait())
                 continue
+            loop = asyncio.get_running_loop()
+            began = loop.time()
             try:
                 reply = await blocking.xreadgroup(
                     k.worker_group, self.worker_id, {k.jobs: ">"}, count=free, block=READ_BLOCK_MS
@@ -434,8 +438,13 @@ class Worker:
                 logger.warning("reading jobs failed: %s; retrying", exc)
                 await _first(asyncio.sleep(1.0), stop.wait())
                 continue
-            for entry_id, fields in _stream_entries(reply):
+            entries = _stream_entries(reply)
+            for entry_id, fields in entries:
                 self._start(jobs.job_from_entry(entry_id, fields))
+            if not entries and loop.time() - began < READ_BLOCK_MS / 2000:
+                # A server that does not block (the embedded fakeredis answers at
+                # once) must not turn this loop into a spin that starves the others.
+                await _first(asyncio.sleep(FALLBACK_POLL_SECONDS), stop.wait())
 
     def _start(self, job: Job) -> None:
         if job.generation_id in self._runs:
