@@ -26,6 +26,8 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -51,6 +53,7 @@ from workers.models import adapter_for
 from workers.models.base import GenerationContext, ModelAdapter, ProviderError
 
 logger = logging.getLogger("tokentape.worker")
+tracer = trace.get_tracer("tokentape.worker")
 
 AdapterResolver = Callable[[str], ModelAdapter]
 
@@ -60,6 +63,9 @@ MAX_BATCH = 512
 MAX_PENDING = 4096
 # Longest a job read blocks, so `stop` is noticed this soon.
 READ_BLOCK_MS = 500
+# A generation taken over this many times (crashes, hand-offs) ends with an error
+# instead of crashing yet another worker.
+MAX_ATTEMPTS = 10
 # How often jobs are polled from a server whose XREADGROUP does not block.
 FALLBACK_POLL_SECONDS = 0.05
 # Errors after which a retried append may succeed; a refusal never is one.
@@ -261,6 +267,9 @@ class _GenerationRun:
             elif lease.cancel_requested or self._cancel_wanted:
                 logger.info("%s: cancelled before it started", self.generation_id)
                 await appender.put(Done(reason="cancelled"))
+            elif lease.attempt > MAX_ATTEMPTS:
+                message = f"gave up after {lease.attempt - 1} attempts lost their worker"
+                await appender.put(Error(code="worker_lost", message=message, retryable=True))
             else:
                 request = await log.request(self.generation_id)
                 model = request.model if request else None
@@ -460,6 +469,17 @@ class Worker:
         self._slot_free.set()
 
     async def _run_job(self, run: _GenerationRun) -> None:
+        # The span continues the trace of the request that created the generation.
+        carrier = {"traceparent": run.job.traceparent} if run.job.traceparent else {}
+        parent = TraceContextTextMapPropagator().extract(carrier)
+        with tracer.start_as_current_span(
+            "generation", context=parent, kind=trace.SpanKind.CONSUMER
+        ) as span:
+            span.set_attribute("tokentape.generation_id", run.generation_id)
+            span.set_attribute("tokentape.worker_id", self.worker_id)
+            await self._run_and_settle(run, span)
+
+    async def _run_and_settle(self, run: _GenerationRun, span: trace.Span) -> None:
         try:
             try:
                 outcome = await run.execute()
@@ -469,6 +489,10 @@ class Worker:
             finally:
                 del self._runs[run.generation_id]
             logger.info("%s: %s", run.generation_id, outcome.value)
+            span.set_attribute("tokentape.outcome", outcome.value)
+            if run.appender is not None:
+                span.set_attribute("tokentape.attempt", run.appender.lease.attempt)
+                span.set_attribute("tokentape.last_seq", run.appender.next_seq - 1)
             await self._settle(run, outcome)
         except TRANSIENT_ERRORS as exc:
             # The job stays pending; the claimer of some worker settles it later.

@@ -7,11 +7,15 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import events, jobs
 from app.events import Done, Error, Event, LogEntry, Started, Token
+from app.keys import new_generation_id
 from app.log import GenerationLog, Lease
 from app.settings import Settings
 from tests.workers.conftest import (
@@ -24,8 +28,10 @@ from tests.workers.conftest import (
     submit,
     until_log,
 )
+from workers import runner
 from workers.models import adapter_for
 from workers.models.base import GenerationContext, ModelAdapter, ProviderError
+from workers.runner import MAX_ATTEMPTS
 
 
 def assert_well_formed(entries: Sequence[LogEntry]) -> None:
@@ -327,3 +333,40 @@ async def test_acknowledged_jobs_are_trimmed_and_pending_ones_kept(
     assert await running.worker.trim_jobs() == 5
     assert await redis.xlen(log.keys.jobs) == 1
     assert await pending_jobs(redis, log) == 1
+
+
+async def test_a_generation_that_keeps_losing_its_worker_ends_with_worker_lost(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    generation_id = await submit(log, sim_request())
+    await redis.hset(log.keys.meta(generation_id), "attempts", MAX_ATTEMPTS)
+    await start_worker()
+    entries = await until_log(log, generation_id, ended)
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert (error.code, error.retryable) == ("worker_lost", True)
+
+
+async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(runner, "tracer", provider.get_tracer("test"))
+    running = await start_worker()
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    generation_id = new_generation_id()
+    await log.create(generation_id, sim_request(tokens=5))
+    await jobs.enqueue(redis, log.keys, generation_id, f"00-{trace_id}-{parent_id}-01")
+    await until_log(log, generation_id, ended)
+    await running.worker.until_idle()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "generation"
+    assert span.context is not None
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (int(trace_id, 16), int(parent_id, 16))
+    assert span.attributes is not None
+    assert span.attributes["tokentape.generation_id"] == generation_id
+    assert span.attributes["tokentape.outcome"] == "ended"
+    assert span.attributes["tokentape.last_seq"] == 7  # started, 5 tokens, done
