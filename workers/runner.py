@@ -30,7 +30,7 @@ from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import (
     AsyncRetrying,
@@ -446,6 +446,14 @@ class Worker:
             except TRANSIENT_ERRORS as exc:
                 logger.warning("reading jobs failed: %s; retrying", exc)
                 await _first(asyncio.sleep(1.0), stop.wait())
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back without its data (no persistence): recreate the group.
+                logger.warning("the job group is gone; recreating it")
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await jobs.ensure_group(self.redis, k)
                 continue
             entries = _stream_entries(reply)
             for entry_id, fields in entries:
