@@ -1,11 +1,11 @@
 """The worker runtime: consume generation jobs, run model adapters, append their events.
 
 A `Worker` reads jobs from the consumer group, takes each generation's lease,
-appends `started` and then the adapter's events in group-committed batches, and
-ends every generation with exactly one terminal event. Besides that it keeps
-three loops: the lease keeper (`workers.lease`), a claimer that takes over jobs
-whose worker died (XAUTOCLAIM), and the abandon sweeper. Cancellation is pushed
-over one pub/sub subscription per process.
+appends `started` and then the adapter's events in group-committed batches
+(`workers.appender`), and ends every generation with exactly one terminal
+event. Besides that it keeps three loops: the lease keeper (`workers.lease`), a
+claimer that takes over jobs whose worker died (XAUTOCLAIM), and the abandon
+sweeper. Cancellation is pushed over one pub/sub subscription per process.
 
 Redis connections: commands go through the client the caller passes in (give it
 a bounded pool; `command_client` makes one); blocking reads use one more pool
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import enum
 import logging
 import os
 import secrets
@@ -29,25 +28,17 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from tenacity import (
-    AsyncRetrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from app import events, jobs
-from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
+from app.errors import Fenced
 from app.events import Done, Error, Event, Started
 from app.generations import GenerationRequest
 from app.jobs import Job
 from app.keys import Keys
 from app.log import GenerationLog, Lease
 from app.settings import Settings
+from workers.appender import TRANSIENT_ERRORS, Appender, Outcome, retrying
 from workers.lease import HeldLease, LeaseKeeper
 from workers.models import adapter_for
 from workers.models.base import GenerationContext, ModelAdapter, ProviderError
@@ -57,10 +48,6 @@ tracer = trace.get_tracer("tokentape.worker")
 
 AdapterResolver = Callable[[str], ModelAdapter]
 
-# Most events one append carries; more wait for the next one.
-MAX_BATCH = 512
-# Events an adapter may be ahead of the log before it waits (backpressure).
-MAX_PENDING = 4096
 # Longest a job read blocks, so `stop` is noticed this soon.
 READ_BLOCK_MS = 500
 # A generation taken over this many times (crashes, hand-offs) ends with an error
@@ -68,8 +55,6 @@ READ_BLOCK_MS = 500
 MAX_ATTEMPTS = 10
 # How often jobs are polled from a server whose XREADGROUP does not block.
 FALLBACK_POLL_SECONDS = 0.05
-# Errors after which a retried append may succeed; a refusal never is one.
-TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def command_client(url: str, max_connections: int = 16) -> Redis:
@@ -90,118 +75,6 @@ def _blocking_client(redis: Redis) -> Redis:
     return Redis.from_pool(blocking)
 
 
-class Outcome(enum.Enum):
-    """How a generation run ended for this worker, which decides what happens to its job."""
-
-    ENDED = "ended"  # we appended the terminal event
-    FINISHED = "finished"  # the generation had already ended (or is gone)
-    HELD = "held"  # another worker holds the lease
-    FENCED = "fenced"  # we lost the lease: the new holder owns the job
-    HANDED_OFF = "handed_off"  # draining: stopped without a terminal event
-    FAILED = "failed"  # Redis kept failing; the job is left for a takeover
-
-
-def _retrying(settings: Settings) -> AsyncRetrying:
-    """Bounded retries of a Redis call that is safe to repeat (an append is idempotent)."""
-    return AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT_ERRORS),
-        wait=wait_random_exponential(multiplier=0.02, max=1.0),
-        # Past a lease, another worker may have taken over: stop and let fencing decide.
-        stop=stop_after_delay(settings.lease_seconds),
-        before_sleep=before_sleep_log(logger, logging.WARNING),
-        reraise=True,
-    )
-
-
-class _Appender:
-    """Appends one generation's events in order, group-committed.
-
-    While one append is in flight, further events accumulate and go together in
-    the next. Transient Redis errors are retried with the same (lease, first_seq,
-    batch), which the log applies at most once.
-    """
-
-    def __init__(self, log: GenerationLog, lease: Lease) -> None:
-        self.log = log
-        self.lease = lease
-        self.next_seq = lease.last_seq + 1
-        self.outcome: Outcome | None = None
-        self._pending: list[Event] = []
-        self._closed = False  # no more events are taken (a terminal was put, or stop)
-        self._stop_outcome = Outcome.HANDED_OFF
-        self._wake = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.task = asyncio.create_task(self._flush_loop())
-
-    @property
-    def accepting(self) -> bool:
-        return not self._closed
-
-    async def put(self, event: Event) -> bool:
-        """Queue an event; False once the appender takes no more (stop the producer)."""
-        while len(self._pending) >= MAX_PENDING and not self._closed:
-            self._room.clear()
-            await self._room.wait()
-        if self._closed:
-            return False
-        self._pending.append(event)
-        if events.is_terminal(event):
-            self._closed = True
-        self._wake.set()
-        return True
-
-    def stop(self, outcome: Outcome) -> None:
-        """Take no more events and end without a terminal event, as `outcome`.
-
-        A FENCED appender drops what is pending: nothing more may reach the log.
-        Otherwise what the adapter already produced is appended first.
-        """
-        self._closed = True
-        self._stop_outcome = outcome
-        if outcome is Outcome.FENCED:
-            self._pending.clear()
-        self._room.set()
-        self._wake.set()
-
-    async def _flush_loop(self) -> None:
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._pending:
-                    batch = self._pending[:MAX_BATCH]
-                    del self._pending[:MAX_BATCH]
-                    self._room.set()
-                    await self._append(batch)
-                    if events.is_terminal(batch[-1]):
-                        self.outcome = Outcome.ENDED
-                        return
-                if self._closed and not self._pending:
-                    self.outcome = self._stop_outcome
-                    return
-        except Fenced:
-            self.outcome = Outcome.FENCED
-        except (AlreadyFinished, NotFound):
-            self.outcome = Outcome.FINISHED
-        except SeqConflict:
-            logger.exception("%s: the log disagrees with our seq", self.lease.generation_id)
-            self.outcome = Outcome.FAILED
-        except RedisError as exc:
-            logger.error("%s: append kept failing: %s", self.lease.generation_id, exc)
-            self.outcome = Outcome.FAILED
-        finally:
-            self._closed = True
-            self._pending.clear()
-            self._room.set()
-
-    async def _append(self, batch: Sequence[Event]) -> None:
-        async for attempt in _retrying(self.log.settings):
-            with attempt:
-                last = await self.log.append(self.lease, self.next_seq, batch)
-        self.next_seq = last + 1
-
-
 class _GenerationRun:
     """One attempt at one generation by this worker: from acquire to its job's outcome."""
 
@@ -209,7 +82,7 @@ class _GenerationRun:
         self.worker = worker
         self.job = job
         self.generation_id = job.generation_id
-        self.appender: _Appender | None = None
+        self.appender: Appender | None = None
         self.producer: asyncio.Task[None] | None = None
         self._cancel_wanted = False
         self._handing_off = False
@@ -225,7 +98,7 @@ class _GenerationRun:
         if self.appender.accepting:
             self._cancelling = asyncio.create_task(self._cancel(self.producer, self.appender))
 
-    async def _cancel(self, producer: asyncio.Task[None], appender: _Appender) -> None:
+    async def _cancel(self, producer: asyncio.Task[None], appender: Appender) -> None:
         producer.cancel()
         await asyncio.wait([producer])
         await appender.put(Done(reason="cancelled"))
@@ -260,7 +133,7 @@ class _GenerationRun:
 
     async def _execute(self, lease: Lease) -> Outcome:
         log = self.worker.log
-        appender = self.appender = _Appender(log, lease)
+        appender = self.appender = Appender(log, lease)
         try:
             if self._handing_off:
                 appender.stop(Outcome.HANDED_OFF)
@@ -290,14 +163,14 @@ class _GenerationRun:
         return appender.outcome or Outcome.FAILED
 
     async def _produce(
-        self, appender: _Appender, lease: Lease, request: GenerationRequest | None
+        self, appender: Appender, lease: Lease, request: GenerationRequest | None
     ) -> None:
         """Run the adapter into the appender; every way out but cancellation puts a terminal."""
         terminal: events.TerminalEvent
         try:
             if request is None:
                 raise ProviderError("request_missing", "the generation's request has expired")
-            async for attempt in _retrying(self.worker.settings):
+            async for attempt in retrying(self.worker.settings):
                 with attempt:
                     prior = await self._read_prior(lease)
             adapter = self.worker.resolve(request.model)
