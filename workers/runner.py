@@ -364,7 +364,7 @@ class Worker:
         try:
             try:
                 outcome = await run.execute()
-            except TRANSIENT_ERRORS as exc:
+            except RedisError as exc:
                 logger.warning("%s: Redis failed: %s", run.generation_id, exc)
                 outcome = Outcome.FAILED
             finally:
@@ -375,7 +375,7 @@ class Worker:
                 span.set_attribute("tokentape.attempt", run.appender.lease.attempt)
                 span.set_attribute("tokentape.last_seq", run.appender.next_seq - 1)
             await self._settle(run, outcome)
-        except TRANSIENT_ERRORS as exc:
+        except RedisError as exc:
             # The job stays pending; the claimer of some worker settles it later.
             logger.warning("%s: settling the job failed: %s", run.generation_id, exc)
 
