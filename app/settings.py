@@ -48,6 +48,8 @@ class Settings:
 
     # Workers
     lease_seconds: float = 10.0
+    # On SIGTERM: how long in-flight generations may finish before they are handed off.
+    shutdown_grace_seconds: float = 10.0
     worker_concurrency: int = 256
     worker_id: str = ""
 

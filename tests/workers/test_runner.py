@@ -1,0 +1,372 @@
+"""The worker on a real Redis: end to end, batching, retry, fencing, cancel, takeover, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from app import events, jobs
+from app.events import Done, Error, Event, LogEntry, Started, Token
+from app.keys import new_generation_id
+from app.log import GenerationLog, Lease
+from app.settings import Settings
+from tests.workers.conftest import (
+    StartWorker,
+    at_least,
+    ended,
+    expected_events,
+    read_all,
+    sim_request,
+    submit,
+    until_log,
+)
+from workers import runner
+from workers.models import adapter_for
+from workers.models.base import GenerationContext, ModelAdapter, ProviderError
+from workers.runner import MAX_ATTEMPTS
+
+
+def assert_well_formed(entries: Sequence[LogEntry]) -> None:
+    """Consecutive seqs from 1 and exactly one terminal event, the last."""
+    assert [e.seq for e in entries] == list(range(1, len(entries) + 1))
+    terminals = [e for e in entries if e.type in ("done", "error")]
+    assert terminals == [entries[-1]]
+
+
+def without_started(entries: Sequence[LogEntry]) -> list[Event]:
+    return [e.event() for e in entries if e.type != "started"]
+
+
+async def pending_jobs(redis: Redis, log: GenerationLog) -> int:
+    summary = await redis.xpending(log.keys.jobs, log.keys.worker_group)
+    return int(summary["pending"])
+
+
+async def test_a_generation_runs_end_to_end(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    await start_worker()
+    request = sim_request(tokens=60, tool_calls=2)
+    generation_id = await submit(log, request)
+    entries = await until_log(log, generation_id, ended)
+    assert_well_formed(entries)
+    assert entries[0].event() == Started(model="sim", attempt=1)
+    assert without_started(entries) == expected_events(request)
+    state = await log.state(generation_id)
+    assert state is not None
+    assert (state.status, state.finish_reason) == ("done", "tool_calls")
+    assert await pending_jobs(redis, log) == 0  # acknowledged after the terminal event
+
+
+async def test_a_fast_generation_is_group_committed(
+    log: GenerationLog, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_worker()
+    batches: list[int] = []
+    append = running.worker.log.append
+
+    async def counting_append(lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
+        batches.append(len(batch))
+        return await append(lease, first_seq, batch)
+
+    monkeypatch.setattr(running.worker.log, "append", counting_append)
+    request = sim_request(tokens=20_000)
+    generation_id = await submit(log, request)
+    entries = await until_log(log, generation_id, ended)
+    assert_well_formed(entries)
+    assert without_started(entries) == expected_events(request)
+    assert sum(batches) == len(entries)
+    assert len(batches) < len(entries) / 20, batches
+
+
+async def test_a_batch_retried_after_a_redis_error_is_not_duplicated(
+    log: GenerationLog, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = await start_worker()
+    calls: list[tuple[int, list[Event]]] = []
+    append = running.worker.log.append
+
+    async def reply_lost_once(lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
+        calls.append((first_seq, list(batch)))
+        last = await append(lease, first_seq, batch)
+        if len(calls) == 2:
+            raise RedisConnectionError("connection reset after the script ran")
+        return last
+
+    monkeypatch.setattr(running.worker.log, "append", reply_lost_once)
+    request = sim_request(tokens=300, rate=3000)
+    generation_id = await submit(log, request)
+    entries = await until_log(log, generation_id, ended)
+    assert calls[2] == calls[1]  # the retry: same first seq, same batch
+    assert_well_formed(entries)
+    assert without_started(entries) == expected_events(request)
+
+
+async def test_a_fenced_zombie_worker_stops_and_appends_nothing(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    zombie = await start_worker(worker_id="zombie")
+    generation_id = await submit(log, sim_request(tokens=100_000, rate=200))
+    await until_log(log, generation_id, at_least(5))
+    # The zombie's lease "expired" and another worker took the generation.
+    await redis.delete(log.keys.lease(generation_id))
+    thief = await log.acquire(generation_id, "thief")
+    assert thief is not None
+    async with asyncio.timeout(5):
+        await zombie.worker.until_idle()
+    assert generation_id not in zombie.worker.active_generations
+    entries = await read_all(log, generation_id)
+    assert entries[-1].seq == thief.last_seq  # nothing after the takeover
+    assert await pending_jobs(redis, log) == 1  # the job is the new holder's now
+    assert await log.append(thief, thief.last_seq + 1, [Done(reason="stop")]) == thief.last_seq + 1
+
+
+class EndlessAdapter:
+    """Streams tokens until cancelled; records that its upstream was closed."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def stream(self, context: GenerationContext) -> AsyncIterator[Event]:
+        try:
+            while True:
+                yield Token(text="tick ")
+                await asyncio.sleep(0.01)
+        finally:
+            self.closed.set()
+
+
+async def test_cancel_reaches_the_running_worker_and_closes_the_upstream(
+    log: GenerationLog, start_worker: StartWorker
+) -> None:
+    adapter = EndlessAdapter()
+    await start_worker(adapters=lambda model: adapter)
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(3))
+    asked = time.perf_counter()
+    await log.request_cancel(generation_id)
+    entries = await until_log(log, generation_id, ended)
+    latency = time.perf_counter() - asked
+    print(f"cancel latency: {latency * 1000:.1f} ms")  # shown with -rP
+    assert_well_formed(entries)
+    assert entries[-1].event() == Done(reason="cancelled")
+    assert adapter.closed.is_set()
+    assert latency < 1.0  # the target is 100 ms; this bound only keeps the test robust
+
+
+async def test_a_generation_cancelled_before_its_worker_came_is_closed_at_once(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    generation_id = await submit(log, sim_request())
+    # A worker took it and died; then the client cancelled.
+    dead = await log.acquire(generation_id, "dead")
+    assert dead is not None
+    await log.request_cancel(generation_id)
+    await redis.delete(log.keys.lease(generation_id))
+    await start_worker()
+    await redis.xadd(log.keys.jobs, {"generation": generation_id})
+    entries = await until_log(log, generation_id, ended)
+    assert [e.event() for e in entries] == [Done(reason="cancelled")]
+
+
+class FailingAdapter:
+    def __init__(self, failure: Exception) -> None:
+        self.failure = failure
+
+    async def stream(self, context: GenerationContext) -> AsyncIterator[Event]:
+        yield Token(text="partial ")
+        raise self.failure
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (
+            ProviderError("rate_limited", "429 from upstream", retryable=True),
+            Error(code="rate_limited", message="429 from upstream", retryable=True),
+        ),
+        (RuntimeError("boom"), Error(code="internal", message="RuntimeError: boom")),
+    ],
+    ids=["provider-error", "crash"],
+)
+async def test_an_adapter_failure_ends_the_generation_with_an_error(
+    log: GenerationLog, start_worker: StartWorker, failure: Exception, error: Error
+) -> None:
+    await start_worker(adapters=lambda model: FailingAdapter(failure))
+    generation_id = await submit(log, sim_request())
+    entries = await until_log(log, generation_id, ended)
+    assert_well_formed(entries)
+    assert without_started(entries) == [Token(text="partial "), error]
+
+
+async def test_a_model_without_an_adapter_is_an_error_not_a_hang(
+    log: GenerationLog, start_worker: StartWorker
+) -> None:
+    def registry(model: str) -> ModelAdapter:
+        return adapter_for(model)
+
+    await start_worker(adapters=registry)
+    request = sim_request()
+    request = type(request)(model="openai/not-registered-here", messages=request.messages)
+    generation_id = await submit(log, request)
+    entries = await until_log(log, generation_id, ended)
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert error.code == "model_unavailable"
+
+
+async def test_another_worker_continues_after_a_worker_dies_mid_generation(
+    log: GenerationLog, settings: Settings, start_worker: StartWorker
+) -> None:
+    settings = settings.replace(lease_seconds=0.6)
+    first = await start_worker(settings, worker_id="first")
+    request = sim_request(tokens=300, rate=300)
+    generation_id = await submit(log, request)
+    await until_log(log, generation_id, at_least(40))
+    await first.abort()
+    died = time.perf_counter()
+    await start_worker(settings, worker_id="second")
+
+    def taken_over(entries: list[LogEntry]) -> bool:
+        return any(e.event() == Started(model="sim", attempt=2) for e in entries)
+
+    await until_log(log, generation_id, taken_over)
+    takeover = time.perf_counter() - died
+    print(f"takeover after {takeover * 1000:.0f} ms (lease {settings.lease_seconds} s)")
+    entries = await until_log(log, generation_id, ended)
+    assert_well_formed(entries)
+    assert without_started(entries) == expected_events(request)
+    assert takeover < 3 * settings.lease_seconds
+
+
+async def test_stop_lets_an_in_flight_generation_finish_within_the_grace_period(
+    log: GenerationLog, redis: Redis, settings: Settings, start_worker: StartWorker
+) -> None:
+    running = await start_worker(settings.replace(shutdown_grace_seconds=5.0))
+    request = sim_request(tokens=60, rate=200)
+    generation_id = await submit(log, request)
+    await until_log(log, generation_id, at_least(2))
+    await running.drain()
+    entries = await read_all(log, generation_id)
+    assert_well_formed(entries)
+    assert entries[-1].event() == expected_events(request)[-1]
+    assert await pending_jobs(redis, log) == 0
+
+
+async def test_stop_hands_a_long_generation_off_to_another_worker_at_once(
+    log: GenerationLog, redis: Redis, settings: Settings, start_worker: StartWorker
+) -> None:
+    settings = settings.replace(shutdown_grace_seconds=0.1)
+    running = await start_worker(settings, worker_id="leaving")
+    request = sim_request(tokens=400, rate=400)
+    generation_id = await submit(log, request)
+    await until_log(log, generation_id, at_least(5))
+    await running.drain()
+    assert await redis.exists(log.keys.lease(generation_id)) == 0  # released, not left to expire
+    handed_off = time.perf_counter()
+    await start_worker(settings, worker_id="staying")
+    entries = await until_log(log, generation_id, ended)
+    assert time.perf_counter() - handed_off < settings.lease_seconds / 2
+    assert_well_formed(entries)
+    assert [e.event() for e in entries if e.type == "started"] == [
+        Started(model="sim", attempt=1),
+        Started(model="sim", attempt=2),
+    ]
+    assert without_started(entries) == expected_events(request)
+    assert events.is_terminal(entries[-1].event())
+
+
+async def test_a_job_whose_lease_is_still_held_is_taken_as_soon_as_that_lease_expires(
+    log: GenerationLog, redis: Redis, settings: Settings, start_worker: StartWorker
+) -> None:
+    settings = settings.replace(lease_seconds=1.0)
+    request = sim_request(tokens=20)
+    generation_id = await submit(log, request)
+    # Held for one more lease, never renewed.
+    dead = await GenerationLog(redis, settings).acquire(generation_id, "dead")
+    assert dead is not None
+    began = time.perf_counter()
+    await start_worker(settings)
+    entries = await until_log(log, generation_id, ended)
+    waited = time.perf_counter() - began
+    assert_well_formed(entries)
+    assert entries[0].event() == Started(model="sim", attempt=2)
+    assert without_started(entries) == expected_events(request)
+    # Not a second full lease after the first attempt found it held.
+    assert waited < 1.6 * settings.lease_seconds, waited
+
+
+async def test_a_cancel_whose_message_was_missed_is_caught_by_the_lease_renewal(
+    log: GenerationLog, redis: Redis, settings: Settings, start_worker: StartWorker
+) -> None:
+    settings = settings.replace(lease_seconds=0.6)
+    adapter = EndlessAdapter()
+    await start_worker(settings, adapters=lambda model: adapter)
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(2))
+    # The flag request_cancel sets, without the pub/sub message (lost in a reconnect).
+    await redis.hset(log.keys.meta(generation_id), "cancel_requested", "1")
+    entries = await until_log(log, generation_id, ended)
+    assert entries[-1].event() == Done(reason="cancelled")
+    assert adapter.closed.is_set()
+
+
+async def test_acknowledged_jobs_are_trimmed_and_pending_ones_kept(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    running = await start_worker()
+    finished = [await submit(log, sim_request(tokens=3)) for _ in range(5)]
+    for generation_id in finished:
+        await until_log(log, generation_id, ended)
+    await running.drain()
+    # A job delivered to a worker that died: pending, so a takeover still finds it.
+    await jobs.enqueue(redis, log.keys, "x" * 22, None)
+    await redis.xreadgroup(log.keys.worker_group, "dead", {log.keys.jobs: ">"}, count=1)
+    assert await running.worker.trim_jobs() == 5
+    assert await redis.xlen(log.keys.jobs) == 1
+    assert await pending_jobs(redis, log) == 1
+
+
+async def test_a_generation_that_keeps_losing_its_worker_ends_with_worker_lost(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
+) -> None:
+    generation_id = await submit(log, sim_request())
+    await redis.hset(log.keys.meta(generation_id), "attempts", MAX_ATTEMPTS)
+    await start_worker()
+    entries = await until_log(log, generation_id, ended)
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert (error.code, error.retryable) == ("worker_lost", True)
+
+
+async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
+    log: GenerationLog, redis: Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(runner, "tracer", provider.get_tracer("test"))
+    running = await start_worker()
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    generation_id = new_generation_id()
+    await log.create(generation_id, sim_request(tokens=5))
+    await jobs.enqueue(redis, log.keys, generation_id, f"00-{trace_id}-{parent_id}-01")
+    await until_log(log, generation_id, ended)
+    await running.worker.until_idle()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "generation"
+    assert span.context is not None
+    assert span.parent is not None
+    assert (span.context.trace_id, span.parent.span_id) == (int(trace_id, 16), int(parent_id, 16))
+    assert span.attributes is not None
+    assert span.attributes["tokentape.generation_id"] == generation_id
+    assert span.attributes["tokentape.outcome"] == "ended"
+    assert span.attributes["tokentape.last_seq"] == 7  # started, 5 tokens, done

@@ -1,0 +1,574 @@
+"""The worker runtime: consume generation jobs, run model adapters, append their events.
+
+A `Worker` reads jobs from the consumer group, takes each generation's lease,
+appends `started` and then the adapter's events in group-committed batches
+(`workers.appender`), and ends every generation with exactly one terminal
+event. Besides that it keeps three loops: the lease keeper (`workers.lease`), a
+claimer that takes over jobs whose worker died (XAUTOCLAIM), and the abandon
+sweeper. Cancellation is pushed over one pub/sub subscription per process.
+
+Redis connections: commands go through the client the caller passes in (give it
+a bounded pool; `command_client` makes one); blocking reads use one more pool
+of exactly two connections, the job reader and the cancel subscription.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError, ResponseError
+
+from app import events, jobs
+from app.errors import Fenced
+from app.events import Done, Error, Event, Started
+from app.generations import GenerationRequest
+from app.jobs import Job
+from app.keys import Keys
+from app.log import GenerationLog, Lease
+from app.settings import Settings
+from workers.appender import TRANSIENT_ERRORS, Appender, Outcome, retrying
+from workers.lease import HeldLease, LeaseKeeper
+from workers.models import adapter_for
+from workers.models.base import GenerationContext, ModelAdapter, ProviderError
+
+logger = logging.getLogger("tokentape.worker")
+tracer = trace.get_tracer("tokentape.worker")
+
+AdapterResolver = Callable[[str], ModelAdapter]
+
+# Longest a job read blocks, so `stop` is noticed this soon.
+READ_BLOCK_MS = 500
+# A generation taken over this many times (crashes, hand-offs) ends with an error
+# instead of crashing yet another worker.
+MAX_ATTEMPTS = 10
+# How often jobs are polled from a server whose XREADGROUP does not block.
+FALLBACK_POLL_SECONDS = 0.05
+
+
+def command_client(url: str, max_connections: int = 16) -> Redis:
+    """A client for a worker's commands with a fixed number of connections."""
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None)
+    return Redis.from_pool(pool)
+
+
+def _blocking_client(redis: Redis) -> Redis:
+    """A two-connection client like `redis` for the job reader and the cancel subscription."""
+    pool = redis.connection_pool
+    # redis-py 8 gives connections a 5 s socket timeout by default, which cuts
+    # XREADGROUP BLOCK and pub/sub reads short.
+    kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+    blocking = BlockingConnectionPool(
+        connection_class=pool.connection_class, max_connections=2, timeout=None, **kwargs
+    )
+    return Redis.from_pool(blocking)
+
+
+class _GenerationRun:
+    """One attempt at one generation by this worker: from acquire to its job's outcome."""
+
+    def __init__(self, worker: Worker, job: Job) -> None:
+        self.worker = worker
+        self.job = job
+        self.generation_id = job.generation_id
+        self.appender: Appender | None = None
+        self.producer: asyncio.Task[None] | None = None
+        self._cancel_wanted = False
+        self._handing_off = False
+        self._cancelling: asyncio.Task[None] | None = None
+
+    # -- signals from the cancel subscription, the lease keeper and the drain --
+
+    def cancel(self) -> None:
+        """Stop the adapter (closing its upstream) and append done(cancelled)."""
+        self._cancel_wanted = True
+        if self.appender is None or self.producer is None or self._cancelling is not None:
+            return  # `execute` checks the flag once it has a lease
+        if self.appender.accepting:
+            self._cancelling = asyncio.create_task(self._cancel(self.producer, self.appender))
+
+    async def _cancel(self, producer: asyncio.Task[None], appender: Appender) -> None:
+        producer.cancel()
+        await asyncio.wait([producer])
+        await appender.put(Done(reason="cancelled"))
+
+    def lose(self) -> None:
+        """The lease is gone: stop at once and append nothing more."""
+        if self.producer is not None:
+            self.producer.cancel()
+        if self.appender is not None:
+            self.appender.stop(Outcome.FENCED)
+
+    def hand_off(self) -> None:
+        """Draining: stop the adapter, append what it already produced, end without a terminal."""
+        self._handing_off = True
+        if self.producer is not None and self._cancelling is None:
+            self.producer.cancel()
+
+    # -- the run --------------------------------------------------------------
+
+    async def execute(self) -> Outcome:
+        log = self.worker.log
+        lease = await log.acquire(self.generation_id, self.worker.worker_id)
+        if lease is None:
+            state = await log.state(self.generation_id)
+            return Outcome.FINISHED if state is None or state.terminal else Outcome.HELD
+        keeper = self.worker.keeper
+        keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
+        try:
+            return await self._execute(lease)
+        finally:
+            keeper.drop(self.generation_id)
+
+    async def _execute(self, lease: Lease) -> Outcome:
+        log = self.worker.log
+        appender = self.appender = Appender(log, lease)
+        try:
+            if self._handing_off:
+                appender.stop(Outcome.HANDED_OFF)
+            elif lease.cancel_requested or self._cancel_wanted:
+                logger.info("%s: cancelled before it started", self.generation_id)
+                await appender.put(Done(reason="cancelled"))
+            elif lease.attempt > MAX_ATTEMPTS:
+                message = f"gave up after {lease.attempt - 1} attempts lost their worker"
+                await appender.put(Error(code="worker_lost", message=message, retryable=True))
+            else:
+                request = await log.request(self.generation_id)
+                model = request.model if request else None
+                await appender.put(Started(model=model, attempt=lease.attempt))
+                self.producer = asyncio.create_task(self._produce(appender, lease, request))
+                if self._cancel_wanted:
+                    self.cancel()
+                await asyncio.wait([self.producer])
+                if self._cancelling is None and appender.accepting:
+                    # The producer ended without a terminal event: handed off, or it died.
+                    appender.stop(Outcome.HANDED_OFF if self._handing_off else Outcome.FAILED)
+            await asyncio.wait([appender.task])
+        finally:
+            # Reached early only when the worker aborts: leave the lease to expire.
+            for task in (self.producer, self._cancelling, appender.task):
+                if task is not None:
+                    task.cancel()
+        return appender.outcome or Outcome.FAILED
+
+    async def _produce(
+        self, appender: Appender, lease: Lease, request: GenerationRequest | None
+    ) -> None:
+        """Run the adapter into the appender; every way out but cancellation puts a terminal."""
+        terminal: events.TerminalEvent
+        try:
+            if request is None:
+                raise ProviderError("request_missing", "the generation's request has expired")
+            async for attempt in retrying(self.worker.settings):
+                with attempt:
+                    prior = await self._read_prior(lease)
+            adapter = self.worker.resolve(request.model)
+            context = GenerationContext(
+                generation_id=self.generation_id,
+                request=request,
+                prior=prior,
+                attempt=lease.attempt,
+            )
+            async with _closing(adapter.stream(context)) as stream:
+                async for event in stream:
+                    if isinstance(event, Started):
+                        continue
+                    if not await appender.put(event) or events.is_terminal(event):
+                        return
+            terminal = Error(code="internal", message="the model stream ended without finishing")
+        except ProviderError as exc:
+            terminal = Error(code=exc.code, message=exc.message, retryable=exc.retryable)
+        except Exception as exc:
+            logger.exception("%s: the adapter failed", self.generation_id)
+            terminal = Error(code="internal", message=f"{type(exc).__name__}: {exc}")
+        await appender.put(terminal)
+
+    async def _read_prior(self, lease: Lease) -> list[Event]:
+        """What the log already holds (a takeover): every event, in pages."""
+        prior: list[Event] = []
+        page_size = self.worker.settings.catch_up_page_size
+        while len(prior) < lease.last_seq:
+            page = await self.worker.log.read(self.generation_id, len(prior), page_size)
+            # Our own `started` may already follow what the lease saw.
+            page = [entry for entry in page if entry.seq <= lease.last_seq]
+            if not page or page[0].seq != len(prior) + 1:
+                raise ProviderError(
+                    "worker_lost",
+                    "the worker died and retention already trimmed the start of the log",
+                    retryable=True,
+                )
+            prior.extend(entry.event() for entry in page)
+        return prior
+
+
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[Event]]:
+    """Close an adapter's stream on every way out, so it releases its upstream at once."""
+    try:
+        yield stream
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class Worker:
+    """Consumes generation jobs until `stop` is set, then drains.
+
+    Cancel `run` instead to abort at once, as a crash would: leases are left to
+    expire and other workers take the generations over.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        *,
+        adapters: AdapterResolver | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.log = GenerationLog(redis, settings)
+        self.worker_id = (
+            worker_id
+            or settings.worker_id
+            or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        )
+        self.keeper = LeaseKeeper(self.log, self.worker_id)
+        self._resolve = adapters or (lambda model: adapter_for(model, settings))
+        self.ready = asyncio.Event()  # set once subscribed and consuming
+        self._runs: dict[str, _GenerationRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._claim_cursor = "0-0"
+
+    @property
+    def active_generations(self) -> frozenset[str]:
+        return frozenset(self._runs)
+
+    @property
+    def takeover_idle_ms(self) -> int:
+        """A job idle this long lost its worker: its lease expired (see workers.lease)."""
+        return int(self.settings.lease_seconds * 1000)
+
+    @property
+    def claim_interval_seconds(self) -> float:
+        return self.settings.lease_seconds / 4
+
+    async def until_idle(self) -> None:
+        """Wait until no generation runs here."""
+        while self._tasks:
+            await asyncio.wait(self._tasks)
+
+    def resolve(self, model: str) -> ModelAdapter:
+        return self._resolve(model)
+
+    # -- the main loop ----------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await jobs.ensure_group(self.redis, self.keys)
+        blocking = _blocking_client(self.redis)
+        subscribed = asyncio.Event()
+        background = [
+            asyncio.create_task(self._listen_for_cancels(blocking, subscribed)),
+            asyncio.create_task(self.keeper.run()),
+            asyncio.create_task(self._sweep_loop()),
+            asyncio.create_task(self._claim_loop(stop)),
+        ]
+        try:
+            await _first(subscribed.wait(), background[0])
+            if background[0].done():
+                background[0].result()  # the subscription failed: raise why
+            self.ready.set()
+            logger.info("worker %s ready", self.worker_id)
+            await self._consume(blocking, stop)
+            await self._drain()
+        finally:
+            for task in [*background, *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*background, *self._tasks, return_exceptions=True)
+            await blocking.aclose()
+
+    async def _consume(self, blocking: Redis, stop: asyncio.Event) -> None:
+        k = self.keys
+        while not stop.is_set():
+            free = self.settings.worker_concurrency - len(self._tasks)
+            if free <= 0:
+                self._slot_free.clear()
+                await _first(self._slot_free.wait(), stop.wait())
+                continue
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            try:
+                reply = await blocking.xreadgroup(
+                    k.worker_group, self.worker_id, {k.jobs: ">"}, count=free, block=READ_BLOCK_MS
+                )
+            except TRANSIENT_ERRORS as exc:
+                logger.warning("reading jobs failed: %s; retrying", exc)
+                await _first(asyncio.sleep(1.0), stop.wait())
+                continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back without its data (no persistence): recreate the group.
+                logger.warning("the job group is gone; recreating it")
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await jobs.ensure_group(self.redis, k)
+                continue
+            entries = _stream_entries(reply)
+            for entry_id, fields in entries:
+                self._start(jobs.job_from_entry(entry_id, fields))
+            if not entries and loop.time() - began < READ_BLOCK_MS / 2000:
+                # A server that does not block (the embedded fakeredis answers at
+                # once) must not turn this loop into a spin that starves the others.
+                await _first(asyncio.sleep(FALLBACK_POLL_SECONDS), stop.wait())
+
+    def _start(self, job: Job) -> None:
+        if job.generation_id in self._runs:
+            return  # a duplicate job of a generation we run; the claimer settles it later
+        run = _GenerationRun(self, job)
+        self._runs[job.generation_id] = run
+        task = asyncio.create_task(self._run_job(run))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_free.set()
+
+    async def _run_job(self, run: _GenerationRun) -> None:
+        # The span continues the trace of the request that created the generation.
+        carrier = {"traceparent": run.job.traceparent} if run.job.traceparent else {}
+        parent = TraceContextTextMapPropagator().extract(carrier)
+        with tracer.start_as_current_span(
+            "generation", context=parent, kind=trace.SpanKind.CONSUMER
+        ) as span:
+            span.set_attribute("tokentape.generation_id", run.generation_id)
+            span.set_attribute("tokentape.worker_id", self.worker_id)
+            await self._run_and_settle(run, span)
+
+    async def _run_and_settle(self, run: _GenerationRun, span: trace.Span) -> None:
+        try:
+            try:
+                outcome = await run.execute()
+            except RedisError as exc:
+                logger.warning("%s: Redis failed: %s", run.generation_id, exc)
+                outcome = Outcome.FAILED
+            finally:
+                del self._runs[run.generation_id]
+            logger.info("%s: %s", run.generation_id, outcome.value)
+            span.set_attribute("tokentape.outcome", outcome.value)
+            if run.appender is not None:
+                span.set_attribute("tokentape.attempt", run.appender.lease.attempt)
+                span.set_attribute("tokentape.last_seq", run.appender.next_seq - 1)
+            await self._settle(run, outcome)
+        except RedisError as exc:
+            # The job stays pending; the claimer of some worker settles it later.
+            logger.warning("%s: settling the job failed: %s", run.generation_id, exc)
+
+    async def _settle(self, run: _GenerationRun, outcome: Outcome) -> None:
+        """Acknowledge, leave or hand over the job according to how the run ended."""
+        k = self.keys
+        if outcome in (Outcome.ENDED, Outcome.FINISHED):
+            await self.redis.xack(k.jobs, k.worker_group, run.job.id)
+        elif outcome is Outcome.HANDED_OFF:
+            # Release the lease and re-enqueue: a live worker takes it over at once,
+            # instead of after the takeover delay. A duplicate job is harmless
+            # (acquire is exclusive).
+            lease = run.appender.lease if run.appender is not None else None
+            if lease is not None:
+                with contextlib.suppress(Fenced):
+                    await self.log.renew(lease, release=True)
+            await jobs.enqueue(self.redis, k, run.generation_id, run.job.traceparent)
+            await self.redis.xack(k.jobs, k.worker_group, run.job.id)
+        elif outcome is Outcome.HELD:
+            # Another worker holds the lease (alive, or dead with its lease not yet
+            # expired). Set the job's idle time so it becomes claimable again right
+            # when that lease runs out, not a full lease later.
+            remaining_ms = await self.redis.pttl(k.lease(run.generation_id))
+            idle_ms = self.takeover_idle_ms - max(0, min(remaining_ms, self.takeover_idle_ms))
+            await self.redis.xclaim(
+                k.jobs, k.worker_group, self.worker_id, 0, [run.job.id], idle=idle_ms, justid=True
+            )
+        # FENCED, FAILED: the job stays pending until a worker that can take the lease
+        # claims it.
+
+    async def _drain(self) -> None:
+        """Let in-flight generations finish within the grace period, then hand the rest off."""
+        if self._tasks:
+            logger.info("draining %d generations", len(self._tasks))
+            await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace_seconds)
+        for run in self._runs.values():
+            run.hand_off()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.settings.lease_seconds)
+
+    # -- background loops -------------------------------------------------------
+
+    async def _listen_for_cancels(self, blocking: Redis, subscribed: asyncio.Event) -> None:
+        """One subscription per process: cancel requests are pushed, not polled."""
+        pubsub = blocking.pubsub()
+        try:
+            await pubsub.subscribe(self.keys.cancel_channel)
+            while True:
+                try:
+                    message = await pubsub.get_message(timeout=None)
+                except TRANSIENT_ERRORS as exc:
+                    # redis-py reconnects and resubscribes on the next read; a cancel
+                    # missed meanwhile is caught by the lease renewal.
+                    logger.warning("cancel subscription failed: %s; reconnecting", exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    subscribed.set()
+                elif message["type"] == "message":
+                    run = self._runs.get(message["data"].decode())
+                    if run is not None:
+                        logger.info("%s: cancel requested", run.generation_id)
+                        run.cancel()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                closed = await self.log.sweep_abandoned()
+                await self.trim_jobs()
+            except RedisError as exc:
+                logger.warning("sweeping abandoned generations failed: %s", exc)
+                continue
+            if closed:
+                logger.info("closed %d abandoned generations", len(closed))
+
+    async def trim_jobs(self) -> int:
+        """Drop acknowledged jobs from the job stream; returns how many were removed.
+
+        Everything older than both the oldest pending job and the group's last
+        delivered one was delivered and acknowledged: the stream never grows without
+        bound, and a pending job (a takeover candidate) is never trimmed.
+        """
+        k = self.keys
+        groups = await self.redis.xinfo_groups(k.jobs)
+        group = next((g for g in groups if g["name"] == k.worker_group.encode()), None)
+        if group is None:
+            return 0
+        floor = _stream_id(group["last-delivered-id"])
+        summary = await self.redis.xpending(k.jobs, k.worker_group)
+        if summary["pending"]:
+            floor = min(floor, _stream_id(summary["min"]))
+        if floor == (0, 0):
+            return 0
+        removed: int = await self.redis.xtrim(
+            k.jobs, minid=f"{floor[0]}-{floor[1]}", approximate=False
+        )
+        return removed
+
+    async def _claim_loop(self, stop: asyncio.Event) -> None:
+        """Take over jobs whose worker stopped renewing (died) for a full lease."""
+        while not stop.is_set():
+            await asyncio.sleep(self.claim_interval_seconds)
+            free = self.settings.worker_concurrency - len(self._tasks)
+            if stop.is_set() or free <= 0:
+                continue
+            try:
+                await self.claim(free)
+            except RedisError as exc:
+                logger.warning("claiming idle jobs failed: %s", exc)
+
+    async def claim(self, count: int) -> int:
+        """One XAUTOCLAIM pass of up to `count` jobs; returns how many were started."""
+        k = self.keys
+        reply = await self.redis.xautoclaim(
+            k.jobs,
+            k.worker_group,
+            self.worker_id,
+            self.takeover_idle_ms,
+            start_id=self._claim_cursor,
+            count=count,
+        )
+        cursor, entries = reply[0], reply[1]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        started = 0
+        for entry_id, fields in entries:
+            if fields:  # None: the entry was trimmed from the stream
+                logger.info("taking over job %s", entry_id)
+                self._start(jobs.job_from_entry(entry_id, fields))
+                started += 1
+        return started
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XREADGROUP's entries in either protocol's shape (RESP2 list, RESP3 map)."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+    for stream_entries in streams:
+        for item in stream_entries:
+            if isinstance(item, list | tuple) and len(item) == 2:
+                entries.append((item[0], item[1]))
+    return entries
+
+
+async def _first(*awaitables: Awaitable[Any]) -> None:
+    """Wait until the first of these finishes; cancel the rest that were made here."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    made = [t for t, a in zip(tasks, awaitables, strict=True) if t is not a]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in made:
+            task.cancel()
+
+
+# -- `python -m workers.runner`: one worker process (the crash drill runs two) ----
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run a tokentape worker.")
+    parser.add_argument("--redis", help="Redis URL (default: TOKENTAPE_REDIS_URL)")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env(redis_url=args.redis)
+    if not settings.redis_url:
+        parser.error("give --redis URL or set TOKENTAPE_REDIS_URL")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    assert settings.redis_url is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    redis = command_client(settings.redis_url)
+    try:
+        await Worker(redis, settings).run(stop)
+    finally:
+        await redis.aclose()
+
+
+if __name__ == "__main__":
+    main()
