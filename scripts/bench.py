@@ -262,6 +262,8 @@ class ClientRun:
                     token_index += 1
                 elif kind in TERMINAL_TYPES:
                     finished = True
+                    if (raw_seq, kind) != heads[-1]:
+                        raise StreamFailure("events after the terminal event")
             if finished:
                 break
         if not finished:
@@ -604,6 +606,10 @@ class Figures:
     reader_processes: int  # the reader's process tree: divide RSS and connections by it
     wall_seconds: float
     reader_cpu_seconds: float
+    # The producers and Redis share the machine: when they are saturated the
+    # scenario measures them, not the reader.
+    workers_cpu_seconds: float
+    redis_cpu_seconds: float
     busiest_client_cpu: float
 
 
@@ -626,6 +632,10 @@ class Bench:
     run_dir: Path
     clients: ClientPool
     naive_redis_connections: int
+    worker_pids: list[int] = dataclasses.field(default_factory=list)
+
+    def workers_cpu(self) -> float:
+        return sum(cpu_seconds(pid) for worker in self.worker_pids for pid in process_tree(worker))
 
     def env(self, key_prefix: str) -> dict[str, str]:
         return {
@@ -670,6 +680,8 @@ class Bench:
                 probe = ReaderProbe(reader.pid, self.redis_port)
                 rss_before, redis_before = await asyncio.to_thread(probe.sample)
                 cpu_before = sum(map(cpu_seconds, process_tree(reader.pid)))
+                workers_before = self.workers_cpu()
+                redis_before_cpu = await redis_cpu(self.redis_url)
                 probe.peak_rss, probe.peak_redis_connections = rss_before, redis_before
                 started = time.monotonic()
                 watching = asyncio.create_task(probe.watch(self.args.sample_interval))
@@ -680,6 +692,8 @@ class Bench:
                     await asyncio.gather(watching, return_exceptions=True)
                 wall = time.monotonic() - started
                 reader_cpu = sum(map(cpu_seconds, process_tree(reader.pid))) - cpu_before
+                workers_cpu = self.workers_cpu() - workers_before
+                redis_cpu_used = await redis_cpu(self.redis_url) - redis_before_cpu
         finally:
             stop_process(reader)
         window = report.last_event_at - report.first_event_at
@@ -705,6 +719,8 @@ class Bench:
             reader_processes=probe.processes,
             wall_seconds=wall,
             reader_cpu_seconds=reader_cpu,
+            workers_cpu_seconds=workers_cpu,
+            redis_cpu_seconds=redis_cpu_used,
             busiest_client_cpu=report.busiest_client_cpu,
         )
 
@@ -944,6 +960,14 @@ async def private_redis(run_dir: Path) -> Any:
         stop_process(process)
 
 
+async def redis_cpu(redis_url: str) -> float:
+    """CPU seconds Redis has used (INFO cpu), to see whether it was the bottleneck."""
+    client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+    async with client:
+        cpu: dict[str, float] = await client.info("cpu")
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
 async def naive_pool_size(redis_url: str, largest_scenario: int) -> int:
     """The naive reader's pool: below the Redis's free client slots and our fd limit."""
     client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
@@ -1016,6 +1040,7 @@ async def run(args: argparse.Namespace) -> list[Figures]:
                     run_dir / f"worker-{index}.log",
                 )
                 stack.callback(stop_process, worker)
+                bench.worker_pids.append(worker.pid)
         for scenario in scenarios:
             for implementation in implementations:
                 log(f"{scenario.label}: {implementation}, {scenario.streams} streams …")
@@ -1024,11 +1049,12 @@ async def run(args: argparse.Namespace) -> list[Figures]:
                 except (RuntimeError, TimeoutError, aiohttp.ClientError, OSError) as exc:
                     log(f"{scenario.label}: {implementation} failed: {exc}")
                     continue
+                f = figures
                 log(
-                    f"{scenario.label}: {implementation}: {figures.complete}/{figures.streams} "
-                    f"complete in {figures.wall_seconds:.1f} s, reader CPU "
-                    f"{figures.reader_cpu_seconds:.1f} s, busiest client at "
-                    f"{figures.busiest_client_cpu:.0%} of a core"
+                    f"{scenario.label}: {implementation}: {f.complete}/{f.streams} complete in "
+                    f"{f.wall_seconds:.1f} s; CPU s: reader {f.reader_cpu_seconds:.1f}, "
+                    f"workers {f.workers_cpu_seconds:.1f}, Redis {f.redis_cpu_seconds:.1f}; "
+                    f"busiest client at {f.busiest_client_cpu:.0%} of a core"
                     + (f", failures {figures.failures}" if figures.failures else "")
                 )
                 results.append(figures)
