@@ -19,6 +19,14 @@ each column means, and the exact command of the recorded run: docs/benchmarks.md
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python scripts/bench.py`: make the `scripts` package importable
+    # (spawned client processes inherit this sys.path).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import asyncio
 import contextlib
@@ -27,320 +35,42 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import resource
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import time
-from array import array
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 import redis.asyncio as aioredis
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.bench_client import (
+    AS_FAST_AS_POSSIBLE,
+    TERMINAL_TYPES,
+    ClientJob,
+    ClientReport,
+    EventReader,
+    JobKind,
+    client_process_main,
+    raise_fd_limit,
+    sim_body,
+)
+from scripts.bench_procs import (
+    HOST,
+    ROOT,
+    ReaderProbe,
+    cpu_seconds,
+    free_port,
+    process_tree,
+    start_process,
+    stop_process,
+)
+
 NAIVE_SERVER = ROOT / "scripts" / "naive_server.py"
-HOST = "127.0.0.1"  # the benchmark only ever talks to this machine
-AS_FAST_AS_POSSIBLE = 1e9  # the sim's "no pacing" rate
-TERMINAL_TYPES = (b"done", b"error")
 
 Implementation = Literal["naive", "tokentape"]
-JobKind = Literal["generate", "read", "idle"]
-
-
-# -- reading SSE on the client side -----------------------------------------
-
-# `app.sse.Parser` decodes and dispatches line by line in Python: about 220k
-# events/s on a whole core here, below what scenario (d) must measure (300k/s)
-# and too slow for 50k/s shared with everything else on a 2-core machine. This
-# reader takes the complete events of a chunk and pulls out (id, type) with one
-# C-level regex pass (millions of events/s). It relies on what both servers
-# write: `id:` then `event:` as the first two lines of a numbered event, LF or
-# CRLF line endings, and one-line JSON data (JSON escapes raw newlines).
-# Comments, `retry:` and id-less events (tokentape's `gap`) are skipped.
-# tests/test_bench_reader.py checks it against `app.sse.Parser`.
-_EVENT_HEAD = re.compile(rb"^id: (\d+)\r?\nevent: ([A-Za-z_]+)\r?$", re.MULTILINE)
-
-
-class EventReader:
-    """Incremental (seq, type) extraction from an SSE byte stream."""
-
-    def __init__(self) -> None:
-        self._pending = b""
-
-    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        buffer = self._pending + chunk if self._pending else chunk
-        cut = max(buffer.rfind(b"\n\n") + 2, buffer.rfind(b"\n\r\n") + 3)
-        if cut < 3:  # neither found: no complete event yet
-            self._pending = buffer
-            return []
-        self._pending = buffer[cut:]
-        heads: list[tuple[bytes, bytes]] = _EVENT_HEAD.findall(buffer, 0, cut)
-        return heads
-
-
-# -- what one client process measures ---------------------------------------
-
-
-@dataclasses.dataclass
-class ClientJob:
-    """One client process's share of a scenario."""
-
-    kind: JobKind
-    base_url: str
-    streams: int
-    deadline: float  # time.monotonic(); the job stops by itself then
-    tokens: int = 0
-    rate: float = AS_FAST_AS_POSSIBLE
-    events_url: str = ""  # kind "read": the shared generation
-    requested_at: float = 0.0  # kind "read": when its POST was sent
-    seed: int = 0
-    reads: int = 1  # kind "read": sequential reads per stream (catch-up repeats)
-    connect_concurrency: int = 256
-    create_concurrency: int = 64
-
-
-@dataclasses.dataclass
-class ClientReport:
-    """Raw measurements of one client process (merged by the coordinator)."""
-
-    streams: int = 0
-    complete: int = 0
-    failures: Counter[str] = dataclasses.field(default_factory=Counter)
-    events: int = 0
-    ttft: array[float] = dataclasses.field(default_factory=lambda: array("d"))
-    drift: array[float] = dataclasses.field(default_factory=lambda: array("d"))
-    first_event_at: float = math.inf
-    last_event_at: float = 0.0
-    # The busiest client process's CPU share of one core: near 1.0, the client
-    # itself was the bottleneck and the figures understate the reader.
-    busiest_client_cpu: float = 0.0
-
-    def merge(self, other: ClientReport) -> None:
-        self.busiest_client_cpu = max(self.busiest_client_cpu, other.busiest_client_cpu)
-        self.streams += other.streams
-        self.complete += other.complete
-        self.failures.update(other.failures)
-        self.events += other.events
-        self.ttft.extend(other.ttft)
-        self.drift.extend(other.drift)
-        self.first_event_at = min(self.first_event_at, other.first_event_at)
-        self.last_event_at = max(self.last_event_at, other.last_event_at)
-
-
-class StreamFailure(Exception):
-    """Why one stream did not count as complete (the message is the failure's class)."""
-
-
-def sim_body(tokens: int, rate: float, seed: int) -> dict[str, Any]:
-    return {
-        "model": "sim",
-        "messages": [{"role": "user", "content": "bench"}],
-        "sim": {"tokens": tokens, "tokens_per_second": rate, "seed": seed},
-    }
-
-
-class ClientRun:
-    """Runs one ClientJob in one process: one aiohttp session, unlimited connector."""
-
-    def __init__(self, job: ClientJob, session: aiohttp.ClientSession) -> None:
-        self.job = job
-        self.session = session
-        self.report = ClientReport(streams=job.streams * job.reads)
-        self.connect_gate = asyncio.Semaphore(job.connect_concurrency)
-        self.create_gate = asyncio.Semaphore(job.create_concurrency)
-        self.connected = 0
-        self.all_connected = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def run(self) -> None:
-        job = self.job
-        tasks = [asyncio.create_task(self._stream(job.seed + i)) for i in range(job.streams)]
-        try:
-            async with asyncio.timeout_at(job.deadline):
-                await asyncio.gather(*tasks)
-        except TimeoutError:
-            pass
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _stream(self, seed: int) -> None:
-        for _ in range(self.job.reads):
-            await self._attempt(seed)
-
-    async def _attempt(self, seed: int) -> None:
-        job = self.job
-        try:
-            if job.kind == "read":
-                # Fan-out: TTFT from the generation's POST; catch-up: from this GET.
-                await self._read(job.events_url, job.requested_at or time.monotonic())
-            else:
-                async with self.create_gate:
-                    # From the POST leaving this client, not from waiting for a slot.
-                    requested_at = time.monotonic()
-                    events_url = await self._create(seed)
-                await self._read(events_url, requested_at)
-            self.report.complete += 1
-        except StreamFailure as failure:
-            self.report.failures[str(failure)] += 1
-        except asyncio.CancelledError:
-            self.report.failures["timeout" if job.kind != "idle" else "not connected"] += 1
-            raise
-        except (aiohttp.ClientError, OSError) as exc:
-            self.report.failures[f"client error: {type(exc).__name__}"] += 1
-        finally:
-            if job.kind == "idle":
-                self._settle()
-
-    async def _create(self, seed: int) -> str:
-        body = sim_body(self.job.tokens, self.job.rate, seed)
-        async with self.session.post(f"{self.job.base_url}/v1/generations", json=body) as resp:
-            if resp.status != 201:
-                raise StreamFailure(f"create answered {resp.status}")
-            created = await resp.json()
-        return str(created["events_url"])
-
-    def _settle(self) -> None:
-        """Idle jobs: every stream has either connected or failed."""
-        if self.connected + sum(self.report.failures.values()) >= self.job.streams:
-            self.all_connected.set()
-
-    async def _read(self, events_url: str, requested_at: float) -> None:
-        job = self.job
-        async with self.connect_gate:
-            resp = await self.session.get(f"{job.base_url}{events_url}")
-        try:
-            if resp.status != 200:
-                raise StreamFailure(f"events answered {resp.status}")
-            connected_at = time.monotonic()
-            if job.kind == "idle":
-                self.connected += 1
-                self._settle()
-                await self.release.wait()
-                return
-            await self._consume(resp, requested_at, connected_at)
-        finally:
-            resp.release()
-
-    async def _consume(
-        self, resp: aiohttp.ClientResponse, requested_at: float, connected_at: float
-    ) -> None:
-        report, rate = self.report, self.job.rate
-        reader = EventReader()
-        expected_seq = 1
-        token_index = 0
-        # arrival - index/rate for each token: the schedule offset it was delivered at.
-        offsets = array("d")
-        first_token_at: float | None = None
-        finished = False
-        async for chunk in resp.content.iter_any():
-            arrived_at = time.monotonic()
-            heads = reader.feed(chunk)
-            if not heads:
-                continue
-            report.first_event_at = min(report.first_event_at, arrived_at)
-            report.last_event_at = arrived_at
-            report.events += len(heads)
-            for raw_seq, kind in heads:
-                seq = int(raw_seq)
-                if seq != expected_seq:
-                    raise StreamFailure("gap" if seq > expected_seq else "duplicate")
-                expected_seq += 1
-                if kind == b"token":
-                    if first_token_at is None:
-                        first_token_at = arrived_at
-                    offsets.append(arrived_at - token_index / rate)
-                    token_index += 1
-                elif kind in TERMINAL_TYPES:
-                    finished = True
-                    if (raw_seq, kind) != heads[-1]:
-                        raise StreamFailure("events after the terminal event")
-            if finished:
-                break
-        if not finished:
-            raise StreamFailure("ended without a terminal event")
-        try:
-            async with asyncio.timeout(5):
-                rest = await resp.content.read()
-        except TimeoutError:
-            raise StreamFailure("did not end after the terminal event") from None
-        if reader.feed(rest):
-            raise StreamFailure("events after the terminal event")
-        if first_token_at is not None:
-            report.ttft.append(first_token_at - requested_at)
-        if offsets and rate < AS_FAST_AS_POSSIBLE:
-            report.drift.extend(live_drift(offsets, rate, connected_at))
-
-
-def live_drift(offsets: Sequence[float], rate: float, connected_at: float) -> Iterator[float]:
-    """How far each live token arrived behind the stream's own schedule.
-
-    The schedule is token k at anchor + k/rate, anchored at the earliest offset
-    seen (so drift >= 0, and a stream delivered exactly at its pace has drift 0
-    whatever its start latency, which TTFT measures). Tokens scheduled before the
-    client's response headers arrived are catch-up, not live: left out.
-    """
-    anchor = min(offsets)
-    return (
-        offset - anchor
-        for index, offset in enumerate(offsets)
-        if anchor + index / rate >= connected_at
-    )
-
-
-async def run_client_job(job: ClientJob, conn: Connection) -> ClientReport:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
-    ) as session:
-        client = ClientRun(job, session)
-        if job.kind != "idle":
-            await client.run()
-            return client.report
-        running = asyncio.create_task(client.run())
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(job.deadline):
-                await client.all_connected.wait()
-        conn.send(("connected", client.connected))
-        # The coordinator samples the reader while these connections idle, then
-        # releases them; bounded by the job's deadline either way.
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(job.deadline):
-                await loop.run_in_executor(None, conn.recv)
-        client.release.set()
-        await running
-        return client.report
-
-
-def client_process_main(conn: Connection) -> None:
-    """Entry of a client process: run jobs from the coordinator until told to stop."""
-    raise_fd_limit()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops us
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        cpu_before, started = cpu_seconds(os.getpid()), time.monotonic()
-        report = asyncio.run(run_client_job(job, conn))
-        elapsed = time.monotonic() - started
-        report.busiest_client_cpu = (cpu_seconds(os.getpid()) - cpu_before) / max(elapsed, 1e-9)
-        conn.send(("report", report))
-
-
-def raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 # -- the client processes ----------------------------------------------------
@@ -412,128 +142,6 @@ class ClientPool:
 
 def split(total: int, parts: int) -> list[int]:
     return [n for n in (total // parts + (i < total % parts) for i in range(parts)) if n]
-
-
-# -- the processes under test, seen from outside -----------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-        )
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    """Stop one process we started, and the children it may have (its own session)."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants (a reader may run several processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process, from /proc/<pid>/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_bytes(pids: Sequence[int]) -> int:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
-
-
-def redis_connections(pids: Sequence[int], redis_port: int) -> int:
-    """Established TCP connections to Redis's port owned by these processes."""
-    inodes: set[str] = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if target.startswith("socket:["):
-                        inodes.add(target[8:-1])
-    if not pids:
-        return 0
-    port_hex = f":{redis_port:04X}"
-    count = 0
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                # fields: sl, local, remote, state (01 = ESTABLISHED), …, inode (10th)
-                if fields[2].endswith(port_hex) and fields[3] == "01" and fields[9] in inodes:
-                    count += 1
-    return count
-
-
-@dataclasses.dataclass
-class ReaderProbe:
-    """Samples a reader's RSS and Redis connections from /proc, keeping the peaks."""
-
-    pid: int
-    redis_port: int
-    peak_rss: int = 0
-    peak_redis_connections: int = 0
-    processes: int = 1
-
-    def sample(self) -> tuple[int, int]:
-        pids = process_tree(self.pid)
-        self.processes = max(self.processes, len(pids))
-        rss, connections = rss_bytes(pids), redis_connections(pids, self.redis_port)
-        self.peak_rss = max(self.peak_rss, rss)
-        self.peak_redis_connections = max(self.peak_redis_connections, connections)
-        return rss, connections
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.to_thread(self.sample)
-            await asyncio.sleep(interval)
 
 
 # -- scenarios -----------------------------------------------------------------

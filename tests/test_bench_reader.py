@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from app.sse import Parser, comment_frame, event_frame, retry_frame, unnumbered_frame
-from scripts.bench import EventReader, live_drift
+from scripts.bench_client import EventReader, live_drift
 
 FRAMES = [
     retry_frame(1000),
