@@ -99,6 +99,7 @@ class GenerationLog:
         self._acquire = redis.register_script(_script("acquire"))
         self._renew = redis.register_script(_script("renew"))
         self._cancel = redis.register_script(_script("cancel"))
+        self._annotate = redis.register_script(_script("annotate"))
 
     # -- TTLs ---------------------------------------------------------------
 
@@ -328,6 +329,12 @@ class GenerationLog:
         if result[0] != b"ok":
             raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
         return bool(result[1] == b"1")
+
+    async def set_traceparent(self, generation_id: str, traceparent: str) -> None:
+        """Record the generation span's context, so reader spans can link to it."""
+        await self._annotate(
+            keys=[self.keys.meta(generation_id)], args=["traceparent", traceparent]
+        )
 
     # -- cancel & retention -------------------------------------------------
 
