@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import importlib
 import logging
 import os
 import signal
@@ -28,13 +27,17 @@ from app.errors import InvalidRequest, TokentapeError
 from app.http import create_app
 from app.settings import Settings
 from app.telemetry import Telemetry, configure_logging
+from app.telemetry.web import metrics_app
 from app.tools import commands as tools
+from workers.runner import Worker
 
 logger = logging.getLogger("tokentape")
 
 # Open SSE streams are given this long to end on SIGTERM before their handlers are
 # cancelled; a browser EventSource reconnects (to another instance) on its own.
 SHUTDOWN_GRACE_SECONDS = 5.0
+# A worker's command connections (its blocking reads have two more of their own).
+WORKER_REDIS_CONNECTIONS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +56,8 @@ class WorkerRuntime(Protocol):
 
 
 AppFactory = Callable[[Settings, Redis, Telemetry], web.Application]
-WorkerFactory = Callable[[Redis, Settings], WorkerRuntime]
-
-
-def load_worker_factory() -> WorkerFactory:
-    return cast(WorkerFactory, importlib.import_module("workers.runner").Worker)
+# Called as factory(redis, settings, telemetry=...), like workers.runner.Worker.
+WorkerFactory = Callable[..., WorkerRuntime]
 
 
 def connect(settings: Settings, role: str = "worker", max_connections: int | None = None) -> Redis:
@@ -172,8 +172,9 @@ async def serve_processes(
             f" with {processes} reader processes" + (f" ({note})" if note else ""),
             flush=True,
         )
-        factory = load_worker_factory() if with_worker else None
-        async with _worker(settings, factory, stop) as worker:
+        telemetry = Telemetry.from_env("tokentape-worker")
+        factory = Worker if with_worker else None
+        async with _worker(settings, factory, stop, telemetry) as worker:
             exits = [asyncio.create_task(reader.wait()) for reader in readers]
             stopping = asyncio.create_task(stop.wait())
             # A reader that dies stops the whole service: a silent half-service is worse.
@@ -184,6 +185,7 @@ async def serve_processes(
                     reader.terminate()
             codes = await asyncio.gather(*exits)
             stopping.cancel()
+        telemetry.shutdown()
     failed = worker.failed or any(code not in (0, -signal.SIGTERM) for code in codes)
     return 1 if failed else 0
 
@@ -224,7 +226,7 @@ async def _serve(
 ) -> int:
     app_factory = app_factory or create_app
     if with_worker:
-        worker_factory = worker_factory or load_worker_factory()
+        worker_factory = worker_factory or Worker
     redis = connect(settings, "reader", settings.reader_redis_connections)
     telemetry = Telemetry.from_env("tokentape-reader")
     try:
@@ -247,7 +249,8 @@ async def _serve(
                 + (f" ({note})" if note else ""),
                 flush=True,
             )
-            async with _worker(settings, worker_factory if with_worker else None, stop) as worker:
+            factory = worker_factory if with_worker else None
+            async with _worker(settings, factory, stop, telemetry) as worker:
                 await stop.wait()
                 logger.info("stopping: no new connections; open streams end")
         finally:
@@ -265,6 +268,16 @@ def _url_host(host: str) -> str:
 # -- worker --------------------------------------------------------------------
 
 
+def _add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_redis_argument(parser)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve Prometheus metrics at http://127.0.0.1:P/metrics (default: none)",
+    )
+
+
 def worker_settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(redis_url=args.redis)
 
@@ -277,7 +290,7 @@ def _run_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return asyncio.run(work(settings))
+    return asyncio.run(work(settings, metrics_port=getattr(args, "metrics_port", None)))
 
 
 async def work(
@@ -285,26 +298,32 @@ async def work(
     *,
     stop: asyncio.Event | None = None,
     worker_factory: WorkerFactory | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Run a worker until SIGTERM/SIGINT or `stop`."""
     stop = stop or asyncio.Event()
-    worker_factory = worker_factory or load_worker_factory()
-    redis = connect(settings)
+    worker_factory = worker_factory or Worker
     with _stop_on_signals(stop):
-        return await _work(settings, redis, worker_factory, stop)
-
-
-async def _work(
-    settings: Settings, redis: Redis, worker_factory: WorkerFactory, stop: asyncio.Event
-) -> int:
-    try:
-        if not await _reachable(redis, settings):
-            return 1
-    finally:
-        await redis.aclose()
-    print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
-    async with _worker(settings, worker_factory, stop) as worker:
-        await stop.wait()
+        redis = connect(settings)
+        try:
+            if not await _reachable(redis, settings):
+                return 1
+        finally:
+            await redis.aclose()
+        telemetry = Telemetry.from_env("tokentape-worker")
+        metrics = None
+        if metrics_port is not None:
+            metrics = web.AppRunner(metrics_app(telemetry))
+            await metrics.setup()
+            await web.TCPSite(metrics, "127.0.0.1", metrics_port).start()
+        print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
+        try:
+            async with _worker(settings, worker_factory, stop, telemetry) as worker:
+                await stop.wait()
+        finally:
+            if metrics is not None:
+                await metrics.cleanup()
+            telemetry.shutdown()  # flushes the exporters
     return 1 if worker.failed else 0
 
 
@@ -315,27 +334,29 @@ class _WorkerOutcome:
 
 @contextlib.asynccontextmanager
 async def _worker(
-    settings: Settings, factory: WorkerFactory | None, stop: asyncio.Event
+    settings: Settings, factory: WorkerFactory | None, stop: asyncio.Event, telemetry: Telemetry
 ) -> AsyncIterator[_WorkerOutcome]:
     """Run a worker (on a Redis client of its own) beside the body; on exit stop it."""
     outcome = _WorkerOutcome()
     if factory is None:
         yield outcome
         return
-    redis = connect(settings, "worker")
-    task = asyncio.create_task(factory(redis, settings).run(stop), name="tokentape-worker")
+    redis = connect(settings, "worker", WORKER_REDIS_CONNECTIONS)
+    worker = factory(redis, settings, telemetry=telemetry)
+    task = asyncio.create_task(worker.run(stop), name="tokentape-worker")
     # A worker that dies on its own stops the process: a silent half-service is worse.
     task.add_done_callback(lambda _: stop.set())
     try:
         yield outcome
     finally:
         stop.set()
+        # The worker finishes or hands off its generations; past that it is cancelled and
+        # another worker takes them over when their leases expire.
+        deadline = settings.shutdown_grace_seconds + settings.lease_seconds
         try:
-            # The worker ends its generations' leases in order; past that it is cancelled
-            # and another worker takes its generations over when their leases expire.
-            await asyncio.wait_for(task, timeout=settings.lease_seconds)
+            await asyncio.wait_for(task, timeout=deadline)
         except TimeoutError:
-            logger.warning("worker did not stop within %.0f s; cancelled", settings.lease_seconds)
+            logger.warning("worker did not stop within %.0f s; cancelled", deadline)
         except Exception:
             outcome.failed = True
             logger.exception("worker failed")
@@ -377,7 +398,7 @@ COMMANDS: list[Command] = [
     Command(
         "worker",
         "consume generation jobs and run the models",
-        _add_redis_argument,
+        _add_worker_arguments,
         _run_worker,
     ),
 ]

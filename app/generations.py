@@ -12,8 +12,6 @@ from app.errors import InvalidRequest
 Status = Literal["queued", "running", "done", "error", "cancelled"]
 TERMINAL_STATUSES = frozenset({"done", "error", "cancelled"})
 
-# "sim", or "<provider>/<model name>".
-MODEL_PROVIDERS = ("sim", "openai", "anthropic")
 _MODEL_RE = re.compile(r"^(sim|(openai|anthropic)/[\w.:@/-]{1,200})$")
 
 

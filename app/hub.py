@@ -405,10 +405,19 @@ class Hub:
             _recheck_all(feed.subscriptions)
 
     async def _recheck_loop(self) -> None:
-        """Silent feeds look at the log's last seq now and then: the safety net under pub/sub."""
+        """Silent feeds look at the log's last seq now and then: the safety net under pub/sub.
+
+        The same beat marks every generation with readers here as watched.
+        """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.recheck_seconds)
+            watched = [f.generation_id for f in self._feeds.values() if f.subscriptions]
+            if watched:
+                try:
+                    await self.log.mark_watched(watched)
+                except (RedisError, OSError) as exc:
+                    logger.warning("marking watched generations failed: %s", exc)
             now = loop.time()
             silent = [
                 f

@@ -99,6 +99,7 @@ class GenerationLog:
         self._acquire = redis.register_script(_script("acquire"))
         self._renew = redis.register_script(_script("renew"))
         self._cancel = redis.register_script(_script("cancel"))
+        self._annotate = redis.register_script(_script("annotate"))
 
     # -- TTLs ---------------------------------------------------------------
 
@@ -323,11 +324,31 @@ class GenerationLog:
                 lease.epoch,
                 int(self.settings.lease_seconds * 1000),
                 "1" if release else "0",
+                int(self.settings.cancel_unwatched_seconds * 1000),
             ],
         )
         if result[0] != b"ok":
             raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
         return bool(result[1] == b"1")
+
+    async def mark_watched(self, generation_ids: Sequence[str]) -> None:
+        """Readers stream these generations now (the unwatched-cancel policy reads it)."""
+        stamp = now_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for generation_id in generation_ids:
+                # Queued on the pipeline (the pipeline loads the script if Redis lacks it).
+                await self._annotate(
+                    keys=[self.keys.meta(generation_id)],
+                    args=["watched_ms", stamp],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    async def set_traceparent(self, generation_id: str, traceparent: str) -> None:
+        """Record the generation span's context, so reader spans can link to it."""
+        await self._annotate(
+            keys=[self.keys.meta(generation_id)], args=["traceparent", traceparent]
+        )
 
     # -- cancel & retention -------------------------------------------------
 

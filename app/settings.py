@@ -33,6 +33,9 @@ class Settings:
     catch_up_page_size: int = 500
     # Events a client may have queued before it drops back to reading the log.
     client_buffer_events: int = 1024
+    # How often a reader looks at the log of a silent live stream (the safety net under
+    # pub/sub) and marks the generations it streams as watched.
+    reader_recheck_seconds: float = 5.0
     # A client whose socket accepts nothing for this long is disconnected.
     write_timeout_seconds: float = 30.0
     # Redis connections of one reader process, whatever the number of open streams:
@@ -51,6 +54,9 @@ class Settings:
     # On SIGTERM: how long in-flight generations may finish before they are handed off.
     shutdown_grace_seconds: float = 10.0
     worker_concurrency: int = 256
+    # Cancel a generation no reader has watched for this long (0: off). Readers mark
+    # what they stream every reader_recheck_seconds, so keep this well above that.
+    cancel_unwatched_seconds: float = 0.0
     worker_id: str = ""
 
     # HTTP input limits

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Sequence
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +28,7 @@ from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
 from app.events import Event
 from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.telemetry import Metrics
 
 logger = logging.getLogger("tokentape.worker")
 
@@ -69,9 +71,10 @@ class Appender:
     batch), which the log applies at most once.
     """
 
-    def __init__(self, log: GenerationLog, lease: Lease) -> None:
+    def __init__(self, log: GenerationLog, lease: Lease, metrics: Metrics | None = None) -> None:
         self.log = log
         self.lease = lease
+        self._metrics = metrics
         self.next_seq = lease.last_seq + 1
         self.outcome: Outcome | None = None
         self._pending: list[Event] = []
@@ -144,7 +147,10 @@ class Appender:
             self._room.set()
 
     async def _append(self, batch: Sequence[Event]) -> None:
+        began = time.perf_counter()
         async for attempt in retrying(self.log.settings):
             with attempt:
                 last = await self.log.append(self.lease, self.next_seq, batch)
+        if self._metrics is not None:
+            self._metrics.append_latency.record(time.perf_counter() - began)
         self.next_seq = last + 1

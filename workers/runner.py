@@ -25,26 +25,25 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
 from app import events, jobs
 from app.errors import Fenced
-from app.events import Done, Error, Event, Started
+from app.events import Done, Error, Event, Started, Token, ToolCall
 from app.generations import GenerationRequest
 from app.jobs import Job
 from app.keys import Keys
 from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.telemetry import Telemetry
+from app.telemetry.tracing import GenerationSpan
 from workers.appender import TRANSIENT_ERRORS, Appender, Outcome, retrying
 from workers.lease import HeldLease, LeaseKeeper
-from workers.models import adapter_for
+from workers.models import Adapters
 from workers.models.base import GenerationContext, ModelAdapter, ProviderError
 
 logger = logging.getLogger("tokentape.worker")
-tracer = trace.get_tracer("tokentape.worker")
 
 AdapterResolver = Callable[[str], ModelAdapter]
 
@@ -83,6 +82,7 @@ class _GenerationRun:
         self.job = job
         self.generation_id = job.generation_id
         self.appender: Appender | None = None
+        self.span: GenerationSpan | None = None
         self.producer: asyncio.Task[None] | None = None
         self._cancel_wanted = False
         self._handing_off = False
@@ -101,7 +101,7 @@ class _GenerationRun:
     async def _cancel(self, producer: asyncio.Task[None], appender: Appender) -> None:
         producer.cancel()
         await asyncio.wait([producer])
-        await appender.put(Done(reason="cancelled"))
+        await self.put(Done(reason="cancelled"))
 
     def lose(self) -> None:
         """The lease is gone: stop at once and append nothing more."""
@@ -133,20 +133,61 @@ class _GenerationRun:
 
     async def _execute(self, lease: Lease) -> Outcome:
         log = self.worker.log
-        appender = self.appender = Appender(log, lease)
+        telemetry = self.worker.telemetry
+        request = await log.request(self.generation_id)
+        model = request.model if request else "unknown"
+        previous_attempt = None
+        if lease.attempt > 1 and telemetry.tracing:
+            # A takeover links to the span of the attempt that died.
+            state = await log.state(self.generation_id)
+            previous_attempt = state.traceparent if state else None
+        with telemetry.generation_span(
+            self.generation_id,
+            model=model,
+            provider=model.split("/", 1)[0],
+            attempt=lease.attempt,
+            takeover=lease.attempt > 1,
+            parent_traceparent=self.job.traceparent,
+            previous_attempt=previous_attempt,
+        ) as span:
+            self.span = span
+            if span.traceparent is not None:
+                await log.set_traceparent(self.generation_id, span.traceparent)
+            return await self._execute_traced(lease, request)
+
+    async def put(self, event: Event) -> bool:
+        """Append `event` (through the appender) and record it on the generation's span."""
+        assert self.appender is not None
+        span = self.span
+        if span is not None:
+            if isinstance(event, Token):
+                span.token()
+            elif isinstance(event, ToolCall):
+                span.tool_call(event.name)
+            elif isinstance(event, Done):
+                span.finish(event.reason, event.usage)
+                if event.reason == "cancelled":
+                    self.worker.telemetry.metrics.cancellations.add(1)
+            elif isinstance(event, Error):
+                span.error(event.code, event.message)
+        return await self.appender.put(event)
+
+    async def _execute_traced(self, lease: Lease, request: GenerationRequest | None) -> Outcome:
+        log = self.worker.log
+        appender = self.appender = Appender(log, lease, self.worker.telemetry.metrics)
         try:
             if self._handing_off:
                 appender.stop(Outcome.HANDED_OFF)
             elif lease.cancel_requested or self._cancel_wanted:
                 logger.info("%s: cancelled before it started", self.generation_id)
-                await appender.put(Done(reason="cancelled"))
+                await self.put(Done(reason="cancelled"))
             elif lease.attempt > MAX_ATTEMPTS:
                 message = f"gave up after {lease.attempt - 1} attempts lost their worker"
-                await appender.put(Error(code="worker_lost", message=message, retryable=True))
+                await self.put(Error(code="worker_lost", message=message, retryable=True))
             else:
-                request = await log.request(self.generation_id)
-                model = request.model if request else None
-                await appender.put(Started(model=model, attempt=lease.attempt))
+                await self.put(
+                    Started(model=request.model if request else None, attempt=lease.attempt)
+                )
                 self.producer = asyncio.create_task(self._produce(appender, lease, request))
                 if self._cancel_wanted:
                     self.cancel()
@@ -184,7 +225,7 @@ class _GenerationRun:
                 async for event in stream:
                     if isinstance(event, Started):
                         continue
-                    if not await appender.put(event) or events.is_terminal(event):
+                    if not await self.put(event) or events.is_terminal(event):
                         return
             terminal = Error(code="internal", message="the model stream ended without finishing")
         except ProviderError as exc:
@@ -192,7 +233,7 @@ class _GenerationRun:
         except Exception as exc:
             logger.exception("%s: the adapter failed", self.generation_id)
             terminal = Error(code="internal", message=f"{type(exc).__name__}: {exc}")
-        await appender.put(terminal)
+        await self.put(terminal)
 
     async def _read_prior(self, lease: Lease) -> list[Event]:
         """What the log already holds (a takeover): every event, in pages."""
@@ -237,9 +278,11 @@ class Worker:
         *,
         adapters: AdapterResolver | None = None,
         worker_id: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.keys = Keys(settings.key_prefix)
         self.log = GenerationLog(redis, settings)
         self.worker_id = (
@@ -248,7 +291,8 @@ class Worker:
             or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
         self.keeper = LeaseKeeper(self.log, self.worker_id)
-        self._resolve = adapters or (lambda model: adapter_for(model, settings))
+        self._adapters = Adapters(settings)
+        self._resolve = adapters or self._adapters
         self.ready = asyncio.Event()  # set once subscribed and consuming
         self._runs: dict[str, _GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -301,6 +345,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, *self._tasks, return_exceptions=True)
             await blocking.aclose()
+            await self._adapters.close()
 
     async def _consume(self, blocking: Redis, stop: asyncio.Event) -> None:
         k = self.keys
@@ -350,17 +395,6 @@ class Worker:
         self._slot_free.set()
 
     async def _run_job(self, run: _GenerationRun) -> None:
-        # The span continues the trace of the request that created the generation.
-        carrier = {"traceparent": run.job.traceparent} if run.job.traceparent else {}
-        parent = TraceContextTextMapPropagator().extract(carrier)
-        with tracer.start_as_current_span(
-            "generation", context=parent, kind=trace.SpanKind.CONSUMER
-        ) as span:
-            span.set_attribute("tokentape.generation_id", run.generation_id)
-            span.set_attribute("tokentape.worker_id", self.worker_id)
-            await self._run_and_settle(run, span)
-
-    async def _run_and_settle(self, run: _GenerationRun, span: trace.Span) -> None:
         try:
             try:
                 outcome = await run.execute()
@@ -370,10 +404,6 @@ class Worker:
             finally:
                 del self._runs[run.generation_id]
             logger.info("%s: %s", run.generation_id, outcome.value)
-            span.set_attribute("tokentape.outcome", outcome.value)
-            if run.appender is not None:
-                span.set_attribute("tokentape.attempt", run.appender.lease.attempt)
-                span.set_attribute("tokentape.last_seq", run.appender.next_seq - 1)
             await self._settle(run, outcome)
         except RedisError as exc:
             # The job stays pending; the claimer of some worker settles it later.

@@ -34,6 +34,7 @@ def create_app(
         redis,
         page_size=settings.catch_up_page_size,
         buffer_limit=settings.client_buffer_events,
+        recheck_seconds=settings.reader_recheck_seconds,
     )
     app.add_routes(generations.routes)
     app.add_routes(events.routes)

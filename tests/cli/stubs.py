@@ -29,7 +29,9 @@ class Worker:
 
     instances: list[Worker] = []
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, telemetry: Telemetry | None = None
+    ) -> None:
         self.redis = redis
         self.settings = settings
         self.stopped = False

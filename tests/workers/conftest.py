@@ -15,6 +15,7 @@ from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
+from app.telemetry import Telemetry
 from workers.models.sim import plan, prompt_tokens
 from workers.runner import AdapterResolver, Worker
 
@@ -103,8 +104,11 @@ async def start_worker(redis: Redis, settings: Settings) -> AsyncIterator[StartW
         settings: Settings = settings,
         adapters: AdapterResolver | None = None,
         worker_id: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> RunningWorker:
-        worker = Worker(redis, settings, adapters=adapters, worker_id=worker_id)
+        worker = Worker(
+            redis, settings, adapters=adapters, worker_id=worker_id, telemetry=telemetry
+        )
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         ready = asyncio.create_task(worker.ready.wait())

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
@@ -18,6 +18,7 @@ from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
 from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.telemetry import Telemetry
 from tests.workers.conftest import (
     StartWorker,
     at_least,
@@ -28,9 +29,8 @@ from tests.workers.conftest import (
     submit,
     until_log,
 )
-from workers import runner
-from workers.models import adapter_for
-from workers.models.base import GenerationContext, ModelAdapter, ProviderError
+from workers.models import PROVIDERS
+from workers.models.base import GenerationContext, ProviderError
 from workers.runner import MAX_ATTEMPTS
 
 
@@ -208,14 +208,12 @@ async def test_an_adapter_failure_ends_the_generation_with_an_error(
 
 
 async def test_a_model_without_an_adapter_is_an_error_not_a_hang(
-    log: GenerationLog, start_worker: StartWorker
+    log: GenerationLog, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def registry(model: str) -> ModelAdapter:
-        return adapter_for(model)
-
-    await start_worker(adapters=registry)
+    monkeypatch.delitem(PROVIDERS, "openai")  # a worker deployed without that provider
+    await start_worker()
     request = sim_request()
-    request = type(request)(model="openai/not-registered-here", messages=request.messages)
+    request = type(request)(model="openai/some-model", messages=request.messages)
     generation_id = await submit(log, request)
     entries = await until_log(log, generation_id, ended)
     error = entries[-1].event()
@@ -348,25 +346,37 @@ async def test_a_generation_that_keeps_losing_its_worker_ends_with_worker_lost(
 
 
 async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
-    log: GenerationLog, redis: Redis, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
+    log: GenerationLog, redis: Redis, start_worker: StartWorker
 ) -> None:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(runner, "tracer", provider.get_tracer("test"))
-    running = await start_worker()
+    metrics = InMemoryMetricReader()
+    telemetry = Telemetry(span_processors=[SimpleSpanProcessor(exporter)], metric_readers=[metrics])
+    running = await start_worker(telemetry=telemetry)
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     generation_id = new_generation_id()
-    await log.create(generation_id, sim_request(tokens=5))
+    await log.create(generation_id, sim_request(tokens=5, tool_calls=1))
     await jobs.enqueue(redis, log.keys, generation_id, f"00-{trace_id}-{parent_id}-01")
     await until_log(log, generation_id, ended)
     await running.worker.until_idle()
     (span,) = exporter.get_finished_spans()
-    assert span.name == "generation"
+    assert span.name == "chat sim"
     assert span.context is not None
     assert span.parent is not None
     assert (span.context.trace_id, span.parent.span_id) == (int(trace_id, 16), int(parent_id, 16))
-    assert span.attributes is not None
-    assert span.attributes["tokentape.generation_id"] == generation_id
-    assert span.attributes["tokentape.outcome"] == "ended"
-    assert span.attributes["tokentape.last_seq"] == 7  # started, 5 tokens, done
+    attributes = dict(span.attributes or {})
+    assert attributes["tokentape.generation.id"] == generation_id
+    assert attributes["gen_ai.request.model"] == "sim"
+    assert attributes["gen_ai.response.finish_reasons"] == ("tool_calls",)
+    assert attributes["tokentape.generation.tokens"] == 5
+    assert attributes["tokentape.generation.tool_calls"] == 1
+    assert [e.name for e in span.events][:1] == ["first_token"]
+    # Readers link their spans to this one through the generation's metadata.
+    state = await log.state(generation_id)
+    assert state is not None
+    assert state.traceparent == f"00-{trace_id}-{span.context.span_id:016x}-01"
+    data = metrics.get_metrics_data()
+    assert data is not None
+    recorded = {
+        m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
+    assert {"tokentape.time_to_first_token", "tokentape.append_latency"} <= recorded

@@ -5,29 +5,54 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from app.settings import Settings
+from workers.models.anthropic import AnthropicAdapter
 from workers.models.base import GenerationContext, ModelAdapter, ProviderError
+from workers.models.openai import OpenAIAdapter
 from workers.models.sim import SimModel
 
-__all__ = ["GenerationContext", "ModelAdapter", "ProviderError", "adapter_for"]
+__all__ = ["Adapters", "GenerationContext", "ModelAdapter", "ProviderError", "adapter_for"]
 
-AdapterFactory = Callable[[str, Settings | None], ModelAdapter]
+AdapterFactory = Callable[[Settings | None], ModelAdapter]
 
-_sim = SimModel()
-
-# Provider name -> factory of its adapter for a model name. The OpenAI-compatible and
-# Anthropic adapters register here ("openai": ..., "anthropic": ...).
+# Provider name -> factory of its adapter. One adapter per provider and worker serves
+# every model of that provider, so they share one HTTP connection pool.
 PROVIDERS: dict[str, AdapterFactory] = {
-    "sim": lambda _model, _settings: _sim,
+    "sim": lambda _settings: SimModel(),
+    "openai": lambda _settings: OpenAIAdapter(),
+    "anthropic": lambda _settings: AnthropicAdapter(),
 }
 
 
+class Adapters:
+    """The adapters of one worker, made on first use and closed with `close()`."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self._settings = settings
+        self._made: dict[str, ModelAdapter] = {}
+
+    def __call__(self, model: str) -> ModelAdapter:
+        """The adapter that streams `model`; ProviderError("model_unavailable") if none does."""
+        provider = model.split("/", 1)[0]
+        adapter = self._made.get(provider)
+        if adapter is None:
+            factory = PROVIDERS.get(provider)
+            if factory is None:
+                raise ProviderError(
+                    "model_unavailable",
+                    f"this worker has no adapter for {model!r}; "
+                    f"it runs: {', '.join(sorted(PROVIDERS))}",
+                )
+            adapter = self._made[provider] = factory(self._settings)
+        return adapter
+
+    async def close(self) -> None:
+        made, self._made = self._made, {}
+        for adapter in made.values():
+            close = getattr(adapter, "close", None)
+            if close is not None:
+                await close()
+
+
 def adapter_for(model: str, settings: Settings | None = None) -> ModelAdapter:
-    """The adapter that streams `model`; ProviderError("model_unavailable") if none does."""
-    provider = model.split("/", 1)[0]
-    factory = PROVIDERS.get(provider)
-    if factory is None:
-        raise ProviderError(
-            "model_unavailable",
-            f"this worker has no adapter for {model!r}; it runs: {', '.join(sorted(PROVIDERS))}",
-        )
-    return factory(model, settings)
+    """A new adapter for `model` (a worker keeps its own in an `Adapters`)."""
+    return Adapters(settings)(model)

@@ -79,6 +79,24 @@ class Upstream:
     timeout: aiohttp.ClientTimeout = PROVIDER_TIMEOUT
 
 
+class Session:
+    """The caller's aiohttp session, or one made on first use and closed by `close()`."""
+
+    def __init__(self, given: aiohttp.ClientSession | None) -> None:
+        self._session = given
+        self._owned = given is None
+
+    def get(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._owned and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
 async def stream_events(
     session: aiohttp.ClientSession,
     upstream: Upstream,

@@ -22,7 +22,7 @@ from app import sse
 from app.events import Done, Error, Event, FinishReason, Token, Usage
 from app.generations import Message
 from workers.models._resume import resume_from
-from workers.models._upstream import RetryPolicy, Transient, Upstream, stream_events
+from workers.models._upstream import RetryPolicy, Session, Transient, Upstream, stream_events
 from workers.models.base import GenerationContext, ProviderError
 from workers.models.toolcalls import InvalidToolArguments, ToolCallAccumulator
 
@@ -107,8 +107,7 @@ class AnthropicAdapter:
         api_key: str | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self._session = session
-        self._owns_session = session is None
+        self._session = Session(session)
         base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
         key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")
         headers = {"anthropic-version": API_VERSION}
@@ -123,9 +122,7 @@ class AnthropicAdapter:
 
     async def close(self) -> None:
         """Close the HTTP session if this adapter created it."""
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def stream(self, context: GenerationContext) -> AsyncIterator[Event]:
         resume = resume_from(context.prior, self.provider)
@@ -138,14 +135,12 @@ class AnthropicAdapter:
                 "which a prefill cannot continue; retry the generation",
                 retryable=True,
             )
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         # Trap: the API rejects a prefill ending in whitespace. Send it stripped, and drop
         # that whitespace again from the start of the continuation: the log already has it.
         prefill = resume.text.rstrip()
         translate = _Translator(already_sent=resume.text[len(prefill) :])
         body = self.request_body(context, prefill=prefill)
-        async for event in stream_events(self._session, self._upstream, body, translate):
+        async for event in stream_events(self._session.get(), self._upstream, body, translate):
             yield event
 
     def request_body(self, context: GenerationContext, *, prefill: str = "") -> dict[str, Any]:

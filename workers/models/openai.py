@@ -22,7 +22,7 @@ import msgspec
 from app import sse
 from app.events import Done, Error, Event, FinishReason, Token, ToolCall, Usage
 from workers.models._resume import resume_from
-from workers.models._upstream import RetryPolicy, Transient, Upstream, stream_events
+from workers.models._upstream import RetryPolicy, Session, Transient, Upstream, stream_events
 from workers.models.base import GenerationContext
 from workers.models.toolcalls import InvalidToolArguments, ToolCallAccumulator
 
@@ -95,8 +95,7 @@ class OpenAIAdapter:
         retry: RetryPolicy | None = None,
         continuation_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._session = session
-        self._owns_session = session is None
+        self._session = Session(session)
         base = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self._upstream = Upstream(
@@ -109,9 +108,7 @@ class OpenAIAdapter:
 
     async def close(self) -> None:
         """Close the HTTP session if this adapter created it."""
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._session.close()
 
     async def stream(self, context: GenerationContext) -> AsyncIterator[Event]:
         resume = resume_from(context.prior, self.provider)
@@ -121,10 +118,8 @@ class OpenAIAdapter:
             # Tool calls are only emitted at finish_reason: the answer was complete.
             yield Done(reason="tool_calls")
             return
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
         body = self.request_body(context, continue_text=resume.text)
-        async for event in stream_events(self._session, self._upstream, body, _translate):
+        async for event in stream_events(self._session.get(), self._upstream, body, _translate):
             yield event
 
     def request_body(
