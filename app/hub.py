@@ -54,6 +54,26 @@ class Frame:
 class Subscription:
     """One client's position in one generation's log."""
 
+    # Thousands of these live at once in one process: no per-instance __dict__.
+    __slots__ = (
+        "_feed",
+        "_first_read",
+        "_hub",
+        "_live_hint",
+        "_pending",
+        "_pending_gap",
+        "_queued_until",
+        "_read_log",
+        "_wakeup",
+        "closed_reason",
+        "delivered",
+        "fell_behind",
+        "finished",
+        "gap",
+        "last_appended_ms",
+        "requested_after",
+    )
+
     def __init__(self, hub: Hub, feed: Feed, after_seq: int) -> None:
         self._hub = hub
         self._feed = feed
@@ -198,6 +218,17 @@ class Subscription:
 
 class Feed:
     """All subscriptions of one generation in this process, and its live channel."""
+
+    __slots__ = (
+        "channel",
+        "confirmed",
+        "generation_id",
+        "last_seen",
+        "linger",
+        "silent_since",
+        "subscribe_number",
+        "subscriptions",
+    )
 
     def __init__(self, generation_id: str, channel: str) -> None:
         self.generation_id = generation_id

@@ -61,39 +61,33 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
     last = 0
     readers: list[Reader] = []
     drop = [False]
-    intercepted: set[int] = set()
+    subscribed = False
     live_seen = [0]
     live_expected = 0  # the last seq appended while the feed was subscribed
     live_arrived = asyncio.Event()
+    deliver = Feed.dispatch
 
-    def lose_next_live_message(feed: Feed) -> None:
-        """Route the feed's live batches through a switch that can lose one, as pub/sub may."""
-        if id(feed) in intercepted:
+    def dispatch(feed: Feed, entries: list[LogEntry], now: float) -> None:
+        """Live batches pass a switch that can lose one, as pub/sub may."""
+        live_seen[0] = max(live_seen[0], entries[-1].seq)
+        live_arrived.set()
+        if drop[0]:
+            drop[0] = False
             return
-        intercepted.add(id(feed))
-        deliver = feed.dispatch
+        deliver(feed, entries, now)
 
-        def dispatch(entries: list[LogEntry], now: float) -> None:
-            live_seen[0] = max(live_seen[0], entries[-1].seq)
-            live_arrived.set()
-            if drop[0]:
-                drop[0] = False
-                return
-            deliver(entries, now)
-
-        feed.dispatch = dispatch  # type: ignore[method-assign]
-
+    Feed.dispatch = dispatch  # type: ignore[method-assign,assignment]
     try:
         for kind, value in program:
             if kind == "append":
                 batch = [events.Token(text=str(last + i + 1)) for i in range(value)]
                 last = await log.append(lease, last + 1, batch)
-                if intercepted:
+                if subscribed:
                     live_expected = last
             elif kind == "subscribe":
                 after = min(value, last)
                 readers.append(Reader(await hub.subscribe(generation_id, after), after))
-                lose_next_live_message(hub._feeds[generation_id])
+                subscribed = True
             elif kind == "unsubscribe" and readers:
                 reader = readers.pop(value % len(readers))
                 hub.unsubscribe(reader.subscription)
@@ -122,6 +116,7 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                     pass
             assert reader.seqs == list(range(reader.after + 1, last + 1)), reader.after
     finally:
+        Feed.dispatch = deliver  # type: ignore[method-assign]
         await hub.stop()
         keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
         if keys:

@@ -104,6 +104,7 @@ async def _pump(
 ) -> None:
     """Write what the subscription hands out until the terminal event, a drain or a stuck client."""
     settings = request.app[SETTINGS]
+    transport = request.transport
     while True:
         before = subscription.delivered
         chunk = await subscription.next_chunk(settings.heartbeat_seconds)
@@ -112,8 +113,12 @@ async def _pump(
         if subscription.gap is not None and before == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
         try:
-            async with asyncio.timeout(settings.write_timeout_seconds):
+            if transport is not None and transport.get_write_buffer_size() == 0:
+                # The socket keeps up: this write cannot block, no timer needed.
                 await response.write(chunk or sse.comment_frame("keep-alive"))
+            else:
+                async with asyncio.timeout(settings.write_timeout_seconds):
+                    await response.write(chunk or sse.comment_frame("keep-alive"))
         except TimeoutError:
             reader.ended("slow_client")
             if request.transport is not None:

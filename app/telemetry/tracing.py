@@ -181,8 +181,27 @@ class GenerationSpan:
         self.span.set_status(Status(StatusCode.ERROR, f"{code}: {message}" if message else code))
 
 
+# Per-write bookkeeping is on the fan-out hot path (one write per client per event):
+# the events counter is added in steps, and delivery latency sampled.
+EVENTS_COUNTER_STEP = 64
+DELIVERY_SAMPLE_EVERY = 16
+
+
 class ReaderSpan:
     """What an SSE handler reports about one connection."""
+
+    __slots__ = (
+        "_generation_id",
+        "_metrics",
+        "_position",
+        "_unreported",
+        "_writes",
+        "bytes_sent",
+        "end_reason",
+        "events_sent",
+        "first_seq",
+        "span",
+    )
 
     def __init__(self, span: Span, metrics: Metrics, generation_id: str, position: int) -> None:
         self.span = span
@@ -193,16 +212,25 @@ class ReaderSpan:
         self.events_sent = 0
         self.bytes_sent = 0
         self.end_reason: EndReason | None = None
+        self._unreported = 0  # events not yet added to the events_sent counter
+        self._writes = 0
 
     def sent(self, events: int, nbytes: int, appended_ms: int | None = None) -> None:
-        """One write to the client: `appended_ms` of its last event measures delivery latency."""
+        """One write to the client: `appended_ms` of its last event measures delivery latency.
+
+        The latency of the first write and of every 16th after it is recorded.
+        """
         self.events_sent += events
         self.bytes_sent += nbytes
-        self._metrics.events_sent.add(events)
-        if appended_ms is not None:
+        self._unreported += events
+        if self._unreported >= EVENTS_COUNTER_STEP:
+            self._metrics.events_sent.add(self._unreported)
+            self._unreported = 0
+        if appended_ms is not None and self._writes % DELIVERY_SAMPLE_EVERY == 0:
             # Redis's clock against ours: clamp the skew rather than record a negative time.
             latency = max(0.0, time.time() - appended_ms / 1000)
             self._metrics.delivery_latency.record(latency)
+        self._writes += 1
 
     def first_event(self, seq: int) -> None:
         """The seq of the first event sent on this connection."""
@@ -237,6 +265,9 @@ class ReaderSpan:
         )
 
     def _close(self) -> None:
+        if self._unreported:
+            self._metrics.events_sent.add(self._unreported)
+            self._unreported = 0
         self.span.set_attribute(READ_EVENTS_SENT, self.events_sent)
         self.span.set_attribute(READ_BYTES_SENT, self.bytes_sent)
 
