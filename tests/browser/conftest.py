@@ -45,7 +45,7 @@ RETRY_MILLISECONDS = 100
 def chromium_path() -> str | None:
     configured = os.environ.get("TOKENTAPE_CHROMIUM")
     if configured:
-        return configured
+        return configured if os.access(configured, os.X_OK) else None
     for name in _CHROMIUM_NAMES:
         found = shutil.which(name)
         if found:

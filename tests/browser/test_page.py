@@ -163,8 +163,8 @@ def test_generation_renders_the_exact_text_and_tool_call(
 def test_dropping_the_connection_resumes_without_a_gap_or_duplicate(
     page: Page, service: Service
 ) -> None:
-    events = sim_events(tokens=400, rate=100, tool_calls=1, seed=12)
-    generate(page, service.url, tokens=400, rate=100, tool_calls=1, seed=12)
+    events = sim_events(tokens=300, rate=100, tool_calls=1, seed=12)
+    generate(page, service.url, tokens=300, rate=100, tool_calls=1, seed=12)
 
     for drop in (1, 2):
         wait_for_count(page, number(page, "count") + 30)
@@ -210,10 +210,10 @@ def test_browser_reconnects_by_itself_when_the_reader_dies(
     port = free_port()
     serve = ("serve", "--redis", REDIS_URL, "--port", str(port))
     reader = start_process(*serve)
-    events = sim_events(tokens=600, rate=200, tool_calls=1, seed=13)
+    events = sim_events(tokens=500, rate=200, tool_calls=1, seed=13)
     requests, _ = events_traffic(page)
 
-    generate(page, f"http://127.0.0.1:{port}", tokens=600, rate=200, tool_calls=1, seed=13)
+    generate(page, f"http://127.0.0.1:{port}", tokens=500, rate=200, tool_calls=1, seed=13)
     wait_for_count(page, 100)
     reader.kill()
     expect(page.locator("#state")).to_have_text("reconnecting")
