@@ -53,7 +53,7 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if chromium_path() is None:
         pytest.skip(
@@ -64,9 +64,11 @@ def playwright() -> Iterator[Playwright]:
         yield driver
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
-    # One browser for the session: launching takes seconds, a new context milliseconds.
+    # One browser per module: launching takes seconds, a new context milliseconds. Not
+    # per session: sync Playwright runs its own event loop, which must be gone before
+    # the asyncio tests of later modules run.
     browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
     yield browser
     browser.close()
