@@ -181,12 +181,17 @@ class Subscription:
         return self._hand_out(frames)
 
     def _hand_out(self, frames: list[Frame]) -> bytes:
-        self.delivered = frames[-1].seq
-        self.last_appended_ms = frames[-1].appended_ms
-        self._queued_until = max(self._queued_until, self.delivered)
-        if frames[-1].terminal:
+        last = frames[-1]
+        return self._deliver(
+            b"".join(f.data for f in frames), last.seq, last.appended_ms, last.terminal
+        )
+
+    def _deliver(self, chunk: bytes, last_seq: int, appended_ms: int, terminal: bool) -> bytes:
+        self.delivered = last_seq
+        self.last_appended_ms = appended_ms
+        self._queued_until = max(self._queued_until, last_seq)
+        if terminal:
             self.finished = True
-        chunk = b"".join(f.data for f in frames)
         if self._pending_gap is not None:
             chunk, self._pending_gap = self._pending_gap + chunk, None
         return chunk
@@ -197,7 +202,7 @@ class Subscription:
             return None
         try:
             async with asyncio.timeout(budget):
-                entries = await self._hub.log.read(
+                rows = await self._hub.log.read_rows(
                     self.generation_id, self.delivered, self._hub.page_size
                 )
         except TimeoutError:
@@ -208,19 +213,26 @@ class Subscription:
             logger.warning("log read for %s failed, retrying: %s", self.generation_id, exc)
             await asyncio.sleep(min(budget, self._hub.retry_delay()))
             return None
-        if self._first_read:
+        if not rows:
             self._first_read = False
-            if entries and entries[0].seq > self.delivered + 1:
-                self.gap = Gap(requested=self.delivered + 1, first_available=entries[0].seq)
-                self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
-        if not entries:
             self._read_log = False  # caught up: live batches take over
             return None
-        frames = [Frame(e) for e in entries]
+        # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
+        # b"t", ms]): no object per event on the catch-up path.
+        chunk = sse.event_frames((entry_id[:-2], fields[1], fields[3]) for entry_id, fields in rows)
+        last_id, last_fields = rows[-1]
+        last_seq = int(last_id[:-2])
+        if self._first_read:
+            self._first_read = False
+            first_seq = int(rows[0][0][:-2])
+            if first_seq > self.delivered + 1:
+                self.gap = Gap(requested=self.delivered + 1, first_available=first_seq)
+                self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
         # A full page, or a live batch announced past this page: more to read.
-        if len(entries) < self._hub.page_size and self._live_hint <= frames[-1].seq:
+        if len(rows) < self._hub.page_size and self._live_hint <= last_seq:
             self._read_log = False
-        return self._hand_out(frames)
+        terminal = last_fields[1].decode() in TERMINAL_TYPES
+        return self._deliver(chunk, last_seq, int(last_fields[5]), terminal)
 
 
 class Feed:

@@ -23,6 +23,8 @@ from app.generations import TERMINAL_STATUSES, GenerationRequest
 from app.keys import Keys
 from app.settings import Settings
 
+RawEntry = tuple[bytes, list[bytes]]
+
 
 def _script(name: str) -> str:
     return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
@@ -194,21 +196,25 @@ class GenerationLog:
 
     async def read(self, generation_id: str, after_seq: int, count: int) -> list[LogEntry]:
         """Up to `count` entries with seq > after_seq, in order."""
-        # The command name as bytes skips redis-py's reply callback, which builds a dict
-        # per entry: catch-up reads are the hot path. append.lua writes every entry's
-        # fields in one order: type, data, t.
-        rows = await self.redis.execute_command(  # type: ignore[no-untyped-call]
-            b"XRANGE", self.keys.log(generation_id), f"{after_seq + 1}-0", "+", "COUNT", count
-        )
         return [
             LogEntry(
-                seq=int(entry_id[:-2]),  # "<seq>-0"
+                seq=int(entry_id[:-2]),
                 type=fields[1].decode(),
                 data=fields[3],
                 appended_ms=int(fields[5]),
             )
-            for entry_id, fields in rows
+            for entry_id, fields in await self.read_rows(generation_id, after_seq, count)
         ]
+
+    async def read_rows(self, generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        """`read` without building objects: `(b"<seq>-0", [b"type", type, b"data", data,
+        b"t", appended_ms])` per entry (append.lua writes the fields in that order)."""
+        # The command name as bytes skips redis-py's reply callback, which builds a dict
+        # per entry: catch-up reads are the hot path.
+        rows: list[RawEntry] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+            b"XRANGE", self.keys.log(generation_id), f"{after_seq + 1}-0", "+", "COUNT", count
+        )
+        return rows
 
     async def snapshot(self, generation_id: str) -> tuple[GenerationState | None, bool]:
         """The state and whether the log still exists, in one round trip."""

@@ -13,6 +13,8 @@ Rules from the WHATWG EventSource spec that shape this module:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 
@@ -23,6 +25,15 @@ def event_frame(seq: int, event_type: str, data: bytes) -> bytes:
     else:
         lines = b"data: " + data + b"\n"
     return b"id: %d\nevent: %s\n%s\n" % (seq, event_type.encode(), lines)
+
+
+def event_frames(events: Iterable[tuple[bytes, bytes, bytes]]) -> bytes:
+    """Many events in one piece, each `(seq, type, data)` as bytes: the catch-up hot path.
+
+    `data` must be one line, as every event the log holds is (`events.encode` escapes
+    line breaks); `event_frame` handles any data.
+    """
+    return b"".join([b"id: %b\nevent: %b\ndata: %b\n\n" % event for event in events])
 
 
 def unnumbered_frame(event_type: str, data: bytes) -> bytes:

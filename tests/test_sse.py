@@ -73,3 +73,11 @@ def test_parser_ignores_invalid_retry_and_ids_with_nul() -> None:
     messages, parser = parse(b"retry: 10x\nid: a\0b\ndata: x\n\n")
     assert parser.retry is None
     assert messages == [sse.Message(event="message", data="x", id=None)]
+
+
+def test_many_frames_at_once_equal_one_by_one() -> None:
+    rows = [(b"7", b"token", b'{"type":"token","text":"a"}'), (b"8", b"done", b"{}")]
+    assert sse.event_frames(rows) == b"".join(
+        sse.event_frame(int(seq), kind.decode(), data) for seq, kind, data in rows
+    )
+    assert sse.event_frames([]) == b""
