@@ -296,6 +296,10 @@ class Hub:
         self._failures = 0
         self._closing = False
         self._changed = asyncio.Condition()
+        # Trap: redis-py's PubSub makes its connection on the first command; two commands
+        # racing there each check out a connection and one is orphaned, with its SUBSCRIBE
+        # confirmation never read. Pub/sub commands go one at a time.
+        self._commands = asyncio.Lock()
         # A channel that is always subscribed, so the connection never idles unsubscribed.
         self._anchor = f"{log.keys.prefix}:hub"
 
@@ -412,14 +416,16 @@ class Hub:
         self._subscribes_sent[feed.channel] += 1
         feed.subscribe_number = self._subscribes_sent[feed.channel]
         try:
-            await self._pubsub.subscribe(feed.channel)
+            async with self._commands:
+                await self._pubsub.subscribe(feed.channel)
         except (RedisError, OSError) as exc:
             logger.warning("subscribe to %s failed: %s", feed.channel, exc)
 
     async def _send_unsubscribe(self, channel: str) -> None:
         assert self._pubsub is not None
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(channel)
+            async with self._commands:
+                await self._pubsub.unsubscribe(channel)
 
     # -- the pub/sub connection ----------------------------------------------
 
@@ -430,7 +436,8 @@ class Hub:
             try:
                 if self._pubsub.connection is None:
                     # Not connected yet (Redis was down at start): the first subscribe connects.
-                    await self._pubsub.subscribe(self._anchor)
+                    async with self._commands:
+                        await self._pubsub.subscribe(self._anchor)
                 message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as exc:
                 self._failures += 1

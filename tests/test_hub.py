@@ -130,3 +130,40 @@ def test_exactly_once_in_order_under_any_interleaving(
     program: list[tuple[str, int]], buffer_limit: int
 ) -> None:
     asyncio.run(run_program(program, buffer_limit))
+
+
+async def test_a_slow_subscription_never_buffers_more_than_its_limit(
+    redis: Redis, settings: Settings
+) -> None:
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis, buffer_limit=4)
+    await hub.start()
+    try:
+        generation_id = new_generation_id()
+        await log.create(generation_id, REQUEST)
+        lease = await log.acquire(generation_id, "w")
+        assert lease is not None
+        subscription = await hub.subscribe(generation_id, 0)
+        # Confirmed, not timed out: pub/sub commands racing to connect once lost it.
+        assert hub._feeds[generation_id].confirmed.done()
+        assert await subscription.next_chunk(0.2) == b""  # caught up: now live
+        feed = hub._feeds[generation_id]
+        entries = []
+        seq = 1
+        for _ in range(50):  # live batches arrive; the client reads nothing
+            batch = [events.Token(text="x")] * 3
+            last = await log.append(lease, seq, batch)
+            entries = await log.read(generation_id, seq - 1, 3)
+            feed.dispatch(entries, 0.0)
+            assert len(subscription._pending) <= 4
+            seq = last + 1
+        assert subscription.fell_behind > 0
+        parser = sse.Parser()
+        seqs: list[int] = []
+        while len(seqs) < 150:
+            chunk = await subscription.next_chunk(1.0)
+            assert chunk
+            seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
+        assert seqs == list(range(1, 151))  # everything, from the log, in order
+    finally:
+        await hub.stop()
