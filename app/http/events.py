@@ -29,6 +29,9 @@ routes = web.RouteTableDef()
 
 _POSITION_RE = re.compile(r"^[0-9]{1,18}$")
 
+# asyncio pauses a transport above 64 KiB buffered; a write that stays below never waits.
+WRITE_CANNOT_BLOCK_BYTES = 64 * 1024
+
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -113,8 +116,11 @@ async def _pump(
         if subscription.gap is not None and before == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
         try:
-            if transport is not None and transport.get_write_buffer_size() == 0:
-                # The socket keeps up: this write cannot block, no timer needed.
+            if (
+                transport is not None
+                and transport.get_write_buffer_size() + len(chunk) <= WRITE_CANNOT_BLOCK_BYTES
+            ):
+                # Below the transport's high-water mark this write cannot block: no timer.
                 await response.write(chunk or sse.comment_frame("keep-alive"))
             else:
                 async with asyncio.timeout(settings.write_timeout_seconds):

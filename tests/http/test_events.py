@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from app import events
@@ -289,3 +290,29 @@ async def test_slow_client_falls_back_to_the_log_and_gets_everything(
         await writer.append(events.Done(reason="stop"))
         messages = await stream.rest()
     assert [int(m.id or 0) for m in messages] == list(range(1, 502))
+
+
+async def test_a_stuck_client_is_disconnected_and_counted(
+    aiohttp_client: ClientFactory, settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    from app.http import create_app
+
+    app = create_app(settings.replace(write_timeout_seconds=0.3), redis)
+    client = await aiohttp_client(app)
+    writer = await Writer.start(log)
+    big = "x" * 65536
+    async with client.get(writer.events_url) as response:
+        await response.content.readany()  # the stream is open; from now on it reads nothing
+        await until_subscriptions(app, 1)
+        # Far more than the socket buffers hold on both ends.
+        for _ in range(40):
+            await writer.append(*[events.Token(text=big)] * 10)
+        await until_subscriptions(app, 0)  # the server let go of it
+    metrics = await (await client.get("/metrics")).text()
+    samples = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    assert samples["tokentape_slow_client_disconnects_total"] == 1
+    assert samples["tokentape_active_streams"] == 0
