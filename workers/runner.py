@@ -8,21 +8,19 @@ claimer that takes over jobs whose worker died (XAUTOCLAIM), and the abandon
 sweeper. Cancellation is pushed over one pub/sub subscription per process.
 
 Redis connections: commands go through the client the caller passes in (give it
-a bounded pool; `command_client` makes one); blocking reads use one more pool
+a bounded pool, as `tokentape worker` does); blocking reads use one more pool
 of exactly two connections, the job reader and the cancel subscription.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -54,12 +52,6 @@ READ_BLOCK_MS = 500
 MAX_ATTEMPTS = 10
 # How often jobs are polled from a server whose XREADGROUP does not block.
 FALLBACK_POLL_SECONDS = 0.05
-
-
-def command_client(url: str, max_connections: int = 16) -> Redis:
-    """A client for a worker's commands with a fixed number of connections."""
-    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None)
-    return Redis.from_pool(pool)
 
 
 def _blocking_client(redis: Redis) -> Redis:
@@ -571,34 +563,3 @@ async def _first(*awaitables: Awaitable[Any]) -> None:
     finally:
         for task in made:
             task.cancel()
-
-
-# -- `python -m workers.runner`: one worker process (the crash drill runs two) ----
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run a tokentape worker.")
-    parser.add_argument("--redis", help="Redis URL (default: TOKENTAPE_REDIS_URL)")
-    args = parser.parse_args(argv)
-    settings = Settings.from_env(redis_url=args.redis)
-    if not settings.redis_url:
-        parser.error("give --redis URL or set TOKENTAPE_REDIS_URL")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(_serve(settings))
-
-
-async def _serve(settings: Settings) -> None:
-    assert settings.redis_url is not None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    redis = command_client(settings.redis_url)
-    try:
-        await Worker(redis, settings).run(stop)
-    finally:
-        await redis.aclose()
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import re
 import shutil
@@ -318,12 +317,6 @@ async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
 
 
 @pytest.mark.parametrize("embed", EMBEDDED)
-@pytest.mark.skipif(
-    not hasattr(importlib.import_module("app.http"), "create_app")
-    or importlib.util.find_spec("workers.runner") is None,
-    reason="app.http.create_app and workers.runner.Worker are written in parallel; "
-    "this end-to-end test runs once both are merged",
-)
 async def test_tokentape_serve_with_nothing_configured_streams_a_generation(
     cli_process: list[asyncio.subprocess.Process], embed: str
 ) -> None:

@@ -72,7 +72,8 @@ async def workers(settings: Settings) -> AsyncIterator[list[WorkerProcess]]:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "workers.runner",
+            "app",
+            "worker",
             env={**env, "TOKENTAPE_WORKER_ID": name},
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
