@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from app import events
@@ -24,6 +23,7 @@ from tests.http.conftest import (
     read_all,
     until_subscriptions,
 )
+from tests.telemetry.conftest import samples_by_name
 
 WriterFactory = Callable[..., Awaitable[Writer]]
 
@@ -308,11 +308,6 @@ async def test_a_stuck_client_is_disconnected_and_counted(
         for _ in range(40):
             await writer.append(*[events.Token(text=big)] * 10)
         await until_subscriptions(app, 0)  # the server let go of it
-    metrics = await (await client.get("/metrics")).text()
-    samples = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-    }
-    assert samples["tokentape_slow_client_disconnects_total"] == 1
-    assert samples["tokentape_active_streams"] == 0
+    samples = samples_by_name(await (await client.get("/metrics")).read())
+    assert samples["tokentape_slow_client_disconnects_total"][0].value == 1
+    assert samples["tokentape_active_streams"][0].value == 0

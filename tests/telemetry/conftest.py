@@ -15,6 +15,8 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from app.telemetry import Telemetry
 
@@ -81,3 +83,12 @@ def recorded() -> Iterator[Recorded]:
     )
     yield Recorded(telemetry, spans, reader, clock)
     telemetry.shutdown()
+
+
+def samples_by_name(text: bytes) -> dict[str, list[Sample]]:
+    """Parse strictly: prometheus_client's parser raises on anything malformed."""
+    by_name: dict[str, list[Sample]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            by_name.setdefault(sample.name, []).append(sample)
+    return by_name

@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from app import sse
@@ -22,6 +21,7 @@ from app.log import GenerationLog
 from app.settings import Settings
 from app.telemetry import Telemetry
 from tests.http.conftest import ClientFactory, until_subscriptions
+from tests.telemetry.conftest import samples_by_name
 from tests.workers.conftest import StartWorker, at_least, until_log
 from tests.workers.conftest import start_worker as start_worker  # a fixture, shared
 
@@ -146,11 +146,9 @@ async def test_a_generation_its_takeover_and_its_readers_form_one_trace(
     assert (resumed[0].attributes or {})["tokentape.read.first_seq"] == int(partial[-1].id or 0) + 1
 
     # /metrics is Prometheus text and counts what happened.
-    metrics = await (await client.get("/metrics")).text()
     samples = {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
+        name: found[0].value
+        for name, found in samples_by_name(await (await client.get("/metrics")).read()).items()
     }
     assert samples["tokentape_resumes_total"] == 1
     assert samples["tokentape_lease_takeovers_total"] == 1

@@ -6,12 +6,11 @@ import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 from pytest_aiohttp import AiohttpClient
 
 from app.telemetry import Telemetry
 from app.telemetry.web import metrics_app
-from tests.telemetry.conftest import GENERATION_ID, FakeClock, Recorded
+from tests.telemetry.conftest import GENERATION_ID, FakeClock, Recorded, samples_by_name
 
 MODEL = {"gen_ai.provider.name": "sim", "gen_ai.request.model": "sim-1"}
 
@@ -81,15 +80,6 @@ def test_inter_token_gaps_can_be_sampled() -> None:
     samples = samples_by_name(telemetry.render_prometheus())
     assert samples["tokentape_inter_token_gap_seconds_count"][0].value == 3
     telemetry.shutdown()
-
-
-def samples_by_name(text: bytes) -> dict[str, list[Sample]]:
-    """Parse strictly: prometheus_client's parser raises on anything malformed."""
-    by_name: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            by_name.setdefault(sample.name, []).append(sample)
-    return by_name
 
 
 def test_render_prometheus_parses_and_names_every_instrument(recorded: Recorded) -> None:
