@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from app.events import Done, Event, Started, Token, ToolCall, ToolCallDelta, Usage
 from tests.workers.conftest import expected_events, sim_request
 from workers.models.base import GenerationContext, ProviderError
-from workers.models.sim import SimModel, prompt_tokens
+from workers.models.sim import WAKE_GRID, SimModel, SystemClock, prompt_tokens
 
 
 class FakeClock:
@@ -122,3 +124,28 @@ async def test_a_rate_of_1e9_never_sleeps() -> None:
     events = await stream(SimModel(clock), context(tokens=5000, tool_calls=1, rate=1e9))
     assert len(events) > 5000
     assert clock.sleeps == []
+
+
+async def test_the_system_clock_wakes_on_the_shared_grid_and_never_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Generations due within one grid step wake in one loop iteration (one pipeline)."""
+    loop = asyncio.get_running_loop()
+    sleep = asyncio.sleep
+    wakes: list[float] = []  # when each sleep was asked to end, on the loop's clock
+
+    async def recording_sleep(delay: float) -> None:
+        wakes.append(loop.time() + delay)
+        await sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    clock = SystemClock()
+    dues: list[float] = []
+    for seconds in (0.0001, 0.0012, 0.0049, 0.05, 0.0501):
+        dues.append(clock.monotonic() + seconds)
+        await clock.sleep(seconds)
+    for due, wake in zip(dues, wakes, strict=True):
+        assert due <= wake + 1e-9
+        assert wake - due < WAKE_GRID + 1e-6
+        steps = wake / WAKE_GRID
+        assert math.isclose(steps, round(steps), abs_tol=1e-6)
