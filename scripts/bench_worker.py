@@ -34,6 +34,7 @@ from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
+from app.telemetry import Telemetry
 from workers.runner import Worker, command_client
 
 
@@ -64,7 +65,8 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             generation_id = new_generation_id()
             await log.create(generation_id, request)
             await jobs.enqueue(redis, log.keys, generation_id, None)
-        worker = Worker(redis, settings)
+        # Telemetry as `tokentape worker` configures it (no exporter: no tracing).
+        worker = Worker(redis, settings, telemetry=Telemetry.from_env("tokentape-worker"))
         stop = asyncio.Event()
         cpu0, redis0, wall0 = _cpu(), await _redis_cpu(redis), time.perf_counter()
         task = asyncio.create_task(worker.run(stop))
