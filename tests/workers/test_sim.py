@@ -146,6 +146,6 @@ async def test_the_system_clock_wakes_on_the_shared_grid_and_never_early(
         await clock.sleep(seconds)
     for due, wake in zip(dues, wakes, strict=True):
         assert due <= wake + 1e-9
-        assert wake - due < WAKE_GRID + 1e-6
+        assert wake - due < WAKE_GRID + 0.001  # plus the time from `due` to the sleep
         steps = wake / WAKE_GRID
         assert math.isclose(steps, round(steps), abs_tol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -67,7 +68,7 @@ class SystemClock:
     """
 
     def monotonic(self) -> float:
-        return asyncio.get_running_loop().time()
+        return time.monotonic()  # the clock of asyncio's loops
 
     async def sleep(self, seconds: float) -> None:
         now = asyncio.get_running_loop().time()
