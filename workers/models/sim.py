@@ -71,8 +71,12 @@ class SystemClock:
         return time.monotonic()  # the clock of asyncio's loops
 
     async def sleep(self, seconds: float) -> None:
-        now = asyncio.get_running_loop().time()
-        await asyncio.sleep(math.ceil((now + seconds) / WAKE_GRID) * WAKE_GRID - now)
+        await asyncio.sleep(until_grid(asyncio.get_running_loop().time(), seconds))
+
+
+def until_grid(now: float, seconds: float) -> float:
+    """How long to sleep from `now` to the first grid point at least `seconds` away."""
+    return math.ceil((now + seconds) / WAKE_GRID) * WAKE_GRID - now
 
 
 def prompt_tokens(request: GenerationRequest) -> int:
