@@ -169,7 +169,8 @@ class GenerationLog:
         self.keys = Keys(settings.key_prefix)
         self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
         self._acquire = redis.register_script(_script("acquire"))
-        self._renew = redis.register_script(_script("renew"))
+        # The lease keeper renews every held lease at once: one pipeline, not a call each.
+        self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
         self._annotate = redis.register_script(_script("annotate"))
 
@@ -389,9 +390,9 @@ class GenerationLog:
         Raises Fenced when the lease is no longer ours.
         """
         k = self.keys
-        result = await self._renew(
-            keys=[k.meta(lease.generation_id), k.lease(lease.generation_id)],
-            args=[
+        result = await self._renew.run(
+            [k.meta(lease.generation_id), k.lease(lease.generation_id)],
+            [
                 lease.worker_id,
                 lease.epoch,
                 int(self.settings.lease_seconds * 1000),
