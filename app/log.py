@@ -7,6 +7,7 @@ entry ids are `<seq>-0`, so "everything after position P" is `XRANGE (P+1)-0 +`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from typing import Any, cast
 
 import msgspec
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from app import events
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
@@ -90,6 +93,75 @@ def _int(raw: bytes | None) -> int | None:
     return None if raw is None else int(raw)
 
 
+class _ScriptPipeline:
+    """Runs of one script requested in the same event-loop tick go to Redis as one pipeline.
+
+    At 20 tokens/s a generation's group commit holds one event, so a worker running
+    a thousand generations would make a round trip per event, and redis-py spends
+    more CPU per command than append.lua does. The pipeline is not a transaction:
+    each EVALSHA is still atomic for its own generation, and one run's error or
+    refusal reaches only its caller. A pipeline re-sent after a lost reply re-runs
+    every call in it, which is safe for idempotent scripts only (append.lua is).
+    """
+
+    def __init__(self, redis: Redis, script: AsyncScript) -> None:
+        self._redis = redis
+        self._script = script
+        self._queued: list[tuple[Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._queued:
+            # Starts at the next tick and takes everything queued by then.
+            task = asyncio.create_task(self._send_queued())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._queued.append((keys, args, future))
+        return await future
+
+    async def _send_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        try:
+            results = await self._execute([(keys, args) for keys, args, _ in queued])
+        except asyncio.CancelledError:
+            for _, _, future in queued:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, _, future in queued:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), result in zip(queued, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        # EVALSHA queued directly: redis-py's pipelines check registered scripts
+        # with SCRIPT EXISTS on every execute, a round trip more per batch.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            # Redis lost its script cache (a restart, SCRIPT FLUSH); NOSCRIPT ran nothing.
+            await self._redis.script_load(self._script.script)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for i in missing:
+                    keys, args = calls[i]
+                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                again = await pipe.execute(raise_on_error=False)
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+
 class GenerationLog:
     """All reads and writes of generation logs go through here."""
 
@@ -97,9 +169,10 @@ class GenerationLog:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self._append = redis.register_script(_script("append"))
+        self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
         self._acquire = redis.register_script(_script("acquire"))
-        self._renew = redis.register_script(_script("renew"))
+        # The lease keeper renews every held lease at once: one pipeline, not a call each.
+        self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
         self._annotate = redis.register_script(_script("annotate"))
 
@@ -302,7 +375,7 @@ class GenerationLog:
         for event in batch:
             args.append(events.event_type(event))
             args.append(events.encode(event))
-        result = await self._append(keys=self.keys.generation_keys(generation_id), args=args)
+        result = await self._append.run(self.keys.generation_keys(generation_id), args)
         code, last = result[0].decode(), int(result[1])
         if final and code == "ok":
             await self.redis.zrem(self.keys.open_generations, generation_id)
@@ -334,9 +407,9 @@ class GenerationLog:
         Raises Fenced when the lease is no longer ours.
         """
         k = self.keys
-        result = await self._renew(
-            keys=[k.meta(lease.generation_id), k.lease(lease.generation_id)],
-            args=[
+        result = await self._renew.run(
+            [k.meta(lease.generation_id), k.lease(lease.generation_id)],
+            [
                 lease.worker_id,
                 lease.epoch,
                 int(self.settings.lease_seconds * 1000),

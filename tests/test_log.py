@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import events
 from app.errors import AlreadyFinished, Fenced, SeqConflict
@@ -13,6 +17,8 @@ from app.generations import parse_request
 from app.keys import new_generation_id
 from app.log import GenerationLog, Lease, parse_live
 from app.settings import Settings
+from tests.conftest import RedisServer
+from workers.appender import Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
 
@@ -218,3 +224,111 @@ async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) 
             message = await pubsub.get_message(timeout=5)
     live = parse_live(message["data"])
     assert live == await log.read(generation_id, 0, 10)
+
+
+# -- appends of many generations, pipelined ------------------------------------
+
+
+def count_pipelines(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[Pipeline]:
+    made: list[Pipeline] = []
+    original = redis.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+    return made
+
+
+async def test_appends_requested_together_go_out_as_one_pipeline(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = [await started(log) for _ in range(50)]
+    pipelines = count_pipelines(monkeypatch, redis)
+    lasts = await asyncio.gather(
+        *(log.append(lease, 1, [events.Token(text=g)]) for g, lease in runs)
+    )
+    assert lasts == [1] * 50
+    assert len(pipelines) == 1
+    for generation_id, _ in runs:
+        assert [e.event() for e in await log.read(generation_id, 0, 10)] == [
+            events.Token(text=generation_id)
+        ]
+
+
+async def test_one_generations_refusal_does_not_fail_the_others_in_its_pipeline(
+    log: GenerationLog, redis: Redis
+) -> None:
+    runs = [await started(log) for _ in range(5)]
+    fenced_id, fenced = runs[2]
+    await redis.hset(log.keys.meta(fenced_id), "epoch", fenced.epoch + 1)  # taken over
+    results = await asyncio.gather(
+        *(log.append(lease, 1, [events.Token(text="x")]) for _, lease in runs),
+        log.append(runs[0][1], 5, [events.Token(text="gap")]),
+        return_exceptions=True,
+    )
+    assert results[:2] == [1, 1]
+    assert results[3:5] == [1, 1]
+    assert isinstance(results[2], Fenced)
+    assert isinstance(results[5], SeqConflict)
+    assert await log.read(fenced_id, 0, 10) == []
+    for generation_id, _ in runs[:2] + runs[3:]:
+        assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1]
+
+
+def lose_first_reply(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[bool]:
+    """The first pipeline runs on Redis but its caller sees the connection drop."""
+    lost: list[bool] = []
+    original = redis.pipeline
+
+    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
+        pipe = original(*args, **kwargs)
+        execute = pipe.execute
+
+        async def execute_then_lose(raise_on_error: bool = True) -> list[Any]:
+            results = await execute(raise_on_error=raise_on_error)
+            if not lost:
+                lost.append(True)
+                raise RedisConnectionError("connection lost before the reply")
+            return results
+
+        monkeypatch.setattr(pipe, "execute", execute_then_lose)
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+    return lost
+
+
+async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = [await started(log) for _ in range(3)]
+    lost = lose_first_reply(monkeypatch, redis)
+    appenders = [Appender(log, lease) for _, lease in runs]
+    for appender in appenders:  # all in one tick: one pipeline, whose reply is lost
+        assert await appender.put(events.Token(text="once"))
+        assert await appender.put(events.Done(reason="stop"))
+    await asyncio.wait([a.task for a in appenders])
+    assert lost == [True]
+    assert [a.outcome for a in appenders] == [Outcome.ENDED] * 3
+    for generation_id, _ in runs:
+        entries = await log.read(generation_id, 0, 10)
+        assert [(e.seq, e.type) for e in entries] == [(1, "token"), (2, "done")]
+
+
+async def test_pipelined_appends_load_the_script_where_redis_lacks_it(
+    redis_server_factory: Callable[..., RedisServer], settings: Settings
+) -> None:
+    server = redis_server_factory()
+    async with Redis.from_url(server.url) as redis:
+        log = GenerationLog(redis, settings)
+        runs = [await started(log) for _ in range(3)]
+        for seq in (1, 2):  # a fresh server has no scripts; then it loses them
+            lasts = await asyncio.gather(
+                *(log.append(lease, seq, [events.Token(text="x")]) for _, lease in runs)
+            )
+            assert lasts == [seq] * 3
+            await redis.script_flush()
+        for generation_id, _ in runs:
+            assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1, 2]

@@ -148,9 +148,13 @@ class Appender:
 
     async def _append(self, batch: Sequence[Event]) -> None:
         began = time.perf_counter()
-        async for attempt in retrying(self.log.settings):
-            with attempt:
-                last = await self.log.append(self.lease, self.next_seq, batch)
+        try:
+            last = await self.log.append(self.lease, self.next_seq, batch)
+        except TRANSIENT_ERRORS:
+            # Only now the retry loop: tenacity costs more CPU per call than the append.
+            async for attempt in retrying(self.log.settings):
+                with attempt:
+                    last = await self.log.append(self.lease, self.next_seq, batch)
         if self._metrics is not None:
             self._metrics.append_latency.record(time.perf_counter() - began)
         self.next_seq = last + 1

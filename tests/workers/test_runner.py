@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
@@ -160,6 +160,31 @@ async def test_cancel_reaches_the_running_worker_and_closes_the_upstream(
     assert entries[-1].event() == Done(reason="cancelled")
     assert adapter.closed.is_set()
     assert latency < 1.0  # the target is 100 ms; this bound only keeps the test robust
+
+
+async def test_a_cancelled_generation_counts_one_cancellation(
+    log: GenerationLog, start_worker: StartWorker
+) -> None:
+    metrics = InMemoryMetricReader()
+    telemetry = Telemetry(metric_readers=[metrics])
+    running = await start_worker(adapters=lambda model: EndlessAdapter(), telemetry=telemetry)
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(3))
+    await log.request_cancel(generation_id)
+    await until_log(log, generation_id, ended)
+    await running.worker.until_idle()
+    data = metrics.get_metrics_data()
+    assert data is not None
+    (cancellations,) = [
+        point
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "tokentape.cancellations"
+        for point in m.data.data_points
+    ]
+    assert isinstance(cancellations, NumberDataPoint)
+    assert cancellations.value == 1
 
 
 async def test_a_generation_cancelled_before_its_worker_came_is_closed_at_once(

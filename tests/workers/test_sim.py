@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from app.events import Done, Event, Started, Token, ToolCall, ToolCallDelta, Usage
 from tests.workers.conftest import expected_events, sim_request
 from workers.models.base import GenerationContext, ProviderError
-from workers.models.sim import SimModel, prompt_tokens
+from workers.models.sim import WAKE_GRID, SimModel, SystemClock, prompt_tokens, until_grid
 
 
 class FakeClock:
@@ -122,3 +123,23 @@ async def test_a_rate_of_1e9_never_sleeps() -> None:
     events = await stream(SimModel(clock), context(tokens=5000, tool_calls=1, rate=1e9))
     assert len(events) > 5000
     assert clock.sleeps == []
+
+
+@pytest.mark.parametrize("now", [0.0, 12.3456789, 1162801.0011818])
+@pytest.mark.parametrize("seconds", [0.0001, 0.0012, 0.0049, 0.005, 0.05, 0.0501])
+def test_the_system_clock_wakes_on_the_shared_grid_and_never_early(
+    now: float, seconds: float
+) -> None:
+    """Generations due within one grid step wake in one loop iteration (one pipeline)."""
+    wake = now + until_grid(now, seconds)
+    assert wake >= now + seconds - 1e-9
+    assert wake - (now + seconds) < WAKE_GRID
+    steps = wake / WAKE_GRID
+    assert math.isclose(steps, round(steps), abs_tol=1e-6)
+
+
+async def test_the_system_clock_sleeps_at_least_as_asked() -> None:
+    clock = SystemClock()
+    before = clock.monotonic()
+    await clock.sleep(0.002)
+    assert clock.monotonic() - before >= 0.002

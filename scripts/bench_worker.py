@@ -1,0 +1,116 @@
+"""Worker CPU per event: one in-process `Worker` running many paced `sim` generations.
+
+    python scripts/bench_worker.py --generations 1000 --tokens 60 --rate 20
+
+Creates the generations and enqueues their jobs first (not measured), then runs
+one `workers.runner.Worker` with room for all of them until every generation
+has ended, and prints the events appended, events/s, and this process's CPU
+(getrusage) and Redis's (`INFO cpu`) per 10k events. Keys live under a private
+prefix and are deleted at the end; nothing is flushed. Run it against two source
+trees (`PYTHONPATH=<tree>`) back to back for an A/B comparison.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Run as `python scripts/bench_worker.py`: import app and workers from this tree
+    # (for an A/B run, from the tree the script was copied into).
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import json
+import resource
+import secrets
+import time
+
+from redis.asyncio import Redis
+
+from app import jobs
+from app.generations import GenerationRequest, Message, SimParams
+from app.keys import new_generation_id
+from app.log import GenerationLog
+from app.settings import Settings
+from app.telemetry import Telemetry
+from workers.runner import Worker, command_client
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _redis_cpu(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+async def run(args: argparse.Namespace) -> dict[str, float]:
+    prefix = f"ttbenchw-{secrets.token_hex(4)}"
+    settings = Settings(
+        redis_url=args.redis, key_prefix=prefix, worker_concurrency=args.generations + 16
+    )
+    redis = command_client(args.redis)
+    log = GenerationLog(redis, settings)
+    request = GenerationRequest(
+        model="sim",
+        messages=[Message(role="user", content="write about durable streams")],
+        sim=SimParams(tokens=args.tokens, tokens_per_second=args.rate, seed=7),
+    )
+    try:
+        for _ in range(args.generations):
+            generation_id = new_generation_id()
+            await log.create(generation_id, request)
+            await jobs.enqueue(redis, log.keys, generation_id, None)
+        # Telemetry as `tokentape worker` configures it (no exporter: no tracing).
+        worker = Worker(redis, settings, telemetry=Telemetry.from_env("tokentape-worker"))
+        stop = asyncio.Event()
+        cpu0, redis0, wall0 = _cpu(), await _redis_cpu(redis), time.perf_counter()
+        task = asyncio.create_task(worker.run(stop))
+        # Every generation ends by leaving the open set; polling it is cheap.
+        while await redis.zcard(log.keys.open_generations):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
+        redis_cpu = await _redis_cpu(redis) - redis0
+        stop.set()
+        await task
+        # started + tokens + done per generation
+        events = args.generations * (args.tokens + 2)
+        return {
+            "events": events,
+            "wall_s": round(wall, 2),
+            "events_per_s": round(events / wall),
+            "worker_cpu_s_per_10k": round(cpu / events * 10_000, 3),
+            "redis_cpu_s_per_10k": round(redis_cpu / events * 10_000, 3),
+        }
+    finally:
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await redis.unlink(*keys[i : i + 1000])
+        await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--generations", type=int, default=1000)
+    parser.add_argument("--tokens", type=int, default=60)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--profile", metavar="FILE", help="write cProfile stats here")
+    args = parser.parse_args()
+    if args.profile:
+        import cProfile
+
+        with cProfile.Profile() as profile:
+            figures = asyncio.run(run(args))
+        profile.dump_stats(args.profile)
+    else:
+        figures = asyncio.run(run(args))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
