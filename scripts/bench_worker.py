@@ -30,12 +30,13 @@ import time
 from redis.asyncio import Redis
 
 from app import jobs
+from app.cli import WORKER_REDIS_CONNECTIONS, connect
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
 from app.telemetry import Telemetry
-from workers.runner import Worker, command_client
+from workers.runner import Worker
 
 
 def _cpu() -> float:
@@ -53,7 +54,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     settings = Settings(
         redis_url=args.redis, key_prefix=prefix, worker_concurrency=args.generations + 16
     )
-    redis = command_client(args.redis)
+    redis = connect(settings, "worker", WORKER_REDIS_CONNECTIONS)
     log = GenerationLog(redis, settings)
     request = GenerationRequest(
         model="sim",
