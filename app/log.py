@@ -101,7 +101,8 @@ class _ScriptPipeline:
     more CPU per command than append.lua does. The pipeline is not a transaction:
     each EVALSHA is still atomic for its own generation, and one run's error or
     refusal reaches only its caller. A pipeline re-sent after a lost reply re-runs
-    every call in it, which is safe for idempotent scripts only (append.lua is).
+    every call in it, which is safe for idempotent scripts only: append.lua (a
+    batch already applied reads as `duplicate`) and renew.lua are.
     """
 
     def __init__(self, redis: Redis, script: AsyncScript) -> None:
