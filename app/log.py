@@ -93,54 +93,82 @@ def _int(raw: bytes | None) -> int | None:
     return None if raw is None else int(raw)
 
 
-class _ScriptPipeline:
-    """Runs of one script requested in the same event-loop tick go to Redis as one pipeline.
+class _TickPipeline:
+    """Calls requested in the same event-loop tick go to Redis as one pipeline.
 
-    At 20 tokens/s a generation's group commit holds one event, so a worker running
-    a thousand generations would make a round trip per event, and redis-py spends
-    more CPU per command than append.lua does. The pipeline is not a transaction:
-    each EVALSHA is still atomic for its own generation, and one run's error or
-    refusal reaches only its caller. A pipeline re-sent after a lost reply re-runs
-    every call in it, which is safe for idempotent scripts only: append.lua (a
-    batch already applied reads as `duplicate`) and renew.lua are.
+    A worker running a thousand generations at 20 tokens/s appends one event per
+    generation at a time, and a reader catching up a thousand streams reads a page
+    each: one round trip per call would queue them all on a few connections, and
+    redis-py spends more CPU per command than Redis does. The pipeline is not a
+    transaction: each call stays atomic on its own, and one call's error reaches only
+    its caller. A pipeline re-sent after a lost reply re-runs every call in it, so
+    only idempotent calls go through one.
     """
 
-    def __init__(self, redis: Redis, script: AsyncScript) -> None:
+    def __init__(self, redis: Redis) -> None:
         self._redis = redis
-        self._script = script
-        self._queued: list[tuple[Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._queued: list[tuple[Any, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _submit(self, call: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._queued:
             # Starts at the next tick and takes everything queued by then.
             task = asyncio.create_task(self._send_queued())
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
-        self._queued.append((keys, args, future))
+        self._queued.append((call, future))
         return await future
 
     async def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
         try:
-            results = await self._execute([(keys, args) for keys, args, _ in queued])
+            results = await self._execute([call for call, _ in queued])
         except asyncio.CancelledError:
-            for _, _, future in queued:
+            for _, future in queued:
                 future.cancel()
             raise
         except Exception as exc:
-            for _, _, future in queued:
+            for _, future in queued:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, future), result in zip(queued, results, strict=True):
+        for (_, future), result in zip(queued, results, strict=True):
             if future.done():
                 continue  # its caller was cancelled
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _execute(self, calls: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+
+class _ReadPipeline(_TickPipeline):
+    """Reads of many streams in one tick: one round trip on one connection."""
+
+    async def run(self, *command: Any) -> Any:
+        return await self._submit(command)
+
+    async def _execute(self, calls: Sequence[Any]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for command in calls:
+                pipe.execute_command(*command)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
+
+class _ScriptPipeline(_TickPipeline):
+    """Runs of one idempotent script (append.lua: a batch already applied reads as
+    `duplicate`; renew.lua) in one tick: one pipeline of EVALSHAs."""
+
+    def __init__(self, redis: Redis, script: AsyncScript) -> None:
+        super().__init__(redis)
+        self._script = script
+
+    async def run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self._submit((keys, args))
 
     async def _execute(self, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
         # EVALSHA queued directly: redis-py's pipelines check registered scripts
@@ -171,6 +199,7 @@ class GenerationLog:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
+        self._reads = _ReadPipeline(redis)
         self._acquire = redis.register_script(_script("acquire"))
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
@@ -285,7 +314,7 @@ class GenerationLog:
         b"t", appended_ms])` per entry (append.lua writes the fields in that order)."""
         # The command name as bytes skips redis-py's reply callback, which builds a dict
         # per entry: catch-up reads are the hot path.
-        rows: list[RawEntry] = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+        rows: list[RawEntry] = await self._reads.run(
             b"XRANGE", self.keys.log(generation_id), f"{after_seq + 1}-0", "+", "COUNT", count
         )
         return rows

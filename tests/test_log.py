@@ -332,3 +332,18 @@ async def test_pipelined_appends_load_the_script_where_redis_lacks_it(
             await redis.script_flush()
         for generation_id, _ in runs:
             assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1, 2]
+
+
+async def test_reads_of_many_generations_in_one_tick_each_get_their_own(
+    log: GenerationLog,
+) -> None:
+    generation_ids = []
+    for i in range(30):
+        generation_id, lease = await started(log)
+        await log.append(lease, 1, [events.Token(text=f"{i}.{j}") for j in range(i % 4 + 1)])
+        generation_ids.append(generation_id)
+    pages = await asyncio.gather(*(log.read(g, 0, 10) for g in generation_ids))
+    for i, page in enumerate(pages):
+        assert [e.event() for e in page] == [
+            events.Token(text=f"{i}.{j}") for j in range(i % 4 + 1)
+        ]
