@@ -102,8 +102,17 @@ class Subscription:
 
     def _offer(self, frames: list[Frame]) -> None:
         self._live_hint = max(self._live_hint, frames[-1].seq)
-        if self._read_log or self.finished:
-            self._wake()
+        if self.finished:
+            return
+        if self._read_log:
+            # Kept (bounded) while the log is read: when they continue the page just
+            # read, live delivery takes over without another read. Otherwise, under
+            # load, every read would be overtaken by the next live batch and a client
+            # would pay a log read per event.
+            if len(self._pending) + len(frames) <= self._hub.buffer_limit:
+                self._pending.extend(frames)
+            else:
+                self._pending.clear()
             return
         expected = self._queued_until + 1
         if frames[0].seq > expected:
@@ -130,6 +139,19 @@ class Subscription:
         self._queued_until = self.delivered
         self._read_log = True
         self._wake()
+
+    def _continue_live(self, last_seq: int, *, caught_up: bool) -> None:
+        """After the log was read up to `last_seq`: go live if what is buffered continues it.
+
+        A hole in the buffer (a lost live message) or live batches announced but not
+        buffered (the buffer overflowed) mean: read the log again.
+        """
+        pending = [f for f in self._pending if f.seq > last_seq]
+        contiguous = all(f.seq == last_seq + 1 + i for i, f in enumerate(pending))
+        self._pending = pending if contiguous else []
+        if caught_up and contiguous and (pending or self._live_hint <= last_seq):
+            self._read_log = False
+            self._queued_until = pending[-1].seq if pending else last_seq
 
     def _recheck(self) -> None:
         """Something may have been missed (pub/sub reconnect, silent feed): look at the log."""
@@ -215,7 +237,13 @@ class Subscription:
             return None
         if not rows:
             self._first_read = False
-            self._read_log = False  # caught up: live batches take over
+            self._continue_live(self.delivered, caught_up=True)
+            if self._read_log:
+                # Announced live but not in the log: only a trimmed or expired log does
+                # that. Live batches take over; the recheck loop covers the rest.
+                self._pending = []
+                self._read_log = False
+                self._queued_until = self.delivered
             return None
         # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
         # b"t", ms]): no object per event on the catch-up path.
@@ -228,9 +256,8 @@ class Subscription:
             if first_seq > self.delivered + 1:
                 self.gap = Gap(requested=self.delivered + 1, first_available=first_seq)
                 self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
-        # A full page, or a live batch announced past this page: more to read.
-        if len(rows) < self._hub.page_size and self._live_hint <= last_seq:
-            self._read_log = False
+        # A full page: more to read. A short one: caught up, live takes over if it can.
+        self._continue_live(last_seq, caught_up=len(rows) < self._hub.page_size)
         terminal = last_fields[1].decode() in TERMINAL_TYPES
         return self._deliver(chunk, last_seq, int(last_fields[5]), terminal)
 

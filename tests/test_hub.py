@@ -29,6 +29,7 @@ operation = st.one_of(
     st.tuples(st.just("drop_next_live"), st.just(0)),
     st.tuples(st.just("settle"), st.just(0)),
     st.tuples(st.just("catch_up"), st.integers(0, 7)),
+    st.tuples(st.just("race"), st.integers(0, 7)),
 )
 
 
@@ -94,6 +95,20 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 assert reader.seqs == list(
                     range(reader.after + 1, reader.after + 1 + len(reader.seqs))
                 )
+            elif kind == "race" and readers:
+                # Two appends racing a reader's read: live batches arrive mid-read (and
+                # with drop_next_live before, the first is lost: a hole in what it buffers).
+                async def append_twice(first: int, size: int) -> int:
+                    for _ in range(2):
+                        batch = [events.Token(text=str(first + i)) for i in range(size)]
+                        first = await log.append(lease, first, batch) + 1
+                    return first - 1
+
+                appending = asyncio.create_task(append_twice(last + 1, 1 + value % 3))
+                await readers[value % len(readers)].consume(0.01)
+                last = await appending
+                if subscribed:
+                    live_expected = last
             elif kind == "consume" and readers:
                 await readers[value % len(readers)].consume(0.01)
             elif kind == "drop_next_live":
@@ -165,5 +180,41 @@ async def test_a_slow_subscription_never_buffers_more_than_its_limit(
             assert chunk
             seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
         assert seqs == list(range(1, 151))  # everything, from the log, in order
+    finally:
+        await hub.stop()
+
+
+async def test_catch_up_never_goes_live_across_a_hole_in_what_it_buffered(
+    redis: Redis, settings: Settings
+) -> None:
+    """Live 7 and 8 arrive while the log is read up to 5, live 6 was lost: read again."""
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis)
+    await hub.start()
+    try:
+        generation_id = new_generation_id()
+        await log.create(generation_id, REQUEST)
+        lease = await log.acquire(generation_id, "w")
+        assert lease is not None
+        await log.append(lease, 1, [events.Token(text=str(i)) for i in range(1, 6)])
+        subscription = await hub.subscribe(generation_id, 0)
+        ahead = [
+            LogEntry(seq=seq, type="token", data=b'{"type":"token","text":"x"}', appended_ms=0)
+            for seq in (7, 8)
+        ]
+        hub._feeds[generation_id].dispatch(ahead, 0.0)  # buffered while in log mode
+        parser = sse.Parser()
+        first = await subscription.next_chunk(1.0)
+        assert first
+        assert [m.id for m in parser.feed(first)] == ["1", "2", "3", "4", "5"]
+        # Now 6, 7, 8 are really appended; live or log, they must come in order.
+        await log.append(lease, 6, [events.Token(text=str(i)) for i in range(6, 9)])
+        seqs: list[int] = []
+        async with asyncio.timeout(10):
+            while len(seqs) < 3:
+                chunk = await subscription.next_chunk(2.0)
+                assert chunk is not None
+                seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
+        assert seqs == [6, 7, 8]
     finally:
         await hub.stop()
