@@ -3,7 +3,10 @@
 One pub/sub connection per process carries the live batches of every generation
 that has a reader here; all readers of one generation share one `Feed`. A
 `Subscription` is one client: it catches up from the log in pages, then takes
-live batches from its feed. Delivery is exactly-once and in order because every
+live batches from its feed. The channel is subscribed before the log is read, so
+nothing falls between the two; live batches that arrive during a read are kept
+and take over when they continue the page. Delivery is exactly-once and in order
+because every
 subscription tracks the last seq it handed out and falls back to the log
 whenever live delivery cannot be trusted:
 
@@ -15,8 +18,9 @@ whenever live delivery cannot be trusted:
 - the pub/sub connection dropped, or a feed has been silent for a while -> every
   affected subscription re-checks the log.
 
-Each event is framed once (`app.sse.event_frame`) and its bytes are shared by
-every subscription that receives it.
+Each live event is framed once (`app.sse.event_frame`) and its bytes are shared
+by every subscription that receives it; catch-up pages are framed straight from
+the XRANGE reply (`app.sse.event_frames`).
 """
 
 from __future__ import annotations
@@ -79,14 +83,14 @@ class Subscription:
         self._feed = feed
         self.requested_after = after_seq
         self.delivered = after_seq  # last seq handed to the client
-        self._queued_until = after_seq  # last seq handed out or in `_pending`
+        self._queued_until = after_seq  # live: last seq handed out or in `_pending`
         # A list and a future made only while waiting, not a deque and an asyncio.Event:
         # an idle connection costs ~1.5 KiB less (each deque is 760 bytes).
         self._pending: list[Frame] = []
         self._pending_gap: bytes | None = None
         self._read_log = True  # catch-up, back-fill or slow-client mode
         self._first_read = True
-        self._live_hint = 0  # highest seq announced live while reading the log
+        self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False  # the terminal event was handed out
         self.closed_reason: str | None = None
