@@ -161,7 +161,7 @@ class _ReadPipeline(_TickPipeline):
 
 class _ScriptPipeline(_TickPipeline):
     """Runs of one idempotent script (append.lua: a batch already applied reads as
-    `duplicate`; renew.lua) in one tick: one pipeline of EVALSHAs."""
+    `duplicate`; renew.lua; annotate.lua) in one tick: one pipeline of EVALSHAs."""
 
     def __init__(self, redis: Redis, script: AsyncScript) -> None:
         super().__init__(redis)
@@ -204,7 +204,8 @@ class GenerationLog:
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
-        self._annotate = redis.register_script(_script("annotate"))
+        # Idempotent (a guarded HSET): the watched marks of every stream go in one pipeline.
+        self._annotate = _ScriptPipeline(redis, redis.register_script(_script("annotate")))
 
     # -- TTLs ---------------------------------------------------------------
 
@@ -299,15 +300,7 @@ class GenerationLog:
 
     async def read(self, generation_id: str, after_seq: int, count: int) -> list[LogEntry]:
         """Up to `count` entries with seq > after_seq, in order."""
-        return [
-            LogEntry(
-                seq=int(entry_id[:-2]),
-                type=fields[1].decode(),
-                data=fields[3],
-                appended_ms=int(fields[5]),
-            )
-            for entry_id, fields in await self.read_rows(generation_id, after_seq, count)
-        ]
+        return [_entry(row) for row in await self.read_rows(generation_id, after_seq, count)]
 
     async def read_rows(self, generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
         """`read` without building objects: `(b"<seq>-0", [b"type", type, b"data", data,
@@ -329,8 +322,10 @@ class GenerationLog:
         return self._state(generation_id, values), bool(log_exists)
 
     async def last_entry(self, generation_id: str) -> LogEntry | None:
-        entries = _entries(await self.redis.xrevrange(self.keys.log(generation_id), count=1))
-        return entries[0] if entries else None
+        rows: list[RawEntry] = await self._reads.run(
+            b"XREVRANGE", self.keys.log(generation_id), "+", "-", "COUNT", 1
+        )
+        return _entry(rows[0]) if rows else None
 
     async def last_seqs(self, generation_ids: Sequence[str]) -> list[int]:
         """The last appended seq of each generation (0 when none or gone), in one round trip."""
@@ -341,8 +336,8 @@ class GenerationLog:
         return [int(v) if v is not None else 0 for v in values]
 
     async def first_seq(self, generation_id: str) -> int | None:
-        entries = _entries(await self.redis.xrange(self.keys.log(generation_id), count=1))
-        return entries[0].seq if entries else None
+        rows = await self.read_rows(generation_id, 0, 1)
+        return _entry(rows[0]).seq if rows else None
 
     # -- append -------------------------------------------------------------
 
@@ -454,21 +449,16 @@ class GenerationLog:
     async def mark_watched(self, generation_ids: Sequence[str]) -> None:
         """Readers stream these generations now (the unwatched-cancel policy reads it)."""
         stamp = now_ms()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for generation_id in generation_ids:
-                # Queued on the pipeline (the pipeline loads the script if Redis lacks it).
-                await self._annotate(
-                    keys=[self.keys.meta(generation_id)],
-                    args=["watched_ms", stamp],
-                    client=pipe,
-                )
-            await pipe.execute()
+        await asyncio.gather(
+            *(
+                self._annotate.run([self.keys.meta(generation_id)], ["watched_ms", stamp])
+                for generation_id in generation_ids
+            )
+        )
 
     async def set_traceparent(self, generation_id: str, traceparent: str) -> None:
         """Record the generation span's context, so reader spans can link to it."""
-        await self._annotate(
-            keys=[self.keys.meta(generation_id)], args=["traceparent", traceparent]
-        )
+        await self._annotate.run([self.keys.meta(generation_id)], ["traceparent", traceparent])
 
     # -- cancel & retention -------------------------------------------------
 
@@ -517,17 +507,15 @@ class GenerationLog:
         return closed
 
 
-def _entries(rows: Any) -> list[LogEntry]:
-    """XRANGE rows (`[(b"<seq>-0", {b"type", b"data", b"t"}), …]`) as entries."""
-    return [
-        LogEntry(
-            seq=int(entry_id.split(b"-", 1)[0]),
-            type=fields[b"type"].decode(),
-            data=fields[b"data"],
-            appended_ms=int(fields[b"t"]),
-        )
-        for entry_id, fields in rows or ()
-    ]
+def _entry(row: RawEntry) -> LogEntry:
+    """One raw XRANGE/XREVRANGE row (see `GenerationLog.read_rows`) as an entry."""
+    entry_id, fields = row
+    return LogEntry(
+        seq=int(entry_id[:-2]),  # "<seq>-0"
+        type=fields[1].decode(),
+        data=fields[3],
+        appended_ms=int(fields[5]),
+    )
 
 
 def parse_live(payload: bytes) -> list[LogEntry]:
