@@ -69,7 +69,7 @@ class Subscription:
         "_queued_until",
         "_read_log",
         "_waiter",
-        "closed_reason",
+        "closed",
         "delivered",
         "fell_behind",
         "finished",
@@ -93,7 +93,7 @@ class Subscription:
         self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
         self.finished = False  # the terminal event was handed out
-        self.closed_reason: str | None = None
+        self.closed = False  # unsubscribed, or the server is draining
         self.fell_behind = 0  # times the client's buffer overflowed
         self.gap: Gap | None = None
         self.last_appended_ms: int | None = None  # of the last event handed out
@@ -162,9 +162,8 @@ class Subscription:
         if not self.finished and not self._read_log:
             self._switch_to_log()
 
-    def _close(self, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason = reason
+    def _close(self) -> None:
+        self.closed = True
         self._wake()
 
     # -- called by the client's handler ----------------------------------------
@@ -175,12 +174,12 @@ class Subscription:
         Waits up to `wait_seconds`; returns b"" when nothing came (write a heartbeat),
         None when the subscription ended (terminal event delivered, or closed).
         """
-        if self.finished or self.closed_reason is not None:
+        if self.finished or self.closed:
             return None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while True:
-            if self.closed_reason is not None:
+            if self.closed:
                 return None
             if self._read_log:
                 chunk = await self._read_page(deadline - loop.time())
@@ -191,7 +190,7 @@ class Subscription:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return b""
-            if self._read_log or self._pending or self.closed_reason is not None:
+            if self._read_log or self._pending or self.closed:
                 continue
             self._waiter = loop.create_future()
             try:
@@ -273,7 +272,6 @@ class Feed:
         "channel",
         "confirmed",
         "generation_id",
-        "last_seen",
         "linger",
         "silent_since",
         "subscribe_number",
@@ -286,13 +284,11 @@ class Feed:
         self.subscriptions: set[Subscription] = set()
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.subscribe_number = 0  # which SUBSCRIBE of this channel confirms us
-        self.last_seen = 0  # highest seq seen live
         self.silent_since = 0.0
         self.linger: asyncio.TimerHandle | None = None
 
     def dispatch(self, entries: list[LogEntry], now: float) -> None:
         frames = [Frame(e) for e in entries]
-        self.last_seen = max(self.last_seen, frames[-1].seq)
         self.silent_since = now
         for subscription in list(self.subscriptions):
             subscription._offer(frames)
@@ -371,7 +367,7 @@ class Hub:
         self._closing = True
         for feed in list(self._feeds.values()):
             for subscription in list(feed.subscriptions):
-                subscription._close("server_drain")
+                subscription._close()
         for task in self._loops:
             task.cancel()
         for task in self._loops:
@@ -417,7 +413,7 @@ class Hub:
     def unsubscribe(self, subscription: Subscription) -> None:
         feed = subscription._feed
         feed.subscriptions.discard(subscription)
-        subscription._close("unsubscribed")
+        subscription._close()
         self._notify()
         if not feed.subscriptions and feed.linger is None and not self._closing:
             # Keep the channel a moment: reconnect storms come back to the same generation.

@@ -115,20 +115,21 @@ async def _pump(
             break
         if subscription.gap is not None and before == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
+        data = chunk or sse.comment_frame("keep-alive")
         try:
             if (
                 transport is not None
-                and transport.get_write_buffer_size() + len(chunk) <= WRITE_CANNOT_BLOCK_BYTES
+                and transport.get_write_buffer_size() + len(data) <= WRITE_CANNOT_BLOCK_BYTES
             ):
                 # Below the transport's high-water mark this write cannot block: no timer.
-                await response.write(chunk or sse.comment_frame("keep-alive"))
+                await response.write(data)
             else:
                 async with asyncio.timeout(settings.write_timeout_seconds):
-                    await response.write(chunk or sse.comment_frame("keep-alive"))
+                    await response.write(data)
         except TimeoutError:
             reader.ended("slow_client")
-            if request.transport is not None:
-                request.transport.abort()
+            if transport is not None:
+                transport.abort()
             return
         except ConnectionResetError:
             reader.ended("client_gone")  # one info line, no traceback
