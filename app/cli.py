@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol, cast
@@ -156,7 +155,7 @@ async def serve_processes(
     spreads new connections over them, and any reader can serve any generation.
     """
     stop = stop or asyncio.Event()
-    port = settings.port or _free_port(settings.host)
+    port = settings.port or embedded.free_port(settings.host)
     assert settings.redis_url is not None
     command = [
         sys.executable, "-m", "app", "serve",
@@ -174,27 +173,22 @@ async def serve_processes(
         )
         telemetry = Telemetry.from_env("tokentape-worker")
         factory = Worker if with_worker else None
-        async with _worker(settings, factory, stop, telemetry) as worker:
-            exits = [asyncio.create_task(reader.wait()) for reader in readers]
-            stopping = asyncio.create_task(stop.wait())
-            # A reader that dies stops the whole service: a silent half-service is worse.
-            await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-            stop.set()
-            for reader in readers:
-                if reader.returncode is None:
-                    reader.terminate()
-            codes = await asyncio.gather(*exits)
-            stopping.cancel()
-        telemetry.shutdown()
+        try:
+            async with _worker(settings, factory, stop, telemetry) as worker:
+                exits = [asyncio.create_task(reader.wait()) for reader in readers]
+                stopping = asyncio.create_task(stop.wait())
+                # A reader that dies stops the whole service: a silent half-service is worse.
+                await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+                stop.set()
+                for reader in readers:
+                    if reader.returncode is None:
+                        reader.terminate()
+                codes = await asyncio.gather(*exits)
+                stopping.cancel()
+        finally:
+            telemetry.shutdown()  # flushes the exporters
     failed = worker.failed or any(code not in (0, -signal.SIGTERM) for code in codes)
     return 1 if failed else 0
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def serve(

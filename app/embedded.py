@@ -81,9 +81,10 @@ def start(which: Which = shutil.which) -> EmbeddedRedis:
         ) from None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
 

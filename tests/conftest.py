@@ -18,17 +18,13 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from app.embedded import free_port
 from app.log import GenerationLog
 from app.settings import Settings
 
+__all__ = ["REDIS_URL", "free_port"]
+
 REDIS_URL = os.environ.get("TOKENTAPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
