@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any, cast
 
@@ -301,6 +301,18 @@ class GenerationLog:
     async def read(self, generation_id: str, after_seq: int, count: int) -> list[LogEntry]:
         """Up to `count` entries with seq > after_seq, in order."""
         return [_entry(row) for row in await self.read_rows(generation_id, after_seq, count)]
+
+    async def pages(
+        self, generation_id: str, page_size: int | None = None
+    ) -> AsyncIterator[list[LogEntry]]:
+        """Every retained entry, page by page, until the terminal event or the log's end."""
+        size = page_size or self.settings.catch_up_page_size
+        after = 0
+        while page := await self.read(generation_id, after, size):
+            yield page
+            if page[-1].type in events.TERMINAL_TYPES:
+                return
+            after = page[-1].seq
 
     async def read_rows(self, generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
         """`read` without building objects: `(b"<seq>-0", [b"type", type, b"data", data,

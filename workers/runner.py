@@ -228,19 +228,21 @@ class _GenerationRun:
     async def _read_prior(self, lease: Lease) -> list[Event]:
         """What the log already holds (a takeover): every event, in pages."""
         prior: list[Event] = []
-        page_size = self.worker.settings.catch_up_page_size
-        while len(prior) < lease.last_seq:
-            page = await self.worker.log.read(self.generation_id, len(prior), page_size)
+        if lease.last_seq == 0:
+            return prior
+        async for page in self.worker.log.pages(self.generation_id):
             # Our own `started` may already follow what the lease saw.
             page = [entry for entry in page if entry.seq <= lease.last_seq]
             if not page or page[0].seq != len(prior) + 1:
-                raise ProviderError(
-                    "worker_lost",
-                    "the worker died and retention already trimmed the start of the log",
-                    retryable=True,
-                )
+                break
             prior.extend(entry.event() for entry in page)
-        return prior
+            if len(prior) == lease.last_seq:
+                return prior
+        raise ProviderError(
+            "worker_lost",
+            "the worker died and retention already trimmed the start of the log",
+            retryable=True,
+        )
 
 
 @contextlib.asynccontextmanager

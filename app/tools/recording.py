@@ -10,7 +10,7 @@ would misread.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import msgspec
@@ -216,21 +216,6 @@ def _info(state: GenerationState, metadata: dict[str, str] | None) -> Generation
     )
 
 
-async def entry_pages(
-    log: GenerationLog, generation_id: str, page_size: int = PAGE_SIZE
-) -> AsyncIterator[list[LogEntry]]:
-    """Every retained entry, page by page, up to what the log holds when the last page is read."""
-    after = 0
-    while True:
-        page = await log.read(generation_id, after, page_size)
-        if not page:
-            return
-        yield page
-        after = page[-1].seq
-        if page[-1].type in events.TERMINAL_TYPES:
-            return
-
-
 Progress = Callable[[int, int], None]
 
 
@@ -246,7 +231,7 @@ async def export(
     first = await log.first_seq(generation_id) or 1
     total = max(info.last_seq - first + 1, 0)
     written = 0
-    async for page in entry_pages(log, generation_id):
+    async for page in log.pages(generation_id, PAGE_SIZE):
         for entry in page:
             write(event_line(entry))
         written += len(page)
@@ -261,7 +246,7 @@ async def fetch(log: GenerationLog, generation_id: str) -> Recording:
     exported = now_ms()
     recorded = [
         RecordedEvent(e.seq, e.type, msgspec.Raw(e.data), e.appended_ms)
-        async for page in entry_pages(log, generation_id)
+        async for page in log.pages(generation_id, PAGE_SIZE)
         for e in page
     ]
     return Recording(RecordingHeader(FORMAT, VERSION, info, exported), recorded)
