@@ -59,8 +59,19 @@ class Settings:
     cancel_unwatched_seconds: float = 0.0
     worker_id: str = ""
 
+    # The event loop of `serve` and `worker`: "uvloop" (libuv; the standard loop where
+    # uvloop is not installed, as on Windows) or "asyncio" (the standard loop).
+    event_loop: str = "uvloop"
+
     # HTTP input limits
     max_request_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.event_loop not in ("uvloop", "asyncio"):
+            raise InvalidRequest(
+                "invalid_setting",
+                f"TOKENTAPE_EVENT_LOOP must be uvloop or asyncio, got {self.event_loop!r}",
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

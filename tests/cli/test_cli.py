@@ -115,6 +115,27 @@ def test_bad_setting_in_environment_is_a_usage_error(
     assert "TOKENTAPE_PORT must be a number" in capsys.readouterr().err
 
 
+async def _running_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+def test_serve_and_worker_run_on_uvloop_unless_told_otherwise() -> None:
+    import uvloop
+
+    assert isinstance(cli.run_loop(Settings(), _running_loop()), uvloop.Loop)
+    standard = cli.run_loop(Settings(event_loop="asyncio"), _running_loop())
+    assert not isinstance(standard, uvloop.Loop)
+    assert isinstance(standard, asyncio.BaseEventLoop)
+
+
+def test_unknown_event_loop_is_a_usage_error(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    environ.setenv("TOKENTAPE_EVENT_LOOP", "trio")
+    assert cli.main(["worker", "--redis", REDIS_URL]) == 2
+    assert "TOKENTAPE_EVENT_LOOP must be uvloop or asyncio" in capsys.readouterr().err
+
+
 def test_unknown_command_and_missing_command_exit_2() -> None:
     for argv in ([], ["frobnicate"]):
         with pytest.raises(SystemExit) as exc:
