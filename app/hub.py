@@ -550,10 +550,7 @@ class Hub:
                     data = await stream.read(_READ_SIZE)
                     if not data:
                         raise ConnectionError("pub/sub connection closed by the server")
-                    replies.feed(data)
-                    now = loop.time()
-                    while (reply := replies.gets()) is not False:
-                        self._on_reply(reply, now)
+                    self._received(replies, data, loop.time())
                     if self._failures:
                         self._failures = 0
             except (RedisError, OSError) as exc:
@@ -586,18 +583,21 @@ class Hub:
             self._subscribed = True
         return stream
 
-    def _on_reply(self, reply: object, now: float) -> None:
-        if not isinstance(reply, list):
-            if isinstance(reply, Exception):
-                logger.warning("pub/sub command failed: %s", reply)
-            return
-        kind = reply[0]
-        if kind == b"message":
-            feed = self._channels.get(reply[1])
-            if feed is not None:
-                feed.dispatch(live_frames(reply[2]), now)
-        elif kind == b"subscribe":
-            self._confirmed(reply[1])
+    def _received(self, replies: hiredis.Reader, data: bytes, now: float) -> None:
+        """Dispatch every reply `data` completes (a read may end inside one)."""
+        replies.feed(data)
+        while (reply := replies.gets()) is not False:
+            if not isinstance(reply, list):
+                if isinstance(reply, Exception):
+                    logger.warning("pub/sub command failed: %s", reply)
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                feed = self._channels.get(reply[1])
+                if feed is not None:
+                    feed.dispatch(live_frames(reply[2]), now)
+            elif kind == b"subscribe":
+                self._confirmed(reply[1])
 
     def _confirmed(self, channel: bytes) -> None:
         self._subscribes_acked[channel] += 1
