@@ -32,15 +32,18 @@ import logging
 import random
 from collections.abc import Coroutine, Iterable
 
+import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError, RedisError
 
 from app import sse
 from app.events import TERMINAL_TYPES, Gap, LogEntry, encode
-from app.log import GenerationLog, parse_live
+from app.log import GenerationLog
 
 logger = logging.getLogger(__name__)
+
+_READ_SIZE = 64 * 1024  # per read of the pub/sub connection
 
 
 class Frame:
@@ -48,11 +51,40 @@ class Frame:
 
     __slots__ = ("appended_ms", "data", "seq", "terminal")
 
-    def __init__(self, entry: LogEntry) -> None:
-        self.seq = entry.seq
-        self.terminal = entry.type in TERMINAL_TYPES
-        self.appended_ms = entry.appended_ms
-        self.data = sse.event_frame(entry.seq, entry.type, entry.data)
+    def __init__(self, seq: int, terminal: bool, appended_ms: int, data: bytes) -> None:
+        self.seq = seq
+        self.terminal = terminal
+        self.appended_ms = appended_ms
+        self.data = data
+
+    @classmethod
+    def of(cls, entry: LogEntry) -> Frame:
+        return cls(
+            entry.seq,
+            entry.type in TERMINAL_TYPES,
+            entry.appended_ms,
+            sse.event_frame(entry.seq, entry.type, entry.data),
+        )
+
+
+_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_TYPES)
+
+
+def live_frames(payload: bytes) -> list[Frame]:
+    """The frames of a live message published by append.lua (`app.log.parse_live`'s format).
+
+    Framed straight from the payload's bytes, as catch-up frames XRANGE rows: event
+    data is one line (the format relies on it too).
+    """
+    parts = payload.split(b"\n")
+    seq, appended_ms = int(parts[0]), int(parts[1])
+    frames = []
+    for i in range(2, len(parts), 2):
+        kind = parts[i]
+        data = sse.line_event_frame(seq, kind, parts[i + 1])
+        frames.append(Frame(seq, kind in _TERMINAL_TYPES, appended_ms, data))
+        seq += 1
+    return frames
 
 
 class Subscription:
@@ -60,6 +92,7 @@ class Subscription:
 
     # Thousands of these live at once in one process: no per-instance __dict__.
     __slots__ = (
+        "_deadline",
         "_feed",
         "_first_read",
         "_hub",
@@ -68,6 +101,7 @@ class Subscription:
         "_pending_gap",
         "_queued_until",
         "_read_log",
+        "_timer",
         "_waiter",
         "closed",
         "delivered",
@@ -92,6 +126,8 @@ class Subscription:
         self._first_read = True
         self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # of the current wait in `next_chunk`
         self.finished = False  # the terminal event was handed out
         self.closed = False  # unsubscribed, or the server is draining
         self.fell_behind = 0  # times the client's buffer overflowed
@@ -164,6 +200,9 @@ class Subscription:
 
     def _close(self) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
 
     # -- called by the client's handler ----------------------------------------
@@ -192,14 +231,37 @@ class Subscription:
                 return b""
             if self._read_log or self._pending or self.closed:
                 continue
+            self._wait_until(loop, deadline)
             self._waiter = loop.create_future()
             try:
-                async with asyncio.timeout(remaining):
-                    await self._waiter
-            except TimeoutError:
-                return b""
+                await self._waiter
             finally:
                 self._waiter = None
+
+    def _wait_until(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Wake the coming wait at `deadline`, keeping the timer armed by an earlier wait.
+
+        Not a timeout per wait: under load every wait ends with an event well before
+        its deadline, and arming and cancelling a timer each time was ~9% of a busy
+        reader's CPU. One timer per subscription fires at most once per `wait_seconds`
+        of events and moves itself on to the latest deadline.
+        """
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # not waiting: the next wait arms a timer
+        loop = self._waiter.get_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._timer_fired)
+        else:
+            self._wake()
 
     def _take_pending(self) -> bytes:
         frames, self._pending = self._pending, []
@@ -278,7 +340,7 @@ class Feed:
         "subscriptions",
     )
 
-    def __init__(self, generation_id: str, channel: str) -> None:
+    def __init__(self, generation_id: str, channel: bytes) -> None:
         self.generation_id = generation_id
         self.channel = channel
         self.subscriptions: set[Subscription] = set()
@@ -287,8 +349,7 @@ class Feed:
         self.silent_since = 0.0
         self.linger: asyncio.TimerHandle | None = None
 
-    def dispatch(self, entries: list[LogEntry], now: float) -> None:
-        frames = [Frame(e) for e in entries]
+    def dispatch(self, frames: list[Frame], now: float) -> None:
         self.silent_since = now
         for subscription in list(self.subscriptions):
             subscription._offer(frames)
@@ -312,23 +373,27 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.recheck_seconds = recheck_seconds
         self.linger_seconds = linger_seconds
-        self._pubsub_redis = pubsub_redis
-        self._pubsub: PubSub | None = None
+        self._pool = pubsub_redis.connection_pool
+        self._connection: AbstractConnection | None = None
+        self._subscribed = False  # the (re)connect subscribed: commands may go out
         self._feeds: dict[str, Feed] = {}
-        self._channels: dict[str, Feed] = {}
-        self._subscribes_sent: collections.Counter[str] = collections.Counter()
-        self._subscribes_acked: collections.Counter[str] = collections.Counter()
+        self._channels: dict[bytes, Feed] = {}
+        # Per connection: a reconnect starts both at the SUBSCRIBE that lists every channel.
+        self._subscribes_sent: collections.Counter[bytes] = collections.Counter()
+        self._subscribes_acked: collections.Counter[bytes] = collections.Counter()
         self._loops: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._failures = 0
         self._closing = False
         self._changed = asyncio.Condition()
-        # Trap: redis-py's PubSub makes its connection on the first command; two commands
-        # racing there each check out a connection and one is orphaned, with its SUBSCRIBE
-        # confirmation never read. Pub/sub commands go one at a time.
+        # Trap: a redis-py Connection connects by itself when a command is sent on it
+        # while it is down, and two connects racing on one Connection break it. Pub/sub
+        # commands go one at a time, only on a connection the listen loop has
+        # (re)connected and subscribed, and never while it does.
         self._commands = asyncio.Lock()
-        # A channel that is always subscribed, so the connection never idles unsubscribed.
-        self._anchor = f"{log.keys.prefix}:hub"
+        # A channel that is always subscribed, listed last when (re)connecting: its
+        # confirmation says every channel listed before it is subscribed.
+        self._anchor = f"{log.keys.prefix}:hub".encode()
 
     @property
     def subscription_count(self) -> int:
@@ -356,7 +421,6 @@ class Hub:
         return delay * (0.5 + random.random())
 
     async def start(self) -> None:
-        self._pubsub = self._pubsub_redis.pubsub()
         self._loops = [
             asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._recheck_loop(), name="hub-recheck"),
@@ -373,9 +437,12 @@ class Hub:
         for task in self._loops:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._pubsub is not None:
+        connection, self._connection = self._connection, None
+        self._subscribed = False
+        if connection is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await connection.disconnect(nowait=True)
+                await self._pool.release(connection)
 
     # -- subscriptions -------------------------------------------------------
 
@@ -390,7 +457,7 @@ class Hub:
         """
         feed = self._feeds.get(generation_id)
         if feed is None:
-            channel = self.log.keys.live_channel(generation_id)
+            channel = self.log.keys.live_channel(generation_id).encode()
             feed = Feed(generation_id, channel)
             feed.silent_since = asyncio.get_running_loop().time()
             self._feeds[generation_id] = feed
@@ -427,10 +494,9 @@ class Hub:
         del self._feeds[feed.generation_id]
         del self._channels[feed.channel]
         self._forget(feed.channel)
-        if self._pubsub is not None:
-            self._spawn(self._send_unsubscribe(feed.channel))
+        self._spawn(self._send_unsubscribe(feed.channel))
 
-    def _forget(self, channel: str) -> None:
+    def _forget(self, channel: bytes) -> None:
         """Drop a channel's counts once no feed uses it and no SUBSCRIBE is in flight."""
         if channel not in self._channels and (
             self._subscribes_acked[channel] >= self._subscribes_sent[channel]
@@ -438,71 +504,113 @@ class Hub:
             self._subscribes_sent.pop(channel, None)
             self._subscribes_acked.pop(channel, None)
 
+    def _command_connection(self) -> AbstractConnection | None:
+        """The connection to send a pub/sub command on now (holding `_commands`), if any."""
+        connection = self._connection
+        if self._subscribed and connection is not None and connection.is_connected:
+            return connection
+        return None  # (re)connecting: the listen loop subscribes every channel of `_channels`
+
     async def _send_subscribe(self, feed: Feed) -> None:
-        assert self._pubsub is not None
-        self._subscribes_sent[feed.channel] += 1
-        feed.subscribe_number = self._subscribes_sent[feed.channel]
         try:
             async with self._commands:
-                await self._pubsub.subscribe(feed.channel)
+                connection = self._command_connection()
+                if connection is None or self._channels.get(feed.channel) is not feed:
+                    return
+                self._subscribes_sent[feed.channel] += 1
+                feed.subscribe_number = self._subscribes_sent[feed.channel]
+                await connection.send_command("SUBSCRIBE", feed.channel, check_health=False)
         except (RedisError, OSError) as exc:
-            logger.warning("subscribe to %s failed: %s", feed.channel, exc)
+            logger.warning("subscribe to %s failed: %s", feed.channel.decode(), exc)
 
-    async def _send_unsubscribe(self, channel: str) -> None:
-        assert self._pubsub is not None
+    async def _send_unsubscribe(self, channel: bytes) -> None:
         with contextlib.suppress(RedisError, OSError):
             async with self._commands:
-                await self._pubsub.unsubscribe(channel)
+                connection = self._command_connection()
+                # Subscribed again meanwhile: the channel stays.
+                if connection is not None and channel not in self._channels:
+                    await connection.send_command("UNSUBSCRIBE", channel, check_health=False)
 
     # -- the pub/sub connection ----------------------------------------------
 
     async def _listen(self) -> None:
-        assert self._pubsub is not None
+        """Read the pub/sub connection in bulk and dispatch every reply of a read at once.
+
+        Not redis-py's PubSub: its get_message costs a coroutine chain, a dict and
+        observability hooks per message, ~19% of a busy reader's CPU. redis-py still
+        makes the connection (AUTH, db, TLS, client name from the URL); the replies
+        are parsed here with hiredis.
+        """
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if self._pubsub.connection is None:
-                    # Not connected yet (Redis was down at start): the first subscribe connects.
-                    async with self._commands:
-                        await self._pubsub.subscribe(self._anchor)
-                # Blocking, not polling: redis-py arms a timer for every read with a
-                # timeout, ~10% of a busy reader's CPU. stop() cancels this task.
-                message = await self._pubsub.get_message(timeout=None)
+                stream = await self._connect()
+                replies = hiredis.Reader()
+                while True:
+                    data = await stream.read(_READ_SIZE)
+                    if not data:
+                        raise ConnectionError("pub/sub connection closed by the server")
+                    self._received(replies, data, loop.time())
+                    if self._failures:
+                        self._failures = 0
             except (RedisError, OSError) as exc:
+                self._subscribed = False
                 self._failures += 1
                 logger.warning("pub/sub connection lost, recovering: %s", exc)
+                if self._connection is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._connection.disconnect(nowait=True)
                 await asyncio.sleep(self.retry_delay())
-                await self._resubscribe_all()
-                continue
-            if message is None:
-                continue
-            if self._failures:
-                self._failures = 0
-            kind = message["type"]
-            channel = _text(message["channel"])
-            if kind == "message":
-                feed = self._channels.get(channel)
-                if feed is not None:
-                    feed.dispatch(parse_live(message["data"]), loop.time())
-            elif kind == "subscribe":
-                self._subscribes_acked[channel] += 1
-                feed = self._channels.get(channel)
-                if feed is None:
-                    self._forget(channel)
-                elif (
-                    self._subscribes_acked[channel] >= feed.subscribe_number
-                    and not feed.confirmed.done()
-                ):
-                    feed.confirmed.set_result(None)
 
-    async def _resubscribe_all(self) -> None:
-        """After a reconnect, live messages may have been lost: every feed re-checks the log."""
-        assert self._pubsub is not None
-        with contextlib.suppress(RedisError, OSError):
-            # redis-py re-subscribes known channels when it reconnects; this forces it.
-            await self._pubsub.ping()
-        for feed in self._feeds.values():
-            _recheck_all(feed.subscriptions)
+    async def _connect(self) -> asyncio.StreamReader:
+        """(Re)connect and subscribe every channel, the anchor last; counts start over."""
+        async with self._commands:
+            if self._connection is None:
+                self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = self._connection
+            await connection.connect()  # a no-op right after get_connection
+            stream = connection._reader
+            if stream is None:
+                raise ConnectionError("pub/sub connection not connected")
+            self._subscribes_sent.clear()
+            self._subscribes_acked.clear()
+            channels = [*self._channels, self._anchor]
+            for channel in channels:
+                self._subscribes_sent[channel] = 1
+            for feed in self._channels.values():
+                feed.subscribe_number = 1
+            await connection.send_command("SUBSCRIBE", *channels, check_health=False)
+            self._subscribed = True
+        return stream
+
+    def _received(self, replies: hiredis.Reader, data: bytes, now: float) -> None:
+        """Dispatch every reply `data` completes (a read may end inside one)."""
+        replies.feed(data)
+        while (reply := replies.gets()) is not False:
+            if not isinstance(reply, list):
+                if isinstance(reply, Exception):
+                    logger.warning("pub/sub command failed: %s", reply)
+                continue
+            kind = reply[0]
+            if kind == b"message":
+                feed = self._channels.get(reply[1])
+                if feed is not None:
+                    feed.dispatch(live_frames(reply[2]), now)
+            elif kind == b"subscribe":
+                self._confirmed(reply[1])
+
+    def _confirmed(self, channel: bytes) -> None:
+        self._subscribes_acked[channel] += 1
+        if channel == self._anchor:
+            # (Re)connected: every channel is subscribed again. What was published
+            # while none was is in the log: every feed re-checks it.
+            for each in self._feeds.values():
+                _recheck_all(each.subscriptions)
+        feed = self._channels.get(channel)
+        if feed is None:
+            self._forget(channel)
+        elif self._subscribes_acked[channel] >= feed.subscribe_number and not feed.confirmed.done():
+            feed.confirmed.set_result(None)
 
     async def _recheck_loop(self) -> None:
         """Silent feeds look at the log's last seq now and then: the safety net under pub/sub.
@@ -540,7 +648,3 @@ def _recheck_all(subscriptions: Iterable[Subscription], last_seq: int | None = N
     for subscription in list(subscriptions):
         if last_seq is None or last_seq > subscription._queued_until:
             subscription._recheck()
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

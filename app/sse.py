@@ -27,6 +27,11 @@ def event_frame(seq: int, event_type: str, data: bytes) -> bytes:
     return b"id: %d\nevent: %s\n%s\n" % (seq, event_type.encode(), lines)
 
 
+def line_event_frame(seq: int, event_type: bytes, data: bytes) -> bytes:
+    """One event whose `data` is one line, as every event the log holds is: the live hot path."""
+    return b"id: %d\nevent: %b\ndata: %b\n\n" % (seq, event_type, data)
+
+
 def event_frames(events: Iterable[tuple[bytes, bytes, bytes]]) -> bytes:
     """Many events in one piece, each `(seq, type, data)` as bytes: the catch-up hot path.
 

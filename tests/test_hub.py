@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from app import events, sse
 from app.events import LogEntry
 from app.generations import parse_request
-from app.hub import Feed, Hub, Subscription
+from app.hub import Feed, Frame, Hub, Subscription
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
@@ -68,14 +68,14 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
     live_arrived = asyncio.Event()
     deliver = Feed.dispatch
 
-    def dispatch(feed: Feed, entries: list[LogEntry], now: float) -> None:
+    def dispatch(feed: Feed, frames: list[Frame], now: float) -> None:
         """Live batches pass a switch that can lose one, as pub/sub may."""
-        live_seen[0] = max(live_seen[0], entries[-1].seq)
+        live_seen[0] = max(live_seen[0], frames[-1].seq)
         live_arrived.set()
         if drop[0]:
             drop[0] = False
             return
-        deliver(feed, entries, now)
+        deliver(feed, frames, now)
 
     Feed.dispatch = dispatch  # type: ignore[method-assign,assignment]
     try:
@@ -169,7 +169,7 @@ async def test_a_slow_subscription_never_buffers_more_than_its_limit(
             batch = [events.Token(text="x")] * 3
             last = await log.append(lease, seq, batch)
             entries = await log.read(generation_id, seq - 1, 3)
-            feed.dispatch(entries, 0.0)
+            feed.dispatch([Frame.of(e) for e in entries], 0.0)
             assert len(subscription._pending) <= 4
             seq = last + 1
         assert subscription.fell_behind > 0
@@ -202,7 +202,9 @@ async def test_catch_up_never_goes_live_across_a_hole_in_what_it_buffered(
             LogEntry(seq=seq, type="token", data=b'{"type":"token","text":"x"}', appended_ms=0)
             for seq in (7, 8)
         ]
-        hub._feeds[generation_id].dispatch(ahead, 0.0)  # buffered while in log mode
+        hub._feeds[generation_id].dispatch(
+            [Frame.of(e) for e in ahead], 0.0
+        )  # buffered while in log mode
         parser = sse.Parser()
         first = await subscription.next_chunk(1.0)
         assert first

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import events
 from app.http import create_app
@@ -62,8 +63,19 @@ async def test_stream_survives_a_redis_restart_with_no_gap_or_duplicate(
             await stream.next_chunk()
         server.start()  # same port, same AOF: the log is intact
 
-        await writer.append(*[events.Token(text=f"{i} ") for i in range(5, 10)])
-        await writer.append(events.Done(reason="stop"))
+        # Like a worker, the writer retries an append that met a connection the restart
+        # closed (the one its pool kept idle); appends are idempotent.
+        for batch in (
+            [events.Token(text=f"{i} ") for i in range(5, 10)],
+            [events.Done(reason="stop")],
+        ):
+            for attempt in range(3):
+                try:
+                    await writer.append(*batch)
+                    break
+                except RedisConnectionError:
+                    if attempt == 2:
+                        raise
         rest = await stream.rest()
     assert [int(m.id or 0) for m in rest] == list(range(6, 12))
     assert response.status == 200
