@@ -5,7 +5,7 @@
 --                     queued generation, the abandon sweeper) that fences every worker
 --       2 first_seq   seq the writer expects its first event to get ('*' writers: ignored)
 --       3 maxlen      length cap of the log (approximate trimming)
---       4 open_ttl    ms the keys live while the generation is open (refreshed per append)
+--       4 open_ttl    ms an open generation's keys live at least after its last append
 --       5 log_ttl     ms the log and request live after the terminal event
 --       6 meta_ttl    ms the metadata lives after the terminal event (to answer 410, not 404)
 --       7 channel     pub/sub channel of live readers
@@ -19,10 +19,20 @@
 -- 'fenced' | 'already_finished' | 'seq_conflict' | 'unknown' | 'active'.
 -- The live message is "first_seq\nappended_ms\ntype\ndata\ntype\ndata..." (event JSON
 -- never contains a raw newline).
+--
+-- Retention: the terminal event sets the log and request to expire log_ttl later and
+-- the metadata meta_ttl later. While the generation is open, its TTLs are not set on
+-- every append (three PEXPIREs per event): a refresh sets meta, log and request to
+-- live open_ttl + open_ttl/8 and records its time in meta's ttl_refreshed_ms, and
+-- the first append that finds open_ttl/8 elapsed since (or the clock moved back)
+-- refreshes again. So every key of an open generation lives at least open_ttl after
+-- its last append, with or without a sweeper. The first append always refreshes: its
+-- XADD creates the log, with no TTL.
 local meta, log, request, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local epoch, final, n = ARGV[1], ARGV[8], tonumber(ARGV[11])
 
-local m = redis.call('HMGET', meta, 'status', 'last_seq', 'epoch', 'last_append_ms', 'created_ms')
+local m = redis.call(
+  'HMGET', meta, 'status', 'last_seq', 'epoch', 'last_append_ms', 'created_ms', 'ttl_refreshed_ms')
 local status = m[1]
 if not status then return {'unknown', 0} end
 local last = tonumber(m[2]) or 0
@@ -61,18 +71,27 @@ for i = 0, n - 1 do
 end
 last = first + n - 1
 
-redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now)
 if final ~= '' then
-  redis.call('HSET', meta, 'status', final, 'finished_ms', now, 'finish_reason', ARGV[9])
+  redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now,
+    'status', final, 'finished_ms', now, 'finish_reason', ARGV[9])
   if status == 'queued' then redis.call('HSET', meta, 'started_ms', now) end
   redis.call('DEL', lease)
   redis.call('PEXPIRE', log, ARGV[5])
   redis.call('PEXPIRE', request, ARGV[5])
   redis.call('PEXPIRE', meta, ARGV[6])
 else
-  redis.call('PEXPIRE', log, ARGV[4])
-  redis.call('PEXPIRE', request, ARGV[4])
-  redis.call('PEXPIRE', meta, ARGV[4])
+  local open_ttl = tonumber(ARGV[4])
+  local slack = math.floor(open_ttl / 8)
+  local refreshed = tonumber(m[6])
+  if first == 1 or not refreshed or now < refreshed or now - refreshed >= slack then
+    redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now, 'ttl_refreshed_ms', now)
+    local ttl = open_ttl + slack
+    redis.call('PEXPIRE', log, ttl)
+    redis.call('PEXPIRE', request, ttl)
+    redis.call('PEXPIRE', meta, ttl)
+  else
+    redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now)
+  end
 end
 redis.call('PUBLISH', ARGV[7], table.concat(live, '\n'))
 return {'ok', last}
