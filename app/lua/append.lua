@@ -31,8 +31,7 @@
 local meta, log, request, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local epoch, final, n = ARGV[1], ARGV[8], tonumber(ARGV[11])
 
-local m = redis.call(
-  'HMGET', meta, 'status', 'last_seq', 'epoch', 'last_append_ms', 'created_ms', 'ttl_refreshed_ms')
+local m = redis.call('HMGET', meta, 'status', 'last_seq', 'epoch', 'ttl_refreshed_ms')
 local status = m[1]
 if not status then return {'unknown', 0} end
 local last = tonumber(m[2]) or 0
@@ -49,7 +48,9 @@ local first
 if epoch == '*' then
   if terminal then return {'already_finished', last} end
   if ARGV[10] ~= '' then
-    local active = tonumber(m[4]) or tonumber(m[5]) or 0
+    -- Read here, not by the first HMGET: only the sweeper's closes need them.
+    local seen = redis.call('HMGET', meta, 'last_append_ms', 'created_ms')
+    local active = tonumber(seen[1]) or tonumber(seen[2]) or 0
     if now - active < tonumber(ARGV[10]) then return {'active', last} end
   end
   redis.call('HINCRBY', meta, 'epoch', 1)
@@ -88,7 +89,7 @@ if final ~= '' then
 else
   local open_ttl = tonumber(ARGV[4])
   local slack = math.floor(open_ttl / 8)
-  local refreshed = tonumber(m[6])
+  local refreshed = tonumber(m[4])
   if first == 1 or not refreshed or now < refreshed or now - refreshed >= slack then
     redis.call('HSET', meta, 'last_seq', last_s, 'last_append_ms', now_s, 'ttl_refreshed_ms', now_s)
     local ttl = string.format('%d', open_ttl + slack)
