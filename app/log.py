@@ -211,8 +211,10 @@ class GenerationLog:
 
     @property
     def _open_ttl_ms(self) -> int:
-        # An open generation's keys outlive the abandon deadline plus retention even
-        # when no sweeper runs: Redis memory never grows without bound.
+        # An open generation's keys outlive its last write (create, then each append)
+        # by at least the abandon deadline plus retention, and expire even when no
+        # sweeper runs: Redis memory never grows without bound. append.lua refreshes
+        # their TTLs only now and then, to up to an eighth more (see its header).
         return int((self.settings.abandon_after_seconds + self.settings.retention_seconds) * 1000)
 
     @property

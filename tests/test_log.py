@@ -141,14 +141,54 @@ async def test_terminal_status_and_retention_ttls(
 
 
 async def test_open_generation_keys_expire_even_without_a_sweeper(
+    redis: Redis, settings: Settings
+) -> None:
+    log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2, retention_seconds=0.3))
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Started()])
+    await log.append(lease, 2, [events.Token(text="x")])
+    k = log.keys
+    keys = (k.meta(generation_id), k.log(generation_id), k.request(generation_id))
+    assert await redis.exists(*keys) == len(keys)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    # Nothing to await: Redis expires the keys on its own (the open TTL here is 0.5 s).
+    while await redis.exists(*keys):
+        assert loop.time() < deadline, "an open generation's keys never expired"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_long_running_generation_keeps_its_keys(
     log: GenerationLog, redis: Redis, settings: Settings
 ) -> None:
+    """Appends refresh the open TTLs only once in a while, never letting a key get
+    closer to expiry than the open TTL (abandon deadline plus retention)."""
     generation_id, lease = await started(log)
-    await log.append(lease, 1, [events.Token(text="x")])
-    bound = (settings.abandon_after_seconds + settings.retention_seconds) * 1000
-    for key in (log.keys.log(generation_id), log.keys.meta(generation_id)):
-        ttl = await redis.pttl(key)
-        assert 0 < ttl <= bound
+    await log.append(lease, 1, [events.Started()])
+    k = log.keys
+    meta = k.meta(generation_id)
+    keys = (meta, k.log(generation_id), k.request(generation_id))
+    open_ttl = int((settings.abandon_after_seconds + settings.retention_seconds) * 1000)
+    refreshed = min([await redis.pttl(key) for key in keys])  # what a refresh sets
+    assert refreshed >= open_ttl
+
+    async def age(ms: int) -> None:
+        """Pretend `ms` passed since the last refresh."""
+        seconds, micros = await redis.time()
+        await redis.hset(meta, "ttl_refreshed_ms", seconds * 1000 + micros // 1000 - ms)
+        for key in keys:
+            await redis.pexpire(key, refreshed - ms)
+
+    await age(60_000)
+    await log.append(lease, 2, [events.Token(text="soon after a refresh")])
+    for key in keys:
+        assert open_ttl <= await redis.pttl(key) <= refreshed - 60_000  # left alone
+
+    # Without a refresh, this append would leave the keys less than the open TTL.
+    await age(refreshed - open_ttl + 1000)
+    await log.append(lease, 3, [events.Token(text="much later")])
+    for key in keys:
+        assert await redis.pttl(key) > refreshed - 1000  # refreshed
 
 
 async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) -> None:
