@@ -24,6 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import embedded
 from app.errors import InvalidRequest, TokentapeError
 from app.http import create_app
+from app.http.listen import AcceptAllSite
 from app.settings import Settings
 from app.telemetry import Telemetry, configure_logging
 from app.telemetry.web import metrics_app
@@ -261,7 +262,7 @@ async def _serve(
         try:
             # reuse_port: `--processes N` runs N readers on one port (the kernel spreads
             # connections over them).
-            await web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
+            await AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
             host, port = runner.addresses[0][:2]
             print(
                 f"tokentape serving on http://{_url_host(host)}:{port}"

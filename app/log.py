@@ -1,7 +1,8 @@
 """The durable generation log on Redis: create, append, read, lease, cancel, retention.
 
 Every write that must be atomic is one Lua script in `app/lua/` over the keys of
-one generation (one hash tag, one Cluster slot). The log is a Redis Stream whose
+one generation (one hash tag, one Cluster slot); creating a generation also writes
+the global indexes and the job queue. The log is a Redis Stream whose
 entry ids are `<seq>-0`, so "everything after position P" is `XRANGE (P+1)-0 +`.
 """
 
@@ -105,23 +106,50 @@ class _TickPipeline:
     only idempotent calls go through one.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, in_flight: int | None = None) -> None:
         self._redis = redis
         self._queued: list[tuple[Any, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._sender_waiting = False  # a sender exists that has not taken the queue yet
+        # With a bound, calls made while that many batches are out wait and leave
+        # together in the next one: a burst makes a few large round trips instead of
+        # many small ones queueing one by one for the pool's few connections.
+        self._slots = asyncio.Semaphore(in_flight) if in_flight else None
 
     async def _submit(self, call: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if not self._queued:
-            # Starts at the next tick and takes everything queued by then.
+        self._queued.append((call, future))
+        if not self._sender_waiting:
+            # Starts at the next tick (or once a batch comes back) and takes
+            # everything queued by then.
+            self._sender_waiting = True
             task = asyncio.create_task(self._send_queued())
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
-        self._queued.append((call, future))
         return await future
 
     async def _send_queued(self) -> None:
+        if self._slots is None:
+            await self._send_batch()
+            return
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            for _, future in self._take_queued():
+                future.cancel()
+            raise
+        try:
+            await self._send_batch()
+        finally:
+            self._slots.release()
+
+    def _take_queued(self) -> list[tuple[Any, asyncio.Future[Any]]]:
         queued, self._queued = self._queued, []
+        self._sender_waiting = False
+        return queued
+
+    async def _send_batch(self) -> None:
+        queued = self._take_queued()
         try:
             results = await self._execute([call for call, _ in queued])
         except asyncio.CancelledError:
@@ -163,8 +191,8 @@ class _ScriptPipeline(_TickPipeline):
     """Runs of one idempotent script (append.lua: a batch already applied reads as
     `duplicate`; renew.lua; annotate.lua) in one tick: one pipeline of EVALSHAs."""
 
-    def __init__(self, redis: Redis, script: AsyncScript) -> None:
-        super().__init__(redis)
+    def __init__(self, redis: Redis, script: AsyncScript, *, in_flight: int | None = None) -> None:
+        super().__init__(redis, in_flight=in_flight)
         self._script = script
 
     async def run(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -199,7 +227,10 @@ class GenerationLog:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
-        self._reads = _ReadPipeline(redis)
+        # A reader's requests share its few connections: one batch of each out at a time.
+        # Idempotent: a create that already ran finds the generation and does nothing.
+        self._create = _ScriptPipeline(redis, redis.register_script(_script("create")), in_flight=1)
+        self._reads = _ReadPipeline(redis, in_flight=1)
         self._acquire = redis.register_script(_script("acquire"))
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
@@ -228,28 +259,40 @@ class GenerationLog:
 
     # -- create -------------------------------------------------------------
 
-    async def create(self, generation_id: str, request: GenerationRequest) -> GenerationState:
+    async def create(
+        self,
+        generation_id: str,
+        request: GenerationRequest,
+        *,
+        enqueue: bool = False,
+        traceparent: str | None = None,
+    ) -> GenerationState:
+        """Create the generation; with `enqueue`, also its job (`app.jobs`), atomically.
+
+        Creates requested in the same loop tick share one round trip: a burst of
+        POSTs must not queue one by one for the reader's few Redis connections.
+        """
         created = now_ms()
         k = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
+        await self._create.run(
+            [
                 k.meta(generation_id),
-                mapping={
-                    "status": "queued",
-                    "model": request.model,
-                    "last_seq": 0,
-                    "created_ms": created,
-                    "epoch": 0,
-                    "attempts": 0,
-                },
-            )
-            pipe.pexpire(k.meta(generation_id), self._open_ttl_ms)
-            pipe.set(k.request(generation_id), msgspec.json.encode(request), px=self._open_ttl_ms)
-            pipe.zadd(k.open_generations, {generation_id: created})
-            # The index behind `tokentape ls`, trimmed to what metadata retention keeps.
-            pipe.zadd(k.recent_generations, {generation_id: created})
-            pipe.zremrangebyscore(k.recent_generations, "-inf", created - self._meta_ttl_ms)
-            await pipe.execute()
+                k.request(generation_id),
+                k.open_generations,
+                k.recent_generations,
+                k.jobs,
+            ],
+            [
+                generation_id,
+                request.model,
+                msgspec.json.encode(request),
+                created,
+                self._open_ttl_ms,
+                self._meta_ttl_ms,
+                "1" if enqueue else "0",
+                traceparent or "",
+            ],
+        )
         return GenerationState(
             id=generation_id,
             status="queued",
@@ -328,11 +371,11 @@ class GenerationLog:
 
     async def snapshot(self, generation_id: str) -> tuple[GenerationState | None, bool]:
         """The state and whether the log still exists, in one round trip."""
-        k = self.keys
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(k.meta(generation_id), _STATE_FIELDS)
-            pipe.exists(k.log(generation_id))
-            values, log_exists = await pipe.execute()
+        # Both in the same tick: one round trip, shared with every other read of this tick.
+        values, log_exists = await asyncio.gather(
+            self._reads.run(b"HMGET", self.keys.meta(generation_id), *_STATE_FIELDS),
+            self._reads.run(b"EXISTS", self.keys.log(generation_id)),
+        )
         return self._state(generation_id, values), bool(log_exists)
 
     async def last_entry(self, generation_id: str) -> LogEntry | None:

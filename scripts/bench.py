@@ -203,6 +203,11 @@ class Figures:
     events_per_second: float | None
     ttft_p50: float | None
     ttft_p99: float | None
+    # The start of (a) and (b): POST answered, GET headers, first token (from the POST
+    # leaving the client), as {"p50": s, "p90": s, "p99": s}.
+    created: dict[str, float | None]
+    connected: dict[str, float | None]
+    ttft: dict[str, float | None]
     drift_p50: float | None
     drift_p99: float | None
     drift_samples: int
@@ -219,6 +224,10 @@ class Figures:
     workers_cpu_seconds: float
     redis_cpu_seconds: float
     busiest_client_cpu: float
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    return {f"p{p}": percentile(values, p) for p in (50, 90, 99)}
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
@@ -316,6 +325,9 @@ class Bench:
             events_per_second=report.events / window if report.events > 1 and window > 0 else None,
             ttft_p50=percentile(report.ttft, 50),
             ttft_p99=percentile(report.ttft, 99),
+            created=percentiles(report.created),
+            connected=percentiles(report.connected),
+            ttft=percentiles(report.ttft),
             drift_p50=percentile(report.drift, 50),
             drift_p99=percentile(report.drift, 99),
             drift_samples=len(report.drift),
@@ -665,6 +677,19 @@ async def run(args: argparse.Namespace) -> list[Figures]:
                     f"busiest client at {f.busiest_client_cpu:.0%} of a core"
                     + (f", failures {figures.failures}" if figures.failures else "")
                 )
+                if f.created["p50"] is not None:
+                    starts = "; ".join(
+                        f"{name} {'/'.join('-' if v is None else _ms(v) for v in by_p.values())}"
+                        for name, by_p in (
+                            ("answered", f.created),
+                            ("GET headers", f.connected),
+                            ("first token", f.ttft),
+                        )
+                    )
+                    log(
+                        f"{scenario.label}: {implementation}: ms from the POST (p50/p90/p99): "
+                        + starts
+                    )
                 results.append(figures)
     return results
 

@@ -94,6 +94,9 @@ class ClientReport:
     failures: Counter[str] = dataclasses.field(default_factory=Counter)
     events: int = 0
     ttft: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    # (a), (b): from sending the POST to its response, and to the GET's response headers.
+    created: array[float] = dataclasses.field(default_factory=lambda: array("d"))
+    connected: array[float] = dataclasses.field(default_factory=lambda: array("d"))
     drift: array[float] = dataclasses.field(default_factory=lambda: array("d"))
     first_event_at: float = math.inf
     last_event_at: float = 0.0
@@ -108,6 +111,8 @@ class ClientReport:
         self.failures.update(other.failures)
         self.events += other.events
         self.ttft.extend(other.ttft)
+        self.created.extend(other.created)
+        self.connected.extend(other.connected)
         self.drift.extend(other.drift)
         self.first_event_at = min(self.first_event_at, other.first_event_at)
         self.last_event_at = max(self.last_event_at, other.last_event_at)
@@ -166,6 +171,7 @@ class ClientRun:
                     # From the POST leaving this client, not from waiting for a slot.
                     requested_at = time.monotonic()
                     events_url = await self._create(seed)
+                    self.report.created.append(time.monotonic() - requested_at)
                 await self._read(events_url, requested_at)
             self.report.complete += 1
         except StreamFailure as failure:
@@ -200,6 +206,8 @@ class ClientRun:
             if resp.status != 200:
                 raise StreamFailure(f"events answered {resp.status}")
             connected_at = time.monotonic()
+            if job.kind == "generate":
+                self.report.connected.append(connected_at - requested_at)
             if job.kind == "idle":
                 self.connected += 1
                 self._settle()

@@ -3,8 +3,8 @@
 aiohttp + aiohttp-sse, one blocking `XREAD BLOCK` per SSE connection on the
 generation's log stream. It serves the same API shape as tokentape
 (`POST /v1/generations`, `GET /v1/generations/{id}`, `GET …/events`) over the same
-log: a POST creates the generation and enqueues its job through `app.log` and
-`app.jobs`, exactly as tokentape does, so the same tokentape worker processes
+log: a POST creates the generation and enqueues its job through `app.log`,
+exactly as tokentape does, so the same tokentape worker processes
 produce the events for both sides at the same sim pacing. Only the read path
 differs, which is what the benchmark compares.
 
@@ -54,13 +54,12 @@ async def create_generation(request: web.Request) -> web.Response:
     except TokentapeError as exc:
         return web.json_response(exc.body(), status=exc.status)
     generation_id = new_generation_id()
-    await log.create(generation_id, generation)
-    if request.app[PRODUCER_KEY] == "inprocess":
+    inprocess = request.app[PRODUCER_KEY] == "inprocess"
+    await log.create(generation_id, generation, enqueue=not inprocess)
+    if inprocess:
         task = asyncio.create_task(produce_sim(log, generation_id, generation.sim))
         request.app[PRODUCER_TASKS].add(task)
         task.add_done_callback(request.app[PRODUCER_TASKS].discard)
-    else:
-        await jobs.enqueue(log.redis, log.keys, generation_id, None)
     base = f"/v1/generations/{generation_id}"
     return web.json_response(
         {"id": generation_id, "events_url": f"{base}/events", "status_url": base}, status=201

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
-from app import events
+from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
@@ -387,3 +388,124 @@ async def test_reads_of_many_generations_in_one_tick_each_get_their_own(
         assert [e.event() for e in page] == [
             events.Token(text=f"{i}.{j}") for j in range(i % 4 + 1)
         ]
+
+
+# -- the request path: creates and snapshots of many generations -----------------
+
+
+async def test_creates_in_one_tick_share_a_round_trip_and_enqueue_their_jobs(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generation_ids = [new_generation_id() for _ in range(20)]
+    pipelines = count_pipelines(monkeypatch, redis)
+    await asyncio.gather(
+        *(
+            log.create(g, REQUEST, enqueue=True, traceparent=f"tp-{g}" if i % 2 else None)
+            for i, g in enumerate(generation_ids)
+        )
+    )
+    assert len(pipelines) == 1
+    states = await asyncio.gather(*(log.state(g) for g in generation_ids))
+    assert [s.status if s else None for s in states] == ["queued"] * 20
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(log.keys.jobs))
+    enqueued = [jobs.job_from_entry(entry_id, fields) for entry_id, fields in entries]
+    assert [(j.generation_id, j.traceparent) for j in enqueued] == [
+        (g, f"tp-{g}" if i % 2 else None) for i, g in enumerate(generation_ids)
+    ]
+    assert await redis.zcard(log.keys.open_generations) == 20
+
+
+async def test_a_create_run_again_leaves_the_generation_alone(
+    log: GenerationLog, redis: Redis
+) -> None:
+    # What a pipeline re-sent after a lost reply does: the create runs twice.
+    generation_id = new_generation_id()
+    await log.create(generation_id, REQUEST, enqueue=True)
+    lease = await log.acquire(generation_id, "worker-a")
+    assert lease is not None
+    await log.append(lease, 1, [events.Started()])
+    await log.create(generation_id, REQUEST, enqueue=True)
+    state = await log.state(generation_id)
+    assert state is not None
+    assert (state.status, state.epoch, state.last_seq) == ("running", lease.epoch, 1)
+    assert await redis.xlen(log.keys.jobs) == 1
+
+
+async def test_a_create_refused_for_memory_leaves_nothing_behind(
+    redis_server_factory: Callable[..., RedisServer], settings: Settings
+) -> None:
+    server = redis_server_factory("--maxmemory-policy", "noeviction")
+    async with Redis.from_url(server.url) as redis:
+        log = GenerationLog(redis, settings)
+        await redis.set("ballast", b"x" * 1_000_000)
+        used = int((await redis.info("memory"))["used_memory"])
+        await redis.config_set("maxmemory", used - 500_000)  # every write is refused now
+        generation_id = new_generation_id()
+        with pytest.raises(OutOfMemoryError):
+            await log.create(generation_id, REQUEST, enqueue=True)
+        assert await redis.keys(f"{log.keys.prefix}:*") == []
+
+
+def hold_first_pipeline(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> asyncio.Event:
+    """The first pipeline's round trip lasts until the returned event is set."""
+    release = asyncio.Event()
+    original = redis.pipeline
+    held: list[bool] = []
+
+    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
+        pipe = original(*args, **kwargs)
+        if not held:
+            held.append(True)
+            execute = pipe.execute
+
+            async def execute_when_released(raise_on_error: bool = True) -> list[Any]:
+                await release.wait()
+                return await execute(raise_on_error=raise_on_error)
+
+            monkeypatch.setattr(pipe, "execute", execute_when_released)
+        return pipe
+
+    monkeypatch.setattr(redis, "pipeline", pipeline)
+    return release
+
+
+async def test_reads_made_while_a_batch_is_out_leave_together_in_the_next(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generation_ids = [new_generation_id() for _ in range(10)]
+    for generation_id in generation_ids:
+        await log.create(generation_id, REQUEST)
+    release = hold_first_pipeline(monkeypatch, redis)
+    pipelines = count_pipelines(monkeypatch, redis)
+    first = asyncio.create_task(log.snapshot(generation_ids[0]))
+    later = []
+    for generation_id in generation_ids[1:]:  # one per tick while the first batch is out
+        await asyncio.sleep(0)
+        later.append(asyncio.create_task(log.snapshot(generation_id)))
+    await asyncio.sleep(0)
+    assert not first.done()
+    release.set()
+    snapshots = await asyncio.gather(first, *later)
+    assert len(pipelines) == 2
+    assert [(s.id if s else None, exists) for s, exists in snapshots] == [
+        (g, False) for g in generation_ids
+    ]
+
+
+async def test_a_failed_read_reaches_only_its_caller(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good, broken = new_generation_id(), new_generation_id()
+    await log.create(good, REQUEST)
+    await redis.set(log.keys.meta(broken), "not a hash")
+    pipelines = count_pipelines(monkeypatch, redis)
+    results = await asyncio.gather(
+        log.snapshot(good), log.snapshot(broken), log.snapshot(good), return_exceptions=True
+    )
+    assert len(pipelines) == 1
+    assert isinstance(results[1], ResponseError)
+    for result in (results[0], results[2]):
+        assert not isinstance(result, BaseException)
+        state, _ = result
+        assert state is not None
+        assert state.status == "queued"

@@ -7,7 +7,7 @@ import datetime
 import msgspec
 from aiohttp import web
 
-from app import events, jobs
+from app import events
 from app.errors import Conflict, NotFound
 from app.generations import ErrorInfo, GenerationStatus, parse_request
 from app.http.state import LOG, SETTINGS, TELEMETRY
@@ -41,8 +41,7 @@ async def create_generation(request: web.Request) -> web.Response:
     generation_id = new_generation_id()
     log = request.app[LOG]
     with request.app[TELEMETRY].request_span(request.headers, generation_id) as traceparent:
-        await log.create(generation_id, generation_request)
-        await jobs.enqueue(log.redis, log.keys, generation_id, traceparent)
+        await log.create(generation_id, generation_request, enqueue=True, traceparent=traceparent)
     events_url, status_url = _urls(request, generation_id)
     response = _json(
         {"id": generation_id, "events_url": events_url, "status_url": status_url}, status=201
