@@ -71,10 +71,21 @@ class Appender:
     batch), which the log applies at most once.
     """
 
-    def __init__(self, log: GenerationLog, lease: Lease, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        log: GenerationLog,
+        lease: Lease,
+        metrics: Metrics | None = None,
+        *,
+        latency_sample_every: int = 1,
+    ) -> None:
         self.log = log
         self.lease = lease
         self._metrics = metrics
+        # `append_latency` is recorded for one append in this many: a record costs
+        # about as much CPU as packing the append.
+        self._latency_sample_every = max(1, latency_sample_every)
+        self._appends = 0
         self.next_seq = lease.last_seq + 1
         self.outcome: Outcome | None = None
         self._pending: list[Event] = []
@@ -147,7 +158,9 @@ class Appender:
             self._room.set()
 
     async def _append(self, batch: Sequence[Event]) -> None:
-        began = time.perf_counter()
+        timed = self._metrics is not None and self._appends % self._latency_sample_every == 0
+        self._appends += 1
+        began = time.perf_counter() if timed else 0.0
         try:
             last = await self.log.append(self.lease, self.next_seq, batch)
         except TRANSIENT_ERRORS:
@@ -155,6 +168,6 @@ class Appender:
             async for attempt in retrying(self.log.settings):
                 with attempt:
                     last = await self.log.append(self.lease, self.next_seq, batch)
-        if self._metrics is not None:
+        if timed and self._metrics is not None:
             self._metrics.append_latency.record(time.perf_counter() - began)
         self.next_seq = last + 1
