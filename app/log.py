@@ -133,7 +133,7 @@ class _TickPipeline:
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
-    async def _submit(self, command: bytes) -> Any:
+    def _submit(self, command: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._queued:
             # Starts at the next tick and takes everything queued by then.
@@ -141,7 +141,7 @@ class _TickPipeline:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
         self._queued.append((command, future))
-        return await future
+        return future
 
     async def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
@@ -209,7 +209,11 @@ class _ScriptPipeline(_TickPipeline):
         self._sha = script.sha.encode()
 
     async def run(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> Any:
-        return await self._submit(pack(b"EVALSHA", self._sha, len(keys), *keys, *args))
+        return await self.submit(keys, args)
+
+    def submit(self, keys: Sequence[str], args: Sequence[bytes | str | int]) -> asyncio.Future[Any]:
+        """`run` as a future: a caller that continues in a done-callback needs no task."""
+        return self._submit(pack(b"EVALSHA", self._sha, len(keys), *keys, *args))
 
     async def _execute(self, commands: Sequence[bytes]) -> list[Any]:
         # EVALSHA, not redis-py's Script: its pipelines check registered scripts
@@ -410,6 +414,26 @@ class GenerationLog:
             return last
         raise _refusal(code, lease.generation_id, last)
 
+    def append_soon(
+        self, lease: Lease, first_seq: int, batch: Sequence[Event]
+    ) -> asyncio.Future[Any]:
+        """`append` of a batch that does not end the generation, as a future of the
+        script's reply for `appended`: the appender continues in a done-callback,
+        without waking a task per append."""
+        if events.is_terminal(batch[-1]):
+            raise ValueError("a terminal batch goes through append")
+        keys, args, _ = self._append_call(
+            lease.generation_id, str(lease.epoch), first_seq, batch, None
+        )
+        return self._append.submit(keys, args)
+
+    def appended(self, lease: Lease, reply: Any) -> int:
+        """What `append` returns or raises, from the reply of `append_soon`."""
+        code, last = reply[0].decode(), int(reply[1])
+        if code in ("ok", "duplicate"):
+            return last
+        raise _refusal(code, lease.generation_id, last)
+
     async def close(
         self, generation_id: str, terminal: events.TerminalEvent, *, min_idle_ms: int | None = None
     ) -> int | None:
@@ -429,6 +453,22 @@ class GenerationLog:
         batch: Sequence[Event],
         min_idle_ms: int | None,
     ) -> tuple[str, int]:
+        keys, args, final = self._append_call(generation_id, epoch, first_seq, batch, min_idle_ms)
+        result = await self._append.run(keys, args)
+        code, last = result[0].decode(), int(result[1])
+        if final and code == "ok":
+            await self.redis.zrem(self.keys.open_generations, generation_id)
+        return code, last
+
+    def _append_call(
+        self,
+        generation_id: str,
+        epoch: str,
+        first_seq: int,
+        batch: Sequence[Event],
+        min_idle_ms: int | None,
+    ) -> tuple[list[str], list[bytes | str | int], bool]:
+        """append.lua's KEYS and ARGV for one batch, and whether it ends the generation."""
         if not batch:
             raise ValueError("empty batch")
         for event in batch[:-1]:
@@ -453,11 +493,7 @@ class GenerationLog:
         for event in batch:
             args.append(events.event_type(event))
             args.append(events.encode(event))
-        result = await self._append.run(self.keys.generation_keys(generation_id), args)
-        code, last = result[0].decode(), int(result[1])
-        if final and code == "ok":
-            await self.redis.zrem(self.keys.open_generations, generation_id)
-        return code, last
+        return self.keys.generation_keys(generation_id), args, bool(final)
 
     # -- leases -------------------------------------------------------------
 
