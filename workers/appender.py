@@ -161,16 +161,18 @@ class Appender:
 
     def _appended(self, batch: Sequence[Event], began: float | None, reply: Future[Any]) -> None:
         self._in_flight = False
-        if self.task.done():
-            return
         if reply.cancelled():  # the loop is shutting down
             self.task.cancel()
             return
         try:
+            # Read even when the task has ended: an unread error would be logged as lost.
             last = self.log.appended(self.lease, reply.result())
         except Exception as exc:
-            self._failed = (batch, exc)
-            self._to_task()
+            if not self.task.done():
+                self._failed = (batch, exc)
+                self._to_task()
+            return
+        if self.task.done():
             return
         self._done(last, began)
         if self._pending:
