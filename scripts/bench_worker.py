@@ -3,7 +3,8 @@
     python scripts/bench_worker.py --generations 1000 --tokens 60 --rate 20
 
 Creates the generations and enqueues their jobs first (not measured), then runs
-one `workers.runner.Worker` with room for all of them until every generation
+one `workers.runner.Worker` with room for all of them, on the loop `tokentape worker`
+runs on (`app.cli.run_loop`: uvloop unless `--event-loop asyncio`), until every generation
 has ended, and prints the events appended, events/s, and this process's CPU
 (getrusage) and Redis's (`INFO cpu`) per 10k events. Keys live under a private
 prefix and are deleted at the end; nothing is flushed. Run it against two source
@@ -30,7 +31,7 @@ import time
 from redis.asyncio import Redis
 
 from app import jobs
-from app.cli import WORKER_REDIS_CONNECTIONS, connect
+from app.cli import WORKER_REDIS_CONNECTIONS, connect, run_loop
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
 from app.log import GenerationLog
@@ -49,11 +50,17 @@ async def _redis_cpu(redis: Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-async def run(args: argparse.Namespace) -> dict[str, float]:
-    prefix = f"ttbenchw-{secrets.token_hex(4)}"
-    settings = Settings(
-        redis_url=args.redis, key_prefix=prefix, worker_concurrency=args.generations + 16
+def bench_settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        redis_url=args.redis,
+        key_prefix=f"ttbenchw-{secrets.token_hex(4)}",
+        worker_concurrency=args.generations + 16,
+        event_loop=args.event_loop,
     )
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
+    prefix = settings.key_prefix
     redis = connect(settings, "worker", WORKER_REDIS_CONNECTIONS)
     log = GenerationLog(redis, settings)
     request = GenerationRequest(
@@ -100,16 +107,24 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=1000)
     parser.add_argument("--tokens", type=int, default=60)
     parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the loop to run on, as `tokentape worker` picks it (default uvloop)",
+    )
     parser.add_argument("--profile", metavar="FILE", help="write cProfile stats here")
     args = parser.parse_args()
+    settings = bench_settings(args)
+    # The CLI's loop (uvloop unless asked otherwise): measure what production runs.
     if args.profile:
         import cProfile
 
         with cProfile.Profile() as profile:
-            figures = asyncio.run(run(args))
+            figures = run_loop(settings, run(args, settings))
         profile.dump_stats(args.profile)
     else:
-        figures = asyncio.run(run(args))
+        figures = run_loop(settings, run(args, settings))
     print(json.dumps(figures))
 
 

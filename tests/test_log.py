@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 
@@ -16,7 +16,7 @@ from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease, parse_live
+from app.log import GenerationLog, Lease, pack, parse_live
 from app.settings import Settings
 from tests.conftest import RedisServer
 from workers.appender import Appender, Outcome
@@ -270,32 +270,53 @@ async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) 
 # -- appends of many generations, pipelined ------------------------------------
 
 
-def count_pipelines(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[Pipeline]:
-    made: list[Pipeline] = []
-    original = redis.pipeline
+def count_round_trips(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[int]:
+    """One entry per connection taken from the pool (a pipeline takes one)."""
+    taken: list[int] = []
+    pool = redis.connection_pool
+    original: Callable[..., Awaitable[Any]] = pool.get_connection
 
-    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
-        made.append(original(*args, **kwargs))
-        return made[-1]
+    async def get_connection(*args: Any, **kwargs: Any) -> Any:
+        taken.append(1)
+        return await original(*args, **kwargs)
 
-    monkeypatch.setattr(redis, "pipeline", pipeline)
-    return made
+    monkeypatch.setattr(pool, "get_connection", get_connection)
+    return taken
 
 
 async def test_appends_requested_together_go_out_as_one_pipeline(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runs = [await started(log) for _ in range(50)]
-    pipelines = count_pipelines(monkeypatch, redis)
+    round_trips = count_round_trips(monkeypatch, redis)
     lasts = await asyncio.gather(
         *(log.append(lease, 1, [events.Token(text=g)]) for g, lease in runs)
     )
     assert lasts == [1] * 50
-    assert len(pipelines) == 1
+    assert len(round_trips) == 1
     for generation_id, _ in runs:
         assert [e.event() for e in await log.read(generation_id, 0, 10)] == [
             events.Token(text=generation_id)
         ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"EVALSHA", b"0" * 40, 2, "k:{a}", "k:{b}", "3", 17, -1, 0, "", b""),
+        (b"XRANGE", "k:{é}", "5-0", "+", "COUNT", 100),
+        ("token", b'{"text": "a\r\nb"}', "Zürich 東京", 10**15),
+    ],
+)
+def test_packed_commands_are_what_redis_py_sends(args: tuple[bytes | str | int, ...]) -> None:
+    redis_py = Connection()
+    assert pack(*args) == b"".join(redis_py.pack_command(*args))
+
+
+@pytest.mark.parametrize("arg", [1.5, None, [b"x"]])
+def test_packing_refuses_what_redis_py_would_not_send_as_is(arg: Any) -> None:
+    with pytest.raises(TypeError):
+        pack(b"SET", "k", arg)
 
 
 async def test_one_generations_refusal_does_not_fail_the_others_in_its_pipeline(
@@ -318,44 +339,173 @@ async def test_one_generations_refusal_does_not_fail_the_others_in_its_pipeline(
         assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1]
 
 
-def lose_first_reply(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[bool]:
-    """The first pipeline runs on Redis but its caller sees the connection drop."""
-    lost: list[bool] = []
-    original = redis.pipeline
+async def test_an_error_reply_reaches_only_its_caller(log: GenerationLog, redis: Redis) -> None:
+    runs = [await started(log) for _ in range(3)]
+    broken_id, _ = runs[1]
+    await redis.delete(log.keys.meta(broken_id))
+    await redis.set(log.keys.meta(broken_id), "not a hash")  # HMGET in append.lua fails
+    results = await asyncio.gather(
+        *(log.append(lease, 1, [events.Token(text="x")]) for _, lease in runs),
+        return_exceptions=True,
+    )
+    assert results[0] == results[2] == 1
+    assert isinstance(results[1], ResponseError)
+    assert "WRONGTYPE" in str(results[1])
+    assert await log.append(runs[0][1], 2, [events.Token(text="y")]) == 2  # connection still good
 
-    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
-        pipe = original(*args, **kwargs)
-        execute = pipe.execute
 
-        async def execute_then_lose(raise_on_error: bool = True) -> list[Any]:
-            results = await execute(raise_on_error=raise_on_error)
-            if not lost:
-                lost.append(True)
-                raise RedisConnectionError("connection lost before the reply")
-            return results
+class ReplyCutter:
+    """A TCP proxy to a Redis that can cut a connection once Redis has replied.
 
-        monkeypatch.setattr(pipe, "execute", execute_then_lose)
-        return pipe
+    Armed, it reads the next reply Redis sends on any connection and closes that
+    connection instead of passing the reply on: Redis ran the calls, their caller
+    never hears of it (the lost reply a retry must not duplicate).
+    """
 
-    monkeypatch.setattr(redis, "pipeline", pipeline)
-    return lost
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.cut = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def __aenter__(self) -> ReplyCutter:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def requests() -> None:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+            server_w.close()
+
+        async def replies() -> None:
+            while data := await server_r.read(65536):
+                if self.armed:
+                    self.armed = False
+                    self.cut += 1
+                    client_w.transport.abort()
+                    server_w.close()
+                    return
+                client_w.write(data)
+            client_w.close()
+
+        for pump in (requests(), replies()):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+
+@pytest.fixture
+async def cutter(redis_server_factory: Callable[..., RedisServer]) -> AsyncIterator[ReplyCutter]:
+    async with ReplyCutter(redis_server_factory().port) as proxy:
+        yield proxy
+
+
+async def log_with_scripts_loaded(redis: Redis, settings: Settings) -> GenerationLog:
+    """A log whose first append has run: a cut reply is an append's, not NOSCRIPT."""
+    log = GenerationLog(redis, settings)
+    _, lease = await started(log)
+    await log.append(lease, 1, [events.Token(text="warm-up")])
+    return log
+
+
+async def test_a_lost_pipeline_reply_fails_every_caller_and_a_retry_appends_once(
+    cutter: ReplyCutter, settings: Settings
+) -> None:
+    async with Redis.from_url(cutter.url) as redis:
+        log = await log_with_scripts_loaded(redis, settings)
+        runs = [await started(log) for _ in range(3)]
+        cutter.armed = True
+        results = await asyncio.gather(
+            *(log.append(lease, 1, [events.Token(text="x")]) for _, lease in runs),
+            return_exceptions=True,
+        )
+        assert cutter.cut == 1
+        assert all(isinstance(result, RedisConnectionError) for result in results)
+        for generation_id, _ in runs:  # applied all the same
+            assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1]
+        retried = await asyncio.gather(
+            *(log.append(lease, 1, [events.Token(text="x")]) for _, lease in runs)
+        )
+        assert retried == [1, 1, 1]
+        for generation_id, _ in runs:
+            assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1]
 
 
 async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
+    cutter: ReplyCutter, settings: Settings
+) -> None:
+    async with Redis.from_url(cutter.url) as redis:
+        log = await log_with_scripts_loaded(redis, settings)
+        runs = [await started(log) for _ in range(3)]
+        cutter.armed = True
+        appenders = [Appender(log, lease) for _, lease in runs]
+        for appender in appenders:  # all in one tick: one pipeline, whose reply is lost
+            assert await appender.put(events.Token(text="once"))
+            assert await appender.put(events.Done(reason="stop"))
+        await asyncio.wait([a.task for a in appenders])
+        assert cutter.cut == 1
+        assert [a.outcome for a in appenders] == [Outcome.ENDED] * 3
+        for generation_id, _ in runs:
+            entries = await log.read(generation_id, 0, 10)
+            assert [(e.seq, e.type) for e in entries] == [(1, "token"), (2, "done")]
+
+
+async def test_a_cancelled_pipeline_does_not_leave_its_replies_to_the_next_caller(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runs = [await started(log) for _ in range(3)]
-    lost = lose_first_reply(monkeypatch, redis)
-    appenders = [Appender(log, lease) for _, lease in runs]
-    for appender in appenders:  # all in one tick: one pipeline, whose reply is lost
-        assert await appender.put(events.Token(text="once"))
-        assert await appender.put(events.Done(reason="stop"))
-    await asyncio.wait([a.task for a in appenders])
-    assert lost == [True]
-    assert [a.outcome for a in appenders] == [Outcome.ENDED] * 3
-    for generation_id, _ in runs:
-        entries = await log.read(generation_id, 0, 10)
-        assert [(e.seq, e.type) for e in entries] == [(1, "token"), (2, "done")]
+    generation_id, lease = await started(log)
+    pool = redis.connection_pool
+    reading = asyncio.Event()
+    released: list[bool] = []
+    get_connection: Callable[..., Awaitable[Any]] = pool.get_connection
+    release = pool.release
+
+    async def get_reading_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = await get_connection(*args, **kwargs)
+        read_response = connection.read_response
+
+        async def announced_read(*args: Any, **kwargs: Any) -> Any:
+            reading.set()
+            return await read_response(*args, **kwargs)
+
+        monkeypatch.setattr(connection, "read_response", announced_read)
+        return connection
+
+    async def recorded_release(connection: Any) -> None:
+        released.append(connection.is_connected)
+        await release(connection)
+
+    monkeypatch.setattr(pool, "get_connection", get_reading_connection)
+    monkeypatch.setattr(pool, "release", recorded_release)
+    append = asyncio.create_task(log.append(lease, 1, [events.Token(text="x")]))
+    await reading.wait()
+    # The pipeline's own task, as the loop's shutdown cancels it.
+    (sending,) = log._append._sending
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await append
+    assert released == [False]  # its replies unread: disconnected, not reused
+    monkeypatch.undo()
+    # Applied or not, the retry reads its own reply.
+    assert await log.append(lease, 1, [events.Token(text="x")]) == 1
+    assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1]
 
 
 async def test_pipelined_appends_load_the_script_where_redis_lacks_it(
@@ -397,14 +547,14 @@ async def test_creates_in_one_tick_share_a_round_trip_and_enqueue_their_jobs(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generation_ids = [new_generation_id() for _ in range(20)]
-    pipelines = count_pipelines(monkeypatch, redis)
+    round_trips = count_round_trips(monkeypatch, redis)
     await asyncio.gather(
         *(
             log.create(g, REQUEST, enqueue=True, traceparent=f"tp-{g}" if i % 2 else None)
             for i, g in enumerate(generation_ids)
         )
     )
-    assert len(pipelines) == 1
+    assert len(round_trips) == 1
     states = await asyncio.gather(*(log.state(g) for g in generation_ids))
     assert [s.status if s else None for s in states] == ["queued"] * 20
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(log.keys.jobs))
@@ -446,26 +596,20 @@ async def test_a_create_refused_for_memory_leaves_nothing_behind(
         assert await redis.keys(f"{log.keys.prefix}:*") == []
 
 
-def hold_first_pipeline(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> asyncio.Event:
-    """The first pipeline's round trip lasts until the returned event is set."""
+def hold_first_round_trip(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> asyncio.Event:
+    """The first round trip waits for its connection until the returned event is set."""
     release = asyncio.Event()
-    original = redis.pipeline
+    pool = redis.connection_pool
+    original: Callable[..., Awaitable[Any]] = pool.get_connection
     held: list[bool] = []
 
-    def pipeline(*args: Any, **kwargs: Any) -> Pipeline:
-        pipe = original(*args, **kwargs)
+    async def get_connection(*args: Any, **kwargs: Any) -> Any:
         if not held:
             held.append(True)
-            execute = pipe.execute
+            await release.wait()
+        return await original(*args, **kwargs)
 
-            async def execute_when_released(raise_on_error: bool = True) -> list[Any]:
-                await release.wait()
-                return await execute(raise_on_error=raise_on_error)
-
-            monkeypatch.setattr(pipe, "execute", execute_when_released)
-        return pipe
-
-    monkeypatch.setattr(redis, "pipeline", pipeline)
+    monkeypatch.setattr(pool, "get_connection", get_connection)
     return release
 
 
@@ -475,8 +619,8 @@ async def test_reads_made_while_a_batch_is_out_leave_together_in_the_next(
     generation_ids = [new_generation_id() for _ in range(10)]
     for generation_id in generation_ids:
         await log.create(generation_id, REQUEST)
-    release = hold_first_pipeline(monkeypatch, redis)
-    pipelines = count_pipelines(monkeypatch, redis)
+    release = hold_first_round_trip(monkeypatch, redis)
+    round_trips = count_round_trips(monkeypatch, redis)
     first = asyncio.create_task(log.snapshot(generation_ids[0]))
     later = []
     for generation_id in generation_ids[1:]:  # one per tick while the first batch is out
@@ -486,7 +630,7 @@ async def test_reads_made_while_a_batch_is_out_leave_together_in_the_next(
     assert not first.done()
     release.set()
     snapshots = await asyncio.gather(first, *later)
-    assert len(pipelines) == 2
+    assert len(round_trips) == 2
     assert [(s.id if s else None, exists) for s, exists in snapshots] == [
         (g, False) for g in generation_ids
     ]
@@ -498,11 +642,11 @@ async def test_a_failed_read_reaches_only_its_caller(
     good, broken = new_generation_id(), new_generation_id()
     await log.create(good, REQUEST)
     await redis.set(log.keys.meta(broken), "not a hash")
-    pipelines = count_pipelines(monkeypatch, redis)
+    round_trips = count_round_trips(monkeypatch, redis)
     results = await asyncio.gather(
         log.snapshot(good), log.snapshot(broken), log.snapshot(good), return_exceptions=True
     )
-    assert len(pipelines) == 1
+    assert len(round_trips) == 1
     assert isinstance(results[1], ResponseError)
     for result in (results[0], results[2]):
         assert not isinstance(result, BaseException)

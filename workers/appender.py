@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import time
+from asyncio import Future
 from collections.abc import Sequence
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -69,17 +72,38 @@ class Appender:
     While one append is in flight, further events accumulate and go together in
     the next. Transient Redis errors are retried with the same (lease, first_seq,
     batch), which the log applies at most once.
+
+    At a model's pace every event is its own append, so the common one costs no
+    task switch: `put` submits it to the log's pipeline when nothing is in
+    flight, and its done-callback submits whatever accumulated meanwhile. The
+    appender's task takes over for the rest: the terminal batch, a retry after
+    a transient error, a refusal, the end.
     """
 
-    def __init__(self, log: GenerationLog, lease: Lease, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        log: GenerationLog,
+        lease: Lease,
+        metrics: Metrics | None = None,
+        *,
+        latency_sample_every: int = 1,
+    ) -> None:
         self.log = log
         self.lease = lease
         self._metrics = metrics
+        # `append_latency` is recorded for one append in this many: a record costs
+        # about as much CPU as packing the append.
+        self._latency_sample_every = max(1, latency_sample_every)
+        self._appends = 0
         self.next_seq = lease.last_seq + 1
         self.outcome: Outcome | None = None
         self._pending: list[Event] = []
         self._closed = False  # no more events are taken (a terminal was put, or stop)
         self._stop_outcome = Outcome.HANDED_OFF
+        self._in_flight = False  # an append submitted by `_submit_pending` awaits its reply
+        # The task appends next (or ends): `_submit_pending` must not, or seqs would cross.
+        self._task_turn = False
+        self._failed: tuple[Sequence[Event], BaseException] | None = None
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -99,7 +123,7 @@ class Appender:
         self._pending.append(event)
         if events.is_terminal(event):
             self._closed = True
-        self._wake.set()
+        self._submit_pending()
         return True
 
     def stop(self, outcome: Outcome) -> None:
@@ -113,13 +137,63 @@ class Appender:
         if outcome is Outcome.FENCED:
             self._pending.clear()
         self._room.set()
+        if not self._in_flight:
+            self._to_task()
+
+    def _to_task(self) -> None:
+        self._task_turn = True
         self._wake.set()
+
+    def _submit_pending(self) -> None:
+        """Submit the next batch from here, if no append is in flight and it is ours."""
+        if self._in_flight or self._task_turn or not self._pending or self.task.done():
+            return
+        batch = self._pending[:MAX_BATCH]
+        if events.is_terminal(batch[-1]):
+            self._to_task()  # `log.append` also takes the generation out of the open set
+            return
+        del self._pending[:MAX_BATCH]
+        self._room.set()
+        began = self._began()
+        self._in_flight = True
+        reply = self.log.append_soon(self.lease, self.next_seq, batch)
+        reply.add_done_callback(functools.partial(self._appended, batch, began))
+
+    def _appended(self, batch: Sequence[Event], began: float | None, reply: Future[Any]) -> None:
+        self._in_flight = False
+        if reply.cancelled():  # the loop is shutting down
+            self.task.cancel()
+            return
+        try:
+            # Read even when the task has ended: an unread error would be logged as lost.
+            last = self.log.appended(self.lease, reply.result())
+        except Exception as exc:
+            if not self.task.done():
+                self._failed = (batch, exc)
+                self._to_task()
+            return
+        if self.task.done():
+            return
+        self._done(last, began)
+        if self._pending:
+            self._submit_pending()
+        elif self._closed:
+            self._to_task()
 
     async def _flush_loop(self) -> None:
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
+                if self._in_flight:
+                    continue  # its callback hands over when it is done
+                self._task_turn = True
+                if self._failed is not None:
+                    batch, error = self._failed
+                    self._failed = None
+                    if not isinstance(error, TRANSIENT_ERRORS):
+                        raise error
+                    await self._retry(batch, self._began())
                 while self._pending:
                     batch = self._pending[:MAX_BATCH]
                     del self._pending[:MAX_BATCH]
@@ -128,9 +202,10 @@ class Appender:
                     if events.is_terminal(batch[-1]):
                         self.outcome = Outcome.ENDED
                         return
-                if self._closed and not self._pending:
+                if self._closed:
                     self.outcome = self._stop_outcome
                     return
+                self._task_turn = False
         except Fenced:
             self.outcome = Outcome.FENCED
         except (AlreadyFinished, NotFound):
@@ -143,18 +218,33 @@ class Appender:
             self.outcome = Outcome.FAILED
         finally:
             self._closed = True
+            self._task_turn = True
             self._pending.clear()
             self._room.set()
 
+    def _began(self) -> float | None:
+        """The start time of an append whose latency is recorded, else None."""
+        timed = self._metrics is not None and self._appends % self._latency_sample_every == 0
+        self._appends += 1
+        return time.perf_counter() if timed else None
+
+    def _done(self, last: int, began: float | None) -> None:
+        if began is not None and self._metrics is not None:
+            self._metrics.append_latency.record(time.perf_counter() - began)
+        self.next_seq = last + 1
+
     async def _append(self, batch: Sequence[Event]) -> None:
-        began = time.perf_counter()
+        began = self._began()
         try:
             last = await self.log.append(self.lease, self.next_seq, batch)
         except TRANSIENT_ERRORS:
-            # Only now the retry loop: tenacity costs more CPU per call than the append.
-            async for attempt in retrying(self.log.settings):
-                with attempt:
-                    last = await self.log.append(self.lease, self.next_seq, batch)
-        if self._metrics is not None:
-            self._metrics.append_latency.record(time.perf_counter() - began)
-        self.next_seq = last + 1
+            await self._retry(batch, began)
+            return
+        self._done(last, began)
+
+    async def _retry(self, batch: Sequence[Event], began: float | None) -> None:
+        # Only now the retry loop: tenacity costs more CPU per call than the append.
+        async for attempt in retrying(self.log.settings):
+            with attempt:
+                last = await self.log.append(self.lease, self.next_seq, batch)
+        self._done(last, began)

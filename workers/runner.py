@@ -164,7 +164,11 @@ class _GenerationRun:
 
     async def _execute_traced(self, lease: Lease, request: GenerationRequest | None) -> Outcome:
         log = self.worker.log
-        appender = self.appender = Appender(log, lease, self.worker.telemetry.metrics)
+        telemetry = self.worker.telemetry
+        # Per-event instruments share one sampling knob (GAP_SAMPLE_EVERY).
+        appender = self.appender = Appender(
+            log, lease, telemetry.metrics, latency_sample_every=telemetry.gap_sample_every
+        )
         try:
             if self._handing_off:
                 appender.stop(Outcome.HANDED_OFF)

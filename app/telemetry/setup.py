@@ -32,8 +32,9 @@ from app.telemetry.tracing import Clock, Spans
 log = logging.getLogger("tokentape.telemetry")
 
 _INSTRUMENTATION_SCOPE = "tokentape"
-# What `from_env` processes record of the inter-token gaps: one in this many. A
-# record costs ~4 µs; recording every gap was ~10 % of a worker's CPU per token.
+# What `from_env` processes record of the inter-token gaps and of each appender's
+# append latencies: one in this many. A record costs ~4 µs; recording every gap
+# was ~10 % of a worker's CPU per token, and every append ~10 % more.
 GAP_SAMPLE_EVERY = 10
 _OTLP_PACKAGE = "opentelemetry-exporter-otlp-proto-http"
 
@@ -85,8 +86,9 @@ class Telemetry(Spans):
         means otlp. `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the
         resource; `service_name` is the default. `OTEL_SDK_DISABLED=true` turns
         the SDK off: no exporter, and /metrics has only the process metrics.
-        `gap_sample_every=N` records one inter-token gap in N (a record costs ~4 µs);
-        token counts and every other instrument are not sampled.
+        `gap_sample_every=N` records one inter-token gap in N and one append latency
+        in N (a record costs ~4 µs); token counts and every other instrument are not
+        sampled.
         """
         # os.environ, not a mapping passed in: the OTLP exporters read their endpoint,
         # headers and timeouts from it themselves.

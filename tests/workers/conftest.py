@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from asyncio import Future
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import jobs
 from app.events import Event, LogEntry
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
-from app.log import GenerationLog
+from app.log import GenerationLog, Lease
 from app.settings import Settings
 from app.telemetry import Telemetry
 from workers.models.sim import plan, prompt_tokens
@@ -124,3 +127,38 @@ async def start_worker(redis: Redis, settings: Settings) -> AsyncIterator[StartW
     yield start
     for started in running:
         await started.abort()
+
+
+def spy_appends(
+    monkeypatch: pytest.MonkeyPatch,
+    log: GenerationLog,
+    lose_reply: Callable[[int], bool] = lambda call: False,
+) -> list[tuple[int, list[Event]]]:
+    """Every append's (first seq, batch), by either way the appender appends; the
+    reply of each call `lose_reply(call number)` picks is lost after the script ran."""
+    calls: list[tuple[int, list[Event]]] = []
+    append, append_soon = log.append, log.append_soon
+
+    async def spied_append(lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
+        calls.append((first_seq, list(batch)))
+        last = await append(lease, first_seq, batch)
+        if lose_reply(len(calls)):
+            raise RedisConnectionError("connection reset after the script ran")
+        return last
+
+    def spied_append_soon(lease: Lease, first_seq: int, batch: Sequence[Event]) -> Future[Any]:
+        calls.append((first_seq, list(batch)))
+        reply = append_soon(lease, first_seq, batch)
+        if not lose_reply(len(calls)):
+            return reply
+        lost: Future[Any] = asyncio.get_running_loop().create_future()
+        reply.add_done_callback(
+            lambda _: lost.set_exception(
+                RedisConnectionError("connection reset after the script ran")
+            )
+        )
+        return lost
+
+    monkeypatch.setattr(log, "append", spied_append)
+    monkeypatch.setattr(log, "append_soon", spied_append_soon)
+    return calls

@@ -11,12 +11,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import events, jobs
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
+from app.log import GenerationLog
 from app.settings import Settings
 from app.telemetry import Telemetry
 from tests.workers.conftest import (
@@ -26,6 +25,7 @@ from tests.workers.conftest import (
     expected_events,
     read_all,
     sim_request,
+    spy_appends,
     submit,
     until_log,
 )
@@ -70,19 +70,13 @@ async def test_a_fast_generation_is_group_committed(
     log: GenerationLog, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running = await start_worker()
-    batches: list[int] = []
-    append = running.worker.log.append
-
-    async def counting_append(lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
-        batches.append(len(batch))
-        return await append(lease, first_seq, batch)
-
-    monkeypatch.setattr(running.worker.log, "append", counting_append)
+    calls = spy_appends(monkeypatch, running.worker.log)
     request = sim_request(tokens=20_000)
     generation_id = await submit(log, request)
     entries = await until_log(log, generation_id, ended)
     assert_well_formed(entries)
     assert without_started(entries) == expected_events(request)
+    batches = [len(batch) for _, batch in calls]
     assert sum(batches) == len(entries)
     assert len(batches) < len(entries) / 20, batches
 
@@ -91,17 +85,7 @@ async def test_a_batch_retried_after_a_redis_error_is_not_duplicated(
     log: GenerationLog, start_worker: StartWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running = await start_worker()
-    calls: list[tuple[int, list[Event]]] = []
-    append = running.worker.log.append
-
-    async def reply_lost_once(lease: Lease, first_seq: int, batch: Sequence[Event]) -> int:
-        calls.append((first_seq, list(batch)))
-        last = await append(lease, first_seq, batch)
-        if len(calls) == 2:
-            raise RedisConnectionError("connection reset after the script ran")
-        return last
-
-    monkeypatch.setattr(running.worker.log, "append", reply_lost_once)
+    calls = spy_appends(monkeypatch, running.worker.log, lose_reply=lambda call: call == 2)
     request = sim_request(tokens=300, rate=3000)
     generation_id = await submit(log, request)
     entries = await until_log(log, generation_id, ended)
