@@ -563,7 +563,8 @@ class GenerationLog:
     async def renew(self, lease: Lease, *, release: bool = False) -> bool:
         """Extend (or release) the lease; returns whether a cancel was requested.
 
-        Raises Fenced when the lease is no longer ours.
+        Raises Fenced when the lease is no longer ours, AlreadyFinished when the holder
+        has appended the terminal event.
         """
         k = self.keys
         result = await self._renew.run(
@@ -576,6 +577,8 @@ class GenerationLog:
                 int(self.settings.cancel_unwatched_seconds * 1000),
             ],
         )
+        if result[0] == b"finished":
+            raise AlreadyFinished(message=f"{lease.generation_id} already ended")
         if result[0] != b"ok":
             raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
         return bool(result[1] == b"1")

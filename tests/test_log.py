@@ -82,6 +82,19 @@ async def test_a_worker_that_lost_its_lease_is_fenced(log: GenerationLog, redis:
     assert texts == [events.Token(text="from old"), events.Token(text="from new")]
 
 
+async def test_renewing_after_the_holders_terminal_event_is_not_a_lost_lease(
+    log: GenerationLog, redis: Redis
+) -> None:
+    # The lease keeper may renew between the terminal append and dropping the lease.
+    generation_id, lease = await started(log)
+    await log.append(lease, 1, [events.Done(reason="stop")])
+    with pytest.raises(AlreadyFinished):
+        await log.renew(lease)
+    await redis.hincrby(log.keys.meta(generation_id), "epoch", 1)  # a system close's fence
+    with pytest.raises(Fenced):
+        await log.renew(lease)
+
+
 async def test_a_held_lease_cannot_be_taken(log: GenerationLog) -> None:
     generation_id, _ = await started(log)
     assert await log.acquire(generation_id, "worker-b") is None

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 from redis.typing import StreamIdT
 
-from app.errors import Fenced
+from app.errors import AlreadyFinished, Fenced
 from app.log import GenerationLog, Lease
 
 logger = logging.getLogger("tokentape.worker")
@@ -68,6 +68,8 @@ class LeaseKeeper:
     async def _renew(self, held: HeldLease) -> None:
         try:
             cancel_requested = await self.log.renew(held.lease)
+        except AlreadyFinished:
+            return  # our terminal append beat this renewal; the run drops the lease next
         except Fenced:
             if self._held.get(held.lease.generation_id) is held:
                 logger.warning("lease on %s lost; stopping it", held.lease.generation_id)

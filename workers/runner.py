@@ -27,7 +27,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError, ResponseError
 
 from app import events, jobs
-from app.errors import Fenced
+from app.errors import AlreadyFinished, Fenced
 from app.events import Done, Error, Event, Started, Token, ToolCall
 from app.generations import GenerationRequest
 from app.jobs import Job
@@ -416,7 +416,7 @@ class Worker:
             # (acquire is exclusive).
             lease = run.appender.lease if run.appender is not None else None
             if lease is not None:
-                with contextlib.suppress(Fenced):
+                with contextlib.suppress(Fenced, AlreadyFinished):
                     await self.log.renew(lease, release=True)
             await jobs.enqueue(self.redis, k, run.generation_id, run.job.traceparent)
             await self.redis.xack(k.jobs, k.worker_group, run.job.id)

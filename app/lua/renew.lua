@@ -4,12 +4,12 @@
 -- ARGV: 1 worker id, 2 epoch, 3 lease ms, 4 '1' to release instead of extending,
 --       5 unwatched ms: raise the cancel flag when no reader has watched the
 --         generation for this long ('0' = the policy is off)
--- Returns {'ok', cancel_requested} | {'fenced'}.
+-- Returns {'ok', cancel_requested} | {'fenced'} | {'finished'}: still ours, but its
+-- terminal event is appended (the holder's own: a system close bumps the epoch).
 local meta, lease = KEYS[1], KEYS[2]
 local m = redis.call('HMGET', meta, 'epoch', 'cancel_requested', 'status', 'watched_ms', 'created_ms')
-if m[1] ~= ARGV[2] or m[3] == 'done' or m[3] == 'error' or m[3] == 'cancelled' then
-  return {'fenced'}
-end
+if m[1] ~= ARGV[2] then return {'fenced'} end
+if m[3] == 'done' or m[3] == 'error' or m[3] == 'cancelled' then return {'finished'} end
 if ARGV[4] == '1' then
   redis.call('DEL', lease)
 else
