@@ -122,7 +122,9 @@ class _TickPipeline:
     redis-py spends more CPU per command than Redis does. The pipeline is not a
     transaction: each call stays atomic on its own, and one call's error reaches only
     its caller. A lost connection fails every call of the pipeline, applied or not,
-    and is not retried here, so only idempotent calls go through one.
+    and nothing is re-sent here: callers retry only what is idempotent (appends,
+    renewals, reads; an acquire whose reply was lost is not retried, its lease
+    expires).
 
     Calls are queued already packed (`pack`), and sent on one connection of the
     client's pool without redis-py's pipeline machinery, which cost more CPU than
@@ -217,8 +219,8 @@ class _TickPipeline:
             await pool.release(connection)
 
 
-class _ReadPipeline(_TickPipeline):
-    """Reads of many streams in one tick: one round trip on one connection.
+class _CommandPipeline(_TickPipeline):
+    """Commands of many generations in one tick (reads, index upkeep): one round trip.
 
     Replies come back as Redis sent them (no redis-py reply callbacks).
     """
@@ -228,8 +230,7 @@ class _ReadPipeline(_TickPipeline):
 
 
 class _ScriptPipeline(_TickPipeline):
-    """Runs of one idempotent script (append.lua: a batch already applied reads as
-    `duplicate`; renew.lua; annotate.lua) in one tick: one pipeline of EVALSHAs."""
+    """Runs of one script in one tick: one pipeline of EVALSHAs."""
 
     def __init__(self, redis: Redis, script: AsyncScript, *, in_flight: int | None = None) -> None:
         super().__init__(redis, in_flight=in_flight)
@@ -268,7 +269,7 @@ class GenerationLog:
         # A reader's requests share its few connections: one batch of each out at a time.
         # Idempotent: a create that already ran finds the generation and does nothing.
         self._create = _ScriptPipeline(redis, redis.register_script(_script("create")), in_flight=1)
-        self._reads = _ReadPipeline(redis, in_flight=1)
+        self._commands = _CommandPipeline(redis, in_flight=1)
         # append.lua's ARGV 3-6 (maxlen and TTLs), the same for every append: encoded once.
         self._append_limits = [
             str(n).encode()
@@ -279,7 +280,8 @@ class GenerationLog:
                 self._meta_ttl_ms,
             )
         ]
-        self._acquire = redis.register_script(_script("acquire"))
+        # A burst of jobs (a thousand clients starting at once) acquires in a few round trips.
+        self._acquire = _ScriptPipeline(redis, redis.register_script(_script("acquire")))
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
@@ -357,7 +359,7 @@ class GenerationLog:
         )
 
     async def request(self, generation_id: str) -> GenerationRequest | None:
-        raw = await self.redis.get(self.keys.request(generation_id))
+        raw = await self._commands.run(b"GET", self.keys.request(generation_id))
         return None if raw is None else msgspec.json.decode(raw, type=GenerationRequest)
 
     # -- read ---------------------------------------------------------------
@@ -412,7 +414,7 @@ class GenerationLog:
         b"t", appended_ms])` per entry (append.lua writes the fields in that order)."""
         # The command name as bytes skips redis-py's reply callback, which builds a dict
         # per entry: catch-up reads are the hot path.
-        rows: list[RawEntry] = await self._reads.run(
+        rows: list[RawEntry] = await self._commands.run(
             b"XRANGE", self.keys.log(generation_id), f"{after_seq + 1}-0", "+", "COUNT", count
         )
         return rows
@@ -421,13 +423,13 @@ class GenerationLog:
         """The state and whether the log still exists, in one round trip."""
         # Both in the same tick: one round trip, shared with every other read of this tick.
         values, log_exists = await asyncio.gather(
-            self._reads.run(b"HMGET", self.keys.meta(generation_id), *_STATE_FIELDS),
-            self._reads.run(b"EXISTS", self.keys.log(generation_id)),
+            self._commands.run(b"HMGET", self.keys.meta(generation_id), *_STATE_FIELDS),
+            self._commands.run(b"EXISTS", self.keys.log(generation_id)),
         )
         return self._state(generation_id, values), bool(log_exists)
 
     async def last_entry(self, generation_id: str) -> LogEntry | None:
-        rows: list[RawEntry] = await self._reads.run(
+        rows: list[RawEntry] = await self._commands.run(
             b"XREVRANGE", self.keys.log(generation_id), "+", "-", "COUNT", 1
         )
         return _entry(rows[0]) if rows else None
@@ -502,7 +504,7 @@ class GenerationLog:
         result = await self._append.run(keys, args)
         code, last = result[0].decode(), int(result[1])
         if final and code == "ok":
-            await self.redis.zrem(self.keys.open_generations, generation_id)
+            await self._commands.run(b"ZREM", self.keys.open_generations, generation_id)
         return code, last
 
     def _append_call(
@@ -545,9 +547,9 @@ class GenerationLog:
     async def acquire(self, generation_id: str, worker_id: str) -> Lease | None:
         """Take the lease if nobody holds it; None if held or the generation ended/expired."""
         k = self.keys
-        result = await self._acquire(
-            keys=[k.meta(generation_id), k.lease(generation_id)],
-            args=[worker_id, int(self.settings.lease_seconds * 1000)],
+        result = await self._acquire.run(
+            [k.meta(generation_id), k.lease(generation_id)],
+            [worker_id, int(self.settings.lease_seconds * 1000)],
         )
         if result[0] != b"ok":
             return None

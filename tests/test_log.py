@@ -578,6 +578,22 @@ async def test_creates_in_one_tick_share_a_round_trip_and_enqueue_their_jobs(
     assert await redis.zcard(log.keys.open_generations) == 20
 
 
+async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generation_ids = [new_generation_id() for _ in range(20)]
+    await asyncio.gather(*(log.create(g, REQUEST) for g in generation_ids))
+    round_trips = count_round_trips(monkeypatch, redis)
+    leases = await asyncio.gather(*(log.acquire(g, "worker-a") for g in generation_ids))
+    requests = await asyncio.gather(*(log.request(g) for g in generation_ids))
+    assert len(round_trips) == 2
+    assert [(lease.generation_id, lease.epoch) for lease in leases if lease] == [
+        (g, 1) for g in generation_ids
+    ]
+    assert requests == [REQUEST] * 20
+    assert await log.acquire(generation_ids[0], "worker-b") is None  # held
+
+
 async def test_a_create_run_again_leaves_the_generation_alone(
     log: GenerationLog, redis: Redis
 ) -> None:
