@@ -69,6 +69,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tail.add_argument("generation_id", metavar="ID")
     tail.add_argument("--url", default=DEFAULT_URL, help=f"service base URL ({DEFAULT_URL})")
     tail.add_argument("--raw", action="store_true", help="the text as is, no markdown rendering")
+    tail.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQ",
+        help="start after this event (a position given by an earlier tail); default: the start",
+    )
     tail.set_defaults(run=_command(_tail))
 
 
@@ -208,7 +215,11 @@ async def _tail(args: argparse.Namespace) -> int:
         if args.raw or not sys.stdout.isatty()
         else MarkdownRenderer(sys.stdout)
     )
-    follower = Follower(args.url, args.generation_id, renderer, notice=_notice)
+    if args.after < 0:
+        raise InvalidRequest("invalid_position", "--after must be a seq, 0 or more")
+    follower = Follower(
+        args.url, args.generation_id, renderer, notice=_notice, after_seq=args.after
+    )
     result = await follower.run()
     _notice(describe_end(result))
     return 0

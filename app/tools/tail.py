@@ -149,6 +149,7 @@ class Follower:
         renderer: Renderer,
         *,
         notice: Callable[[str], None],
+        after_seq: int = 0,
         initial_backoff: float = 0.5,
         max_backoff: float = 15.0,
         max_failures: int = 12,
@@ -165,7 +166,7 @@ class Follower:
         # Longer than the server's heartbeat interval: silence this long means a dead connection.
         self.idle_timeout = idle_timeout
         self.sleep = sleep
-        self.last_seq = 0
+        self.last_seq = after_seq  # sent as Last-Event-ID: resume after it
         self._retry_ms: int | None = None
 
     async def run(self, session: aiohttp.ClientSession | None = None) -> TailResult:
@@ -190,8 +191,8 @@ class Follower:
             if failures > self.max_failures:
                 raise Unavailable(
                     "tail_gave_up",
-                    f"{self.url}: {failures - 1} reconnects failed ({outcome}); "
-                    f"run tail again to resume (the last event seen was {self.last_seq})",
+                    f"{self.url}: {failures - 1} reconnects failed ({outcome}); resume with "
+                    f"`tokentape tail {self.generation_id} --after {self.last_seq}`",
                 )
             delay = self._backoff(failures)
             self.notice(f"↻ {outcome}; reconnecting after seq {self.last_seq} in {delay:.1f} s")

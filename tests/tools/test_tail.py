@@ -113,6 +113,25 @@ async def test_tail_follows_live_appends(log: GenerationLog, stub: ReaderServer)
     assert result.connections == 1
 
 
+async def test_tail_after_a_seq_prints_only_what_follows_it(
+    log: GenerationLog, stub: ReaderServer
+) -> None:
+    generation_id = await write_generation(
+        log,
+        [
+            [events.Token(text="seen ")],
+            [events.Token(text="not yet")],
+            [events.Done(reason="stop")],
+        ],
+    )
+    out = Capture()
+    result = await Follower(
+        stub.url, generation_id, RawRenderer(out), notice=print, after_seq=1
+    ).run()
+    assert out.getvalue() == "not yet"
+    assert result.last_seq == 3
+
+
 async def test_tail_reports_a_retention_gap(
     log: GenerationLog, redis: Redis, stub: ReaderServer
 ) -> None:
@@ -131,8 +150,13 @@ async def test_tail_stops_on_204_and_refuses_an_unknown_id(
     log: GenerationLog, stub: ReaderServer
 ) -> None:
     generation_id = await write_generation(log, [[events.Done(reason="stop")]])
-    follower = Follower(stub.url, generation_id, RawRenderer(io.StringIO()), notice=print)
-    follower.last_seq = 1  # a resumed tail, already past the terminal event
+    follower = Follower(
+        stub.url,
+        generation_id,
+        RawRenderer(io.StringIO()),
+        notice=print,
+        after_seq=1,  # a resumed tail, already past the terminal event
+    )
     result = await follower.run()
     assert (result.terminal, result.connections) == (None, 1)
 
@@ -158,8 +182,9 @@ async def test_tail_gives_up_after_bounded_backoff() -> None:
         max_failures=6,
         sleep=no_wait,
     )
-    with pytest.raises(Exception, match="tail_gave_up"):
+    with pytest.raises(Exception, match="tail_gave_up") as gave_up:
         await follower.run()
+    assert f"tokentape tail {follower.generation_id} --after 0" in str(gave_up.value)
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
