@@ -18,6 +18,7 @@ import msgspec
 from app import events
 from app.errors import Expired, InvalidRequest, NotFound
 from app.events import Event, LogEntry
+from app.generations import GenerationRequest
 from app.keys import check_generation_id
 from app.log import GenerationLog, GenerationState, now_ms
 
@@ -52,6 +53,9 @@ class GenerationInfo(msgspec.Struct, frozen=True):
     attempts: int = 0
     # The request's `metadata` (a replay carries `replay_of` here).
     metadata: dict[str, str] | None = None
+    # The request itself (messages, tools, parameters): what `replay` creates its
+    # generation with. None once it expired, and in recordings made before it was kept.
+    request: GenerationRequest | None = None
 
 
 class RecordingHeader(msgspec.Struct, frozen=True):
@@ -197,11 +201,10 @@ async def generation_info(log: GenerationLog, generation_id: str) -> GenerationI
             f"the events of {generation_id} were removed by retention "
             f"(status {state.status}, {state.last_seq} events)",
         )
-    request = await log.request(generation_id)
-    return _info(state, request.metadata if request is not None else None)
+    return _info(state, await log.request(generation_id))
 
 
-def _info(state: GenerationState, metadata: dict[str, str] | None) -> GenerationInfo:
+def _info(state: GenerationState, request: GenerationRequest | None) -> GenerationInfo:
     return GenerationInfo(
         id=state.id,
         model=state.model,
@@ -212,7 +215,8 @@ def _info(state: GenerationState, metadata: dict[str, str] | None) -> Generation
         finished_ms=state.finished_ms,
         finish_reason=state.finish_reason,
         attempts=state.attempts,
-        metadata=metadata,
+        metadata=request.metadata if request is not None else None,
+        request=request,
     )
 
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import msgspec
+
 from app import events
 from app.errors import Conflict, InvalidRequest
 from app.generations import GenerationRequest, Message
@@ -75,12 +77,19 @@ def batches(recorded: Sequence[RecordedEvent], *, paced: bool) -> list[list[Reco
 
 
 def replay_request(recording: Recording, speed: float | None) -> GenerationRequest:
+    """The recorded request (prompt, tools, parameters) marked as a replay; the replay
+    writes the events itself, so its model is `sim` and no worker is asked for it."""
     source = recording.generation.id
-    metadata = {"replay_of": source, "replay_speed": "max" if speed is None else f"{speed:g}"}
-    return GenerationRequest(
-        model="sim",
-        messages=[Message(role="user", content=f"replay of generation {source}")],
-        metadata=metadata,
+    replay = {"replay_of": source, "replay_speed": "max" if speed is None else f"{speed:g}"}
+    original = recording.generation.request
+    if original is None:  # expired before the export, or an older recording
+        return GenerationRequest(
+            model="sim",
+            messages=[Message(role="user", content=f"replay of generation {source}")],
+            metadata=replay,
+        )
+    return msgspec.structs.replace(
+        original, model="sim", metadata={**(original.metadata or {}), **replay}
     )
 
 

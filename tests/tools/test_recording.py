@@ -15,7 +15,7 @@ from app.log import GenerationLog
 from app.tools import recording
 from app.tools.recording import BadRecording, Recording, UnsupportedRecordingVersion
 from app.tools.replay import Replayer
-from tests.tools.builders import recording_of, tokens, write_generation
+from tests.tools.builders import REQUEST, recording_of, tokens, write_generation
 
 STORY: list[list[events.Event]] = [
     [events.Started(model="sim", attempt=1)],
@@ -91,6 +91,11 @@ async def test_export_replay_export_gives_the_same_events(log: GenerationLog) ->
     assert [e.seq for e in replayed.events] == list(range(1, len(original.events) + 1))
     assert replayed.generation.metadata == {"replay_of": original_id, "replay_speed": "max"}
     assert replayed.generation.model == "sim"
+    # The replay is created with the recorded prompt, not a placeholder.
+    assert original.generation.request == REQUEST
+    replayed_request = await log.request(replay_id)
+    assert replayed_request is not None
+    assert replayed_request.messages == REQUEST.messages
     assert replayed.generation.status == "done"
     state = await log.state(replay_id)
     assert state is not None
