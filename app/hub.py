@@ -44,6 +44,8 @@ from app.log import GenerationLog
 logger = logging.getLogger(__name__)
 
 _READ_SIZE = 64 * 1024  # per read of the pub/sub connection
+# How long stop() waits for the hub's own tasks once cancelled and disconnected.
+STOP_TIMEOUT_SECONDS = 5.0
 
 
 class Frame:
@@ -434,14 +436,19 @@ class Hub:
                 subscription._close()
         for task in self._loops:
             task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         connection, self._connection = self._connection, None
         self._subscribed = False
         if connection is not None:
+            # Closed before the loops are awaited: a listen loop whose cancellation
+            # was swallowed inside redis-py (a known class of bugs there) sees its
+            # stream end and, with `_closing` set, returns instead of waiting forever.
             with contextlib.suppress(RedisError, OSError):
                 await connection.disconnect(nowait=True)
+        _, stuck = await asyncio.wait(self._loops, timeout=STOP_TIMEOUT_SECONDS)
+        for task in stuck:
+            logger.warning("hub task %s did not stop in time", task.get_name())
+        if connection is not None:
+            with contextlib.suppress(RedisError, OSError):
                 await self._pool.release(connection)
 
     # -- subscriptions -------------------------------------------------------
@@ -542,11 +549,11 @@ class Hub:
         are parsed here with hiredis.
         """
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             try:
                 stream = await self._connect()
                 replies = hiredis.Reader()
-                while True:
+                while not self._closing:
                     data = await stream.read(_READ_SIZE)
                     if not data:
                         raise ConnectionError("pub/sub connection closed by the server")

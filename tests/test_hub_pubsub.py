@@ -219,3 +219,30 @@ async def test_heartbeat_wait_ends_at_its_own_deadline(hub: Hub) -> None:
         assert await subscription.next_chunk(0.05) == b""
     hub.unsubscribe(subscription)
     assert subscription._timer is None
+
+
+async def test_stop_ends_a_listen_loop_that_swallowed_its_cancellation(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What redis-py has been known to do when a cancellation lands mid-call: the
+    # listen loop goes on reading. stop() must still end it, not wait forever.
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60)
+    reading = asyncio.Event()
+    original = asyncio.StreamReader.read
+
+    async def read_swallowing_one_cancel(stream: asyncio.StreamReader, n: int = -1) -> bytes:
+        reading.set()
+        try:
+            return await original(stream, n)
+        except asyncio.CancelledError:
+            monkeypatch.setattr(asyncio.StreamReader, "read", original)
+            return await original(stream, n)
+
+    monkeypatch.setattr(asyncio.StreamReader, "read", read_swallowing_one_cancel)
+    await hub.start()
+    await reading.wait()
+    stopping = asyncio.create_task(hub.stop())
+    # A bound on a hang, not a speed check: without the fix stop() never returns.
+    await asyncio.wait([stopping], timeout=10)
+    assert stopping.done()
+    assert all(task.done() for task in hub._loops)
