@@ -396,6 +396,7 @@ class Hub:
         # A channel that is always subscribed, listed last when (re)connecting: its
         # confirmation says every channel listed before it is subscribed.
         self._anchor = f"{log.keys.prefix}:hub".encode()
+        self._confirmed_done: asyncio.Future[None] | None = None  # done: every confirmed feed's
 
     @property
     def subscription_count(self) -> int:
@@ -618,6 +619,11 @@ class Hub:
             self._forget(channel)
         elif self._subscribes_acked[channel] >= feed.subscribe_number and not feed.confirmed.done():
             feed.confirmed.set_result(None)
+            # Its waiters hold it; the feed, open as long as its streams, can share a done one.
+            if self._confirmed_done is None:
+                self._confirmed_done = feed.confirmed
+            else:
+                feed.confirmed = self._confirmed_done
 
     async def _recheck_loop(self) -> None:
         """Silent feeds look at the log's last seq now and then: the safety net under pub/sub.

@@ -74,6 +74,11 @@ class Lease:
     cancel_requested: bool
 
 
+# Calls over every generation a reader streams (thousands, each recheck beat) go in
+# slices: a round trip each, and only one slice's commands and replies in memory at
+# once; all at once they raised an idle reader's peak RSS by ~1.5 KiB per stream.
+BULK_SLICE = 256
+
 _STATE_FIELDS = (
     "status",
     "model",
@@ -435,11 +440,13 @@ class GenerationLog:
         return _entry(rows[0]) if rows else None
 
     async def last_seqs(self, generation_ids: Sequence[str]) -> list[int]:
-        """The last appended seq of each generation (0 when none or gone), in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for generation_id in generation_ids:
-                pipe.hget(self.keys.meta(generation_id), "last_seq")
-            values = await pipe.execute()
+        """The last appended seq of each generation (0 when none or gone), a round trip a slice."""
+        values: list[bytes | None] = []
+        for start in range(0, len(generation_ids), BULK_SLICE):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for generation_id in generation_ids[start : start + BULK_SLICE]:
+                    pipe.hget(self.keys.meta(generation_id), "last_seq")
+                values += await pipe.execute()
         return [int(v) if v is not None else 0 for v in values]
 
     async def first_seq(self, generation_id: str) -> int | None:
@@ -588,12 +595,13 @@ class GenerationLog:
     async def mark_watched(self, generation_ids: Sequence[str]) -> None:
         """Readers stream these generations now (the unwatched-cancel policy reads it)."""
         stamp = now_ms()
-        await asyncio.gather(
-            *(
-                self._annotate.run([self.keys.meta(generation_id)], ["watched_ms", stamp])
-                for generation_id in generation_ids
+        for start in range(0, len(generation_ids), BULK_SLICE):
+            await asyncio.gather(
+                *(
+                    self._annotate.submit([self.keys.meta(generation_id)], ["watched_ms", stamp])
+                    for generation_id in generation_ids[start : start + BULK_SLICE]
+                )
             )
-        )
 
     async def set_traceparent(self, generation_id: str, traceparent: str) -> None:
         """Record the generation span's context, so reader spans can link to it."""

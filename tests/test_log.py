@@ -682,3 +682,21 @@ async def test_a_failed_read_reaches_only_its_caller(
         state, _ = result
         assert state is not None
         assert state.status == "queued"
+
+
+async def test_calls_over_many_generations_go_in_slices_and_answer_each_in_order(
+    log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("app.log.BULK_SLICE", 2)
+    started_ones = [await started(log) for _ in range(5)]
+    for count, (_, lease) in enumerate(started_ones):
+        if count:
+            await log.append(lease, 1, [events.Token(text="x")] * count)
+    generation_ids = [generation_id for generation_id, _ in started_ones]
+    gone = new_generation_id()
+
+    assert await log.last_seqs([*generation_ids, gone]) == [0, 1, 2, 3, 4, 0]
+    await log.mark_watched([*generation_ids, gone])
+    for generation_id in generation_ids:
+        assert await redis.hget(log.keys.meta(generation_id), "watched_ms") is not None
+    assert not await redis.exists(log.keys.meta(gone))  # never re-created

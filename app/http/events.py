@@ -78,12 +78,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         raise Expired("generation_expired", f"the events of {generation_id} are past retention")
     if state.terminal and after_seq >= state.last_seq:
         return web.Response(status=204)
+    link_to = state.traceparent
+    del state  # this frame lives as long as the stream: it keeps only what it uses
 
     with request.app[TELEMETRY].reader_span(
         generation_id,
         position=after_seq,
         resume=after_seq > 0,
-        link_to=state.traceparent,
+        link_to=link_to,
         headers=request.headers,
     ) as reader:
         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
