@@ -197,10 +197,9 @@ async def serve_processes(
     ]  # fmt: skip
     with _stop_on_signals(stop):
         readers = [await asyncio.create_subprocess_exec(*command) for _ in range(processes)]
-        print(
+        announce(
             f"tokentape serving on http://{_url_host(settings.host)}:{port}"
-            f" with {processes} reader processes" + (f" ({note})" if note else ""),
-            flush=True,
+            f" with {processes} reader processes" + (f" ({note})" if note else "")
         )
         telemetry = Telemetry.from_env("tokentape-worker")
         factory = Worker if with_worker else None
@@ -269,10 +268,9 @@ async def _serve(
             # connections over them).
             await AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
             host, port = runner.addresses[0][:2]
-            print(
+            announce(
                 f"tokentape serving on http://{_url_host(host)}:{port}"
-                + (f" ({note})" if note else ""),
-                flush=True,
+                + (f" ({note})" if note else "")
             )
             factory = worker_factory if with_worker else None
             async with _worker(settings, factory, stop, telemetry) as worker:
@@ -284,6 +282,14 @@ async def _serve(
         await redis.aclose()
         telemetry.shutdown()  # flushes the exporters
     return 1 if worker.failed else 0
+
+
+def announce(line: str) -> None:
+    """A line on stdout in one write: the readers of `serve --processes` share the
+    supervisor's stdout, and print() writes a line's text and its newline apart when
+    stdout is unbuffered (PYTHONUNBUFFERED), so two readers' lines could interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _url_host(host: str) -> str:
@@ -341,7 +347,7 @@ async def work(
             metrics = web.AppRunner(metrics_app(telemetry))
             await metrics.setup()
             await web.TCPSite(metrics, "127.0.0.1", metrics_port).start()
-        print(f"tokentape worker consuming from {settings.redis_url}", flush=True)
+        announce(f"tokentape worker consuming from {settings.redis_url}")
         try:
             async with _worker(settings, worker_factory, stop, telemetry) as worker:
                 await stop.wait()

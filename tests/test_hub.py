@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -139,6 +140,9 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
         await redis.aclose()
 
 
+# 150 programs against a real Redis: 15-25 s on an idle machine, near a minute on a
+# loaded one, so it gets more than the suite's 60 s per test.
+@pytest.mark.timeout(240)
 @hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=st.lists(operation, max_size=40), buffer_limit=st.integers(1, 16))
 def test_exactly_once_in_order_under_any_interleaving(
