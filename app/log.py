@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from app import events
+from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
 from app.events import Event, LogEntry
 from app.generations import TERMINAL_STATUSES, GenerationRequest
@@ -324,6 +324,7 @@ class GenerationLog:
         """
         created = now_ms()
         k = self.keys
+        job = jobs.entry_fields(generation_id, traceparent) if enqueue else {}
         await self._create.run(
             [
                 k.meta(generation_id),
@@ -339,8 +340,7 @@ class GenerationLog:
                 created,
                 self._open_ttl_ms,
                 self._meta_ttl_ms,
-                "1" if enqueue else "0",
-                traceparent or "",
+                *(part for field in job.items() for part in field),
             ],
         )
         return GenerationState(
