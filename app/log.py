@@ -657,16 +657,6 @@ def _entry(row: RawEntry) -> LogEntry:
     )
 
 
-def parse_live(payload: bytes) -> list[LogEntry]:
-    """Decode a live message published by append.lua into entries."""
-    parts = payload.split(b"\n")
-    first, appended = int(parts[0]), int(parts[1])
-    return [
-        LogEntry(seq=first + i, type=kind.decode(), data=data, appended_ms=appended)
-        for i, (kind, data) in enumerate(zip(parts[2::2], parts[3::2], strict=True))
-    ]
-
-
 def _refusal(code: str, generation_id: str, last: int) -> Exception:
     if code == "fenced":
         return Fenced(message=f"{generation_id}: another worker holds the lease")

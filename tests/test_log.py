@@ -16,9 +16,10 @@ from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease, pack, parse_live
+from app.log import GenerationLog, Lease, pack
 from app.settings import Settings
 from tests.conftest import RedisServer
+from tests.live import parse_live
 from workers.appender import Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
