@@ -394,7 +394,7 @@ class Hub:
         self._commands = asyncio.Lock()
         # A channel that is always subscribed, listed last when (re)connecting: its
         # confirmation says every channel listed before it is subscribed.
-        self._anchor = f"{log.keys.prefix}:hub".encode()
+        self._anchor = log.keys.hub_channel.encode()
 
     @property
     def subscription_count(self) -> int:

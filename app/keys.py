@@ -39,6 +39,8 @@ class Keys:
         self.open_generations = f"{prefix}:{{open}}"
         self.recent_generations = f"{prefix}:{{recent}}"
         self.cancel_channel = f"{prefix}:cancel"
+        # Always subscribed by each reader's hub; nothing is published to it.
+        self.hub_channel = f"{prefix}:hub"
         self.worker_group = "workers"
 
     def _tag(self, generation_id: str) -> str:
