@@ -74,7 +74,3 @@ class Keys:
             self.request(generation_id),
             self.lease(generation_id),
         ]
-
-    def generation_id_of_channel(self, channel: str) -> str:
-        start = channel.index("{") + 1
-        return channel[start : channel.index("}", start)]
