@@ -267,7 +267,6 @@ class GenerationLog:
         self.keys = Keys(settings.key_prefix)
         self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
         # A reader's requests share its few connections: one batch of each out at a time.
-        # Idempotent: a create that already ran finds the generation and does nothing.
         self._create = _ScriptPipeline(redis, redis.register_script(_script("create")), in_flight=1)
         self._commands = _CommandPipeline(redis, in_flight=1)
         # append.lua's ARGV 3-6 (maxlen and TTLs), the same for every append: encoded once.
@@ -285,7 +284,7 @@ class GenerationLog:
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
-        # Idempotent (a guarded HSET): the watched marks of every stream go in one pipeline.
+        # The watched marks of every stream go in one pipeline.
         self._annotate = _ScriptPipeline(redis, redis.register_script(_script("annotate")))
 
     # -- TTLs ---------------------------------------------------------------

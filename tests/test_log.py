@@ -598,7 +598,7 @@ async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips
 async def test_a_create_run_again_leaves_the_generation_alone(
     log: GenerationLog, redis: Redis
 ) -> None:
-    # What a pipeline re-sent after a lost reply does: the create runs twice.
+    # A retry after a lost reply: the create runs twice.
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST, enqueue=True)
     lease = await log.acquire(generation_id, "worker-a")

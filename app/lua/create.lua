@@ -6,8 +6,8 @@
 -- ARGV: 1 generation id, 2 model, 3 request JSON, 4 created ms, 5 open ttl ms,
 --       6 metadata retention ms (trims the recent index), 7.. the job's stream entry
 --       as field, value, ... (`app.jobs.entry_fields`); none = no job
--- Returns 1, or 0 when the generation exists: the create ran already (a pipeline
--- re-sent after a lost reply), and running it again would undo a worker's lease.
+-- Returns 1, or 0 when the generation exists: a create run twice (a retry after a
+-- lost reply) must not reset a generation a worker may already hold.
 local meta, request, open, recent, jobs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, created, ttl = ARGV[1], ARGV[4], ARGV[5]
 if redis.call('EXISTS', meta) == 1 then return 0 end
