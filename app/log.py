@@ -168,7 +168,7 @@ class _TickPipeline:
         finally:
             self._slots.release()
 
-    def _take_queued(self) -> list[tuple[Any, asyncio.Future[Any]]]:
+    def _take_queued(self) -> list[tuple[bytes, asyncio.Future[Any]]]:
         queued, self._queued = self._queued, []
         self._sender_waiting = False
         return queued
