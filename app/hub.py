@@ -18,9 +18,10 @@ whenever live delivery cannot be trusted:
 - the pub/sub connection dropped, or a feed has been silent for a while -> every
   affected subscription re-checks the log.
 
-Each live event is framed once (`app.sse.event_frame`) and its bytes are shared
-by every subscription that receives it; catch-up pages are framed straight from
-the XRANGE reply (`app.sse.event_frames`).
+Each live event is framed once, straight from the published message
+(`live_frames`), and its bytes are shared by every subscription that receives
+it; catch-up pages are framed straight from the XRANGE reply
+(`app.sse.event_frames`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ _TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_TYPES)
 
 
 def live_frames(payload: bytes) -> list[Frame]:
-    """The frames of a live message published by append.lua (`app.log.parse_live`'s format).
+    """The frames of a live message published by append.lua (its header states the format).
 
     Framed straight from the payload's bytes, as catch-up frames XRANGE rows: event
     data is one line (the format relies on it too).
@@ -395,7 +396,7 @@ class Hub:
         self._commands = asyncio.Lock()
         # A channel that is always subscribed, listed last when (re)connecting: its
         # confirmation says every channel listed before it is subscribed.
-        self._anchor = f"{log.keys.prefix}:hub".encode()
+        self._anchor = log.keys.hub_channel.encode()
         self._confirmed_done: asyncio.Future[None] | None = None  # done: every confirmed feed's
 
     @property

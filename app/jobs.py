@@ -20,10 +20,17 @@ class Job(msgspec.Struct, frozen=True):
     traceparent: str | None = None
 
 
-async def enqueue(redis: Redis, keys: Keys, generation_id: str, traceparent: str | None) -> str:
+def entry_fields(generation_id: str, traceparent: str | None) -> dict[str, str]:
+    """A job's stream entry, as `enqueue` and `create.lua` write it and `job_from_entry`
+    reads it back."""
     fields = {"generation": generation_id}
     if traceparent:
         fields["traceparent"] = traceparent
+    return fields
+
+
+async def enqueue(redis: Redis, keys: Keys, generation_id: str, traceparent: str | None) -> str:
+    fields = entry_fields(generation_id, traceparent)
     entry_id = await redis.xadd(keys.jobs, fields)  # type: ignore[arg-type]
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 

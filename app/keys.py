@@ -39,6 +39,8 @@ class Keys:
         self.open_generations = f"{prefix}:{{open}}"
         self.recent_generations = f"{prefix}:{{recent}}"
         self.cancel_channel = f"{prefix}:cancel"
+        # Always subscribed by each reader's hub; nothing is published to it.
+        self.hub_channel = f"{prefix}:hub"
         self.worker_group = "workers"
 
     def _tag(self, generation_id: str) -> str:
@@ -72,7 +74,3 @@ class Keys:
             self.request(generation_id),
             self.lease(generation_id),
         ]
-
-    def generation_id_of_channel(self, channel: str) -> str:
-        start = channel.index("{") + 1
-        return channel[start : channel.index("}", start)]

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-from app import events
+from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
 from app.events import Event, LogEntry
 from app.generations import TERMINAL_STATUSES, GenerationRequest
@@ -173,7 +173,7 @@ class _TickPipeline:
         finally:
             self._slots.release()
 
-    def _take_queued(self) -> list[tuple[Any, asyncio.Future[Any]]]:
+    def _take_queued(self) -> list[tuple[bytes, asyncio.Future[Any]]]:
         queued, self._queued = self._queued, []
         self._sender_waiting = False
         return queued
@@ -272,7 +272,6 @@ class GenerationLog:
         self.keys = Keys(settings.key_prefix)
         self._append = _ScriptPipeline(redis, redis.register_script(_script("append")))
         # A reader's requests share its few connections: one batch of each out at a time.
-        # Idempotent: a create that already ran finds the generation and does nothing.
         self._create = _ScriptPipeline(redis, redis.register_script(_script("create")), in_flight=1)
         self._commands = _CommandPipeline(redis, in_flight=1)
         # append.lua's ARGV 3-6 (maxlen and TTLs), the same for every append: encoded once.
@@ -290,7 +289,7 @@ class GenerationLog:
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
         self._renew = _ScriptPipeline(redis, redis.register_script(_script("renew")))
         self._cancel = redis.register_script(_script("cancel"))
-        # Idempotent (a guarded HSET): the watched marks of every stream go in one pipeline.
+        # The watched marks of every stream go in one pipeline.
         self._annotate = _ScriptPipeline(redis, redis.register_script(_script("annotate")))
 
     # -- TTLs ---------------------------------------------------------------
@@ -329,6 +328,7 @@ class GenerationLog:
         """
         created = now_ms()
         k = self.keys
+        job = jobs.entry_fields(generation_id, traceparent) if enqueue else {}
         await self._create.run(
             [
                 k.meta(generation_id),
@@ -344,8 +344,7 @@ class GenerationLog:
                 created,
                 self._open_ttl_ms,
                 self._meta_ttl_ms,
-                "1" if enqueue else "0",
-                traceparent or "",
+                *(part for field in job.items() for part in field),
             ],
         )
         return GenerationState(
@@ -663,16 +662,6 @@ def _entry(row: RawEntry) -> LogEntry:
         data=fields[3],
         appended_ms=int(fields[5]),
     )
-
-
-def parse_live(payload: bytes) -> list[LogEntry]:
-    """Decode a live message published by append.lua into entries."""
-    parts = payload.split(b"\n")
-    first, appended = int(parts[0]), int(parts[1])
-    return [
-        LogEntry(seq=first + i, type=kind.decode(), data=data, appended_ms=appended)
-        for i, (kind, data) in enumerate(zip(parts[2::2], parts[3::2], strict=True))
-    ]
 
 
 def _refusal(code: str, generation_id: str, last: int) -> Exception:

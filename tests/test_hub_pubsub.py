@@ -16,9 +16,10 @@ from app import events, sse
 from app.generations import parse_request
 from app.hub import Feed, Hub, Subscription, live_frames
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease, parse_live
+from app.log import GenerationLog, Lease
 from app.settings import Settings
 from tests.conftest import REDIS_URL
+from tests.live import parse_live
 
 REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
 

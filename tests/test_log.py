@@ -16,9 +16,10 @@ from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease, pack, parse_live
+from app.log import GenerationLog, Lease, pack
 from app.settings import Settings
 from tests.conftest import RedisServer
+from tests.live import parse_live
 from workers.appender import Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
@@ -597,7 +598,7 @@ async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips
 async def test_a_create_run_again_leaves_the_generation_alone(
     log: GenerationLog, redis: Redis
 ) -> None:
-    # What a pipeline re-sent after a lost reply does: the create runs twice.
+    # A retry after a lost reply: the create runs twice.
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST, enqueue=True)
     lease = await log.acquire(generation_id, "worker-a")

@@ -21,8 +21,9 @@ from app import embedded, events, jobs
 from app.embedded import EmbeddedUnavailable, FakeRedisServer, RedisProcess, embedded_redis
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, parse_live
+from app.log import GenerationLog
 from app.settings import Settings
+from tests.live import parse_live
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
