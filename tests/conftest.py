@@ -19,12 +19,15 @@ import pytest
 from redis.asyncio import Redis
 
 from app.embedded import free_port
-from app.log import GenerationLog
+from app.generations import parse_request
+from app.keys import new_generation_id
+from app.log import GenerationLog, Lease
 from app.settings import Settings
 
 __all__ = ["REDIS_URL", "free_port"]
 
 REDIS_URL = os.environ.get("TOKENTAPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
 
 
 @pytest.fixture
@@ -56,6 +59,15 @@ async def redis(key_prefix: str) -> AsyncIterator[Redis]:
 @pytest.fixture
 def log(redis: Redis, settings: Settings) -> GenerationLog:
     return GenerationLog(redis, settings)
+
+
+async def leased_generation(log: GenerationLog, worker_id: str = "worker-a") -> tuple[str, Lease]:
+    """A new generation, created and leased as a worker that took its job would hold it."""
+    generation_id = new_generation_id()
+    await log.create(generation_id, _REQUEST)
+    lease = await log.acquire(generation_id, worker_id)
+    assert lease is not None
+    return generation_id, lease
 
 
 class RedisServer:

@@ -16,25 +16,17 @@ from app import events, jobs
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease, pack
+from app.log import GenerationLog, pack
 from app.settings import Settings
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, leased_generation
 from tests.live import parse_live
 from workers.appender import Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
 
 
-async def started(log: GenerationLog) -> tuple[str, Lease]:
-    generation_id = new_generation_id()
-    await log.create(generation_id, REQUEST)
-    lease = await log.acquire(generation_id, "worker-a")
-    assert lease is not None
-    return generation_id, lease
-
-
 async def test_seq_is_consecutive_from_one(log: GenerationLog) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     assert await log.append(lease, 1, [events.Started(), events.Token(text="a")]) == 2
     assert await log.append(lease, 3, [events.Token(text="b")]) == 3
     entries = await log.read(generation_id, 0, 100)
@@ -47,7 +39,7 @@ async def test_seq_is_consecutive_from_one(log: GenerationLog) -> None:
 
 
 async def test_retried_batch_is_not_duplicated(log: GenerationLog) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     batch = [events.Token(text="x"), events.Token(text="y")]
     assert await log.append(lease, 1, batch) == 2
     assert await log.append(lease, 1, batch) == 2  # the retry of an applied batch
@@ -55,7 +47,7 @@ async def test_retried_batch_is_not_duplicated(log: GenerationLog) -> None:
 
 
 async def test_skipping_or_overlapping_seq_is_refused(log: GenerationLog) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Token(text="x")])
     with pytest.raises(SeqConflict):
         await log.append(lease, 3, [events.Token(text="gap")])
@@ -66,7 +58,7 @@ async def test_skipping_or_overlapping_seq_is_refused(log: GenerationLog) -> Non
 
 
 async def test_a_worker_that_lost_its_lease_is_fenced(log: GenerationLog, redis: Redis) -> None:
-    generation_id, old = await started(log)
+    generation_id, old = await leased_generation(log)
     await log.append(old, 1, [events.Token(text="from old")])
     await redis.delete(log.keys.lease(generation_id))  # the lease expired
     new = await log.acquire(generation_id, "worker-b")
@@ -87,7 +79,7 @@ async def test_renewing_after_the_holders_terminal_event_is_not_a_lost_lease(
     log: GenerationLog, redis: Redis
 ) -> None:
     # The lease keeper may renew between the terminal append and dropping the lease.
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Done(reason="stop")])
     with pytest.raises(AlreadyFinished):
         await log.renew(lease)
@@ -97,12 +89,12 @@ async def test_renewing_after_the_holders_terminal_event_is_not_a_lost_lease(
 
 
 async def test_a_held_lease_cannot_be_taken(log: GenerationLog) -> None:
-    generation_id, _ = await started(log)
+    generation_id, _ = await leased_generation(log)
     assert await log.acquire(generation_id, "worker-b") is None
 
 
 async def test_nothing_follows_the_terminal_event(log: GenerationLog) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")])
     assert await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")]) == 2
     with pytest.raises(AlreadyFinished):
@@ -115,7 +107,7 @@ async def test_nothing_follows_the_terminal_event(log: GenerationLog) -> None:
 
 
 async def test_terminal_event_must_end_its_batch(log: GenerationLog) -> None:
-    _, lease = await started(log)
+    _, lease = await leased_generation(log)
     with pytest.raises(ValueError, match="last of its batch"):
         await log.append(lease, 1, [events.Done(reason="stop"), events.Token(text="x")])
 
@@ -127,7 +119,7 @@ async def test_concurrent_writers_never_interleave_a_batch(log: GenerationLog) -
     loser reads as a retry of the winner; the lease makes two writers per epoch
     impossible in practice.
     """
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     a = [events.Token(text=f"a{i}") for i in range(50)]
     b = [events.Token(text=f"b{i}") for i in range(50)]
     results = await asyncio.gather(
@@ -141,7 +133,7 @@ async def test_concurrent_writers_never_interleave_a_batch(log: GenerationLog) -
 async def test_terminal_status_and_retention_ttls(
     log: GenerationLog, redis: Redis, settings: Settings
 ) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Done(reason="cancelled")])
     state = await log.state(generation_id)
     assert state is not None
@@ -159,7 +151,7 @@ async def test_open_generation_keys_expire_even_without_a_sweeper(
     redis: Redis, settings: Settings
 ) -> None:
     log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2, retention_seconds=0.3))
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Started()])
     await log.append(lease, 2, [events.Token(text="x")])
     k = log.keys
@@ -178,7 +170,7 @@ async def test_a_long_running_generation_keeps_its_keys(
 ) -> None:
     """Appends refresh the open TTLs only once in a while, never letting a key get
     closer to expiry than the open TTL (abandon deadline plus retention)."""
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Started()])
     k = log.keys
     meta = k.meta(generation_id)
@@ -208,7 +200,7 @@ async def test_a_long_running_generation_keeps_its_keys(
 
 async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) -> None:
     log = GenerationLog(redis, settings.replace(max_events_per_generation=100))
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     seq = 1
     for _ in range(10):
         batch = [events.Token(text=str(seq + i)) for i in range(100)]
@@ -223,9 +215,9 @@ async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) 
 
 async def test_sweeper_closes_only_abandoned_generations(redis: Redis, settings: Settings) -> None:
     log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2))
-    idle_id, idle_lease = await started(log)
+    idle_id, idle_lease = await leased_generation(log)
     await log.append(idle_lease, 1, [events.Token(text="x")])
-    active_id, active_lease = await started(log)
+    active_id, active_lease = await leased_generation(log)
     # Make the idle one look old; the active one appended "just now".
     await redis.hset(log.keys.meta(idle_id), "last_append_ms", 1)
     await redis.zadd(log.keys.open_generations, {idle_id: 1, active_id: 1})
@@ -257,7 +249,7 @@ async def test_cancel_of_a_queued_generation_closes_it(log: GenerationLog) -> No
 async def test_cancel_of_a_running_generation_is_pushed_and_flagged(
     log: GenerationLog, redis: Redis
 ) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(log.keys.cancel_channel)
         state = await log.request_cancel(generation_id)
@@ -270,7 +262,7 @@ async def test_cancel_of_a_running_generation_is_pushed_and_flagged(
 
 
 async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     async with redis.pubsub() as pubsub:
         await pubsub.subscribe(log.keys.live_channel(generation_id))
         await log.append(lease, 1, [events.Token(text="line\nbreak"), events.Done(reason="stop")])
@@ -284,14 +276,19 @@ async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) 
 # -- appends of many generations, pipelined ------------------------------------
 
 
-def count_round_trips(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[int]:
-    """One entry per connection taken from the pool (a pipeline takes one)."""
+def count_round_trips(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, *, hold_first: asyncio.Event | None = None
+) -> list[int]:
+    """One entry per connection taken from the pool (a round trip takes one). With
+    `hold_first`, the first round trip waits for its connection until that is set."""
     taken: list[int] = []
     pool = redis.connection_pool
     original: Callable[..., Awaitable[Any]] = pool.get_connection
 
     async def get_connection(*args: Any, **kwargs: Any) -> Any:
         taken.append(1)
+        if hold_first is not None and len(taken) == 1:
+            await hold_first.wait()
         return await original(*args, **kwargs)
 
     monkeypatch.setattr(pool, "get_connection", get_connection)
@@ -301,7 +298,7 @@ def count_round_trips(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> list[int
 async def test_appends_requested_together_go_out_as_one_pipeline(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runs = [await started(log) for _ in range(50)]
+    runs = [await leased_generation(log) for _ in range(50)]
     round_trips = count_round_trips(monkeypatch, redis)
     lasts = await asyncio.gather(
         *(log.append(lease, 1, [events.Token(text=g)]) for g, lease in runs)
@@ -336,7 +333,7 @@ def test_packing_refuses_what_redis_py_would_not_send_as_is(arg: Any) -> None:
 async def test_one_generations_refusal_does_not_fail_the_others_in_its_pipeline(
     log: GenerationLog, redis: Redis
 ) -> None:
-    runs = [await started(log) for _ in range(5)]
+    runs = [await leased_generation(log) for _ in range(5)]
     fenced_id, fenced = runs[2]
     await redis.hset(log.keys.meta(fenced_id), "epoch", fenced.epoch + 1)  # taken over
     results = await asyncio.gather(
@@ -354,7 +351,7 @@ async def test_one_generations_refusal_does_not_fail_the_others_in_its_pipeline(
 
 
 async def test_an_error_reply_reaches_only_its_caller(log: GenerationLog, redis: Redis) -> None:
-    runs = [await started(log) for _ in range(3)]
+    runs = [await leased_generation(log) for _ in range(3)]
     broken_id, _ = runs[1]
     await redis.delete(log.keys.meta(broken_id))
     await redis.set(log.keys.meta(broken_id), "not a hash")  # HMGET in append.lua fails
@@ -434,7 +431,7 @@ async def cutter(redis_server_factory: Callable[..., RedisServer]) -> AsyncItera
 async def log_with_scripts_loaded(redis: Redis, settings: Settings) -> GenerationLog:
     """A log whose first append has run: a cut reply is an append's, not NOSCRIPT."""
     log = GenerationLog(redis, settings)
-    _, lease = await started(log)
+    _, lease = await leased_generation(log)
     await log.append(lease, 1, [events.Token(text="warm-up")])
     return log
 
@@ -444,7 +441,7 @@ async def test_a_lost_pipeline_reply_fails_every_caller_and_a_retry_appends_once
 ) -> None:
     async with Redis.from_url(cutter.url) as redis:
         log = await log_with_scripts_loaded(redis, settings)
-        runs = [await started(log) for _ in range(3)]
+        runs = [await leased_generation(log) for _ in range(3)]
         cutter.armed = True
         results = await asyncio.gather(
             *(log.append(lease, 1, [events.Token(text="x")]) for _, lease in runs),
@@ -467,7 +464,7 @@ async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
 ) -> None:
     async with Redis.from_url(cutter.url) as redis:
         log = await log_with_scripts_loaded(redis, settings)
-        runs = [await started(log) for _ in range(3)]
+        runs = [await leased_generation(log) for _ in range(3)]
         cutter.armed = True
         appenders = [Appender(log, lease) for _, lease in runs]
         for appender in appenders:  # all in one tick: one pipeline, whose reply is lost
@@ -484,7 +481,7 @@ async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
 async def test_a_cancelled_pipeline_does_not_leave_its_replies_to_the_next_caller(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    generation_id, lease = await started(log)
+    generation_id, lease = await leased_generation(log)
     pool = redis.connection_pool
     reading = asyncio.Event()
     released: list[bool] = []
@@ -528,7 +525,7 @@ async def test_pipelined_appends_load_the_script_where_redis_lacks_it(
     server = redis_server_factory()
     async with Redis.from_url(server.url) as redis:
         log = GenerationLog(redis, settings)
-        runs = [await started(log) for _ in range(3)]
+        runs = [await leased_generation(log) for _ in range(3)]
         for seq in (1, 2):  # a fresh server has no scripts; then it loses them
             lasts = await asyncio.gather(
                 *(log.append(lease, seq, [events.Token(text="x")]) for _, lease in runs)
@@ -544,7 +541,7 @@ async def test_reads_of_many_generations_in_one_tick_each_get_their_own(
 ) -> None:
     generation_ids = []
     for i in range(30):
-        generation_id, lease = await started(log)
+        generation_id, lease = await leased_generation(log)
         await log.append(lease, 1, [events.Token(text=f"{i}.{j}") for j in range(i % 4 + 1)])
         generation_ids.append(generation_id)
     pages = await asyncio.gather(*(log.read(g, 0, 10) for g in generation_ids))
@@ -626,31 +623,14 @@ async def test_a_create_refused_for_memory_leaves_nothing_behind(
         assert await redis.keys(f"{log.keys.prefix}:*") == []
 
 
-def hold_first_round_trip(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> asyncio.Event:
-    """The first round trip waits for its connection until the returned event is set."""
-    release = asyncio.Event()
-    pool = redis.connection_pool
-    original: Callable[..., Awaitable[Any]] = pool.get_connection
-    held: list[bool] = []
-
-    async def get_connection(*args: Any, **kwargs: Any) -> Any:
-        if not held:
-            held.append(True)
-            await release.wait()
-        return await original(*args, **kwargs)
-
-    monkeypatch.setattr(pool, "get_connection", get_connection)
-    return release
-
-
 async def test_reads_made_while_a_batch_is_out_leave_together_in_the_next(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generation_ids = [new_generation_id() for _ in range(10)]
     for generation_id in generation_ids:
         await log.create(generation_id, REQUEST)
-    release = hold_first_round_trip(monkeypatch, redis)
-    round_trips = count_round_trips(monkeypatch, redis)
+    release = asyncio.Event()
+    round_trips = count_round_trips(monkeypatch, redis, hold_first=release)
     first = asyncio.create_task(log.snapshot(generation_ids[0]))
     later = []
     for generation_id in generation_ids[1:]:  # one per tick while the first batch is out
@@ -689,7 +669,7 @@ async def test_calls_over_many_generations_go_in_slices_and_answer_each_in_order
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("app.log.BULK_SLICE", 2)
-    started_ones = [await started(log) for _ in range(5)]
+    started_ones = [await leased_generation(log) for _ in range(5)]
     for count, (_, lease) in enumerate(started_ones):
         if count:
             await log.append(lease, 1, [events.Token(text="x")] * count)

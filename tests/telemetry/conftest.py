@@ -36,6 +36,21 @@ class FakeClock:
         self.now += seconds
 
 
+def metric_points(reader: InMemoryMetricReader, metric: str) -> list[Any]:
+    """The data points of one metric (OTel name) that `reader` collects now."""
+    data = reader.get_metrics_data()
+    if data is None:
+        return []
+    return [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for m in scope.metrics
+        if m.name == metric
+        for point in m.data.data_points
+    ]
+
+
 @dataclasses.dataclass
 class Recorded:
     telemetry: Telemetry
@@ -50,17 +65,7 @@ class Recorded:
 
     def points(self, metric: str) -> list[Any]:
         """The data points of one metric (OTel name), in the last collection."""
-        data = self.metrics.get_metrics_data()
-        if data is None:
-            return []
-        return [
-            point
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for m in scope.metrics
-            if m.name == metric
-            for point in m.data.data_points
-        ]
+        return metric_points(self.metrics, metric)
 
     def counter(self, metric: str) -> float:
         points = self.points(metric)

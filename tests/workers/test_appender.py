@@ -10,27 +10,20 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 from app import events
 from app.generations import parse_request
-from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
+from app.log import GenerationLog
 from app.telemetry import Telemetry
+from tests.conftest import leased_generation
+from tests.telemetry.conftest import metric_points
 from tests.workers.conftest import spy_appends
 from workers.appender import MAX_BATCH, Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
 
 
-async def leased(log: GenerationLog) -> tuple[str, Lease]:
-    generation_id = new_generation_id()
-    await log.create(generation_id, REQUEST)
-    lease = await log.acquire(generation_id, "worker-a")
-    assert lease is not None
-    return generation_id, lease
-
-
 async def test_a_producer_faster_than_redis_is_appended_in_batches_of_up_to_max_batch(
     log: GenerationLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    generation_id, lease = await leased(log)
+    generation_id, lease = await leased_generation(log)
     calls = spy_appends(monkeypatch, log)
     appender = Appender(log, lease)
     count = 3 * MAX_BATCH
@@ -49,7 +42,7 @@ async def test_a_producer_faster_than_redis_is_appended_in_batches_of_up_to_max_
 async def test_a_stop_while_an_append_is_in_flight(
     log: GenerationLog, monkeypatch: pytest.MonkeyPatch, outcome: Outcome
 ) -> None:
-    generation_id, lease = await leased(log)
+    generation_id, lease = await leased_generation(log)
     calls = spy_appends(monkeypatch, log)
     appender = Appender(log, lease)
     assert await appender.put(events.Token(text="in flight"))
@@ -69,7 +62,7 @@ async def test_a_stop_while_an_append_is_in_flight(
 async def test_append_latency_is_recorded_for_one_append_in_n(
     log: GenerationLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    generation_id, lease = await leased(log)
+    generation_id, lease = await leased_generation(log)
     appended = asyncio.Event()
     reply_read = log.appended  # how the appender reads each non-terminal append's reply
 
@@ -88,16 +81,7 @@ async def test_append_latency_is_recorded_for_one_append_in_n(
     assert await appender.put(events.Done(reason="stop"))
     await appender.task
     assert appender.outcome is Outcome.ENDED
-    data = reader.get_metrics_data()
-    assert data is not None
-    (point,) = [
-        point
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == "tokentape.append_latency"
-        for point in metric.data.data_points
-    ]
+    (point,) = metric_points(reader, "tokentape.append_latency")
     assert isinstance(point, HistogramDataPoint)
     assert point.count == 3  # appends 1, 4 and 7 of 8
     assert [e.seq for e in await log.read(generation_id, 0, 10)] == list(range(1, 9))

@@ -7,20 +7,24 @@ import logging
 import pytest
 
 from app import events
-from app.log import GenerationLog
-from tests.workers.conftest import sim_request, submit
+from app.log import GenerationLog, Lease
+from tests.conftest import leased_generation
 from workers.lease import HeldLease, LeaseKeeper
+
+
+async def held_by_keeper(log: GenerationLog) -> tuple[Lease, LeaseKeeper, list[str]]:
+    """A leased generation held by a keeper, and the list its lost-lease callback fills."""
+    generation_id, lease = await leased_generation(log)
+    lost: list[str] = []
+    keeper = LeaseKeeper(log, lease.worker_id)
+    keeper.hold(HeldLease(lease, "0-1", lambda: None, lambda: lost.append(generation_id)))
+    return lease, keeper, lost
 
 
 async def test_a_renewal_racing_the_terminal_append_does_not_stop_the_run(
     log: GenerationLog, caplog: pytest.LogCaptureFixture
 ) -> None:
-    generation_id = await submit(log, sim_request())
-    lease = await log.acquire(generation_id, "worker-a")
-    assert lease is not None
-    lost: list[str] = []
-    keeper = LeaseKeeper(log, "worker-a")
-    keeper.hold(HeldLease(lease, "0-1", lambda: None, lambda: lost.append(generation_id)))
+    lease, keeper, lost = await held_by_keeper(log)
     await log.append(lease, 1, [events.Done(reason="stop")])
     with caplog.at_level(logging.WARNING, logger="tokentape.worker"):
         await keeper.renew_all()
@@ -29,13 +33,8 @@ async def test_a_renewal_racing_the_terminal_append_does_not_stop_the_run(
 
 
 async def test_a_lease_taken_over_is_reported_lost(log: GenerationLog) -> None:
-    generation_id = await submit(log, sim_request())
-    lease = await log.acquire(generation_id, "worker-a")
-    assert lease is not None
-    lost: list[str] = []
-    keeper = LeaseKeeper(log, "worker-a")
-    keeper.hold(HeldLease(lease, "0-1", lambda: None, lambda: lost.append(generation_id)))
-    await log.redis.delete(log.keys.lease(generation_id))  # expired
-    assert await log.acquire(generation_id, "worker-b") is not None
+    lease, keeper, lost = await held_by_keeper(log)
+    await log.redis.delete(log.keys.lease(lease.generation_id))  # expired
+    assert await log.acquire(lease.generation_id, "worker-b") is not None
     await keeper.renew_all()
-    assert lost == [generation_id]
+    assert lost == [lease.generation_id]

@@ -18,6 +18,7 @@ from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
 from app.telemetry import Telemetry
+from tests.telemetry.conftest import metric_points
 from tests.workers.conftest import (
     StartWorker,
     at_least,
@@ -157,16 +158,7 @@ async def test_a_cancelled_generation_counts_one_cancellation(
     await log.request_cancel(generation_id)
     await until_log(log, generation_id, ended)
     await running.worker.until_idle()
-    data = metrics.get_metrics_data()
-    assert data is not None
-    (cancellations,) = [
-        point
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-        if m.name == "tokentape.cancellations"
-        for point in m.data.data_points
-    ]
+    (cancellations,) = metric_points(metrics, "tokentape.cancellations")
     assert isinstance(cancellations, NumberDataPoint)
     assert cancellations.value == 1
 
