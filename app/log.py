@@ -231,7 +231,11 @@ class _CommandPipeline(_TickPipeline):
     """
 
     async def run(self, *command: bytes | str | int) -> Any:
-        return await self._submit(pack(*command))
+        return await self.submit(*command)
+
+    def submit(self, *command: bytes | str | int) -> asyncio.Future[Any]:
+        """`run` as a future: many calls gathered make no task each."""
+        return self._submit(pack(*command))
 
 
 class _ScriptPipeline(_TickPipeline):
@@ -442,10 +446,12 @@ class GenerationLog:
         """The last appended seq of each generation (0 when none or gone), a round trip a slice."""
         values: list[bytes | None] = []
         for start in range(0, len(generation_ids), BULK_SLICE):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for generation_id in generation_ids[start : start + BULK_SLICE]:
-                    pipe.hget(self.keys.meta(generation_id), "last_seq")
-                values += await pipe.execute()
+            values += await asyncio.gather(
+                *(
+                    self._commands.submit(b"HGET", self.keys.meta(generation_id), "last_seq")
+                    for generation_id in generation_ids[start : start + BULK_SLICE]
+                )
+            )
         return [int(v) if v is not None else 0 for v in values]
 
     async def first_seq(self, generation_id: str) -> int | None:
