@@ -124,7 +124,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequest("invalid_processes", "--processes must be at least 1")
     if settings.redis_url is not None:
         return _serve_in_processes(settings, args, with_worker=args.with_worker, note="")
-    # Started here, on the main thread, before the event loop (see embedded._die_with_parent).
+    # Started here, on the main thread, before the event loop (see embedded.die_with_parent).
     with embedded.embedded_redis() as server:
         note = f"embedded Redis at {server.url} via {server.kind}; data is lost on exit"
         settings = settings.replace(redis_url=server.url)
@@ -196,7 +196,12 @@ async def serve_processes(
         "--reuse-port",
     ]  # fmt: skip
     with _stop_on_signals(stop):
-        readers = [await asyncio.create_subprocess_exec(*command) for _ in range(processes)]
+        # A reader outlives nothing: if this supervisor is killed (even by SIGKILL, the
+        # OOM killer), its readers get SIGTERM and drain, instead of serving on as orphans.
+        readers = [
+            await asyncio.create_subprocess_exec(*command, preexec_fn=embedded.die_with_parent)
+            for _ in range(processes)
+        ]
         announce(
             f"tokentape serving on http://{_url_host(settings.host)}:{port}"
             f" with {processes} reader processes" + (f" ({note})" if note else "")

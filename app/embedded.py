@@ -148,7 +148,7 @@ class RedisProcess:
             # Its own session: a terminal's Ctrl-C reaches tokentape only, which then
             # shuts down in order (web, worker, Redis client) before stopping the server.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )  # fmt: skip
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
@@ -174,11 +174,12 @@ class RedisProcess:
         self._directory.cleanup()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: have Linux send it SIGTERM when tokentape dies, even by SIGKILL.
+def die_with_parent() -> None:
+    """In the child before exec: have Linux send it SIGTERM when its parent dies, even by
+    SIGKILL (the embedded redis-server, the readers of `serve --processes`).
 
-    Trap: the signal follows the *thread* that forked, so start the server from the
-    main thread, never from `asyncio.to_thread`.
+    Trap: the signal follows the *thread* that forked, so start the child from the
+    main thread (the event loop's is fine), never from `asyncio.to_thread`.
     """
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1

@@ -163,6 +163,32 @@ async def test_processes_share_one_port_and_stop_together(
     assert not any(_alive(child) for child in children)
 
 
+async def test_readers_stop_when_their_supervisor_is_killed(start_serve: object) -> None:
+    service = start_serve("--processes", "2", ready_lines=3)  # type: ignore[operator]
+    children = {int(p) for p in _children(service.process.pid)}
+    assert len(children) == 2
+    service.process.kill()  # SIGKILL: no chance to stop them itself
+    service.process.wait()
+    async with asyncio.timeout(20):
+        await asyncio.gather(*(_exited(child) for child in children))
+
+
+async def _exited(pid: int) -> None:
+    """Until process `pid` (not ours) exits: its pidfd becomes readable then."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, gone.set_result, None)  # readable once: removed right after
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
