@@ -89,7 +89,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _answers_ping(port: int) -> bool:
+def answers_ping(port: int) -> bool:
+    """A Redis on 127.0.0.1:`port` answers PONG: listening and done loading its data."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
@@ -152,7 +153,7 @@ class RedisProcess:
         )  # fmt: skip
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            if _answers_ping(self.port):
+            if answers_ping(self.port):
                 return True
             if self._process.poll() is not None:
                 break

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.embedded import free_port
+from app.embedded import answers_ping, free_port
 from app.generations import parse_request
 from app.keys import new_generation_id
 from app.log import GenerationLog, Lease
@@ -100,16 +99,16 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        # PONG, not just a connection: a restarted server with an AOF listens before it
+        # has loaded its data, and answers LOADING until then.
         for _ in range(500):
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.1):
-                    return
-            except OSError:
-                if self.process.poll() is not None:
-                    pytest.fail(f"redis-server exited with {self.process.returncode}")
-                # Polling a port until a process listens: there is no event to await.
-                time.sleep(0.01)
-        pytest.fail("redis-server did not start listening")
+            if answers_ping(self.port):
+                return
+            if self.process.poll() is not None:
+                pytest.fail(f"redis-server exited with {self.process.returncode}")
+            # Polling a port until a process answers: there is no event to await.
+            time.sleep(0.01)
+        pytest.fail("redis-server did not start answering")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
