@@ -39,7 +39,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, RedisError
 
 from app import sse
-from app.events import TERMINAL_TYPES, Gap, LogEntry, encode
+from app.events import TERMINAL_TYPES, Gap, encode
 from app.log import GenerationLog
 
 logger = logging.getLogger(__name__)
@@ -59,15 +59,6 @@ class Frame:
         self.terminal = terminal
         self.appended_ms = appended_ms
         self.data = data
-
-    @classmethod
-    def of(cls, entry: LogEntry) -> Frame:
-        return cls(
-            entry.seq,
-            entry.type in TERMINAL_TYPES,
-            entry.appended_ms,
-            sse.event_frame(entry.seq, entry.type, entry.data),
-        )
 
 
 _TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_TYPES)

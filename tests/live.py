@@ -6,7 +6,9 @@ tests decode them here, independently of that, to check what was published.
 
 from __future__ import annotations
 
-from app.events import LogEntry
+from app import sse
+from app.events import TERMINAL_TYPES, LogEntry
+from app.hub import Frame
 
 
 def parse_live(payload: bytes) -> list[LogEntry]:
@@ -17,3 +19,11 @@ def parse_live(payload: bytes) -> list[LogEntry]:
         LogEntry(seq=first + i, type=kind.decode(), data=data, appended_ms=appended)
         for i, (kind, data) in enumerate(zip(parts[2::2], parts[3::2], strict=True))
     ]
+
+
+def frame_of(entry: LogEntry) -> Frame:
+    """The frame the hub would dispatch for `entry`, built with the general framer."""
+    terminal = entry.type in TERMINAL_TYPES
+    return Frame(
+        entry.seq, terminal, entry.appended_ms, sse.event_frame(entry.seq, entry.type, entry.data)
+    )

@@ -19,6 +19,7 @@ from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
 from tests.conftest import REDIS_URL
+from tests.live import frame_of
 
 REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
 
@@ -173,7 +174,7 @@ async def test_a_slow_subscription_never_buffers_more_than_its_limit(
             batch = [events.Token(text="x")] * 3
             last = await log.append(lease, seq, batch)
             entries = await log.read(generation_id, seq - 1, 3)
-            feed.dispatch([Frame.of(e) for e in entries], 0.0)
+            feed.dispatch([frame_of(e) for e in entries], 0.0)
             assert len(subscription._pending) <= 4
             seq = last + 1
         assert subscription.fell_behind > 0
@@ -207,7 +208,7 @@ async def test_catch_up_never_goes_live_across_a_hole_in_what_it_buffered(
             for seq in (7, 8)
         ]
         hub._feeds[generation_id].dispatch(
-            [Frame.of(e) for e in ahead], 0.0
+            [frame_of(e) for e in ahead], 0.0
         )  # buffered while in log mode
         parser = sse.Parser()
         first = await subscription.next_chunk(1.0)
