@@ -21,13 +21,21 @@ from tests.providers.conftest import (
 )
 from tests.providers.fake_provider import FakeProvider, Reply
 from workers.models._upstream import RetryPolicy
-from workers.models.base import ProviderError
+from workers.models.base import ModelAdapter, ProviderError
 
 
 @pytest.fixture(params=[OPENAI, ANTHROPIC], ids=lambda d: d.name)
 def dialect(request: pytest.FixtureRequest) -> Dialect:
     chosen: Dialect = request.param
     return chosen
+
+
+@pytest.fixture
+def adapter(
+    dialect: Dialect, fake_url: str, session: aiohttp.ClientSession, retry: RetryPolicy
+) -> ModelAdapter:
+    """The dialect's adapter against the fake provider."""
+    return dialect.make_adapter(session, fake_url, retry)
 
 
 def _error_body(message: str) -> bytes:
@@ -45,10 +53,8 @@ def _tokens(events: list[Event]) -> str:
 )
 async def test_429_is_retried_after_the_wait_the_provider_asked_for(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
     headers: dict[str, str],
     wait: float,
@@ -57,7 +63,6 @@ async def test_429_is_retried_after_the_wait_the_provider_asked_for(
         Reply(status=429, headers=headers, body=_error_body("slow down")),
         Reply(frames=dialect.stream.text_reply(["Hel", "lo"])),
     )
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     events = await collect(adapter, context(dialect.model))
 
@@ -69,14 +74,11 @@ async def test_429_is_retried_after_the_wait_the_provider_asked_for(
 
 async def test_a_retry_after_beyond_the_retry_budget_gives_up_at_once(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
 ) -> None:
     fake.script(Reply(status=429, headers={"Retry-After": "3600"}, body=_error_body("quota")))
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     with pytest.raises(ProviderError) as raised:
         await collect(adapter, context(dialect.model))
@@ -88,9 +90,8 @@ async def test_a_retry_after_beyond_the_retry_budget_gives_up_at_once(
 
 async def test_5xx_is_retried_with_bounded_jittered_backoff(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
     retry: RetryPolicy,
     sleep: RecordedSleep,
 ) -> None:
@@ -99,7 +100,6 @@ async def test_5xx_is_retried_with_bounded_jittered_backoff(
         Reply(status=500, body=_error_body("boom")),
         Reply(frames=dialect.stream.text_reply(["ok"])),
     )
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     events = await collect(adapter, context(dialect.model))
 
@@ -110,13 +110,11 @@ async def test_5xx_is_retried_with_bounded_jittered_backoff(
 
 async def test_retries_are_bounded_then_provider_unavailable(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
     retry: RetryPolicy,
 ) -> None:
     fake.script(*[Reply(status=502, body=_error_body("bad gateway"))] * retry.attempts)
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     with pytest.raises(ProviderError) as raised:
         await collect(adapter, context(dialect.model))
@@ -133,16 +131,13 @@ async def test_retries_are_bounded_then_provider_unavailable(
 )
 async def test_4xx_is_not_retried_and_names_the_provider_message(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
     status: int,
     code: str,
 ) -> None:
     fake.script(Reply(status=status, body=_error_body("max_tokens is too large")))
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     with pytest.raises(ProviderError) as raised:
         await collect(adapter, context(dialect.model))
@@ -169,17 +164,14 @@ async def test_connection_refused_is_retried_then_unavailable(
 
 async def test_disconnect_before_any_event_is_retried(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
 ) -> None:
     fake.script(
         Reply(frames=[dialect.stream.text_start([])[0]], ending="abort"),
         Reply(frames=dialect.stream.text_reply(["again"])),
     )
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     events = await collect(adapter, context(dialect.model))
 
@@ -190,16 +182,13 @@ async def test_disconnect_before_any_event_is_retried(
 @pytest.mark.parametrize("ending", ["abort", "end"], ids=["connection-dropped", "clean-eof"])
 async def test_stream_cut_after_tokens_is_an_error_not_done(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     ending: str,
 ) -> None:
     fake.script(
         Reply(frames=dialect.stream.text_start(["Hel", "lo"]), ending=ending)  # type: ignore[arg-type]
     )
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     events, error = await collect_until_error(adapter, context(dialect.model))
 
@@ -212,10 +201,8 @@ async def test_stream_cut_after_tokens_is_an_error_not_done(
 
 async def test_server_error_after_tokens_ends_the_stream_without_retry(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
 ) -> None:
     stream = dialect.stream
@@ -225,7 +212,6 @@ async def test_server_error_after_tokens_ends_the_stream_without_retry(
     else:
         failure = ANTHROPIC.stream.error("api_error", "Internal server error")  # type: ignore[union-attr]
     fake.script(Reply(frames=[*stream.text_start(["partial"]), failure]))
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     events, error = await collect_until_error(adapter, context(dialect.model))
 
@@ -238,13 +224,10 @@ async def test_server_error_after_tokens_ends_the_stream_without_retry(
 
 async def test_non_event_stream_200_is_rejected(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
 ) -> None:
     fake.script(Reply(body=b'{"choices": []}', content_type="application/json"))
-    adapter = dialect.make_adapter(session, fake_url, retry)
 
     with pytest.raises(ProviderError) as raised:
         await collect(adapter, context(dialect.model))
@@ -254,13 +237,10 @@ async def test_non_event_stream_200_is_rejected(
 
 async def test_cancel_closes_the_upstream_connection(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
 ) -> None:
     fake.script(Reply(frames=dialect.stream.text_start(["first"]), ending="hold"))
-    adapter = dialect.make_adapter(session, fake_url, retry)
     first_token = asyncio.Event()
 
     async def run() -> None:
@@ -280,14 +260,11 @@ async def test_cancel_closes_the_upstream_connection(
 
 async def test_cancel_before_the_first_event_closes_the_upstream_without_retrying(
     dialect: Dialect,
+    adapter: ModelAdapter,
     fake: FakeProvider,
-    fake_url: str,
-    session: aiohttp.ClientSession,
-    retry: RetryPolicy,
     sleep: RecordedSleep,
 ) -> None:
     fake.script(Reply(frames=[dialect.stream.keep_alive()], ending="hold"))
-    adapter = dialect.make_adapter(session, fake_url, retry)
     task = asyncio.create_task(collect(adapter, context(dialect.model)))
 
     await asyncio.wait_for(fake.holding.wait(), timeout=5)
