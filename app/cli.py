@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from aiohttp import web
@@ -96,6 +97,11 @@ def _add_redis_argument(parser: argparse.ArgumentParser) -> None:
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     _add_redis_argument(parser)
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the embedded Redis keeps its data (default: .tokentape; only without --redis)",
+    )
     parser.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default: 8080; 0: any)")
     parser.add_argument(
@@ -115,7 +121,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(redis_url=args.redis, host=args.host, port=args.port)
+    return Settings.from_env(
+        redis_url=args.redis, host=args.host, port=args.port, data_dir=args.data_dir
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -124,10 +132,18 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise InvalidRequest("invalid_processes", "--processes must be at least 1")
     if settings.redis_url is not None:
         return _serve_in_processes(settings, args, with_worker=args.with_worker, note="")
+    data_dir = Path(settings.data_dir).resolve()
     # Started here, on the main thread, before the event loop (see embedded.die_with_parent).
-    with embedded.embedded_redis() as server:
-        note = f"embedded Redis at {server.url} via {server.kind}; data is lost on exit"
-        settings = settings.replace(redis_url=server.url)
+    with embedded.embedded_redis(data_dir) as server:
+        kept = (
+            f"data in {data_dir}, kept across restarts; to start empty, stop and delete it"
+            if server.persistent
+            else "data in memory only, lost on exit: install redis-server to keep it"
+        )
+        # The in-process worker is the only one: on stop it interrupts its generations
+        # at once (no grace to finish), and the next start continues them from the log.
+        settings = settings.replace(redis_url=server.url, shutdown_grace_seconds=0.0)
+        note = f"embedded Redis at {server.url} via {server.kind}; {kept}"
         return _serve_in_processes(settings, args, with_worker=True, note=note)
 
 

@@ -1,43 +1,55 @@
-"""The embedded default Redis of `tokentape serve`: started and stopped by tokentape itself.
+"""The embedded default Redis of `tokentape serve`, and the one way tokentape runs a redis-server.
 
 With no Redis URL configured, `serve` needs *a* Redis-protocol server so a
 newcomer sees streaming with one command. In order of preference:
 
 1. a `redis-server` or `valkey-server` on PATH, run as a child process on a free
-   loopback port with persistence off, in a temporary directory;
+   loopback port, keeping its data in the data directory (`.tokentape/` by
+   default) with AOF on: stop `serve`, start it again, and every generation is
+   still there, so a client resumes after `Last-Event-ID` across the restart;
 2. fakeredis's `TcpFakeServer` in a thread of this process (the `embedded`
-   extra), with workarounds for the gaps tokentape hits (see `_FakeRequestHandler`).
+   extra): in memory only, lost on exit.
 
-Either way the data lives only as long as the process.
+The data directory also holds a lock (one `serve` per directory) and
+`embedded.json`, where the incident tools find the running server's URL.
+
+`RedisProcess` is also what the tests, the benchmark and the drills run their
+own redis-server with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import inspect
+import json
 import logging
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 logger = logging.getLogger("tokentape.embedded")
 
 SERVER_BINARIES = ("redis-server", "valkey-server")
+# What the embedded server keeps on disk: every write in an append-only file, synced
+# once a second; a clean stop (SIGTERM, also sent when tokentape dies) writes it all.
+PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec")
 _START_TIMEOUT_SECONDS = 10.0
+_LOCK_FILE = "serve.lock"
+_INFO_FILE = "embedded.json"
 
 Which = Callable[[str], str | None]
 
 
 class EmbeddedUnavailable(RuntimeError):
-    """Neither a Redis binary nor fakeredis could be had; the message says what to install."""
+    """No embedded Redis could be had, or the data directory is in use; the message says why."""
 
 
 class EmbeddedRedis(Protocol):
@@ -49,28 +61,48 @@ class EmbeddedRedis(Protocol):
     @property
     def kind(self) -> str: ...
 
+    @property
+    def persistent(self) -> bool: ...
+
     def stop(self) -> None: ...
 
 
-@contextlib.contextmanager
-def embedded_redis(which: Which = shutil.which) -> Iterator[EmbeddedRedis]:
-    """Start the best embedded server available, yield it, and stop it on exit.
-
-    `which` looks a program up on PATH; tests pass one that finds nothing to force
-    the fakeredis fallback.
-    """
-    server = start(which)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def start(which: Which = shutil.which) -> EmbeddedRedis:
+def find_server(which: Which = shutil.which) -> str | None:
+    """The path of a redis-server (or valkey-server) on PATH."""
     for name in SERVER_BINARIES:
         binary = which(name)
         if binary is not None:
-            return RedisProcess.start(binary)
+            return binary
+    return None
+
+
+@contextlib.contextmanager
+def embedded_redis(data_dir: Path, which: Which = shutil.which) -> Iterator[EmbeddedRedis]:
+    """Start the best embedded server available on `data_dir`, yield it, stop it on exit.
+
+    Holds the directory's lock throughout: a second `serve` on the same directory is
+    refused instead of corrupting the first one's files. `which` looks a program up
+    on PATH; tests pass one that finds nothing to force the fakeredis fallback.
+    """
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(data_dir):
+        server = start(data_dir, which)
+        info = data_dir / _INFO_FILE
+        try:
+            info.write_text(json.dumps({"url": server.url, "kind": server.kind}))
+            yield server
+        finally:
+            info.unlink(missing_ok=True)
+            server.stop()
+
+
+def start(data_dir: Path, which: Which = shutil.which) -> EmbeddedRedis:
+    binary = find_server(which)
+    if binary is not None:
+        server = RedisProcess(binary, data_dir / "redis", config=PERSISTENCE)
+        server.start()
+        return server
     try:
         return FakeRedisServer.start()
     except ImportError:
@@ -79,6 +111,61 @@ def start(which: Which = shutil.which) -> EmbeddedRedis:
             '`brew install redis`) or the fallback (`pip install "tokentape[embedded]"`), '
             "or pass --redis URL"
         ) from None
+
+
+def running_url(data_dir: Path) -> str | None:
+    """The URL of the embedded Redis that a running `serve` keeps in `data_dir`, if one does."""
+    info = data_dir / _INFO_FILE
+    if not info.is_file() or not _locked_by_another(data_dir):
+        return None  # no file, or one left behind by a serve that was killed
+    try:
+        url = json.loads(info.read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url if isinstance(url, str) else None
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: Path) -> Iterator[None]:
+    if sys.platform == "win32":  # no flock: one serve per directory is on the user
+        yield
+        return
+    import fcntl
+
+    with open(data_dir / _LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EmbeddedUnavailable(
+                f"another tokentape serve keeps its data in {data_dir}: stop it, "
+                "or give this one its own --data-dir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _locked_by_another(data_dir: Path) -> bool:
+    if sys.platform == "win32":
+        return True
+    import fcntl
+
+    lock: IO[str]
+    try:
+        lock = open(data_dir / _LOCK_FILE)  # noqa: SIM115 - closed below on every path
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -100,12 +187,28 @@ def answers_ping(port: int) -> bool:
 
 
 class RedisProcess:
-    """A `redis-server`/`valkey-server` child on 127.0.0.1, persistence off, own temp dir."""
+    """A `redis-server`/`valkey-server` child on 127.0.0.1, with its files in `directory`.
 
-    def __init__(self, binary: str, port: int, directory: tempfile.TemporaryDirectory[str]):
+    Persistence is off unless `config` turns it on (`PERSISTENCE`). It can be
+    stopped (SIGTERM: Redis writes its AOF and exits), killed (SIGKILL: a crash) and
+    started again on the same port and files.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        *,
+        port: int | None = None,
+        config: Sequence[str] = (),
+        log_file: Path | None = None,
+    ) -> None:
         self.binary = binary
-        self.port = port
-        self._directory = directory
+        self.directory = directory
+        self.port = port or free_port()
+        self._port_given = port is not None
+        self.config = tuple(config)
+        self.log_file = log_file
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -114,65 +217,90 @@ class RedisProcess:
 
     @property
     def kind(self) -> str:
-        return self.binary.rsplit("/", 1)[-1]
+        return Path(self.binary).name
+
+    @property
+    def persistent(self) -> bool:
+        options = list(self.config)
+        if "--appendonly" not in options:
+            return False
+        last = len(options) - 1 - options[::-1].index("--appendonly")
+        return options[last + 1 : last + 2] == ["yes"]
 
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    @classmethod
-    def start(cls, binary: str) -> RedisProcess:
+    def start(self) -> None:
+        """Start the server and return once it answers PONG (its data loaded)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         # Another process may take the free port between our probe and the server's
-        # bind: try a few ports before giving up.
-        for _ in range(3):
-            directory = tempfile.TemporaryDirectory(prefix="tokentape-redis-")
-            server = cls(binary, free_port(), directory)
-            if server._launch():
-                return server
-        raise EmbeddedUnavailable(f"{binary} did not start; run it by hand to see why")
+        # bind: with a port of our choosing, try a few before giving up.
+        for attempt in range(3):
+            if self._launch():
+                return
+            if attempt < 2 and not self._port_given:
+                self.port = free_port()
+        raise EmbeddedUnavailable(
+            f"{self.binary} did not start on port {self.port}; run it by hand to see why"
+        )
 
     def _launch(self) -> bool:
-        self._process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self._directory.name,
-                "--daemonize", "no",
-                "--loglevel", "warning",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            # Its own session: a terminal's Ctrl-C reaches tokentape only, which then
-            # shuts down in order (web, worker, Redis client) before stopping the server.
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )  # fmt: skip
+        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._process = subprocess.Popen(
+                [
+                    self.binary,
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--dir", str(self.directory),
+                    "--daemonize", "no",
+                    "--loglevel", "warning",
+                    *self.config,  # later options win
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                # Its own session: a terminal's Ctrl-C reaches tokentape only, which then
+                # shuts down in order (web, worker, Redis client) before stopping the server.
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )  # fmt: skip
+        finally:
+            if not isinstance(log, int):
+                log.close()
         deadline = time.monotonic() + _START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if answers_ping(self.port):
                 return True
             if self._process.poll() is not None:
                 break
-            # Polling a port until a process listens: there is no event to await.
+            # Polling a port until a process answers: there is no event to await.
             time.sleep(0.01)
-        self.stop()
+        self.kill()
         return False
 
     def stop(self) -> None:
+        """SIGTERM and wait: a clean shutdown that writes what the AOF has pending."""
         if self._process is not None:
             if self._process.poll() is None:
                 self._process.terminate()
                 try:
-                    self._process.wait(timeout=5)
+                    self._process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     self._process.kill()
                     self._process.wait()
             self._process = None
-        self._directory.cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL and reap: a crash, nothing written on the way out."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
 
 
 def die_with_parent() -> None:
@@ -192,6 +320,7 @@ class FakeRedisServer:
     """fakeredis's TcpFakeServer on 127.0.0.1 in a background thread of this process."""
 
     kind = "fakeredis"
+    persistent = False
 
     def __init__(self, server: Any, thread: threading.Thread) -> None:
         self._server = server
@@ -206,13 +335,15 @@ class FakeRedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     @classmethod
     def start(cls) -> FakeRedisServer:
         from fakeredis import TcpFakeServer
 
-        _patch_fakeredis()
         server = TcpFakeServer(("127.0.0.1", 0))
-        server.RequestHandlerClass = _fake_request_handler()
         # A client blocked in XREADGROUP BLOCK holds its handler thread inside the
         # command: never join those threads on close, nor let them keep the process alive.
         server.daemon_threads = True
@@ -222,9 +353,8 @@ class FakeRedisServer:
         )
         thread.start()
         logger.warning(
-            "no redis-server or valkey-server on PATH: using fakeredis in this process. "
-            "It only approximates Redis; tokentape works around the gaps it hits "
-            "(a connection closed after any error reply, XREADGROUP BLOCK not blocking). "
+            "no redis-server or valkey-server on PATH: using fakeredis in this process, "
+            "which keeps nothing across restarts and only approximates Redis. "
             "Install redis-server for anything beyond a demo"
         )
         return cls(server, thread)
@@ -234,78 +364,3 @@ class FakeRedisServer:
             self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def _fake_request_handler() -> type:
-    from fakeredis._clients._tcp_server import TCPFakeRequestHandler
-    from redis.exceptions import ResponseError
-
-    class _FakeRequestHandler(TCPFakeRequestHandler):
-        """Answer an error reply and keep the connection, as Redis does.
-
-        fakeredis 2.40's handler closes the connection after any error reply, so
-        redis-py's EVALSHA → NOSCRIPT → SCRIPT LOAD fallback (how every Lua script of
-        the log is first loaded) dies with "Connection closed by server"
-        (seen with 2.40; related: fakeredis-py issue #432).
-        """
-
-        def setup(self) -> None:
-            super().setup()
-            read_response = self.current_client.read_response
-
-            def read_response_or_error(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return read_response(*args, **kwargs)
-                except ResponseError as exc:
-                    return exc  # encoded as a `-ERR …` reply
-
-            self.current_client.read_response = read_response_or_error  # type: ignore[method-assign]
-
-    return _FakeRequestHandler
-
-
-_patched = False
-
-
-def _patch_fakeredis() -> None:
-    """Make fakeredis's XREADGROUP BLOCK block, as workers rely on it.
-
-    fakeredis 2.40 answers `XREADGROUP … COUNT n BLOCK ms` at once with nothing when
-    no entry is new (a worker would spin), and without COUNT it takes the entries
-    into the pending list yet answers nothing. Here the first pass reads with a
-    finite COUNT and answers "nothing yet" (None) so the blocking loop waits.
-    """
-    global _patched
-    if _patched:
-        return
-    from fakeredis.commands_mixins.streams_mixin import StreamsCommandsMixin
-
-    original = StreamsCommandsMixin._xreadgroup
-    expected = ["self", "consumer_name", "group_params", "count", "noack", "min_idle_time"]
-    if list(inspect.signature(original).parameters)[:6] != expected:
-        logger.warning(
-            "this fakeredis version's XREADGROUP is not the one tokentape patches: "
-            "left as it is; a worker may spin instead of blocking on an empty queue"
-        )
-        _patched = True
-        return
-
-    def _xreadgroup(
-        self: Any,
-        consumer_name: bytes,
-        group_params: Any,
-        count: int | None,
-        noack: bool,
-        min_idle_time: int | None,
-        first_pass: bool,
-    ) -> Any:
-        count = sys.maxsize if count is None else count
-        result = original(
-            self, consumer_name, group_params, count, noack, min_idle_time, first_pass
-        )
-        if first_pass and not result:
-            return None
-        return result
-
-    StreamsCommandsMixin._xreadgroup = _xreadgroup  # type: ignore[method-assign]
-    _patched = True

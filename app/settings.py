@@ -21,6 +21,8 @@ HOUR = 3600.0
 class Settings:
     # None: `tokentape serve` starts an embedded Redis-protocol server.
     redis_url: str | None = None
+    # Where that embedded server keeps its data (and where the tools look for it).
+    data_dir: str = ".tokentape"
     key_prefix: str = DEFAULT_PREFIX
     host: str = "127.0.0.1"
     port: int = 8080

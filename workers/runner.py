@@ -50,8 +50,6 @@ READ_BLOCK_MS = 500
 # A generation taken over this many times (crashes, hand-offs) ends with an error
 # instead of crashing yet another worker.
 MAX_ATTEMPTS = 10
-# How often jobs are polled from a server whose XREADGROUP does not block.
-FALLBACK_POLL_SECONDS = 0.05
 
 
 def _blocking_client(redis: Redis) -> Redis:
@@ -351,8 +349,6 @@ class Worker:
                 self._slot_free.clear()
                 await _first(self._slot_free.wait(), stop.wait())
                 continue
-            loop = asyncio.get_running_loop()
-            began = loop.time()
             try:
                 reply = await blocking.xreadgroup(
                     k.worker_group, self.worker_id, {k.jobs: ">"}, count=free, block=READ_BLOCK_MS
@@ -369,13 +365,8 @@ class Worker:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await jobs.ensure_group(self.redis, k)
                 continue
-            entries = _stream_entries(reply)
-            for entry_id, fields in entries:
+            for entry_id, fields in _stream_entries(reply):
                 self._start(jobs.job_from_entry(entry_id, fields))
-            if not entries and loop.time() - began < READ_BLOCK_MS / 2000:
-                # A server that does not block (the embedded fakeredis answers at
-                # once) must not turn this loop into a spin that starves the others.
-                await _first(asyncio.sleep(FALLBACK_POLL_SECONDS), stop.wait())
 
     def _start(self, job: Job) -> None:
         if job.generation_id in self._runs:
@@ -434,9 +425,16 @@ class Worker:
 
     async def _drain(self) -> None:
         """Let in-flight generations finish within the grace period, then hand the rest off."""
-        if self._tasks:
-            logger.info("draining %d generations", len(self._tasks))
-            await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        if self._tasks and grace > 0:
+            logger.info("draining %d generations for up to %g s", len(self._tasks), grace)
+            await asyncio.wait(self._tasks, timeout=grace)
+        if self._runs:
+            logger.info(
+                "interrupting %d generations: each continues from its log with the next "
+                "worker that takes its job",
+                len(self._runs),
+            )
         for run in self._runs.values():
             run.hand_off()
         if self._tasks:

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from app import embedded
 from app.errors import InvalidRequest, TokentapeError, Unavailable
 from app.log import GenerationLog
 from app.settings import Settings
@@ -80,8 +81,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _redis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis", metavar="URL", help="Redis URL (or TOKENTAPE_REDIS_URL)")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help="Redis URL (or TOKENTAPE_REDIS_URL; default: the embedded Redis of a running "
+        "`tokentape serve` in --data-dir)",
+    )
     parser.add_argument("--prefix", help="key prefix (or TOKENTAPE_KEY_PREFIX; default tt)")
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="data directory of the `tokentape serve` to read (default: .tokentape)",
+    )
 
 
 def _command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> Handler:
@@ -100,10 +111,20 @@ def _command(run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> H
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.from_env(redis_url=args.redis, key_prefix=args.prefix)
-    if not settings.redis_url:
-        raise InvalidRequest("no_redis_url", "pass --redis URL or set TOKENTAPE_REDIS_URL")
-    return settings
+    settings = Settings.from_env(
+        redis_url=args.redis, key_prefix=args.prefix, data_dir=args.data_dir
+    )
+    if settings.redis_url:
+        return settings
+    data_dir = Path(settings.data_dir).resolve()
+    url = embedded.running_url(data_dir)
+    if url is None:
+        raise InvalidRequest(
+            "no_redis_url",
+            f"no `tokentape serve` with an embedded Redis is running in {data_dir}: "
+            "start one (scripts/serve), or pass --redis URL or set TOKENTAPE_REDIS_URL",
+        )
+    return settings.replace(redis_url=url)
 
 
 @contextlib.asynccontextmanager

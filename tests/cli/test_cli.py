@@ -33,7 +33,7 @@ import sys
 from app import cli
 from tests.cli import stubs
 cli.create_app = stubs.create_app
-cli.load_worker_factory = lambda: stubs.Worker
+cli.Worker = stubs.Worker
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -254,9 +254,14 @@ async def cli_process() -> AsyncIterator[list[asyncio.subprocess.Process]]:
 
 
 async def start_cli(
-    processes: list[asyncio.subprocess.Process], *argv: str, stubbed: bool, embed: str
+    processes: list[asyncio.subprocess.Process],
+    *argv: str,
+    stubbed: bool,
+    embed: str,
+    cwd: Path,
 ) -> tuple[asyncio.subprocess.Process, str, str | None]:
-    """Start `python -m app …` with no TOKENTAPE_* set; return it, its URL and embedded Redis.
+    """Start `python -m app …` in `cwd` with no TOKENTAPE_* set; return it, its URL and
+    embedded Redis (whose data goes to `cwd`/.tokentape).
 
     `embed="fakeredis"` leaves redis-server off PATH, forcing the in-process fallback.
     """
@@ -269,7 +274,7 @@ async def start_cli(
         sys.executable,
         *code,
         *argv,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -321,10 +326,13 @@ EMBEDDED = [
 @pytest.mark.parametrize("embed", EMBEDDED)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
-    cli_process: list[asyncio.subprocess.Process], signum: signal.Signals, embed: str
+    cli_process: list[asyncio.subprocess.Process],
+    signum: signal.Signals,
+    embed: str,
+    tmp_path: Path,
 ) -> None:
     process, url, redis_url = await start_cli(
-        cli_process, "serve", "--port", "0", stubbed=True, embed=embed
+        cli_process, "serve", "--port", "0", stubbed=True, embed=embed, cwd=tmp_path
     )
     assert redis_url is not None
     async with aiohttp.ClientSession() as session, session.get(f"{url}/ping") as response:
@@ -339,10 +347,10 @@ async def test_serve_with_no_redis_embeds_one_and_exits_0_on_signal(
 
 @pytest.mark.parametrize("embed", EMBEDDED)
 async def test_tokentape_serve_with_nothing_configured_streams_a_generation(
-    cli_process: list[asyncio.subprocess.Process], embed: str
+    cli_process: list[asyncio.subprocess.Process], embed: str, tmp_path: Path
 ) -> None:
     _, url, redis_url = await start_cli(
-        cli_process, "serve", "--port", "0", stubbed=False, embed=embed
+        cli_process, "serve", "--port", "0", stubbed=False, embed=embed, cwd=tmp_path
     )
     assert redis_url is not None
     body = {

@@ -52,30 +52,81 @@ def answers_ping(url: str) -> bool:
 
 
 @needs_redis_server
-def test_redis_server_on_path_is_started_and_stopped() -> None:
-    with embedded_redis() as server:
+def test_redis_server_on_path_is_started_and_stopped_keeping_its_data(tmp_path: Path) -> None:
+    with embedded_redis(tmp_path) as server:
         assert isinstance(server, RedisProcess)
         assert server.kind in embedded.SERVER_BINARIES
+        assert server.persistent
         assert server.url.startswith("redis://127.0.0.1:")
         assert answers_ping(server.url)
+        assert embedded.running_url(tmp_path) == server.url
+        client = SyncRedis.from_url(server.url)
+        client.set("kept", "yes")
+        client.close()
         pid = server.pid
         assert pid is not None
-        directory = Path(server._directory.name)
-        assert directory.is_dir()
     assert not answers_ping(server.url)
     # Reaped, not a zombie: the pid is gone from /proc.
     assert not Path(f"/proc/{pid}").exists()
-    assert not directory.exists()
+    assert (tmp_path / "redis" / "appendonlydir").is_dir()
+    assert not (tmp_path / "embedded.json").exists()
+
+    with embedded_redis(tmp_path) as again:
+        client = SyncRedis.from_url(again.url)
+        assert client.get("kept") == b"yes"
+        client.close()
 
 
 @needs_redis_server
-def test_redis_server_dies_with_a_killed_parent() -> None:
+def test_a_second_serve_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    with (
+        embedded_redis(tmp_path),
+        pytest.raises(EmbeddedUnavailable, match="another tokentape serve"),
+        embedded_redis(tmp_path),
+    ):
+        pass  # pragma: no cover - refused before
+
+
+@needs_redis_server
+def test_tools_find_the_url_of_a_running_serve_and_nothing_once_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from app.embedded import embedded_redis\n"
+            "with embedded_redis(Path(sys.argv[1])) as s:\n"
+            "    print(s.url, flush=True); sys.stdin.read()",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as holder:
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        url = holder.stdout.readline().decode().strip()
+        assert embedded.running_url(tmp_path) == url
+        holder.stdin.close()
+        assert holder.wait(timeout=20) == 0
+    assert embedded.running_url(tmp_path) is None
+
+    # A file left behind by a serve that was killed names no running server.
+    (tmp_path / "embedded.json").write_text('{"url": "redis://127.0.0.1:1/0"}')
+    assert embedded.running_url(tmp_path) is None
+
+
+@needs_redis_server
+def test_redis_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import time; from app.embedded import start; s = start(); "
-            "print(s.url, flush=True); time.sleep(60)",
+            "import sys, time; from pathlib import Path; from app.embedded import start; "
+            "s = start(Path(sys.argv[1])); print(s.url, flush=True); time.sleep(60)",
+            str(tmp_path),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -93,24 +144,25 @@ def test_redis_server_dies_with_a_killed_parent() -> None:
     assert not answers_ping(url)
 
 
-def test_fallback_is_fakeredis_when_no_server_is_on_path() -> None:
-    with embedded_redis(which=nothing_on_path) as server:
+def test_fallback_is_fakeredis_when_no_server_is_on_path(tmp_path: Path) -> None:
+    with embedded_redis(tmp_path, which=nothing_on_path) as server:
         assert isinstance(server, FakeRedisServer)
         assert server.kind == "fakeredis"
+        assert not server.persistent
         assert answers_ping(server.url)
     assert not answers_ping(server.url)
-    assert not server._thread.is_alive()
+    assert not server.running
 
 
 def test_without_server_or_fakeredis_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def no_fakeredis() -> FakeRedisServer:
         raise ImportError("fakeredis")
 
     monkeypatch.setattr(FakeRedisServer, "start", no_fakeredis)
     with pytest.raises(EmbeddedUnavailable, match="apt-get install redis-server"):
-        embedded.start(which=nothing_on_path)
+        embedded.start(tmp_path, which=nothing_on_path)
 
 
 async def next_message(pubsub: PubSub) -> bytes:
@@ -129,8 +181,8 @@ def entry_count(reply: Any) -> int:
 
 
 @pytest.fixture
-def fake_server() -> FakeRedisServer:
-    server = embedded.start(which=nothing_on_path)
+def fake_server(tmp_path: Path) -> FakeRedisServer:
+    server = embedded.start(tmp_path, which=nothing_on_path)
     assert isinstance(server, FakeRedisServer)
     return server
 
