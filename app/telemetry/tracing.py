@@ -28,10 +28,6 @@ from app.events import Usage
 from app.telemetry.logs import generation_context
 from app.telemetry.metrics import Metrics
 
-# The field of the generation's metadata hash (`Keys.meta`) that holds the
-# traceparent of its current generation span, for readers to link to.
-META_TRACEPARENT = "traceparent"
-
 GENERATION_ID = "tokentape.generation.id"
 ATTEMPT = "tokentape.generation.attempt"
 TAKEOVER = "tokentape.generation.takeover"
@@ -123,7 +119,7 @@ class GenerationSpan:
 
     @property
     def traceparent(self) -> str | None:
-        """This span as a traceparent: store it as `META_TRACEPARENT` in the generation's meta."""
+        """This span as a traceparent: the log stores it in the generation's metadata."""
         return traceparent_of(self.span)
 
     def first_token(self) -> None:
@@ -427,8 +423,8 @@ class Spans:
     ) -> ReaderSpan:
         """Span for one SSE connection, linked to the generation span `link_to` names.
 
-        Use as `with spans.reader_span(...) as reader:`. `link_to` is the meta hash's
-        `META_TRACEPARENT`; `headers` continue the client's trace if it sent one. A
+        Use as `with spans.reader_span(...) as reader:`. `link_to` is the metadata's
+        `traceparent`; `headers` continue the client's trace if it sent one. A
         client that goes away is `client_gone`, never an error span.
         """
         link = link_from_traceparent(link_to)
