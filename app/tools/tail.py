@@ -20,7 +20,7 @@ import msgspec
 
 from app import events
 from app.errors import Expired, InvalidRequest, NotFound, TokentapeError, Unavailable
-from app.sse import Message, Parser
+from app.sse import Parser, ReceivedEvent
 
 _gap_decoder = msgspec.json.Decoder(events.Gap)
 
@@ -229,7 +229,7 @@ class Follower:
                     self._retry_ms = parser.retry
             return "progress" if progressed else "the stream ended with no event"
 
-    def _on_message(self, message: Message) -> events.TerminalEvent | None:
+    def _on_message(self, message: ReceivedEvent) -> events.TerminalEvent | None:
         if message.event == "gap":
             try:
                 gap = _gap_decoder.decode(message.data)
