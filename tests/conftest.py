@@ -69,6 +69,26 @@ async def leased_generation(log: GenerationLog, worker_id: str = "worker-a") -> 
     return generation_id, lease
 
 
+class FakeClock:
+    """An `app.clock.Clock` whose time moves only when slept on or advanced; each sleep may
+    oversleep a little, as on a loaded machine."""
+
+    def __init__(self, oversleep: float = 0.0) -> None:
+        self.time = 100.0
+        self.oversleep = oversleep
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time += seconds + self.oversleep
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+
+
 class RedisServer:
     """A redis-server process of the test's own, on a free port; it may be stopped and restarted."""
 

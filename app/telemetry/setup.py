@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import unquote
 
@@ -25,8 +24,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from app.clock import MONOTONIC, Clock
 from app.telemetry.metrics import Metrics, PrometheusText
-from app.telemetry.tracing import Clock, Spans
+from app.telemetry.tracing import Spans
 
 log = logging.getLogger("tokentape.telemetry")
 
@@ -53,7 +53,7 @@ class Telemetry(Spans):
         span_processors: Sequence[SpanProcessor] = (),
         metric_readers: Sequence[MetricReader] = (),
         gap_sample_every: int = 1,
-        clock: Clock = time.perf_counter,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.resource = resource or Resource.create({SERVICE_NAME: "tokentape"})
         self.tracer_provider: TracerProvider | None = None

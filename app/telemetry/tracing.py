@@ -23,6 +23,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
+from app.clock import MONOTONIC, Clock
 from app.errors import TokentapeError
 from app.events import Usage
 from app.telemetry.logs import generation_context
@@ -56,7 +57,6 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 ERROR_TYPE = "error.type"
 
-Clock = Callable[[], float]  # monotonic seconds
 EndReason = Literal["terminal", "client_gone", "server_drain", "slow_client"]
 
 # How aiohttp tells a handler its client left: the write fails, or the handler task is
@@ -104,14 +104,14 @@ class GenerationSpan:
         metrics: Metrics,
         metric_attributes: Attributes,
         gap_sample_every: int,
-        clock: Clock,
+        now: Callable[[], float],
     ) -> None:
         self.span = span
         self._metrics = metrics
         self._metric_attributes = metric_attributes
         self._gap_sample_every = gap_sample_every
-        self._clock = clock
-        self._started = clock()
+        self._now = now
+        self._started = now()
         self._last_token: float | None = None
         self._gaps_seen = 0
         self.tokens = 0
@@ -126,7 +126,7 @@ class GenerationSpan:
         """Mark the first token (time to first token). Later calls do nothing; `token` calls it."""
         if self._last_token is not None:
             return
-        now = self._last_token = self._clock()
+        now = self._last_token = self._now()
         ttft = now - self._started
         self._metrics.time_to_first_token.record(ttft, self._metric_attributes)
         self.span.set_attribute(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, ttft)
@@ -137,7 +137,7 @@ class GenerationSpan:
         if self._last_token is None:
             self.first_token()
         else:
-            now = self._clock()
+            now = self._now()
             self._gaps_seen += 1
             # Per token, so no attributes (they double the ~4 µs a record costs) and
             # optionally only every Nth gap.
@@ -313,7 +313,7 @@ class Spans:
         metrics: Metrics,
         *,
         gap_sample_every: int = 1,
-        clock: Clock = time.perf_counter,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.tracer = tracer
         self.metrics = metrics
@@ -395,7 +395,7 @@ class Spans:
             self.metrics,
             {GEN_AI_PROVIDER_NAME: provider, GEN_AI_REQUEST_MODEL: model},
             self.gap_sample_every,
-            self.clock,
+            self.clock.now,
         )
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
