@@ -1,8 +1,7 @@
-"""The subcommands through argparse, as `tokentape` will run them once `register` is wired."""
+"""The incident tools through `tokentape`'s own entry point, as a user runs them."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
@@ -10,36 +9,22 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from app import events
+from app import cli, events
 from app.log import GenerationLog
 from app.settings import Settings
 from app.tools import recording
-from app.tools.commands import register
 from tests.tools.builders import tokens, write_generation
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="tokentape")
-    register(root.add_subparsers(dest="command", required=True))
-    return root
 
 
 def run(*argv: str) -> int:
     """One command, with its own event loop as under the console script."""
-    args = parser().parse_args(argv)
-    status: int = args.run(args)
-    return status
+    return cli.main(argv)
 
 
 @pytest.fixture
 def redis_options(settings: Settings) -> list[str]:
     assert settings.redis_url is not None
     return ["--redis", settings.redis_url, "--prefix", settings.key_prefix]
-
-
-def test_register_adds_the_five_commands() -> None:
-    for command in ("ls", "export", "inspect", "replay", "tail"):
-        assert callable(parser().parse_args([command, "x"] if command != "ls" else [command]).run)
 
 
 async def test_export_inspect_replay_ls_from_the_command_line(
