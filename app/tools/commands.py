@@ -13,13 +13,15 @@ import functools
 import os
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from app import embedded
 from app.errors import ConfigError, Unavailable
@@ -95,22 +97,20 @@ async def ls(args: argparse.Namespace, settings: Settings) -> int:
     if args.json or not sys.stdout.isatty():
         sys.stdout.buffer.write(listing.render_json_lines(found))
     else:
-        sys.stdout.write(listing.render_table(found))
+        _console().print(listing.render_table(found))
     return 0
 
 
 @_blocking
 async def export(args: argparse.Namespace, settings: Settings) -> int:
-    progress = ProgressBar(sys.stderr, f"export {args.generation_id}")
-    report = progress if sys.stderr.isatty() else None
     async with _open_log(settings) as log:
-        if args.output is None:
-            count = await recording.export(log, args.generation_id, sys.stdout.buffer.write, report)
-            sys.stdout.flush()
-        else:
-            count = await _export_to_file(log, args.generation_id, args.output, report)
-    if report is not None:
-        progress.close()
+        with _progress(f"export {args.generation_id}") as progress:
+            if args.output is None:
+                write = sys.stdout.buffer.write
+                count = await recording.export(log, args.generation_id, write, progress)
+                sys.stdout.flush()
+            else:
+                count = await _export_to_file(log, args.generation_id, args.output, progress)
     if args.output is not None:
         print(f"{count} events written to {args.output}", file=sys.stderr)
     return 0
@@ -137,7 +137,7 @@ async def inspect(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         sys.stdout.buffer.write(inspection.render_json(timeline))
     else:
-        sys.stdout.write(inspection.render(timeline))
+        _console().print(inspection.render(timeline))
     return 0
 
 
@@ -164,15 +164,20 @@ async def replay(args: argparse.Namespace, settings: Settings) -> int:
 
 @_blocking
 async def tail(args: argparse.Namespace, settings: Settings) -> int:
-    renderer: Renderer = (
-        RawRenderer(sys.stdout)
-        if args.raw or not sys.stdout.isatty()
-        else MarkdownRenderer(sys.stdout)
-    )
-    follower = Follower(
-        args.url, args.generation_id, renderer, notice=_notice, after_seq=args.after
-    )
-    result = await follower.run()
+    notice = _notice
+    renderer: Renderer
+    if args.raw or not sys.stdout.isatty():
+        renderer = RawRenderer(sys.stdout)
+    else:
+        renderer = markdown = MarkdownRenderer(_console(), sys.stderr)
+        notice = markdown.notice
+    follower = Follower(args.url, args.generation_id, renderer, notice=notice, after_seq=args.after)
+    try:
+        result = await follower.run()
+    finally:
+        # Follower.run finishes a tail that ends; this also gives the terminal back
+        # (cursor, live region) after an error or Ctrl-C.
+        renderer.finish()
     _notice(describe_end(result))
     return 0
 
@@ -181,20 +186,26 @@ def _notice(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class ProgressBar:
-    """A one-line progress bar for stderr on a terminal."""
+def _console(*, stderr: bool = False) -> Console:
+    # No highlighting: rich would colour numbers and quotes of the generated text.
+    return Console(stderr=stderr, highlight=False)
 
-    def __init__(self, stream: TextIO, label: str, width: int = 30) -> None:
-        self.stream = stream
-        self.label = label
-        self.width = width
 
-    def __call__(self, done: int, total: int) -> None:
-        filled = self.width * done // total if total else self.width
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r{self.label} [{bar}] {done}/{total} events")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[recording.Progress | None]:
+    """A progress bar on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    # No redirection: the recording itself may be going to stdout.
+    columns = (
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("events"),
+    )
+    with Progress(
+        *columns, console=_console(stderr=True), redirect_stdout=False, redirect_stderr=False
+    ) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
