@@ -163,7 +163,7 @@ async def replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @_blocking
-async def tail(args: argparse.Namespace, settings: Settings) -> int:
+async def tail(args: argparse.Namespace, _settings: Settings) -> int:
     notice = _notice
     renderer: Renderer
     if args.raw or not sys.stdout.isatty():

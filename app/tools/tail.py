@@ -159,15 +159,17 @@ class MarkdownRenderer:
 
     def _show(self) -> None:
         if self._live is None:
+            # Redrawn ten times a second, not per token: a fast generation must not cost
+            # a render of the block per token.
             self._live = Live(
                 console=self.console,
-                auto_refresh=False,
+                refresh_per_second=10,
                 transient=True,
                 redirect_stdout=False,
                 redirect_stderr=False,
             )
             self._live.start()
-        self._live.update(self.in_progress, refresh=True)
+        self._live.update(self.in_progress)
 
 
 @dataclasses.dataclass
