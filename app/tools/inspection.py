@@ -189,7 +189,7 @@ def render(t: Timeline) -> Group:
     """The timeline for a person: its facts, the longest stalls, the tool calls."""
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
-    facts.add_column()
+    facts.add_column(overflow="fold")  # wrapped, never cut short
 
     def fact(label: str, value: str, style: str = "") -> None:
         # Text, not str: rich would read brackets in generated text as markup.

@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import cast
 
 import msgspec
-from rich.console import OverflowMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -125,9 +124,11 @@ _STATUS_STYLES = {
 def render_table(summaries: Sequence[GenerationSummary]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name, numeric in _COLUMNS:
-        # An id is copied from here: folded on a narrow terminal, never cut short.
-        overflow: OverflowMethod = "fold" if name == "ID" else "ellipsis"
-        table.add_column(name, justify="right" if numeric else "left", overflow=overflow)
+        # A narrow terminal wraps cells rather than cutting them short, except the id, which
+        # is copied from here: whole, on one line.
+        table.add_column(
+            name, justify="right" if numeric else "left", overflow="fold", no_wrap=name == "ID"
+        )
     for s in summaries:
         created = datetime.fromtimestamp(s.created_ms / 1000, UTC)
         table.add_row(

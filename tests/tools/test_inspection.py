@@ -96,3 +96,21 @@ def test_inspect_reports_a_retention_gap_and_a_missing_end(tmp_path: Path) -> No
     text = as_text(inspection.render(timeline))
     assert "events 1..10 were removed" in text
     assert "no terminal event" in text
+
+
+def test_a_narrow_terminal_wraps_the_facts_but_cuts_nothing(tmp_path: Path) -> None:
+    timeline = inspection.timeline(recording.read_file(write_file(tmp_path / "r.jsonl", planted())))
+    text = as_text(inspection.render(timeline), width=40)
+    assert "…" not in text
+    end = text[text.index("end ") : text.index("longest stalls")]
+    assert "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls"}'
+
+
+def test_generated_text_is_shown_as_is_not_read_as_markup(tmp_path: Path) -> None:
+    timed: list[tuple[int, events.Event]] = [
+        (0, events.Token(text="[bold]not markup[/bold] ")),
+        (900, events.Done(reason="stop")),
+    ]
+    loaded = recording.read_file(write_file(tmp_path / "r.jsonl", timed))
+    text = as_text(inspection.render(inspection.timeline(loaded)))
+    assert '"[bold]not markup[/bold] " ⏸ ""' in text

@@ -104,6 +104,21 @@ def test_a_model_name_is_shown_as_is_not_read_as_markup() -> None:
     ]
 
 
+def test_a_narrow_terminal_wraps_cells_but_keeps_the_id_whole() -> None:
+    summary = listing.GenerationSummary(
+        id="DnBdX2mjeGLPdvkWoyl3zw",
+        status="cancelled",
+        model="anthropic/claude-sonnet-4-5",
+        events=155,
+        created_ms=0,
+        duration_ms=531,
+        time_to_first_token_ms=24,
+    )
+    text = as_text(listing.render_table([summary]), width=70)
+    assert "…" not in text  # nothing cut short
+    assert any(line.startswith("DnBdX2mjeGLPdvkWoyl3zw ") for line in text.splitlines())
+
+
 @pytest.mark.parametrize(
     ("text", "ms"),
     [("90", 90_000), ("90s", 90_000), ("15m", 900_000), ("1h", 3_600_000), ("1.5d", 129_600_000)],
