@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TextIO
 
@@ -60,6 +61,9 @@ class RawRenderer:
         self.out.flush()
 
 
+_SPACED_BY_RICH = re.compile(r"^\s*([-*+]|\d+[.)]|>|\|)(\s|$)")
+
+
 class MarkdownRenderer:
     """Markdown on a terminal, with rich: complete lines rendered, the unfinished last line
     shown as plain text below them until its newline arrives.
@@ -80,6 +84,7 @@ class MarkdownRenderer:
         self._fence: str | None = None  # the opening line while inside a fenced code block
         self._rendered: Markdown | None = None
         self._line = ""
+        self._blank_lines = 0  # seen since the last block, printed before the next one
         self._live: Live | None = None
 
     @property
@@ -131,7 +136,7 @@ class MarkdownRenderer:
             self._fence = line
         elif not line.strip():
             self._flush()
-            self._print(Text())
+            self._blank_lines += 1
         else:
             self._block.append(line)
         if len(self._block) >= self.max_block_lines:
@@ -149,12 +154,18 @@ class MarkdownRenderer:
 
     def _flush(self) -> None:
         if self._block:
-            self._print(Markdown(self._source()))
+            # rich opens a list, a quote or a table with a blank line of its own.
+            spaced = _SPACED_BY_RICH.match(self._fence or self._block[0]) is not None
+            self._print(Markdown(self._source()), blank_lines=self._blank_lines - spaced)
             self._block = []
         self._rendered = None
 
-    def _print(self, renderable: RenderableType) -> None:
-        # Printed above the live region while there is one.
+    def _print(self, renderable: RenderableType, blank_lines: int | None = None) -> None:
+        """Print for good (above the live region while there is one), after the blank
+        lines the text had before it."""
+        for _ in range(self._blank_lines if blank_lines is None else blank_lines):
+            self.console.print()
+        self._blank_lines = 0
         self.console.print(renderable)
 
     def _show(self) -> None:

@@ -227,6 +227,14 @@ def test_a_long_code_block_is_printed_in_parts_that_stay_code() -> None:
     assert code == [" # not a heading", " x = 1", " # nor this", "after"]
 
 
+def test_blocks_are_spaced_as_the_text_spaces_them() -> None:
+    console = plain_console(width=40)
+    renderer = MarkdownRenderer(console, io.StringIO())
+    renderer.text("para\n\n- a\n- b\n\n\n> quoted\n\nnext")
+    renderer.finish()
+    assert printed(console) == ["para", "", " • a", " • b", "", "", "▌ quoted", "", "next"]
+
+
 def test_a_notice_goes_to_its_stream_and_rendering_goes_on() -> None:
     console, notices = plain_console(width=40), io.StringIO()
     renderer = MarkdownRenderer(console, notices)
