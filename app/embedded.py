@@ -13,7 +13,7 @@ newcomer sees streaming with one command. In order of preference:
 The data directory also holds a lock (one `serve` per directory) and
 `embedded.json`, where the incident tools find the running server's URL.
 
-`RedisProcess` is also what the tests, the benchmark and the drills run their
+`RedisProcess` is also what the tests, scripts/test and the benchmark run their
 own redis-server with.
 """
 
@@ -206,7 +206,7 @@ class RedisProcess:
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
-        self._port_given = port is not None
+        self._port_fixed = port is not None
         self.config = tuple(config)
         self.log_file = log_file
         self._process: subprocess.Popen[bytes] | None = None
@@ -238,8 +238,10 @@ class RedisProcess:
         # bind: with a port of our choosing, try a few before giving up.
         for attempt in range(3):
             if self._launch():
+                # A restart keeps the port: clients hold the URL.
+                self._port_fixed = True
                 return
-            if attempt < 2 and not self._port_given:
+            if attempt < 2 and not self._port_fixed:
                 self.port = free_port()
         raise EmbeddedUnavailable(
             f"{self.binary} did not start on port {self.port}; run it by hand to see why"

@@ -20,6 +20,15 @@ class TokentapeError(Exception):
         return {"error": {"code": self.code, "message": self.message, **self.detail}}
 
 
+class ConfigError(TokentapeError):
+    """A setting (a `TOKENTAPE_*` variable or a flag) is invalid or missing; the message names it.
+
+    Raised before anything runs: the CLI prints it and exits 2.
+    """
+
+    code = "invalid_setting"
+
+
 class InvalidRequest(TokentapeError):
     status = 400
     code = "invalid_request"

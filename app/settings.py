@@ -11,10 +11,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from app.errors import InvalidRequest
+from app.errors import ConfigError
 from app.keys import DEFAULT_PREFIX
 
 HOUR = 3600.0
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Settings:
     # Redis connections of one reader process, whatever the number of open streams:
     # one for pub/sub, the rest for log reads.
     reader_redis_connections: int = 4
+    # On SIGTERM: how long open streams may take to end before their handlers are
+    # cancelled; a browser EventSource reconnects (to another reader) on its own.
+    stream_drain_seconds: float = 5.0
 
     # Retention
     max_events_per_generation: int = 100_000
@@ -60,19 +64,27 @@ class Settings:
     # what they stream every reader_recheck_seconds, so keep this well above that.
     cancel_unwatched_seconds: float = 0.0
     worker_id: str = ""
+    # A worker's command connections (its blocking reads have two more of their own).
+    worker_redis_connections: int = 16
 
     # The event loop of `serve` and `worker`: "uvloop" (libuv; the standard loop where
     # uvloop is not installed, as on Windows) or "asyncio" (the standard loop).
     event_loop: str = "uvloop"
+    # Logs are JSON lines when stderr is not a terminal.
+    log_level: str = "INFO"
 
     # HTTP input limits
     max_request_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.event_loop not in ("uvloop", "asyncio"):
-            raise InvalidRequest(
-                "invalid_setting",
-                f"TOKENTAPE_EVENT_LOOP must be uvloop or asyncio, got {self.event_loop!r}",
+            raise ConfigError(
+                message=f"TOKENTAPE_EVENT_LOOP must be uvloop or asyncio, got {self.event_loop!r}"
+            )
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(
+                message=f"TOKENTAPE_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, "
+                f"got {self.log_level!r}"
             )
 
     @classmethod
@@ -93,13 +105,15 @@ class Settings:
 
 def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type if isinstance(field.type, str) else field.type.__name__
+    parse: type[int | float] | None = (
+        int if kind.startswith("int") else float if kind.startswith("float") else None
+    )
+    if parse is None:
+        return raw
     try:
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
+        return parse(raw)
     except ValueError:
-        raise InvalidRequest(
-            "invalid_setting", f"TOKENTAPE_{field.name.upper()} must be a number, got {raw!r}"
+        a = "an integer" if parse is int else "a number"
+        raise ConfigError(
+            message=f"TOKENTAPE_{field.name.upper()} must be {a}, got {raw!r}"
         ) from None
-    return raw

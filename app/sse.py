@@ -54,7 +54,7 @@ def comment_frame(text: str = "") -> bytes:
     return b": %s\n\n" % text.encode() if text else b":\n\n"
 
 
-class Message(msgspec.Struct, frozen=True):
+class ReceivedEvent(msgspec.Struct, frozen=True):
     """One dispatched SSE event as a client sees it."""
 
     event: str
@@ -76,9 +76,9 @@ class Parser:
         self.retry: int | None = None
         self.comments: list[str] = []
 
-    def feed(self, chunk: bytes) -> list[Message]:
+    def feed(self, chunk: bytes) -> list[ReceivedEvent]:
         """The events that `chunk` completes, in order."""
-        messages: list[Message] = []
+        messages: list[ReceivedEvent] = []
         if self._skip_lf and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across chunks
         self._skip_lf = False
@@ -103,7 +103,7 @@ class Parser:
         self._buffer = buffer[start:]
         return messages
 
-    def _line(self, line: str) -> Message | None:
+    def _line(self, line: str) -> ReceivedEvent | None:
         if line == "":
             return self._dispatch()
         if line.startswith(":"):
@@ -123,9 +123,9 @@ class Parser:
             self.retry = int(value)
         return None
 
-    def _dispatch(self) -> Message | None:
+    def _dispatch(self) -> ReceivedEvent | None:
         event, data, has_data = self._event, self._data, self._has_data
         self._event, self._data, self._has_data = "", [], False
         if not has_data:
             return None
-        return Message(event=event or "message", data="\n".join(data), id=self.last_event_id)
+        return ReceivedEvent(event=event or "message", data="\n".join(data), id=self.last_event_id)

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import aiohttp
 import redis.asyncio as aioredis
 
+from app.embedded import RedisProcess, find_server
 from scripts.bench_client import (
     AS_FAST_AS_POSSIBLE,
     TERMINAL_TYPES,
@@ -556,28 +557,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextlib.asynccontextmanager
-async def private_redis(run_dir: Path) -> Any:
+def private_redis(run_dir: Path) -> RedisProcess:
     """A redis-server of our own for the run: the naive reader may open thousands of
     connections, which must not exhaust the maxclients of a Redis others share."""
-    port = free_port()
-    process = start_process(
-        ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-         "--maxclients", "30000", "--protected-mode", "yes"],
-        dict(os.environ), run_dir / "redis.log",
-    )  # fmt: skip
-    url = f"redis://{HOST}:{port}/0"
-    try:
-        client: aioredis.Redis = aioredis.Redis.from_url(url)
-        async with client:
-            for _ in range(100):
-                with contextlib.suppress(aioredis.ConnectionError):
-                    if await client.ping():
-                        break
-                await asyncio.sleep(0.1)
-        yield url
-    finally:
-        stop_process(process)
+    binary = find_server()
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH: pass --redis URL")
+    server = RedisProcess(
+        binary,
+        run_dir / "redis",
+        config=("--maxclients", "30000", "--protected-mode", "yes"),
+        log_file=run_dir / "redis.log",
+    )
+    server.start()  # here, on the main thread (see app.embedded.die_with_parent)
+    return server
 
 
 async def redis_cpu(redis_url: str) -> float:
@@ -635,7 +628,11 @@ async def run(args: argparse.Namespace) -> list[Figures]:
     log(f"run {run_id}: logs in {run_dir}, keys under {key_prefix}*")
     results: list[Figures] = []
     async with contextlib.AsyncExitStack() as stack:
-        redis_url = args.redis or await stack.enter_async_context(private_redis(run_dir))
+        redis_url = args.redis
+        if redis_url is None:
+            server = private_redis(run_dir)
+            stack.callback(server.stop)
+            redis_url = server.url
         stack.push_async_callback(delete_keys, redis_url, key_prefix)
         largest = max((s.streams for s in scenarios), default=0)
         bench = Bench(

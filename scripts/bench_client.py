@@ -321,7 +321,7 @@ def client_process_main(conn: Connection) -> None:
         cpu_before, started = cpu_seconds(os.getpid()), time.monotonic()
         # uvloop, like the reader and workers: the load generator shares the machine's
         # two cores with them, so its CPU per event is CPU they do not get.
-        gc.freeze()  # as app.cli.run_loop does
+        gc.freeze()  # as app.runtime.run_loop does
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             report = runner.run(run_client_job(job, conn))
         elapsed = time.monotonic() - started

@@ -4,7 +4,7 @@
 
 Creates the generations and enqueues their jobs first (not measured), then runs
 one `workers.runner.Worker` with room for all of them, on the loop `tokentape worker`
-runs on (`app.cli.run_loop`: uvloop unless `--event-loop asyncio`), until every generation
+runs on (`app.runtime.run_loop`: uvloop unless `--event-loop asyncio`), until every generation
 has ended, and prints the events appended, events/s, and this process's CPU
 (getrusage) and Redis's (`INFO cpu`) per 10k events. Keys live under a private
 prefix and are deleted at the end; nothing is flushed. Run it against two source
@@ -31,10 +31,10 @@ import time
 from redis.asyncio import Redis
 
 from app import jobs
-from app.cli import WORKER_REDIS_CONNECTIONS, connect, run_loop
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
 from app.log import GenerationLog
+from app.runtime import connect, run_loop
 from app.settings import Settings
 from app.telemetry import Telemetry
 from workers.runner import Worker
@@ -61,7 +61,7 @@ def bench_settings(args: argparse.Namespace) -> Settings:
 
 async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
     prefix = settings.key_prefix
-    redis = connect(settings, "worker", WORKER_REDIS_CONNECTIONS)
+    redis = connect(settings, "worker", settings.worker_redis_connections)
     log = GenerationLog(redis, settings)
     request = GenerationRequest(
         model="sim",

@@ -7,9 +7,6 @@ prefix and deletes exactly those keys afterwards.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from app.embedded import answers_ping, free_port
+from app.embedded import RedisProcess, find_server, free_port
 from app.generations import parse_request
 from app.keys import new_generation_id
 from app.log import GenerationLog, Lease
@@ -69,63 +66,41 @@ async def leased_generation(log: GenerationLog, worker_id: str = "worker-a") -> 
     return generation_id, lease
 
 
-class RedisServer:
-    """A redis-server process of the test's own, on a free port; it may be stopped and restarted."""
+class FakeClock:
+    """An `app.clock.Clock` whose time moves only when slept on or advanced; each sleep may
+    oversleep a little, as on a loaded machine."""
 
-    def __init__(self, directory: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.extra = extra
-        self.process: subprocess.Popen[bytes] | None = None
+    def __init__(self, oversleep: float = 0.0) -> None:
+        self.time = 100.0
+        self.oversleep = oversleep
+        self.sleeps: list[float] = []
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    def now(self) -> float:
+        return self.time
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or shutil.which("valkey-server")
-        if binary is None:
-            pytest.fail("redis-server is not on PATH")
-        self.process = subprocess.Popen(
-            [
-                binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        # PONG, not just a connection: a restarted server with an AOF listens before it
-        # has loaded its data, and answers LOADING until then.
-        for _ in range(500):
-            if answers_ping(self.port):
-                return
-            if self.process.poll() is not None:
-                pytest.fail(f"redis-server exited with {self.process.returncode}")
-            # Polling a port until a process answers: there is no event to await.
-            time.sleep(0.01)
-        pytest.fail("redis-server did not start answering")
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.time += seconds + self.oversleep
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
 
 
 @pytest.fixture
-def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    servers: list[RedisServer] = []
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    """Redis servers of the test's own, each on a free port with its files in `tmp_path`;
+    `make(*options)` passes redis-server options (e.g. "--appendonly", "yes")."""
+    binary = find_server()
+    if binary is None:
+        pytest.fail("redis-server is not on PATH")
+    servers: list[RedisProcess] = []
 
-    def make(*extra: str) -> RedisServer:
-        server = RedisServer(tmp_path, *extra)
+    def make(*options: str) -> RedisProcess:
+        server = RedisProcess(binary, tmp_path / f"redis-{len(servers)}", config=options)
         server.start()
         servers.append(server)
         return server
 
     yield make
     for server in servers:
-        server.stop()
+        server.kill()

@@ -13,12 +13,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ResponseError
 
 from app import events, jobs
+from app.embedded import RedisProcess
 from app.errors import AlreadyFinished, Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
 from app.log import GenerationLog, pack
 from app.settings import Settings
-from tests.conftest import RedisServer, leased_generation
+from tests.conftest import leased_generation
 from tests.live import parse_live
 from workers.appender import Appender, Outcome
 
@@ -423,7 +424,7 @@ class ReplyCutter:
 
 
 @pytest.fixture
-async def cutter(redis_server_factory: Callable[..., RedisServer]) -> AsyncIterator[ReplyCutter]:
+async def cutter(redis_server_factory: Callable[..., RedisProcess]) -> AsyncIterator[ReplyCutter]:
     async with ReplyCutter(redis_server_factory().port) as proxy:
         yield proxy
 
@@ -520,7 +521,7 @@ async def test_a_cancelled_pipeline_does_not_leave_its_replies_to_the_next_calle
 
 
 async def test_pipelined_appends_load_the_script_where_redis_lacks_it(
-    redis_server_factory: Callable[..., RedisServer], settings: Settings
+    redis_server_factory: Callable[..., RedisProcess], settings: Settings
 ) -> None:
     server = redis_server_factory()
     async with Redis.from_url(server.url) as redis:
@@ -609,7 +610,7 @@ async def test_a_create_run_again_leaves_the_generation_alone(
 
 
 async def test_a_create_refused_for_memory_leaves_nothing_behind(
-    redis_server_factory: Callable[..., RedisServer], settings: Settings
+    redis_server_factory: Callable[..., RedisProcess], settings: Settings
 ) -> None:
     server = redis_server_factory("--maxmemory-policy", "noeviction")
     async with Redis.from_url(server.url) as redis:

@@ -29,7 +29,7 @@ def test_frames_are_exact(frame: bytes, expected: bytes) -> None:
     assert frame == expected
 
 
-def parse(*chunks: bytes) -> tuple[list[sse.Message], sse.Parser]:
+def parse(*chunks: bytes) -> tuple[list[sse.ReceivedEvent], sse.Parser]:
     parser = sse.Parser()
     messages = [m for chunk in chunks for m in parser.feed(chunk)]
     return messages, parser
@@ -45,9 +45,9 @@ def test_parser_reads_what_we_write_split_anywhere() -> None:
     )
     whole, _ = parse(stream)
     assert whole == [
-        sse.Message(event="token", data='{"t":1}', id="1"),
-        sse.Message(event="gap", data="{}", id="1"),
-        sse.Message(event="done", data="{}", id="2"),
+        sse.ReceivedEvent(event="token", data='{"t":1}', id="1"),
+        sse.ReceivedEvent(event="gap", data="{}", id="1"),
+        sse.ReceivedEvent(event="done", data="{}", id="2"),
     ]
     for cut in range(len(stream) + 1):
         split, parser = parse(stream[:cut], stream[cut:])
@@ -60,7 +60,7 @@ def test_parser_reads_what_we_write_split_anywhere() -> None:
 def test_parser_accepts_every_line_ending(ending: bytes) -> None:
     stream = ending.join([b"id: 3", b"event: token", b"data: a", b"data: b", b"", b""])
     messages, _ = parse(stream)
-    assert messages == [sse.Message(event="token", data="a\nb", id="3")]
+    assert messages == [sse.ReceivedEvent(event="token", data="a\nb", id="3")]
 
 
 def test_unterminated_final_event_is_dropped() -> None:
@@ -72,7 +72,7 @@ def test_unterminated_final_event_is_dropped() -> None:
 def test_parser_ignores_invalid_retry_and_ids_with_nul() -> None:
     messages, parser = parse(b"retry: 10x\nid: a\0b\ndata: x\n\n")
     assert parser.retry is None
-    assert messages == [sse.Message(event="message", data="x", id=None)]
+    assert messages == [sse.ReceivedEvent(event="message", data="x", id=None)]
 
 
 def test_many_frames_at_once_equal_one_by_one() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.http import events, generations, pages
+from app.http import generations, pages, stream
 from app.http.errors import json_errors
 from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
 from app.hub import Hub
@@ -37,7 +37,7 @@ def create_app(
         recheck_seconds=settings.reader_recheck_seconds,
     )
     app.add_routes(generations.routes)
-    app.add_routes(events.routes)
+    app.add_routes(stream.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
 

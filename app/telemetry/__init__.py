@@ -4,7 +4,6 @@ from app.telemetry.logs import configure_logging, generation_context, generation
 from app.telemetry.metrics import Metrics
 from app.telemetry.setup import Telemetry
 from app.telemetry.tracing import (
-    META_TRACEPARENT,
     EndReason,
     GenerationSpan,
     ReaderSpan,
@@ -15,7 +14,6 @@ from app.telemetry.tracing import (
 )
 
 __all__ = [
-    "META_TRACEPARENT",
     "EndReason",
     "GenerationSpan",
     "Metrics",

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import unquote
 
-from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -26,8 +24,9 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+from app.clock import MONOTONIC, Clock
 from app.telemetry.metrics import Metrics, PrometheusText
-from app.telemetry.tracing import Clock, Spans
+from app.telemetry.tracing import Spans
 
 log = logging.getLogger("tokentape.telemetry")
 
@@ -54,7 +53,7 @@ class Telemetry(Spans):
         span_processors: Sequence[SpanProcessor] = (),
         metric_readers: Sequence[MetricReader] = (),
         gap_sample_every: int = 1,
-        clock: Clock = time.perf_counter,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.resource = resource or Resource.create({SERVICE_NAME: "tokentape"})
         self.tracer_provider: TracerProvider | None = None
@@ -112,21 +111,6 @@ class Telemetry(Spans):
     def render_prometheus(self) -> bytes:
         """Every instrument's current value as Prometheus text, for `GET /metrics`."""
         return self.prometheus.render()
-
-    def install_globals(self) -> None:
-        """Make these providers OpenTelemetry's global ones (once per process: the CLI's call).
-
-        Only for third-party instrumentation that reads the globals; tokentape's
-        own code uses this object.
-        """
-        if self.tracer_provider is not None:
-            trace.set_tracer_provider(self.tracer_provider)
-        otel_metrics.set_meter_provider(self.meter_provider)
-
-    def force_flush(self, timeout_millis: int = 10_000) -> None:
-        if self.tracer_provider is not None:
-            self.tracer_provider.force_flush(timeout_millis)
-        self.meter_provider.force_flush(timeout_millis)
 
     def shutdown(self) -> None:
         """Flush and stop every exporter (on SIGTERM). Safe to call twice."""

@@ -23,14 +23,11 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
+from app.clock import MONOTONIC, Clock
 from app.errors import TokentapeError
 from app.events import Usage
 from app.telemetry.logs import generation_context
 from app.telemetry.metrics import Metrics
-
-# The field of the generation's metadata hash (`Keys.meta`) that holds the
-# traceparent of its current generation span, for readers to link to.
-META_TRACEPARENT = "traceparent"
 
 GENERATION_ID = "tokentape.generation.id"
 ATTEMPT = "tokentape.generation.attempt"
@@ -60,7 +57,6 @@ GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 GEN_AI_TOOL_NAME = "gen_ai.tool.name"
 ERROR_TYPE = "error.type"
 
-Clock = Callable[[], float]  # monotonic seconds
 EndReason = Literal["terminal", "client_gone", "server_drain", "slow_client"]
 
 # How aiohttp tells a handler its client left: the write fails, or the handler task is
@@ -108,14 +104,14 @@ class GenerationSpan:
         metrics: Metrics,
         metric_attributes: Attributes,
         gap_sample_every: int,
-        clock: Clock,
+        now: Callable[[], float],
     ) -> None:
         self.span = span
         self._metrics = metrics
         self._metric_attributes = metric_attributes
         self._gap_sample_every = gap_sample_every
-        self._clock = clock
-        self._started = clock()
+        self._now = now
+        self._started = now()
         self._last_token: float | None = None
         self._gaps_seen = 0
         self.tokens = 0
@@ -123,14 +119,14 @@ class GenerationSpan:
 
     @property
     def traceparent(self) -> str | None:
-        """This span as a traceparent: store it as `META_TRACEPARENT` in the generation's meta."""
+        """This span as a traceparent: the log stores it in the generation's metadata."""
         return traceparent_of(self.span)
 
     def first_token(self) -> None:
         """Mark the first token (time to first token). Later calls do nothing; `token` calls it."""
         if self._last_token is not None:
             return
-        now = self._last_token = self._clock()
+        now = self._last_token = self._now()
         ttft = now - self._started
         self._metrics.time_to_first_token.record(ttft, self._metric_attributes)
         self.span.set_attribute(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, ttft)
@@ -141,7 +137,7 @@ class GenerationSpan:
         if self._last_token is None:
             self.first_token()
         else:
-            now = self._clock()
+            now = self._now()
             self._gaps_seen += 1
             # Per token, so no attributes (they double the ~4 µs a record costs) and
             # optionally only every Nth gap.
@@ -317,7 +313,7 @@ class Spans:
         metrics: Metrics,
         *,
         gap_sample_every: int = 1,
-        clock: Clock = time.perf_counter,
+        clock: Clock = MONOTONIC,
     ) -> None:
         self.tracer = tracer
         self.metrics = metrics
@@ -399,7 +395,7 @@ class Spans:
             self.metrics,
             {GEN_AI_PROVIDER_NAME: provider, GEN_AI_REQUEST_MODEL: model},
             self.gap_sample_every,
-            self.clock,
+            self.clock.now,
         )
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
@@ -427,8 +423,8 @@ class Spans:
     ) -> ReaderSpan:
         """Span for one SSE connection, linked to the generation span `link_to` names.
 
-        Use as `with spans.reader_span(...) as reader:`. `link_to` is the meta hash's
-        `META_TRACEPARENT`; `headers` continue the client's trace if it sent one. A
+        Use as `with spans.reader_span(...) as reader:`. `link_to` is the metadata's
+        `traceparent`; `headers` continue the client's trace if it sent one. A
         client that goes away is `client_gone`, never an error span.
         """
         link = link_from_traceparent(link_to)

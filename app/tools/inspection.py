@@ -11,6 +11,9 @@ import json
 from datetime import UTC, datetime
 
 import msgspec
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
 from app import events
 from app.tools.recording import Recording
@@ -182,53 +185,90 @@ def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def render(t: Timeline) -> str:
+def render(t: Timeline) -> Group:
+    """The timeline for a person: its facts, the longest stalls, the tool calls."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column(overflow="fold")  # wrapped, never cut short
+
+    def fact(label: str, value: str, style: str = "") -> None:
+        # Text, not str: rich would read brackets in generated text as markup.
+        facts.add_row(label, Text(value, style=style))
+
     created = datetime.fromtimestamp(t.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     seqs = f"{t.first_seq}..{t.last_seq}" if t.first_seq is not None else "none"
-    lines = [
-        f"generation {t.generation_id}  model {t.model}  status {t.status}",
-        f"created    {created[:-3]} UTC  events {seqs} ({t.events})"
-        + (f"  replay of {t.replay_of}" if t.replay_of else ""),
-        f"first token  {seconds(t.time_to_first_token_ms)} after creation"
+    fact("generation", t.generation_id)
+    fact("model", t.model)
+    fact("status", t.status)
+    fact("created", f"{created[:-3]} UTC")
+    fact("events", f"{seqs} ({t.events})")
+    if t.replay_of:
+        fact("replay of", t.replay_of)
+    fact(
+        "first token",
+        f"{seconds(t.time_to_first_token_ms)} after creation"
         if t.time_to_first_token_ms is not None
-        else "first token  unknown (no token, or the start was removed by retention)",
-        f"tokens     {t.tokens}"
-        + (f" at {t.tokens_per_second:.1f} tokens/s" if t.tokens_per_second is not None else "")
-        + f"  over {seconds(t.duration_ms)}",
-    ]
+        else "unknown (no token, or the start was removed by retention)",
+    )
+    rate = f" at {t.tokens_per_second:.1f} tokens/s" if t.tokens_per_second is not None else ""
+    fact("tokens", f"{t.tokens}{rate} over {seconds(t.duration_ms)}")
     if t.removed_by_retention:
-        lines.append(
-            f"retention  gap: events 1..{t.removed_by_retention} were removed before export; "
-            f"the timeline starts at seq {t.first_seq}"
+        fact(
+            "retention",
+            f"gap: events 1..{t.removed_by_retention} were removed before export; "
+            f"the timeline starts at seq {t.first_seq}",
+            "yellow",
         )
     for start, end in t.holes:
-        lines.append(f"hole       seqs {start}..{end} are missing from the recording")
+        fact("hole", f"seqs {start}..{end} are missing from the recording", "red")
     for takeover in t.takeovers:
-        lines.append(
-            f"takeover   seq {takeover.seq} {_at(takeover.at_ms)}: "
-            f"another worker started attempt {takeover.attempt}"
+        fact(
+            "takeover",
+            f"seq {takeover.seq} {_at(takeover.at_ms)}: "
+            f"another worker started attempt {takeover.attempt}",
+            "yellow",
         )
+    if t.terminal is not None:
+        end_event = bytes(t.terminal.event).decode()
+        fact("end", f"seq {t.terminal.seq} {_at(t.terminal.at_ms)}  {end_event}")
+    else:
+        fact("end", "none: recorded mid-flight, no terminal event", "yellow")
+    parts: list[RenderableType] = [facts]
+
     if t.stalls:
-        lines.append("longest stalls")
+        stalls = _section("longest stalls", ("silence", True), ("before", False), ("at", True))
+        stalls.add_column("text before ⏸ after")
         for stall in t.stalls:
-            lines.append(
-                f"  {seconds(stall.ms):>9}  before seq {stall.seq} ({stall.type}) "
-                f"at {_at(stall.at_ms)}  "
-                f"{_quote(stall.before)} ⏸ {_quote(stall.after)}"
+            stalls.add_row(
+                Text(seconds(stall.ms)),
+                Text(f"seq {stall.seq} ({stall.type})"),
+                Text(_at(stall.at_ms)),
+                Text(f"{_quote(stall.before)} ⏸ {_quote(stall.after)}"),
             )
+        parts += [Text(), stalls]
     if t.tool_calls:
-        lines.append("tool calls")
+        calls = _section("tool calls", ("seq", True), ("at", True), ("call", False))
         for call in t.tool_calls:
             arguments = json.dumps(call.arguments, ensure_ascii=False)
-            lines.append(f"  seq {call.seq} {_at(call.at_ms)}  ⚙ {call.name}({arguments})")
-    if t.terminal is not None:
-        lines.append(
-            f"end        seq {t.terminal.seq} {_at(t.terminal.at_ms)}  "
-            f"{bytes(t.terminal.event).decode()}"
-        )
-    else:
-        lines.append("end        none: recorded mid-flight, no terminal event")
-    return "\n".join(lines) + "\n"
+            calls.add_row(
+                Text(str(call.seq)), Text(_at(call.at_ms)), Text(f"⚙ {call.name}({arguments})")
+            )
+        parts += [Text(), calls]
+    return Group(*parts)
+
+
+def _section(title: str, *columns: tuple[str, bool]) -> Table:
+    table = Table(
+        title=title,
+        title_justify="left",
+        title_style="bold",
+        box=None,
+        pad_edge=False,
+        header_style="dim",
+    )
+    for name, numeric in columns:
+        table.add_column(name, justify="right" if numeric else "left")
+    return table
 
 
 def render_json(t: Timeline) -> bytes:

@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from typing import cast
 
 import msgspec
+from rich.table import Table
+from rich.text import Text
 
 from app.errors import InvalidRequest
 from app.events import LogEntry
@@ -100,32 +102,46 @@ async def recent_generations(
 
 # -- rendering ---------------------------------------------------------------
 
-_COLUMNS = ("ID", "STATUS", "MODEL", "EVENTS", "CREATED (UTC)", "DURATION", "TTFT")
+# Name, and whether the column is right-aligned (numbers).
+_COLUMNS = (
+    ("ID", False),
+    ("STATUS", False),
+    ("MODEL", False),
+    ("EVENTS", True),
+    ("CREATED (UTC)", False),
+    ("DURATION", True),
+    ("TTFT", True),
+)
+_STATUS_STYLES = {
+    "queued": "dim",
+    "running": "cyan",
+    "done": "green",
+    "error": "red",
+    "cancelled": "yellow",
+}
 
 
-def render_table(summaries: Sequence[GenerationSummary]) -> str:
-    rows = [_COLUMNS] + [
-        (
-            s.id,
-            s.status,
-            s.model,
-            str(s.events),
-            datetime.fromtimestamp(s.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            seconds(s.duration_ms),
-            seconds(s.time_to_first_token_ms),
+def render_table(summaries: Sequence[GenerationSummary]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name, numeric in _COLUMNS:
+        # A narrow terminal wraps cells rather than cutting them short, except the id, which
+        # is copied from here: whole, on one line.
+        table.add_column(
+            name, justify="right" if numeric else "left", overflow="fold", no_wrap=name == "ID"
         )
-        for s in summaries
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    numeric = {3, 5, 6}
-    lines = [
-        "  ".join(
-            cell.rjust(width) if i in numeric else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in rows
-    ]
-    return "\n".join(lines) + "\n"
+    for s in summaries:
+        created = datetime.fromtimestamp(s.created_ms / 1000, UTC)
+        table.add_row(
+            # Text, not str: rich would read brackets in a model name as markup.
+            Text(s.id),
+            Text(s.status, style=_STATUS_STYLES.get(s.status, "")),
+            Text(s.model),
+            Text(str(s.events)),
+            Text(created.strftime("%Y-%m-%d %H:%M:%S")),
+            Text(seconds(s.duration_ms)),
+            Text(seconds(s.time_to_first_token_ms)),
+        )
+    return table
 
 
 def render_json_lines(summaries: Sequence[GenerationSummary]) -> bytes:

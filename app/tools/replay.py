@@ -13,13 +13,12 @@ import contextlib
 import dataclasses
 import os
 import socket
-import time
 from collections.abc import Sequence
-from typing import Protocol
 
 import msgspec
 
 from app import events
+from app.clock import MONOTONIC, Clock
 from app.errors import Conflict, InvalidRequest
 from app.generations import GenerationRequest, Message
 from app.keys import new_generation_id
@@ -28,22 +27,6 @@ from app.tools.recording import RecordedEvent, Recording
 
 # Events per append call: bounds the Lua script's argument list.
 MAX_BATCH = 256
-
-
-class Clock(Protocol):
-    """Monotonic seconds and a way to wait; injectable so pacing tests need no wall clock."""
-
-    def now(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class MonotonicClock:
-    def now(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +85,7 @@ class Replayer:
         recording: Recording,
         *,
         speed: float | None = 1.0,
-        clock: Clock | None = None,
+        clock: Clock = MONOTONIC,
         writer_id: str | None = None,
     ) -> None:
         if speed is not None and not speed > 0:
@@ -110,7 +93,7 @@ class Replayer:
         self.log = log
         self.recording = recording
         self.speed = speed
-        self.clock: Clock = clock or MonotonicClock()
+        self.clock = clock
         self.writer_id = writer_id or f"replay:{socket.gethostname()}:{os.getpid()}"
         self._renew_every = log.settings.lease_seconds / 3
         self._renewed_at = 0.0

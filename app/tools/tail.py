@@ -17,14 +17,16 @@ from typing import Any, Protocol, TextIO
 
 import aiohttp
 import msgspec
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.text import Text
 
 from app import events
 from app.errors import Expired, InvalidRequest, NotFound, TokentapeError, Unavailable
-from app.sse import Message, Parser
+from app.sse import Parser, ReceivedEvent
 
 _gap_decoder = msgspec.json.Decoder(events.Gap)
-
-BOLD, DIM, RESET = "\x1b[1m", "\x1b[2m", "\x1b[0m"
 
 
 class Renderer(Protocol):
@@ -59,73 +61,126 @@ class RawRenderer:
         self.out.flush()
 
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.*)$")
-_BULLET = re.compile(r"^(\s*)[-*+]\s+(.*)$")
-_RULE = re.compile(r"^\s*([-*_])(\s*\1){2,}\s*$")
-_STRONG = re.compile(r"\*\*(.+?)\*\*")
-_CODE = re.compile(r"`([^`]+)`")
-
-
-class MarkdownLines:
-    """Markdown rendered one complete line at a time.
-
-    Rendering chunk by chunk breaks on a `**` or a code fence split across
-    tokens; holding the current line until its newline never does.
-    """
-
-    def __init__(self) -> None:
-        self.in_code = False
-
-    def render(self, line: str) -> str:
-        if line.lstrip().startswith(("```", "~~~")):
-            self.in_code = not self.in_code
-            return f"{DIM}{line}{RESET}"
-        if self.in_code:
-            return f"{DIM}{line}{RESET}"
-        if match := _HEADING.match(line):
-            return f"{BOLD}{_inline(match.group(2))}{RESET}"
-        if _RULE.match(line):
-            return f"{DIM}{'─' * 40}{RESET}"
-        if match := _BULLET.match(line):
-            return f"{match.group(1)}• {_inline(match.group(2))}"
-        if line.startswith(">"):
-            return f"{DIM}│ {_inline(line[1:].lstrip())}{RESET}"
-        return _inline(line)
-
-
-def _inline(text: str) -> str:
-    text = _STRONG.sub(lambda m: f"{BOLD}{m.group(1)}{RESET}", text)
-    return _CODE.sub(lambda m: f"{DIM}{m.group(1)}{RESET}", text)
+_SPACED_BY_RICH = re.compile(r"^\s*([-*+]|\d+[.)]|>|\|)(\s|$)")
 
 
 class MarkdownRenderer:
-    """Buffers the current line and renders only complete lines."""
+    """Markdown on a terminal, with rich: complete lines rendered, the unfinished last line
+    shown as plain text below them until its newline arrives.
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.lines = MarkdownLines()
+    Markdown needs the lines around a line (a code fence, a list), so complete lines
+    gather into a block that ends at a blank line or a closing fence. The block is
+    rendered in a live region as its lines complete and printed for good once it
+    ends; the unfinished line is never parsed, so a `**` split across tokens
+    cannot flash as bold.
+    """
+
+    def __init__(self, console: Console, notices: TextIO, max_block_lines: int = 0) -> None:
+        self.console = console
+        self.notices = notices
+        # A block longer than this is printed in parts: the live region must fit the screen.
+        self.max_block_lines = max_block_lines or max(4, console.height // 2)
+        self._block: list[str] = []
+        self._fence: str | None = None  # the opening line while inside a fenced code block
+        self._rendered: Markdown | None = None
         self._line = ""
+        self._blank_lines = 0  # seen since the last block, printed before the next one
+        self._live: Live | None = None
+
+    @property
+    def in_progress(self) -> Group:
+        """What the live region shows: the current block rendered, the unfinished line as is."""
+        parts: list[RenderableType] = [] if self._rendered is None else [self._rendered]
+        if self._line:
+            parts.append(Text(self._line))
+        return Group(*parts)
 
     def text(self, chunk: str) -> None:
         *complete, self._line = (self._line + chunk).split("\n")
         for line in complete:
-            self.out.write(self.lines.render(line) + "\n")
+            self._add(line)
         if complete:
-            self.out.flush()
+            self._rendered = Markdown(self._source()) if self._block else None
+        self._show()
 
     def tool_call(self, name: str, arguments: dict[str, Any]) -> None:
-        self._flush_line()
-        self.out.write(f"{DIM}{tool_call_line(name, arguments)}{RESET}\n")
-        self.out.flush()
+        self._end_line()
+        self._print(Text(tool_call_line(name, arguments), style="dim"))
+        self._show()
+
+    def notice(self, message: str) -> None:
+        """A line on `notices`, with the live region out of its way (same terminal)."""
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()  # transient: erases the region
+        self.notices.write(message + "\n")
+        self.notices.flush()
+        if live is not None:
+            self._show()
 
     def finish(self) -> None:
-        self._flush_line()
-        self.out.flush()
+        self._end_line()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
-    def _flush_line(self) -> None:
+    def _add(self, line: str) -> None:
+        fence = line.lstrip().startswith(("```", "~~~"))
+        if self._fence is not None:
+            self._block.append(line)
+            if fence and line.strip().startswith(self._fence.strip()[:3]):
+                self._flush()
+                self._fence = None
+        elif fence:
+            self._flush()
+            self._fence = line
+        elif not line.strip():
+            self._flush()
+            self._blank_lines += 1
+        else:
+            self._block.append(line)
+        if len(self._block) >= self.max_block_lines:
+            self._flush()  # inside a fence, the next part opens with the same fence
+
+    def _source(self) -> str:
+        return "\n".join(([self._fence] if self._fence is not None else []) + self._block)
+
+    def _end_line(self) -> None:
         if self._line:
-            self.out.write(self.lines.render(self._line) + "\n")
+            self._add(self._line)
             self._line = ""
+        self._flush()
+        self._rendered = None
+
+    def _flush(self) -> None:
+        if self._block:
+            # rich opens a list, a quote or a table with a blank line of its own.
+            spaced = _SPACED_BY_RICH.match(self._fence or self._block[0]) is not None
+            self._print(Markdown(self._source()), blank_lines=self._blank_lines - spaced)
+            self._block = []
+        self._rendered = None
+
+    def _print(self, renderable: RenderableType, blank_lines: int | None = None) -> None:
+        """Print for good (above the live region while there is one), after the blank
+        lines the text had before it."""
+        for _ in range(self._blank_lines if blank_lines is None else blank_lines):
+            self.console.print()
+        self._blank_lines = 0
+        self.console.print(renderable)
+
+    def _show(self) -> None:
+        if self._live is None:
+            # Redrawn ten times a second, not per token: a fast generation must not cost
+            # a render of the block per token.
+            self._live = Live(
+                console=self.console,
+                refresh_per_second=10,
+                transient=True,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._live.start()
+        self._live.update(self.in_progress)
 
 
 @dataclasses.dataclass
@@ -229,7 +284,7 @@ class Follower:
                     self._retry_ms = parser.retry
             return "progress" if progressed else "the stream ended with no event"
 
-    def _on_message(self, message: Message) -> events.TerminalEvent | None:
+    def _on_message(self, message: ReceivedEvent) -> events.TerminalEvent | None:
         if message.event == "gap":
             try:
                 gap = _gap_decoder.decode(message.data)

@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -116,6 +117,26 @@ def test_tools_find_the_url_of_a_running_serve_and_nothing_once_it_is_gone(
     # A file left behind by a serve that was killed names no running server.
     (tmp_path / "embedded.json").write_text('{"url": "redis://127.0.0.1:1/0"}')
     assert embedded.running_url(tmp_path) is None
+
+
+@needs_redis_server
+def test_a_restarted_server_keeps_its_port_or_fails(tmp_path: Path) -> None:
+    binary = embedded.find_server()
+    assert binary is not None
+    server = RedisProcess(binary, tmp_path)
+    server.start()
+    url = server.url
+    server.kill()
+    server.start()
+    assert server.url == url
+    server.kill()
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", server.port))
+        taken.listen()
+        with pytest.raises(EmbeddedUnavailable):
+            server.start()  # not on another port, where no client would look
+    assert server.url == url
 
 
 @needs_redis_server

@@ -94,11 +94,11 @@ async def create(session: aiohttp.ClientSession, url: str, sim: Mapping[str, flo
 
 async def read_events(
     session: aiohttp.ClientSession, url: str, generation_id: str, *, after: int, until: int | None
-) -> list[sse.Message]:
+) -> list[sse.ReceivedEvent]:
     """The events after `after`, until seq `until` (then the connection is dropped) or the end."""
     headers = {"Last-Event-ID": str(after)} if after else {}
     parser = sse.Parser()
-    received: list[sse.Message] = []
+    received: list[sse.ReceivedEvent] = []
     async with session.get(
         f"{url}/v1/generations/{generation_id}/events", headers=headers
     ) as response:

@@ -85,7 +85,7 @@ class Stream:
         self.response = response
         self.parser = sse.Parser()
         self.raw = b""
-        self._ready: list[sse.Message] = []
+        self._ready: list[sse.ReceivedEvent] = []
 
     async def next_chunk(self) -> bytes:
         chunk = await self.response.content.readany()
@@ -93,28 +93,28 @@ class Stream:
         self._ready.extend(self.parser.feed(chunk))
         return chunk
 
-    async def take(self, count: int) -> list[sse.Message]:
+    async def take(self, count: int) -> list[sse.ReceivedEvent]:
         while len(self._ready) < count:
             if not await self.next_chunk():
                 break
         taken, self._ready = self._ready[:count], self._ready[count:]
         return taken
 
-    async def rest(self) -> list[sse.Message]:
+    async def rest(self) -> list[sse.ReceivedEvent]:
         while await self.next_chunk():
             pass
         taken, self._ready = self._ready, []
         return taken
 
 
-async def read_all(client: Client, url: str, **kwargs: Any) -> tuple[int, list[sse.Message]]:
+async def read_all(client: Client, url: str, **kwargs: Any) -> tuple[int, list[sse.ReceivedEvent]]:
     async with client.get(url, **kwargs) as response:
         if response.status != 200:
             return response.status, []
         return 200, await Stream(response).rest()
 
 
-def as_events(messages: Sequence[sse.Message]) -> list[tuple[int, events.Event]]:
+def as_events(messages: Sequence[sse.ReceivedEvent]) -> list[tuple[int, events.Event]]:
     return [(int(m.id or 0), events.decode(m.data)) for m in messages if m.event != "gap"]
 
 

@@ -9,23 +9,23 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app import events
+from app.embedded import RedisProcess
 from app.http import create_app
 from app.log import GenerationLog
 from app.settings import Settings
-from tests.conftest import RedisServer
 from tests.http.conftest import ClientFactory, Stream, Writer, until_subscriptions
 
 
 async def test_redis_down_before_the_stream_is_a_200_that_says_retry(
     aiohttp_client: ClientFactory,
     settings: Settings,
-    redis_server_factory: Callable[..., RedisServer],
+    redis_server_factory: Callable[..., RedisProcess],
 ) -> None:
     server = redis_server_factory()
     redis = Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
     client = await aiohttp_client(create_app(settings.replace(retry_milliseconds=250), redis))
     writer = await Writer.start(GenerationLog(redis, settings))
-    server.stop()
+    server.kill()
     async with client.get(writer.events_url) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/event-stream"
@@ -40,7 +40,7 @@ async def test_redis_down_before_the_stream_is_a_200_that_says_retry(
 async def test_stream_survives_a_redis_restart_with_no_gap_or_duplicate(
     aiohttp_client: ClientFactory,
     settings: Settings,
-    redis_server_factory: Callable[..., RedisServer],
+    redis_server_factory: Callable[..., RedisProcess],
 ) -> None:
     server = redis_server_factory("--appendonly", "yes", "--appendfsync", "always")
     redis = Redis.from_url(server.url, socket_timeout=2, socket_connect_timeout=1)
@@ -56,7 +56,7 @@ async def test_stream_survives_a_redis_restart_with_no_gap_or_duplicate(
         assert [m.id for m in await stream.take(5)] == ["1", "2", "3", "4", "5"]
         await until_subscriptions(app, 1)
 
-        server.stop()
+        server.kill()
         # The connection is held: heartbeats keep flowing while Redis is away.
         heartbeats = stream.raw.count(b": keep-alive")
         while stream.raw.count(b": keep-alive") < heartbeats + 2:

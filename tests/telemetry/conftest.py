@@ -19,21 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from app.telemetry import Telemetry
+from tests.conftest import FakeClock
 
 GENERATION_ID = "gen_0123456789abcdef"
-
-
-class FakeClock:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def metric_points(reader: InMemoryMetricReader, metric: str) -> list[Any]:

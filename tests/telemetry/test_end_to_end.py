@@ -42,10 +42,10 @@ def exported() -> Iterator[tuple[Telemetry, InMemorySpanExporter]]:
 
 async def read(
     client: TestClient[web.Request, web.Application], url: str, *, last_id: str = "", take: int = 0
-) -> list[sse.Message]:
+) -> list[sse.ReceivedEvent]:
     """Read a stream to its end, or drop the connection after `take` events."""
     parser = sse.Parser()
-    messages: list[sse.Message] = []
+    messages: list[sse.ReceivedEvent] = []
     headers = {"Last-Event-ID": last_id} if last_id else {}
     async with client.get(url, headers=headers) as response:
         async for chunk in response.content.iter_any():

@@ -10,7 +10,8 @@ from pytest_aiohttp import AiohttpClient
 
 from app.telemetry import Telemetry
 from app.telemetry.web import metrics_app
-from tests.telemetry.conftest import GENERATION_ID, FakeClock, Recorded, samples_by_name
+from tests.conftest import FakeClock
+from tests.telemetry.conftest import GENERATION_ID, Recorded, samples_by_name
 
 MODEL = {"gen_ai.provider.name": "sim", "gen_ai.request.model": "sim-1"}
 

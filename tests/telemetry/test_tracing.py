@@ -14,7 +14,6 @@ from app.errors import InvalidRequest, TokentapeError, Unavailable
 from app.events import Usage
 from app.jobs import Job
 from app.telemetry import (
-    META_TRACEPARENT,
     Telemetry,
     context_from_traceparent,
     link_from_traceparent,
@@ -162,10 +161,10 @@ def test_one_generation_two_readers_one_resume_and_a_takeover_in_one_trace(
     )
     first = worker_process.run(crashed.__enter__)
     assert first.traceparent is not None
-    meta[META_TRACEPARENT] = first.traceparent
+    meta["traceparent"] = first.traceparent
     first_attempt_id = first.span.get_span_context().span_id
     with telemetry.reader_span(
-        GENERATION_ID, position=0, resume=False, link_to=meta[META_TRACEPARENT]
+        GENERATION_ID, position=0, resume=False, link_to=meta["traceparent"]
     ) as reader:
         reader.first_event(1)
         reader.sent(3, 120)
@@ -178,10 +177,10 @@ def test_one_generation_two_readers_one_resume_and_a_takeover_in_one_trace(
         attempt=2,
         takeover=True,
         parent_traceparent=job.traceparent,
-        previous_attempt=meta[META_TRACEPARENT],
+        previous_attempt=meta["traceparent"],
     ) as second:
         assert second.traceparent is not None
-        meta[META_TRACEPARENT] = second.traceparent
+        meta["traceparent"] = second.traceparent
         second.finish("stop")
 
     # The client reconnects with Last-Event-ID: 3.
@@ -189,7 +188,7 @@ def test_one_generation_two_readers_one_resume_and_a_takeover_in_one_trace(
         GENERATION_ID,
         position=3,
         resume=True,
-        link_to=meta[META_TRACEPARENT].encode(),  # redis-py hands back bytes
+        link_to=meta["traceparent"].encode(),  # redis-py hands back bytes
     ) as reader:
         reader.first_event(4)
         reader.sent(5, 200)

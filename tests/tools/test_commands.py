@@ -1,45 +1,33 @@
-"""The subcommands through argparse, as `tokentape` will run them once `register` is wired."""
+"""The incident tools through `tokentape`'s own entry point, as a user runs them."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import io
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import pytest
+from rich.text import Text
 
-from app import events
+from app import cli, events
 from app.log import GenerationLog
 from app.settings import Settings
 from app.tools import recording
-from app.tools.commands import register
 from tests.tools.builders import tokens, write_generation
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="tokentape")
-    register(root.add_subparsers(dest="command", required=True))
-    return root
 
 
 def run(*argv: str) -> int:
     """One command, with its own event loop as under the console script."""
-    args = parser().parse_args(argv)
-    status: int = args.run(args)
-    return status
+    return cli.main(argv)
 
 
 @pytest.fixture
 def redis_options(settings: Settings) -> list[str]:
     assert settings.redis_url is not None
     return ["--redis", settings.redis_url, "--prefix", settings.key_prefix]
-
-
-def test_register_adds_the_five_commands() -> None:
-    for command in ("ls", "export", "inspect", "replay", "tail"):
-        assert callable(parser().parse_args([command, "x"] if command != "ls" else [command]).run)
 
 
 async def test_export_inspect_replay_ls_from_the_command_line(
@@ -84,6 +72,41 @@ async def test_user_errors_exit_with_their_code(
     bad.write_text('{"format": "tokentape.recording", "version": 9}\n')
     assert await _in_thread(lambda: run("inspect", str(bad))) == 2
     assert "unsupported_recording_version" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_export_shows_progress_on_a_terminal_and_pipes_the_recording_as_is(
+    log: GenerationLog,
+    redis_options: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    generation_id = await write_generation(
+        log, [[events.Started()], tokens("Hello there."), [events.Done(reason="stop")]]
+    )
+    count = len(await log.read(generation_id, 0, 100))
+    path = tmp_path / "incident.jsonl"
+    terminal = Terminal()
+    with monkeypatch.context() as patched:
+        patched.setattr(sys, "stderr", terminal)
+        export = ["export", generation_id, *redis_options]
+        assert await _in_thread(lambda: run(*export, "-o", str(path))) == 0
+    shown = Text.from_ansi(terminal.getvalue()).plain
+    assert f"export {generation_id}" in shown
+    assert f"{count}/{count} events" in shown
+    capsys.readouterr()
+
+    assert await _in_thread(lambda: run(*export)) == 0  # stdout and stderr are not terminals
+    piped = capsys.readouterr()
+    header, *lines = piped.out.encode().splitlines(keepends=True)
+    assert lines == path.read_bytes().splitlines(keepends=True)[1:]  # the header has a time
+    assert msgspec.json.decode(header)["generation"]["id"] == generation_id
+    assert piped.err == ""  # no progress bar into a pipe
 
 
 async def _in_thread(call: Callable[[], int]) -> int:

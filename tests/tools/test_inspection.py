@@ -9,6 +9,7 @@ import msgspec
 from app import events
 from app.tools import inspection, recording
 from tests.tools.builders import recording_of
+from tests.tools.screen import as_text
 
 ANSWER = "The capital of France is Paris. It lies on the Seine."
 
@@ -68,13 +69,16 @@ def test_inspect_reports_ttft_rate_tools_takeovers_and_the_end(tmp_path: Path) -
     assert timeline.terminal.type == "done"
     assert timeline.removed_by_retention == 0
 
-    text = inspection.render(timeline)
-    assert "first token  400 ms" in text
-    assert "7.02 s  before seq" in text
-    assert '(token) at +0.480s  "The capital of France is " ⏸ "Paris. It lies on' in text
-    assert '⚙ weather({"city": "Paris"})' in text
-    assert "attempt 2" in text
-    assert '{"type":"done","reason":"tool_calls"}' in text
+    text = as_text(inspection.render(timeline))
+    assert "first token  400 ms after creation" in text
+    assert "takeover     seq 16 +12.120s: another worker started attempt 2" in text
+    assert 'end          seq 17 +12.220s  {"type":"done","reason":"tool_calls"}' in text
+    stalls = text[text.index("longest stalls") :].splitlines()
+    assert stalls[2] == (
+        ' 7.02 s  seq 7 (token)      +0.480s  "The capital of France is " ⏸ "Paris. It lies on the Seine. "'
+    )
+    calls = text[text.index("tool calls") :].splitlines()
+    assert calls[2] == ' 15  +9.126s  ⚙ weather({"city": "Paris"})'
 
     as_json = msgspec.json.decode(inspection.render_json(timeline))
     assert as_json["stalls"][0]["ms"] == 7020
@@ -89,6 +93,24 @@ def test_inspect_reports_a_retention_gap_and_a_missing_end(tmp_path: Path) -> No
     assert timeline.removed_by_retention == 10
     assert timeline.time_to_first_token_ms is None  # unknowable without seq 1
     assert timeline.terminal is None
-    text = inspection.render(timeline)
+    text = as_text(inspection.render(timeline))
     assert "events 1..10 were removed" in text
     assert "no terminal event" in text
+
+
+def test_a_narrow_terminal_wraps_the_facts_but_cuts_nothing(tmp_path: Path) -> None:
+    timeline = inspection.timeline(recording.read_file(write_file(tmp_path / "r.jsonl", planted())))
+    text = as_text(inspection.render(timeline), width=40)
+    assert "…" not in text
+    end = text[text.index("end ") : text.index("longest stalls")]
+    assert "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls"}'
+
+
+def test_generated_text_is_shown_as_is_not_read_as_markup(tmp_path: Path) -> None:
+    timed: list[tuple[int, events.Event]] = [
+        (0, events.Token(text="[bold]not markup[/bold] ")),
+        (900, events.Done(reason="stop")),
+    ]
+    loaded = recording.read_file(write_file(tmp_path / "r.jsonl", timed))
+    text = as_text(inspection.render(inspection.timeline(loaded)))
+    assert '"[bold]not markup[/bold] " ⏸ ""' in text

@@ -12,6 +12,7 @@ from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.tools import listing
 from tests.tools.builders import REQUEST, write_generation
+from tests.tools.screen import as_text
 
 
 async def test_ls_lists_newest_first_with_status_events_and_ttft(log: GenerationLog) -> None:
@@ -62,7 +63,7 @@ async def test_ls_skips_generations_whose_metadata_expired(
 async def test_ls_renders_a_table_and_json_lines(log: GenerationLog) -> None:
     generation_id = await write_generation(log, [[events.Done(reason="stop")]])
     found = await listing.recent_generations(log)
-    table = listing.render_table(found).splitlines()
+    table = as_text(listing.render_table(found)).splitlines()
     assert table[0].split() == [
         "ID",
         "STATUS",
@@ -73,10 +74,49 @@ async def test_ls_renders_a_table_and_json_lines(log: GenerationLog) -> None:
         "DURATION",
         "TTFT",
     ]
-    assert table[1].startswith(generation_id)
+    assert table[1].split()[:4] == [generation_id, "done", "sim", "1"]
     line = msgspec.json.decode(listing.render_json_lines(found).splitlines()[0])
     assert line["id"] == generation_id
     assert line["status"] == "done"
+
+
+def test_a_model_name_is_shown_as_is_not_read_as_markup() -> None:
+    summary = listing.GenerationSummary(
+        id="g" * 22,
+        status="error",
+        model="openai/[bold]x[/bold]",
+        events=3,
+        created_ms=0,
+        duration_ms=1500,
+        time_to_first_token_ms=None,
+    )
+    row = as_text(listing.render_table([summary])).splitlines()[1]
+    assert row.split() == [
+        "g" * 22,
+        "error",
+        "openai/[bold]x[/bold]",
+        "3",
+        "1970-01-01",
+        "00:00:00",
+        "1.50",
+        "s",
+        "-",
+    ]
+
+
+def test_a_narrow_terminal_wraps_cells_but_keeps_the_id_whole() -> None:
+    summary = listing.GenerationSummary(
+        id="DnBdX2mjeGLPdvkWoyl3zw",
+        status="cancelled",
+        model="anthropic/claude-sonnet-4-5",
+        events=155,
+        created_ms=0,
+        duration_ms=531,
+        time_to_first_token_ms=24,
+    )
+    text = as_text(listing.render_table([summary]), width=70)
+    assert "…" not in text  # nothing cut short
+    assert any(line.startswith("DnBdX2mjeGLPdvkWoyl3zw ") for line in text.splitlines())
 
 
 @pytest.mark.parametrize(

@@ -9,24 +9,8 @@ from app.errors import InvalidRequest
 from app.log import GenerationLog
 from app.settings import Settings
 from app.tools.replay import Replayer, batches
+from tests.conftest import FakeClock
 from tests.tools.builders import recording_of
-
-
-class SteppingClock:
-    """Virtual seconds; every sleep oversleeps a little, as a loaded machine would."""
-
-    def __init__(self, oversleep: float = 0.0) -> None:
-        self.time = 100.0
-        self.oversleep = oversleep
-        self.sleeps: list[float] = []
-
-    def now(self) -> float:
-        return self.time
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.time += seconds + self.oversleep
-
 
 # ms after creation: two events in one ms, a 4 s stall, a burst, the end.
 TIMED: list[tuple[int, events.Event]] = [
@@ -43,7 +27,7 @@ TIMED: list[tuple[int, events.Event]] = [
 @pytest.mark.parametrize("speed", [1.0, 2.5, 0.5], ids=["original", "faster", "slower"])
 async def test_replay_follows_the_recorded_timing(log: GenerationLog, speed: float) -> None:
     recorded = recording_of(TIMED)
-    clock = SteppingClock(oversleep=0.004)
+    clock = FakeClock(oversleep=0.004)
     replayer = Replayer(log, recorded, speed=speed, clock=clock)
     result = await replayer.run(await replayer.create())
 
@@ -62,7 +46,7 @@ async def test_a_long_stall_is_waited_in_slices_that_keep_the_lease(
     log: GenerationLog, settings: Settings
 ) -> None:
     recorded = recording_of([(0, events.Token(text="a")), (120_000, events.Done(reason="stop"))])
-    clock = SteppingClock()
+    clock = FakeClock()
     replayer = Replayer(log, recorded, speed=1.0, clock=clock)
     generation_id = await replayer.create()
     result = await replayer.run(generation_id)
@@ -74,7 +58,7 @@ async def test_a_long_stall_is_waited_in_slices_that_keep_the_lease(
 
 
 async def test_as_fast_as_possible_never_sleeps(log: GenerationLog) -> None:
-    clock = SteppingClock()
+    clock = FakeClock()
     replayer = Replayer(log, recording_of(TIMED), speed=None, clock=clock)
     result = await replayer.run(await replayer.create())
     assert clock.sleeps == []
@@ -84,7 +68,7 @@ async def test_as_fast_as_possible_never_sleeps(log: GenerationLog) -> None:
 async def test_a_cancel_of_the_replay_ends_it_cancelled(log: GenerationLog) -> None:
     recorded = recording_of([(0, events.Token(text="a")), (60_000, events.Done(reason="stop"))])
 
-    class CancellingClock(SteppingClock):
+    class CancellingClock(FakeClock):
         async def sleep(self, seconds: float) -> None:
             if not self.sleeps:
                 await log.request_cancel(generation_id)

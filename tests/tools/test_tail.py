@@ -14,9 +14,10 @@ from app.errors import NotFound
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
-from app.tools.tail import BOLD, DIM, RESET, Follower, MarkdownRenderer, RawRenderer
+from app.tools.tail import Follower, MarkdownRenderer, RawRenderer
 from tests.tools.builders import REQUEST, tokens, write_generation
 from tests.tools.reader_server import ReaderServer
+from tests.tools.screen import as_text, plain_console, printed
 
 FIRST_HALF = "## Plan\nStep one: **split** the tokens"
 SECOND_HALF = " anywhere.\n- a bullet\n```py\nx = 1\n```\nThe end."
@@ -188,32 +189,61 @@ async def test_tail_gives_up_after_bounded_backoff() -> None:
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
-def test_markdown_renders_only_complete_lines() -> None:
-    out = io.StringIO()
-    renderer = MarkdownRenderer(out)
-    for chunk in [
-        "# Ti",
-        "tle\nsome **bo",
-        "ld** te",
-        "xt\n- it",
-        "em\n``",
-        "`\ncode\n```\n",
-        "tail",
-    ]:
+def test_markdown_renders_complete_lines_and_shows_the_unfinished_one_as_is() -> None:
+    console = plain_console(width=40)
+    renderer = MarkdownRenderer(console, io.StringIO())
+    renderer.text("# Ti")
+    assert as_text(renderer.in_progress) == "# Ti"  # not parsed until its newline
+    renderer.text("tle\nsome **bo")
+    assert as_text(renderer.in_progress, width=40).splitlines() == [
+        "                 Title",
+        "some **bo",
+    ]
+    for chunk in ["ld** te", "xt\n- it", "em\n``", "`py\ncode\n```\n", "tail"]:
         renderer.text(chunk)
-        assert "**" not in out.getvalue()  # a split `**` is never shown raw
+        assert not any("**" in line for line in printed(console))  # a split `**` never printed
     renderer.tool_call("lookup", {"q": "x"})
     renderer.finish()
-    assert out.getvalue().splitlines() == [
-        f"{BOLD}Title{RESET}",
-        f"some {BOLD}bold{RESET} text",
-        "• item",
-        f"{DIM}```{RESET}",
-        f"{DIM}code{RESET}",
-        f"{DIM}```{RESET}",
+    assert printed(console) == [
+        "                 Title",
+        "",
+        "some bold text",
+        "",
+        " • item",
+        "",
+        " code",
+        "",
         "tail",
-        f'{DIM}⚙ lookup({{"q": "x"}}){RESET}',
+        '⚙ lookup({"q": "x"})',
     ]
+
+
+def test_a_long_code_block_is_printed_in_parts_that_stay_code() -> None:
+    console = plain_console(width=40)
+    renderer = MarkdownRenderer(console, io.StringIO(), max_block_lines=2)
+    renderer.text("```\n# not a heading\nx = 1\n# nor this\n```\nafter\n")
+    renderer.finish()
+    code = [line for line in printed(console) if line]
+    assert code == [" # not a heading", " x = 1", " # nor this", "after"]
+
+
+def test_blocks_are_spaced_as_the_text_spaces_them() -> None:
+    console = plain_console(width=40)
+    renderer = MarkdownRenderer(console, io.StringIO())
+    renderer.text("para\n\n- a\n- b\n\n\n> quoted\n\nnext")
+    renderer.finish()
+    assert printed(console) == ["para", "", " • a", " • b", "", "", "▌ quoted", "", "next"]
+
+
+def test_a_notice_goes_to_its_stream_and_rendering_goes_on() -> None:
+    console, notices = plain_console(width=40), io.StringIO()
+    renderer = MarkdownRenderer(console, notices)
+    renderer.text("one\ntw")
+    renderer.notice("↻ reconnecting")
+    renderer.text("o\n")
+    renderer.finish()
+    assert notices.getvalue() == "↻ reconnecting\n"
+    assert printed(console) == ["one two"]  # one paragraph: markdown joins its lines
 
 
 def test_raw_puts_a_tool_call_on_its_own_line() -> None:

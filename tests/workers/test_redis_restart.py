@@ -31,7 +31,7 @@ async def test_a_worker_keeps_working_after_redis_restarts_empty(
     try:
         async with asyncio.timeout(5):
             await worker.ready.wait()
-        server.stop()
+        server.kill()
         server.start()  # same port, no data: the job group is gone
         log = GenerationLog(redis, settings)
         # The worker's subscription is another client's state on the server: poll it.

@@ -9,24 +9,10 @@ from collections.abc import Sequence
 import pytest
 
 from app.events import Done, Event, Started, Token, ToolCall, ToolCallDelta, Usage
+from tests.conftest import FakeClock
 from tests.workers.conftest import expected_events, sim_request
 from workers.models.base import GenerationContext, ProviderError
-from workers.models.sim import WAKE_GRID, SimModel, SystemClock, prompt_tokens, until_grid
-
-
-class FakeClock:
-    """Time that moves only when the sim sleeps or the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from workers.models.sim import WAKE_GRID, GridClock, SimModel, prompt_tokens, until_grid
 
 
 async def stream(model: SimModel, context: GenerationContext) -> list[Event]:
@@ -97,12 +83,12 @@ async def test_a_log_the_seed_would_not_produce_cannot_be_continued() -> None:
 async def test_tokens_are_due_on_the_generations_clock_not_after_fixed_sleeps() -> None:
     clock = FakeClock()
     model = SimModel(clock)
-    t0 = clock.now
+    t0 = clock.now()
     emitted: list[float] = []
     async for _ in model.stream(context(tokens=5, rate=10.0)):
-        emitted.append(round(clock.now - t0, 6))
+        emitted.append(round(clock.now() - t0, 6))
         if len(emitted) == 2:
-            clock.now += 0.25  # the consumer stalled: the sim catches up instead of drifting
+            clock.advance(0.25)  # the consumer stalled: the sim catches up instead of drifting
     # Token i is due at i/10 s; after the stall tokens 2 and 3 are already due.
     assert emitted == [0.0, 0.1, 0.35, 0.35, 0.4, 0.4]
     assert [round(s, 6) for s in clock.sleeps] == [0.1, 0.05]
@@ -111,10 +97,10 @@ async def test_tokens_are_due_on_the_generations_clock_not_after_fixed_sleeps() 
 async def test_a_continuation_resumes_the_pace_where_the_log_left_off() -> None:
     clock = FakeClock()
     full = await stream(SimModel(FakeClock()), context(tokens=6, rate=10.0))
-    t0 = clock.now
+    t0 = clock.now()
     emitted: list[float] = []
     async for _ in SimModel(clock).stream(context(tokens=6, rate=10.0, prior=full[:3])):
-        emitted.append(round(clock.now - t0, 6))
+        emitted.append(round(clock.now() - t0, 6))
     assert emitted == [0.0, 0.1, 0.2, 0.2]  # tokens 3, 4, 5 and the done
 
 
@@ -127,7 +113,7 @@ async def test_a_rate_of_1e9_never_sleeps() -> None:
 
 @pytest.mark.parametrize("now", [0.0, 12.3456789, 1162801.0011818])
 @pytest.mark.parametrize("seconds", [0.0001, 0.0012, 0.0049, 0.005, 0.05, 0.0501])
-def test_the_system_clock_wakes_on_the_shared_grid_and_never_early(
+def test_the_grid_clock_wakes_on_the_shared_grid_and_never_early(
     now: float, seconds: float
 ) -> None:
     """Generations due within one grid step wake in one loop iteration (one pipeline)."""
@@ -138,8 +124,8 @@ def test_the_system_clock_wakes_on_the_shared_grid_and_never_early(
     assert math.isclose(steps, round(steps), abs_tol=1e-6)
 
 
-async def test_the_system_clock_sleeps_at_least_as_asked() -> None:
-    clock = SystemClock()
-    before = clock.monotonic()
+async def test_the_grid_clock_sleeps_at_least_as_asked() -> None:
+    clock = GridClock()
+    before = clock.now()
     await clock.sleep(0.002)
-    assert clock.monotonic() - before >= 0.002
+    assert clock.now() - before >= 0.002

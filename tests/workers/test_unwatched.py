@@ -44,7 +44,7 @@ async def test_a_watched_generation_runs_to_its_end(
     # Runs 2 s, far past the 0.6 s policy, with a reader attached all along.
     generation_id = await submit(log, sim_request(tokens=60, rate=30))
     parser = sse.Parser()
-    messages: list[sse.Message] = []
+    messages: list[sse.ReceivedEvent] = []
     async with client.get(f"/v1/generations/{generation_id}/events") as response:
         async for chunk in response.content.iter_any():
             messages.extend(parser.feed(chunk))

@@ -10,7 +10,7 @@ from workers.models.base import GenerationContext, ModelAdapter, ProviderError
 from workers.models.openai import OpenAIAdapter
 from workers.models.sim import SimModel
 
-__all__ = ["Adapters", "GenerationContext", "ModelAdapter", "ProviderError", "adapter_for"]
+__all__ = ["Adapters", "GenerationContext", "ModelAdapter", "ProviderError"]
 
 AdapterFactory = Callable[[Settings | None], ModelAdapter]
 
@@ -51,8 +51,3 @@ class Adapters:
             close = getattr(adapter, "close", None)
             if close is not None:
                 await close()
-
-
-def adapter_for(model: str, settings: Settings | None = None) -> ModelAdapter:
-    """A new adapter for `model` (a worker keeps its own in an `Adapters`)."""
-    return Adapters(settings)(model)

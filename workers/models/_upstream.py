@@ -65,7 +65,7 @@ class RetryPolicy:
 
 
 _Opened = tuple[contextlib.AsyncExitStack, AsyncGenerator[Event, None], Event]
-Translate = Callable[[AsyncIterator[sse.Message]], AsyncGenerator[Event, None]]
+Translate = Callable[[AsyncIterator[sse.ReceivedEvent]], AsyncGenerator[Event, None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ class _Wait:
         return self._backoff(state)
 
 
-async def _messages(response: aiohttp.ClientResponse) -> AsyncIterator[sse.Message]:
+async def _messages(response: aiohttp.ClientResponse) -> AsyncIterator[sse.ReceivedEvent]:
     parser = sse.Parser()
     async for chunk in response.content.iter_any():
         for message in parser.feed(chunk):

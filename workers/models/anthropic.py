@@ -185,7 +185,9 @@ class _Translator:
     def __init__(self, already_sent: str = "") -> None:
         self._already_sent = already_sent
 
-    async def __call__(self, messages: AsyncIterator[sse.Message]) -> AsyncGenerator[Event, None]:
+    async def __call__(
+        self, messages: AsyncIterator[sse.ReceivedEvent]
+    ) -> AsyncGenerator[Event, None]:
         # Called once per attempt: all state is local, a retry starts afresh.
         skip = self._already_sent
         calls = ToolCallAccumulator()

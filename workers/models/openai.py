@@ -151,7 +151,7 @@ class OpenAIAdapter:
         return body
 
 
-async def _translate(messages: AsyncIterator[sse.Message]) -> AsyncGenerator[Event, None]:
+async def _translate(messages: AsyncIterator[sse.ReceivedEvent]) -> AsyncGenerator[Event, None]:
     calls = ToolCallAccumulator()
     finish: FinishReason | None = None
     usage: Usage | None = None

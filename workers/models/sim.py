@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
+from app.clock import Clock, MonotonicClock
 from app.events import Done, Event, Started, Token, ToolCall, ToolCallDelta, Usage
 from app.generations import GenerationRequest, SimParams
 from workers.models.base import GenerationContext, ProviderError
@@ -24,7 +24,7 @@ from workers.models.base import GenerationContext, ProviderError
 _YIELD_EVERY = 64
 # Shorter waits are not worth a timer: such events go out together, still on the clock.
 _MIN_SLEEP = 0.001
-# The system clock's wake-ups fall on multiples of this (seconds); see SystemClock.
+# The system clock's wake-ups fall on multiples of this (seconds); see GridClock.
 WAKE_GRID = 0.005
 
 _WORDS = (  # noqa: SIM905 - a paragraph reads better than a list of 80 strings
@@ -50,15 +50,7 @@ _TOOLS = ("get_weather", "search_docs", "run_query", "create_ticket")
 _CITIES = ("Zürich", "São Paulo", "東京", "Reykjavík", "Lagos", 'New "York"')
 
 
-class Clock(Protocol):
-    """What the sim paces against: injectable so tests control time."""
-
-    def monotonic(self) -> float: ...
-
-    async def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
+class GridClock(MonotonicClock):
     """The event loop's clock; sleeps end on a shared grid of `WAKE_GRID` seconds.
 
     A worker paces hundreds of generations: woken one by one, each token costs
@@ -66,9 +58,6 @@ class SystemClock:
     the grid, every token due in the same few milliseconds goes out in one
     pipeline (see `app.log`). A token is never early and at most one grid step late.
     """
-
-    def monotonic(self) -> float:
-        return time.monotonic()  # the clock of asyncio's loops
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(until_grid(asyncio.get_running_loop().time(), seconds))
@@ -191,7 +180,7 @@ class SimModel:
     """`"model": "sim"`: streams `plan(...)`, continuing after whatever `prior` holds."""
 
     def __init__(self, clock: Clock | None = None) -> None:
-        self.clock: Clock = clock or SystemClock()
+        self.clock: Clock = clock or GridClock()
 
     async def stream(self, context: GenerationContext) -> AsyncIterator[Event]:
         params = context.request.sim or SimParams()
@@ -201,11 +190,11 @@ class SimModel:
         rate = params.tokens_per_second
         # The generation's own clock: paced event u is due at t0 + u/rate. A
         # continuation resumes the pace where the log left off.
-        t0 = self.clock.monotonic() - units / rate
+        t0 = self.clock.now() - units / rate
         emitted = 0
         for event in events:
             if _paced(event):
-                delay = t0 + units / rate - self.clock.monotonic()
+                delay = t0 + units / rate - self.clock.now()
                 units += 1
                 if delay >= _MIN_SLEEP:
                     await self.clock.sleep(delay)

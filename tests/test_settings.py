@@ -1,0 +1,45 @@
+"""Settings from `TOKENTAPE_*` variables; a bad value is a ConfigError naming its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.errors import ConfigError, InvalidRequest
+from app.settings import Settings
+
+
+def test_variables_are_parsed_by_field_type_and_overrides_win() -> None:
+    settings = Settings.from_env(
+        {"TOKENTAPE_PORT": "9000", "TOKENTAPE_LEASE_SECONDS": "2.5", "TOKENTAPE_HOST": ""},
+        host="0.0.0.0",
+        port=None,  # an absent flag does not override
+    )
+    assert (settings.port, settings.lease_seconds, settings.host) == (9000, 2.5, "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TOKENTAPE_PORT": "abc"}, "TOKENTAPE_PORT must be an integer, got 'abc'"),
+        ({"TOKENTAPE_PORT": "80.5"}, "TOKENTAPE_PORT must be an integer, got '80.5'"),
+        (
+            {"TOKENTAPE_HEARTBEAT_SECONDS": "soon"},
+            "TOKENTAPE_HEARTBEAT_SECONDS must be a number, got 'soon'",
+        ),
+        ({"TOKENTAPE_EVENT_LOOP": "trio"}, "TOKENTAPE_EVENT_LOOP must be uvloop or asyncio"),
+        ({"TOKENTAPE_LOG_LEVEL": "loud"}, "TOKENTAPE_LOG_LEVEL must be one of DEBUG, INFO"),
+    ],
+    ids=["integer", "integer-not-float", "number", "event-loop", "log-level"],
+)
+def test_a_bad_value_is_a_config_error_naming_the_variable(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(environ)
+    assert not isinstance(refused.value, InvalidRequest)  # not an HTTP 400
+    assert refused.value.code == "invalid_setting"
+    assert refused.value.message.startswith(message)
+
+
+def test_log_level_is_case_insensitive() -> None:
+    assert Settings.from_env({"TOKENTAPE_LOG_LEVEL": "debug"}).log_level == "debug"
