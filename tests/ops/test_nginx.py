@@ -1,75 +1,35 @@
-"""ops/nginx/tokentape.conf for real: nginx in front of an SSE stub must not buffer the stream."""
+"""ops/nginx/tokentape.conf for real: streaming unbuffered, moving past refused readers, and
+never answering an EventSource with anything but 200 while no reader can."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import free_port
+from app import sse
+from app.events import TERMINAL_TYPES
+from app.settings import Settings
+from tests.browser.conftest import TokentapeProcess
+from tests.conftest import REDIS_URL, free_port
+from tests.ops.conftest import NGINX, NO_NGINX, Nginx, main_config
 
-SITE = Path(__file__).resolve().parents[2] / "ops" / "nginx" / "tokentape.conf"
-NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-)
-pytestmark = pytest.mark.skipif(
-    NGINX is None,
-    reason="nginx is not installed (apt-get install nginx; .ci/run installs it as root)",
-)
+pytestmark = pytest.mark.skipif(NGINX is None, reason=NO_NGINX)
+
+StartNginx = Callable[[Sequence[int]], Nginx]
 
 FIRST = b'id: 1\nevent: token\ndata: {"type":"token","text":"Hello"}\n\n'
 LAST = b'id: 2\nevent: done\ndata: {"type":"done","reason":"stop"}\n\n'
 
 
-def main_config(directory: Path, listen: int, upstream: int) -> Path:
-    """A minimal nginx.conf around the shipped site, only its addresses changed.
-
-    gzip is on for text/event-stream at the http level, as a careless main config
-    might have it, so the site's own `gzip off` is what is tested.
-    """
-    site = SITE.read_text()
-    assert "server 127.0.0.1:8080;" in site
-    assert "listen 80;" in site
-    site = site.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{upstream};")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{listen};")
-    (directory / "tokentape.conf").write_text(site)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    config = directory / "nginx.conf"
-    config.write_text(
-        f"""{user}worker_processes 1;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    gzip on;
-    gzip_min_length 1;
-    gzip_proxied any;
-    gzip_types text/event-stream application/json;
-    include {directory}/tokentape.conf;
-}}
-"""
-    )
-    return config
-
-
 def test_site_config_is_valid(tmp_path: Path) -> None:
     assert NGINX is not None
-    config = main_config(tmp_path, free_port(), free_port())
+    config = main_config(tmp_path, free_port(), [free_port(), free_port()])
     result = subprocess.run(
         [NGINX, "-t", "-q", "-c", str(config), "-p", str(tmp_path)],
         capture_output=True,
@@ -84,8 +44,10 @@ class SlowStream:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.requests = 0
 
     async def events(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
         # Deliberately no X-Accel-Buffering header: the site config alone must stream.
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -113,36 +75,12 @@ async def upstream() -> AsyncIterator[tuple[SlowStream, int]]:
     await runner.cleanup()
 
 
-@pytest.fixture
-async def nginx(tmp_path: Path, upstream: tuple[SlowStream, int]) -> AsyncIterator[int]:
-    assert NGINX is not None
-    listen = free_port()
-    config = main_config(tmp_path, listen, upstream[1])
-    process = await asyncio.create_subprocess_exec(
-        NGINX, "-c", str(config), "-p", str(tmp_path), stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        for _ in range(500):
-            try:
-                with socket.create_connection(("127.0.0.1", listen), timeout=0.1):
-                    break
-            except OSError:
-                if process.returncode is not None:
-                    log = (tmp_path / "error.log").read_text()
-                    pytest.fail(f"nginx exited: {log}")
-                await asyncio.sleep(0.01)
-        yield listen
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
-
-
 async def test_first_event_passes_through_before_the_stream_ends(
-    upstream: tuple[SlowStream, int], nginx: int
+    upstream: tuple[SlowStream, int], start_nginx: StartNginx
 ) -> None:
-    stream, _ = upstream
-    url = f"http://127.0.0.1:{nginx}/v1/generations/g1/events"
+    stream, port = upstream
+    nginx = start_nginx([port])
+    url = f"{nginx.url}/v1/generations/g1/events"
     async with (
         aiohttp.ClientSession(auto_decompress=False) as session,
         session.get(url, headers={"Accept-Encoding": "gzip"}) as response,
@@ -161,3 +99,136 @@ async def test_first_event_passes_through_before_the_stream_ends(
         async with asyncio.timeout(5):
             rest = await response.content.read()
         assert rest == LAST
+
+
+async def test_a_reader_that_refuses_connections_is_passed_over(
+    upstream: tuple[SlowStream, int], start_nginx: StartNginx
+) -> None:
+    stream, port = upstream
+    stream.release.set()
+    # Round robin hands nginx the refusing reader for one of the first two requests.
+    nginx = start_nginx([free_port(), port])
+    async with aiohttp.ClientSession() as session:
+        for attempt in range(4):
+            async with session.get(f"{nginx.url}/v1/generations/g{attempt}/events") as response:
+                assert response.status == 200
+                assert await response.read() == FIRST + LAST
+    assert stream.requests == 4
+
+
+async def test_with_no_reader_up_the_events_answer_is_a_200_stream_that_says_retry(
+    start_nginx: StartNginx,
+) -> None:
+    nginx = start_nginx([free_port(), free_port()])
+    url = f"{nginx.url}/v1/generations/g1/events"
+    # Twice: first every reader refuses, then nginx has left them all out ("no live upstreams").
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        for _ in range(2):
+            async with session.get(
+                url, headers={"Accept-Encoding": "gzip", "Last-Event-ID": "7"}
+            ) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == "text/event-stream"
+                assert response.headers["Cache-Control"] == "no-cache"
+                assert "Content-Encoding" not in response.headers
+                parser = sse.Parser()
+                assert parser.feed(await response.read()) == []
+        # No event and no id: the browser keeps its Last-Event-ID and comes back after
+        # the delay tokentape's readers would have told it.
+        assert parser.last_event_id is None
+        assert parser.retry == Settings().retry_milliseconds
+        assert parser.comments
+
+
+class EventSourceClient:
+    """Reads a generation as a browser EventSource does.
+
+    After a stream ends or breaks it reconnects with `Last-Event-ID` once the
+    server's `retry:` delay has passed; on any status but 200 or a content type but
+    text/event-stream it gives up for good. It stops at the terminal event.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, midway: int) -> None:
+        self.session = session
+        self.url = url
+        self.ids: list[int] = []
+        self.types: list[str] = []
+        self.statuses: list[int] = []
+        self.midway = asyncio.Event()  # set once `midway` events have arrived
+        self._midway = midway
+
+    async def run(self) -> None:
+        retry_seconds = 1.0
+        while True:
+            headers = {"Last-Event-ID": str(self.ids[-1])} if self.ids else {}
+            parser = sse.Parser()  # an event cut off with its connection is dropped
+            try:
+                async with self.session.get(self.url, headers=headers) as response:
+                    self.statuses.append(response.status)
+                    if response.status != 200 or response.content_type != "text/event-stream":
+                        return
+                    async for chunk in response.content.iter_any():
+                        for message in parser.feed(chunk):
+                            assert message.id is not None, message
+                            self.ids.append(int(message.id))
+                            self.types.append(message.event)
+                            if len(self.ids) >= self._midway:
+                                self.midway.set()
+                            if message.event in TERMINAL_TYPES:
+                                return
+            except aiohttp.ClientError:
+                pass  # the connection broke mid-stream: reconnect, as a browser does
+            if parser.retry is not None:
+                retry_seconds = parser.retry / 1000
+            # The protocol's reconnection delay, not a stand-in for an event.
+            await asyncio.sleep(retry_seconds)
+
+
+async def create_generation(session: aiohttp.ClientSession, base_url: str, tokens: int) -> str:
+    body = {
+        "model": "sim",
+        "messages": [{"role": "user", "content": "hi"}],
+        "sim": {"tokens": tokens, "tokens_per_second": 25},
+    }
+    async with session.post(f"{base_url}/v1/generations", json=body) as response:
+        assert response.status == 201, await response.text()
+        generation_id: str = (await response.json())["id"]
+        return generation_id
+
+
+async def test_every_client_ends_with_each_event_once_when_a_reader_is_killed_mid_stream(
+    start_process: Callable[..., TokentapeProcess], start_nginx: StartNginx
+) -> None:
+    ports = [free_port(), free_port()]
+    for _ in range(2):
+        start_process("worker", "--redis", REDIS_URL)
+    readers = [start_process("serve", "--redis", REDIS_URL, "--port", str(p)) for p in ports]
+    nginx = start_nginx(ports)
+    async with aiohttp.ClientSession() as session:
+        generations = [await create_generation(session, nginx.url, tokens=100) for _ in range(3)]
+        clients = [
+            EventSourceClient(session, f"{nginx.url}/v1/generations/{g}/events", midway=5)
+            for g in generations
+            for _ in range(2)
+        ]
+        reading = [asyncio.create_task(client.run()) for client in clients]
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(client.midway.wait() for client in clients))
+        readers[0].kill()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*reading)
+        last_seqs = {}
+        for generation_id in generations:
+            async with session.get(f"{nginx.url}/v1/generations/{generation_id}") as response:
+                status = await response.json()
+            assert status["status"] == "done"
+            last_seqs[generation_id] = status["last_seq"]
+
+    # Round robin put some of the six streams on the killed reader.
+    assert any(len(client.statuses) > 1 for client in clients)
+    for generation_id, client in zip(
+        [g for g in generations for _ in range(2)], clients, strict=True
+    ):
+        assert set(client.statuses) == {200}
+        assert client.ids == list(range(1, last_seqs[generation_id] + 1))
+        assert client.types[-1] == "done"
