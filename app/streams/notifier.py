@@ -78,6 +78,7 @@ class StreamNotifier:
         self._listener: asyncio.Task[None] | None = None
         self._channels: dict[bytes, _Channel] = {}
         self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._watched = asyncio.Condition()
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Watch]:
@@ -91,6 +92,8 @@ class StreamNotifier:
             record.linger = None
         try:
             await asyncio.shield(record.subscribed)
+            async with self._watched:
+                self._watched.notify_all()
             yield watch
         finally:
             record.watches.discard(watch)
@@ -98,6 +101,16 @@ class StreamNotifier:
                 record.linger = asyncio.get_running_loop().call_later(
                     LINGER_SECONDS, self._unsubscribe, key
                 )
+
+    async def until_watched(self, channel: str) -> None:
+        """Until a request here watches `channel`, its subscription confirmed."""
+
+        def watched() -> bool:
+            record = self._channels.get(channel.encode())
+            return bool(record and record.watches and record.subscribed.done())
+
+        async with self._watched:
+            await self._watched.wait_for(watched)
 
     async def _subscribed(self, key: bytes) -> _Channel:
         loop = asyncio.get_running_loop()
