@@ -12,14 +12,16 @@ after event `n`, closed after the terminal event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Protocol
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from app import sse
-from app.errors import Expired, InvalidRequest, NotFound
+from app.errors import Expired, InvalidRequest, NotFound, TokentapeError
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.keys import check_generation_id
@@ -27,9 +29,11 @@ from app.log import GenerationLog
 from app.settings import Settings
 from app.streams import protocol
 from app.streams.errors import StreamDeleted, StreamError
-from app.streams.notifier import StreamNotifier
+from app.streams.notifier import StreamNotifier, Watch
 from app.streams.protocol import Position
 from app.streams.store import PAGE_ENTRIES, Fork, Page, StreamConfig, StreamStore
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "/v1/stream"
 GENERATIONS = "generations/"
@@ -315,45 +319,65 @@ async def _stream_events(
         response = web.StreamResponse(status=200, headers=headers)
         await response.prepare(request)
         first = True
-        while True:
-            if page.entries or first:
-                frames = b""
-                if page.entries:
-                    frames = protocol.sse_data_event(_body(page), base64_encoded=base64_encoded)
-                frames += protocol.sse_control_event(
-                    protocol.format_offset(page.next_seq),
-                    cursor=cursor,
-                    up_to_date=page.up_to_date,
-                    closed=page.end_of_stream,
-                )
-                await response.write(frames)
-                first = False
-            if page.end_of_stream:
-                break
-            if page.up_to_date and not await _wait(response, watch, deadline, settings):
-                break
-            try:
-                page = await source.read(Position(seq=page.next_seq), refresh=False)
-            except (NotFound, Expired):
-                break  # deleted or expired meanwhile: the reconnect will say so
+        try:
+            while True:
+                if page.entries or first:
+                    frames = b""
+                    if page.entries:
+                        frames = protocol.sse_data_event(_body(page), base64_encoded=base64_encoded)
+                    frames += protocol.sse_control_event(
+                        protocol.format_offset(page.next_seq),
+                        cursor=cursor,
+                        up_to_date=page.up_to_date,
+                        closed=page.end_of_stream,
+                    )
+                    await _send(request, response, frames)
+                    first = False
+                if page.end_of_stream:
+                    break
+                if page.up_to_date and not await _wait(request, response, watch, deadline):
+                    break
+                try:
+                    page = await source.read(Position(seq=page.next_seq), refresh=False)
+                except (TokentapeError, RedisError) as exc:
+                    # Deleted, expired or replaced meanwhile, or Redis is away: the client
+                    # reconnects from its offset and hears which.
+                    logger.info("SSE on %s ends: %s", request.path, exc)
+                    break
+        except _ClientGone:
+            return response
     await response.write_eof()
     return response
 
 
+class _ClientGone(Exception):
+    """The client went away or stopped reading: its response ends."""
+
+
+async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """Write, giving up on a client that accepts nothing for `write_timeout_seconds`."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].write_timeout_seconds):
+            await response.write(data)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise _ClientGone from None
+    except ConnectionResetError:
+        raise _ClientGone from None
+
+
 async def _wait(
-    response: web.StreamResponse, watch: _Watch, deadline: float, settings: Settings
+    request: web.Request, response: web.StreamResponse, watch: Watch, deadline: float
 ) -> bool:
     """Wait for an append, with heartbeats; False once the response has lasted long enough."""
     loop = asyncio.get_running_loop()
+    heartbeat = request.app[SETTINGS].heartbeat_seconds
     while (remaining := deadline - loop.time()) > 0:
-        if await watch.wait_for_append(min(settings.heartbeat_seconds, remaining)):
+        if await watch.wait_for_append(min(heartbeat, remaining)):
             return True
-        await response.write(sse.comment_frame("keep-alive"))
+        await _send(request, response, sse.comment_frame("keep-alive"))
     return False
-
-
-class _Watch(Protocol):
-    async def wait_for_append(self, within: float) -> bool: ...
 
 
 async def stream_metadata(request: web.Request) -> web.Response:

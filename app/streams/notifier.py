@@ -78,7 +78,8 @@ class StreamNotifier:
         self._listener: asyncio.Task[None] | None = None
         self._channels: dict[bytes, _Channel] = {}
         self._unsubscribing: set[asyncio.Task[None]] = set()
-        self._watched = asyncio.Condition()
+        # Resolved, and replaced, whenever a watch begins or ends.
+        self._changed: asyncio.Future[None] | None = None
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Watch]:
@@ -92,25 +93,32 @@ class StreamNotifier:
             record.linger = None
         try:
             await asyncio.shield(record.subscribed)
-            async with self._watched:
-                self._watched.notify_all()
+            self._announce_change()
             yield watch
         finally:
             record.watches.discard(watch)
+            self._announce_change()
             if not record.watches and record.unsubscribing is None:
                 record.linger = asyncio.get_running_loop().call_later(
                     LINGER_SECONDS, self._unsubscribe, key
                 )
 
-    async def until_watched(self, channel: str) -> None:
-        """Until a request here watches `channel`, its subscription confirmed."""
+    async def until_watchers(self, channel: str, count: int) -> None:
+        """Until `count` requests here watch `channel`, their subscription confirmed."""
 
-        def watched() -> bool:
+        def watchers() -> int:
             record = self._channels.get(channel.encode())
-            return bool(record and record.watches and record.subscribed.done())
+            return len(record.watches) if record and record.subscribed.done() else 0
 
-        async with self._watched:
-            await self._watched.wait_for(watched)
+        while watchers() != count:
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)
+
+    def _announce_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set_result(None)
+            self._changed = None
 
     async def _subscribed(self, key: bytes) -> _Channel:
         loop = asyncio.get_running_loop()
