@@ -4,11 +4,12 @@ protocol, Last-Event-ID, SSE heartbeats and lifetime, and headers on every respo
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import Awaitable, Callable
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from redis.asyncio import Redis
 
 from app import events
@@ -198,3 +199,21 @@ async def test_an_append_over_the_request_limit_is_413(
     ) as response:
         assert response.status == 413
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_an_sse_client_that_stops_reading_is_let_go(
+    aiohttp_client: ClientFactory, settings: Settings, redis: Redis
+) -> None:
+    patient = settings.replace(write_timeout_seconds=0.3, max_request_bytes=8 << 20)
+    app = create_app(patient, redis)
+    client = await aiohttp_client(app)
+    binary = {"Content-Type": "application/octet-stream"}
+    await client.put("/v1/stream/s", headers=binary)
+    channel = Keys(settings.key_prefix).stream_channel("s")
+    async with client.get("/v1/stream/s", params={"offset": "now", "live": "sse"}) as response:
+        await response.content.readany()  # the first control event; from now on it reads nothing
+        for _ in range(10):  # far more than the socket buffers hold on both ends
+            await client.post("/v1/stream/s", headers=binary, data=io.BytesIO(b"x" * (4 << 20)))
+        await until_waiting(app, channel, 0)  # the server let go of it
+        with pytest.raises(ClientPayloadError):  # the response was cut, not ended
+            await response.read()

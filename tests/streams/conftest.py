@@ -34,7 +34,7 @@ def streams_app(app: web.Application) -> web.Application:
     raise LookupError("no Durable Streams sub-application")
 
 
-async def until_waiting(app: web.Application, channel: str) -> None:
-    """Until a request of `app` waits for a write on `channel`."""
+async def until_waiting(app: web.Application, channel: str, count: int = 1) -> None:
+    """Until `count` requests of `app` wait for a write on `channel`."""
     async with asyncio.timeout(10):
-        await streams_app(app)[NOTIFIER].until_watched(channel)
+        await streams_app(app)[NOTIFIER].until_watchers(channel, count)
