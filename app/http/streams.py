@@ -3,10 +3,8 @@
 A sub-application: its middleware turns the protocol's refusals into responses with
 the headers a client acts on (`Stream-Closed`, `Producer-Epoch`, ...), and every
 response, errors included, carries the browser security and CORS headers.
-
-`/v1/stream/generations/<id>` serves a generation's events, read-only, as a JSON-mode
-stream: one message per event (its JSON, as the SSE endpoint sends it), offset `n`
-after event `n`, closed after the terminal event.
+`/v1/stream/generations/<id>` serves a generation's events, read-only
+(`app.streams.sources.GenerationStream`).
 """
 
 from __future__ import annotations
@@ -14,24 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Protocol
 
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app import sse
-from app.errors import Expired, InvalidRequest, NotFound, TokentapeError
+from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.keys import check_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
 from app.streams import protocol
 from app.streams.errors import StreamDeleted, StreamError
 from app.streams.notifier import StreamNotifier, Watch
 from app.streams.protocol import Position
-from app.streams.store import PAGE_ENTRIES, Fork, Page, StreamConfig, StreamStore
+from app.streams.sources import GenerationStream, Source, StoredStream
+from app.streams.store import Fork, Page, StreamConfig, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +40,8 @@ STORE = web.AppKey("stream_store", StreamStore)
 NOTIFIER = web.AppKey("stream_notifier", StreamNotifier)
 
 # Path segments of URL-safe characters; no empty, `.` or `..` segment.
-_NAME_RE = re.compile(
-    r"(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+(/(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+)*"
-)
+_SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+"
+_NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
 MAX_NAME_LENGTH = 512
 
 # Offset-addressed chunks never change, so reads may be cached; `private`: a stream
@@ -99,70 +95,6 @@ def create_app(settings: Settings, redis: Redis) -> web.Application:
 
     app.on_shutdown.append(stop_notifier)
     return app
-
-
-# -- sources -------------------------------------------------------------------
-
-
-class Source(Protocol):
-    """What a read serves: a stored stream or a generation."""
-
-    channel: str
-
-    async def read(self, position: Position, *, refresh: bool) -> Page: ...
-
-    async def metadata(self) -> Page: ...
-
-
-class StoredStream:
-    def __init__(self, store: StreamStore, name: str) -> None:
-        self.store = store
-        self.name = name
-        self.channel = store.channel(name)
-
-    async def read(self, position: Position, *, refresh: bool) -> Page:
-        return await self.store.read(self.name, position, refresh=refresh)
-
-    async def metadata(self) -> Page:
-        return await self.store.metadata(self.name)
-
-
-class GenerationStream:
-    """A generation's log as a JSON-mode stream, closed by its terminal event."""
-
-    def __init__(self, log: GenerationLog, generation_id: str) -> None:
-        self.log = log
-        self.generation_id = generation_id
-        self.channel = log.keys.live_channel(generation_id)
-
-    async def read(self, position: Position, *, refresh: bool) -> Page:
-        state, log_exists = await self.log.snapshot(self.generation_id)
-        if state is None:
-            raise NotFound("generation_not_found", f"no generation {self.generation_id}")
-        if state.terminal and not log_exists:
-            raise Expired(
-                "generation_expired", f"the events of {self.generation_id} are past retention"
-            )
-        after = state.last_seq if position.now else position.seq
-        if after > state.last_seq:
-            raise InvalidRequest("invalid_offset", "the offset is past the generation's last event")
-        rows = await self.log.read_rows(self.generation_id, after, PAGE_ENTRIES)
-        if rows and int(rows[0][0][:-2]) != after + 1 and not position.start:
-            raise Expired("offset_expired", "the events after that offset are past retention")
-        entries = [fields[3] for _, fields in rows]
-        next_seq = int(rows[-1][0][:-2]) if rows else after
-        return Page(
-            entries=entries,
-            next_seq=next_seq,
-            # Events appended since the snapshot are read too; closure is the snapshot's.
-            tail_seq=max(state.last_seq, next_seq),
-            closed=state.terminal,
-            content_type=protocol.JSON,
-            stream_id=self.generation_id,
-        )
-
-    async def metadata(self) -> Page:
-        return await self.read(Position(now=True), refresh=False)
 
 
 def _name(request: web.Request) -> str:
