@@ -66,6 +66,24 @@ class Keys:
         """Pub/sub channel that carries each appended batch to live readers."""
         return f"{self._tag(generation_id)}:live"
 
+    # -- Durable Streams (app.streams) ------------------------------------
+    # All keys of one stream share the hash tag `{ds:<name>}` (stream names never
+    # contain braces), so every script touches one Cluster slot.
+
+    def _stream_tag(self, name: str) -> str:
+        return f"{self.prefix}:{{ds:{name}}}"
+
+    def stream_keys(self, name: str) -> list[str]:
+        """A stream's keys in the order its scripts expect them: meta (hash: content
+        type, TTL, tail, closure), log (Redis Stream, entry id `<seq>-0`), producers
+        (hash: producer id -> "epoch seq"), forks (set: names of its forks)."""
+        tag = self._stream_tag(name)
+        return [f"{tag}:meta", f"{tag}:log", f"{tag}:producers", f"{tag}:forks"]
+
+    def stream_channel(self, name: str) -> str:
+        """Pub/sub channel on which every write to the stream wakes its live readers."""
+        return f"{self._stream_tag(name)}:live"
+
     def generation_keys(self, generation_id: str) -> list[str]:
         """The keys the append script touches, in the order it expects them."""
         return [

@@ -55,6 +55,14 @@ class Settings:
     abandon_after_seconds: float = 1 * HOUR  # no append for this long: closed as abandoned
     sweep_interval_seconds: float = 30.0
 
+    # Durable Streams (/v1/stream/): how long a long-poll read waits for an append,
+    # how long one SSE response lasts (the client reconnects from its offset), and the
+    # retention of streams created without a TTL or an expiry (after their last write).
+    stream_long_poll_seconds: float = 20.0
+    stream_sse_seconds: float = 60.0
+    stream_retention_seconds: float = 7 * 24 * HOUR
+    max_entries_per_stream: int = 100_000
+
     # Workers
     lease_seconds: float = 10.0
     # On SIGTERM: how long in-flight generations may finish before they are handed off.

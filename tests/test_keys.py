@@ -38,3 +38,12 @@ def test_prefixes_separate_tenants() -> None:
     generation_id = new_generation_id()
     assert Keys("a").meta(generation_id) != Keys("b").meta(generation_id)
     assert Keys("a").jobs != Keys("b").jobs
+
+
+@pytest.mark.parametrize("name", ["chat", "chat/42", "a:b@c", "generations-like/x"])
+def test_all_keys_of_a_stream_share_one_slot(name: str) -> None:
+    keys = Keys("tt")
+    names = [*keys.stream_keys(name), keys.stream_channel(name)]
+    assert len({key_slot(key.encode()) for key in names}) == 1
+    assert len(set(names)) == len(names)
+    assert keys.stream_keys(name)[0] != keys.meta(name)  # never a generation's key

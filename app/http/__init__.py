@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.http import generations, pages, stream
+from app.http import generations, pages, stream, streams
 from app.http.errors import json_errors
 from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
 from app.hub import Hub
@@ -40,6 +40,7 @@ def create_app(
     app.add_routes(stream.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
+    app.add_subapp(streams.PREFIX, streams.create_app(settings, redis))
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()

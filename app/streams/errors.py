@@ -1,0 +1,42 @@
+"""Refusals of the Durable Streams protocol that carry headers a client acts on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import Conflict, Expired, TokentapeError
+
+
+class StreamError(TokentapeError):
+    """A refusal with protocol headers (the body is the usual JSON error)."""
+
+    def __init__(
+        self, code: str | None = None, message: str = "", *, headers: dict[str, str], **detail: Any
+    ) -> None:
+        super().__init__(code, message, **detail)
+        self.headers = headers
+
+
+class StreamClosed(StreamError, Conflict):
+    """The stream is closed: nothing can be appended (409, `Stream-Closed: true`)."""
+
+    code = "stream_closed"
+
+
+class StaleProducerEpoch(StreamError):
+    """A newer epoch of this producer has written: this one is fenced (403)."""
+
+    status = 403
+    code = "stale_producer_epoch"
+
+
+class ProducerSeqGap(StreamError, Conflict):
+    """The producer skipped a sequence number (409 with the expected one)."""
+
+    code = "producer_seq_gap"
+
+
+class StreamDeleted(Expired):
+    """The stream was deleted but forks still hold it (410); its name cannot be reused yet."""
+
+    code = "stream_deleted"

@@ -1,0 +1,427 @@
+"""Durable Streams kept in Redis: create, append, close, read, delete and fork.
+
+Every key of a stream carries its hash tag (`app.keys.Keys.stream_keys`) and every
+atomic write is one Lua script in `app/streams/lua/` over those keys. An entry of the
+log is one append, with id `<seq>-0`; a JSON-mode entry holds the messages of its
+append, comma-separated, so a read frames them as one array without parsing them.
+
+Retention: every stream has a length cap (`max_entries_per_stream`, approximate
+trimming) and a lifetime: its own TTL (sliding on reads and writes) or expiry, else
+`stream_retention_seconds` after its last write.
+
+Forks copy what they inherit: each stream stays within its own slot and lifetime,
+and a source that expires or is deleted takes nothing from its forks. The source
+keeps the names of its forks only so that deleting it leaves a tombstone (410, its
+name not reusable) while they live, as the protocol requires; a fork that expired is
+noticed the next time its source's tombstone is looked at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app.errors import Conflict, Expired, InvalidRequest, NotFound
+from app.keys import Keys
+from app.settings import Settings
+from app.streams import protocol
+from app.streams.errors import (
+    ProducerSeqGap,
+    StaleProducerEpoch,
+    StreamClosed,
+    StreamDeleted,
+)
+from app.streams.protocol import Position, Producer
+
+# One read returns at most this much: a client pages on with Stream-Next-Offset.
+PAGE_ENTRIES = 1000
+PAGE_BYTES = 1 << 20
+# Forking reads everything the fork inherits in one go (bounded by the length cap).
+_UNBOUNDED = 1 << 62
+
+
+def _script(name: str) -> str:
+    return resources.files("app.streams").joinpath("lua", f"{name}.lua").read_text()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fork:
+    """What a PUT forks from: a source stream, a position in it, and a sub-offset past it."""
+
+    source: str
+    offset: Position | None  # None: the source's tail
+    sub_offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    content_type: str
+    ttl_seconds: int | None = None
+    expires_ms: int | None = None
+    closed: bool = False
+    fork: Fork | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Created:
+    created: bool  # False: the stream existed with this configuration
+    tail_seq: int
+    closed: bool
+    content_type: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """Entries after a position, as one snapshot of the stream."""
+
+    entries: list[bytes]
+    next_seq: int  # the position after the page
+    tail_seq: int
+    closed: bool
+    content_type: str
+    stream_id: str  # names this incarnation of the stream
+    ttl_seconds: int | None = None
+    expires_ms: int | None = None
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.next_seq >= self.tail_seq
+
+    @property
+    def end_of_stream(self) -> bool:
+        return self.closed and self.up_to_date
+
+
+@dataclasses.dataclass(frozen=True)
+class Appended:
+    tail_seq: int
+    closed: bool
+    duplicate: bool = False  # a producer's retry (or a repeated close): nothing written
+    producer_seq: int | None = None  # the highest seq accepted from this producer
+
+
+class StreamStore:
+    """All reads and writes of Durable Streams go through here."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self._retention_ms = str(int(settings.stream_retention_seconds * 1000))
+        self._maxlen = str(settings.max_entries_per_stream)
+        self._create = redis.register_script(_script("create"))
+        self._append = redis.register_script(_script("append"))
+        self._read = redis.register_script(_script("read"))
+        self._delete = redis.register_script(_script("delete"))
+        self._add_fork = redis.register_script(_script("add_fork"))
+
+    def channel(self, name: str) -> str:
+        return self.keys.stream_channel(name)
+
+    # -- create -------------------------------------------------------------
+
+    async def create(self, name: str, config: StreamConfig, body: Sequence[bytes]) -> Created:
+        """Create the stream with `body` as its first entries (none when empty), or
+        confirm an existing one of the same configuration. Raises Conflict otherwise."""
+        keys = self.keys.stream_keys(name)
+        content_type, ttl, expires_ms = config.content_type, config.ttl_seconds, config.expires_ms
+        fork_args = ["", "", "", "0"]
+        inherited: list[tuple[int, bytes]] = []
+        fork = config.fork
+        if fork is not None:
+            fork_seq: int | None = None
+            existing = await self.redis.hget(keys[0], "content_type")
+            if existing is None:
+                content_type, ttl, expires_ms, fork_seq, inherited = await self._inherit(
+                    config, fork
+                )
+            else:
+                # A repeated PUT: compared by the script, nothing is copied. Without a
+                # Content-Type a fork has its source's, so the existing one.
+                content_type = content_type or (
+                    existing.decode() if isinstance(existing, bytes) else existing
+                )
+                if fork.offset is not None and not fork.offset.now:
+                    fork_seq = fork.offset.seq
+            fork_args = [
+                fork.source,
+                "" if fork_seq is None else str(fork_seq),
+                "1" if fork.offset is not None and not fork.offset.now else "",
+                str(fork.sub_offset),
+            ]
+        first_seq = max([seq for seq, _ in inherited] + [int(fork_args[1] or 0)]) + 1
+        entries = inherited + [(first_seq + i, data) for i, data in enumerate(body)]
+        reply = await self._create(
+            keys=keys,
+            args=[
+                content_type,
+                "" if ttl is None else str(ttl),
+                "" if expires_ms is None else str(expires_ms),
+                "1" if config.closed else "",
+                *fork_args,
+                self._retention_ms,
+                self._maxlen,
+                secrets.token_urlsafe(9),
+                len(entries),
+                *(part for seq, data in entries for part in (str(seq), data)),
+            ],
+        )
+        code = reply[0].decode()
+        if code == "deleted":
+            raise Conflict(
+                "stream_deleted",
+                f"stream {name} was deleted but forks still hold it: its name is not free yet",
+            )
+        if code == "conflict":
+            raise Conflict(
+                "stream_exists",
+                f"stream {name} exists with another configuration (content type, TTL or "
+                "expiry, closure, fork)",
+            )
+        if code == "created" and fork is not None:
+            source_keys = self.keys.stream_keys(fork.source)
+            await self._add_fork(keys=[source_keys[0], source_keys[3]], args=[name])
+        return Created(
+            created=code == "created",
+            tail_seq=int(reply[1]),
+            closed=reply[2] == b"1",
+            content_type=reply[3].decode(),
+        )
+
+    async def _inherit(
+        self, config: StreamConfig, fork: Fork
+    ) -> tuple[str, int | None, int | None, int, list[tuple[int, bytes]]]:
+        """The fork's content type, TTL and expiry, the source position it forks at,
+        and the entries it copies (a sub-offset's part of the next one included)."""
+        try:
+            source = await self.metadata(fork.source)
+        except StreamDeleted:
+            raise Conflict(
+                "source_deleted", f"stream {fork.source} was deleted: it cannot be forked"
+            ) from None
+        if config.content_type and protocol.media_type(config.content_type) != protocol.media_type(
+            source.content_type
+        ):
+            raise Conflict(
+                "content_type_mismatch",
+                f"a fork has its source's content type, {source.content_type}",
+            )
+        at_tail = fork.offset is None or fork.offset.now
+        fork_seq = source.tail_seq if at_tail or fork.offset is None else fork.offset.seq
+        if fork_seq > source.tail_seq:
+            raise InvalidRequest(
+                "invalid_fork_offset", f"{protocol.FORK_OFFSET} is past the source's tail"
+            )
+        until = fork_seq + (1 if fork.sub_offset else 0)
+        page = await self._snapshot(
+            fork.source, "0", from_start=True, count=_UNBOUNDED, budget=_UNBOUNDED, until=until
+        )
+        first = page.next_seq - len(page.entries) + 1
+        rows = [(first + i, data) for i, data in enumerate(page.entries)]
+        if fork.sub_offset:
+            if not rows or rows[-1][0] != fork_seq + 1:
+                raise InvalidRequest(
+                    "invalid_fork_sub_offset",
+                    f"{protocol.FORK_SUB_OFFSET} needs an append after {protocol.FORK_OFFSET}",
+                )
+            seq, data = rows.pop()
+            parts: list[bytes] | bytes = (
+                protocol.split_json_entry(data) if protocol.is_json(source.content_type) else data
+            )
+            if fork.sub_offset > len(parts):
+                raise InvalidRequest(
+                    "invalid_fork_sub_offset",
+                    f"{protocol.FORK_SUB_OFFSET} is past the end of the append after "
+                    f"{protocol.FORK_OFFSET} ({len(parts)} messages or bytes)",
+                )
+            kept = parts[: fork.sub_offset]
+            rows.append((seq, b",".join(kept) if isinstance(kept, list) else kept))
+        ttl, expires_ms = config.ttl_seconds, config.expires_ms
+        if ttl is None and expires_ms is None:
+            ttl, expires_ms = source.ttl_seconds, source.expires_ms
+        return source.content_type, ttl, expires_ms, fork_seq, rows
+
+    # -- append -------------------------------------------------------------
+
+    async def append(
+        self,
+        name: str,
+        *,
+        content_type: str,
+        data: bytes | None,
+        close: bool = False,
+        producer: Producer | None = None,
+        stream_seq: str | None = None,
+    ) -> Appended:
+        """Append `data` (one entry) and/or close the stream. Raises the protocol's refusals."""
+        reply = await self._append(
+            keys=self.keys.stream_keys(name),
+            args=[
+                protocol.media_type(content_type) if data is not None else "",
+                "1" if close else "",
+                producer.id if producer else "",
+                producer.epoch if producer else "",
+                producer.seq if producer else "",
+                stream_seq or "",
+                self._retention_ms,
+                self._maxlen,
+                self.keys.stream_channel(name),
+                data or b"",
+                "1" if data is not None else "",
+            ],
+        )
+        code, tail = reply[0].decode(), int(reply[1])
+        extra = reply[2].decode() if len(reply) > 2 else ""
+        next_offset = protocol.format_offset(tail)
+        if code == "ok":
+            return Appended(tail, extra == "1", producer_seq=producer.seq if producer else None)
+        if code == "duplicate":
+            return Appended(tail, False, duplicate=True, producer_seq=int(extra))
+        if code in ("closed_again", "closed_duplicate"):
+            return Appended(tail, True, duplicate=True, producer_seq=int(extra) if extra else None)
+        if code == "closed":
+            raise StreamClosed(
+                message=f"stream {name} is closed: nothing can be appended",
+                headers={protocol.CLOSED: "true", protocol.NEXT_OFFSET: next_offset},
+            )
+        if code == "missing":
+            raise NotFound("stream_not_found", f"no stream {name}")
+        if code == "deleted":
+            raise StreamDeleted(message=f"stream {name} was deleted")
+        if code == "content_type":
+            raise Conflict(
+                "content_type_mismatch", f"the body's Content-Type is not stream {name}'s"
+            )
+        if code == "stale_epoch":
+            raise StaleProducerEpoch(
+                message=f"producer epoch {extra} has written: this producer is fenced",
+                headers={protocol.PRODUCER_EPOCH: extra},
+            )
+        if code == "epoch_seq":
+            raise InvalidRequest(
+                "invalid_producer",
+                f"a new {protocol.PRODUCER_EPOCH} starts at {protocol.PRODUCER_SEQ} 0",
+            )
+        if code == "seq_gap":
+            assert producer is not None
+            raise ProducerSeqGap(
+                message=f"{protocol.PRODUCER_SEQ} {extra} comes next",
+                headers={
+                    protocol.PRODUCER_EXPECTED_SEQ: extra,
+                    protocol.PRODUCER_RECEIVED_SEQ: str(producer.seq),
+                },
+            )
+        assert code == "stream_seq", code
+        raise Conflict(
+            "stream_seq_regression", f"{protocol.SEQ} must sort after the last one appended"
+        )
+
+    # -- read ---------------------------------------------------------------
+
+    async def read(self, name: str, position: Position, *, refresh: bool = True) -> Page:
+        """A page after `position`; a read slides the stream's TTL unless `refresh` is off."""
+        return await self._snapshot(
+            name,
+            "now" if position.now else str(position.seq),
+            from_start=position.start,
+            count=PAGE_ENTRIES,
+            budget=PAGE_BYTES,
+            refresh=refresh,
+        )
+
+    async def metadata(self, name: str) -> Page:
+        """The stream's tail and configuration, with no entries and no TTL refresh (HEAD)."""
+        return await self._snapshot(name, "now", count=0, budget=0)
+
+    async def _snapshot(
+        self,
+        name: str,
+        after: str,
+        *,
+        count: int,
+        budget: int,
+        from_start: bool = False,
+        until: int | None = None,
+        refresh: bool = False,
+    ) -> Page:
+        reply: list[Any] = await self._read(
+            keys=self.keys.stream_keys(name),
+            args=[
+                after,
+                "1" if from_start else "",
+                count,
+                budget,
+                "" if until is None else until,
+                "1" if refresh else "",
+            ],
+        )
+        code = reply[0].decode()
+        if code == "missing":
+            raise NotFound("stream_not_found", f"no stream {name}")
+        if code == "deleted":
+            raise StreamDeleted(message=f"stream {name} was deleted")
+        if code == "beyond":
+            raise InvalidRequest("invalid_offset", "the offset is past the stream's tail")
+        if code == "gone":
+            raise Expired(
+                "offset_expired",
+                "the entries after that offset are past retention; "
+                f"the oldest kept is number {int(reply[1])}: read from -1",
+            )
+        entries: list[bytes] = reply[9::2]
+        return Page(
+            entries=entries,
+            next_seq=int(reply[-2]) if entries else int(reply[7]),
+            tail_seq=int(reply[1]),
+            closed=reply[2] == b"1",
+            content_type=reply[3].decode(),
+            stream_id=reply[6].decode(),
+            ttl_seconds=int(reply[4]) if reply[4] else None,
+            expires_ms=int(reply[5]) if reply[5] else None,
+        )
+
+    # -- delete -------------------------------------------------------------
+
+    async def delete(self, name: str) -> None:
+        """Delete the stream, or leave a tombstone while forks of it live."""
+        await self._prune_forks(name)
+        keys = self.keys.stream_keys(name)
+        reply = await self._delete(keys=keys, args=[self.keys.stream_channel(name), ""])
+        code = reply[0].decode()
+        if code == "missing":
+            raise NotFound("stream_not_found", f"no stream {name}")
+        if code == "already_deleted":
+            if await self.collect(name):
+                raise NotFound("stream_not_found", f"no stream {name}")
+            raise StreamDeleted(message=f"stream {name} was deleted")
+        if code == "deleted" and reply[1]:
+            await self._release(reply[1].decode(), name)
+
+    async def collect(self, name: str) -> bool:
+        """Remove the tombstone `name` if no fork holds it any more; whether it is gone."""
+        await self._prune_forks(name)
+        reply = await self._delete(
+            keys=self.keys.stream_keys(name), args=[self.keys.stream_channel(name), "1"]
+        )
+        code = reply[0].decode()
+        if code == "deleted" and reply[1]:
+            await self._release(reply[1].decode(), name)
+        return code in ("deleted", "missing")
+
+    async def _release(self, source: str, fork: str) -> None:
+        """A fork of `source` is gone: the source's tombstone may go too (and up the chain)."""
+        await self.redis.srem(self.keys.stream_keys(source)[3], fork)
+        await self.collect(source)
+
+    async def _prune_forks(self, name: str) -> None:
+        """Forget forks that expired or were replaced by a stream that is not a fork of `name`."""
+        forks_key = self.keys.stream_keys(name)[3]
+        members: set[bytes] = await self.redis.smembers(forks_key)  # type: ignore[assignment]
+        for member in members:
+            fork_of = await self.redis.hget(self.keys.stream_keys(member.decode())[0], "fork_of")
+            if fork_of != name.encode():
+                await self.redis.srem(forks_key, member)
