@@ -66,7 +66,7 @@ class Keys:
         """Pub/sub channel that carries each appended batch to live readers."""
         return f"{self._tag(generation_id)}:live"
 
-    # -- Durable Streams (app.streams) ------------------------------------
+    # -- Durable Streams (app.durable_streams) ------------------------------------
     # All keys of one stream share the hash tag `{ds:<name>}` (stream names never
     # contain braces), so every script touches one Cluster slot.
 

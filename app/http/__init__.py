@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.http import generations, pages, stream, streams
+from app.http import durable_streams, event_stream, generations, pages
 from app.http.errors import json_errors
 from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
 from app.hub import Hub
@@ -37,10 +37,10 @@ def create_app(
         recheck_seconds=settings.reader_recheck_seconds,
     )
     app.add_routes(generations.routes)
-    app.add_routes(stream.routes)
+    app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
-    app.add_subapp(streams.PREFIX, streams.create_app(settings, redis))
+    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()

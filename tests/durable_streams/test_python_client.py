@@ -15,8 +15,8 @@ from app import events
 from app.keys import Keys
 from app.log import GenerationLog
 from app.settings import Settings
+from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Writer
-from tests.streams.conftest import until_waiting
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from app.durable_streams import protocol
+from app.durable_streams.protocol import Position
+from app.durable_streams.store import PAGE_ENTRIES, Page, StreamStore
 from app.errors import Expired, InvalidRequest, NotFound
 from app.log import GenerationLog
-from app.streams import protocol
-from app.streams.protocol import Position
-from app.streams.store import PAGE_ENTRIES, Page, StreamStore
 
 
 class Source(Protocol):

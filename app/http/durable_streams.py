@@ -4,7 +4,7 @@ A sub-application: its middleware turns the protocol's refusals into responses w
 the headers a client acts on (`Stream-Closed`, `Producer-Epoch`, ...), and every
 response, errors included, carries the browser security and CORS headers.
 `/v1/stream/generations/<id>` serves a generation's events, read-only
-(`app.streams.sources.GenerationStream`).
+(`app.durable_streams.sources.GenerationStream`).
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app import sse
+from app.durable_streams import protocol
+from app.durable_streams.errors import StreamDeleted, StreamError
+from app.durable_streams.notifier import StreamNotifier, Watch
+from app.durable_streams.protocol import Position
+from app.durable_streams.sources import GenerationStream, Source, StoredStream
+from app.durable_streams.store import Fork, Page, StreamConfig, StreamStore
 from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.keys import check_generation_id
 from app.settings import Settings
-from app.streams import protocol
-from app.streams.errors import StreamDeleted, StreamError
-from app.streams.notifier import StreamNotifier, Watch
-from app.streams.protocol import Position
-from app.streams.sources import GenerationStream, Source, StoredStream
-from app.streams.store import Fork, Page, StreamConfig, StreamStore
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
-from app.streams import notifier as notifier_module
-from app.streams.notifier import StreamNotifier
-from tests.conftest import RedisServer
+from app.durable_streams import notifier as notifier_module
+from app.durable_streams.notifier import StreamNotifier
+from app.embedded import RedisProcess
 
 
 @pytest.fixture
@@ -68,7 +68,7 @@ async def test_watchers_share_one_connection_and_a_channel_lingers(
 
 
 async def test_a_lost_connection_wakes_every_watcher_to_read_again(
-    redis_server_factory: Callable[..., RedisServer],
+    redis_server_factory: Callable[..., RedisProcess],
 ) -> None:
     server = redis_server_factory()
     client = Redis.from_url(server.url, socket_timeout=None)

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from app.durable_streams import protocol
+from app.durable_streams.protocol import Position
 from app.errors import InvalidRequest
-from app.streams import protocol
-from app.streams.protocol import Position
 
 
 def test_offsets_sort_as_strings_in_stream_order() -> None:

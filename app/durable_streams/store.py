@@ -1,7 +1,7 @@
 """Durable Streams kept in Redis: create, append, close, read, delete and fork.
 
 Every key of a stream carries its hash tag (`app.keys.Keys.stream_keys`) and every
-atomic write is one Lua script in `app/streams/lua/` over those keys. An entry of the
+atomic write is one Lua script in `app/durable_streams/lua/` over those keys. An entry of the
 log is one append, with id `<seq>-0`; a JSON-mode entry holds the messages of its
 append, comma-separated, so a read frames them as one array without parsing them.
 
@@ -26,17 +26,17 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from app.errors import Conflict, Expired, InvalidRequest, NotFound
-from app.keys import Keys
-from app.settings import Settings
-from app.streams import protocol
-from app.streams.errors import (
+from app.durable_streams import protocol
+from app.durable_streams.errors import (
     ProducerSeqGap,
     StaleProducerEpoch,
     StreamClosed,
     StreamDeleted,
 )
-from app.streams.protocol import Position, Producer
+from app.durable_streams.protocol import Position, Producer
+from app.errors import Conflict, Expired, InvalidRequest, NotFound
+from app.keys import Keys
+from app.settings import Settings
 
 # One read returns at most this much: a client pages on with Stream-Next-Offset.
 PAGE_ENTRIES = 1000
@@ -46,7 +46,7 @@ _UNBOUNDED = 1 << 62
 
 
 def _script(name: str) -> str:
-    return resources.files("app.streams").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("app.durable_streams").joinpath("lua", f"{name}.lua").read_text()
 
 
 @dataclasses.dataclass(frozen=True)

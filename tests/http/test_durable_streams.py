@@ -13,12 +13,12 @@ from aiohttp import ClientPayloadError, web
 from redis.asyncio import Redis
 
 from app import events
+from app.durable_streams import protocol
 from app.http import create_app
 from app.keys import Keys
 from app.settings import Settings
-from app.streams import protocol
+from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Client, ClientFactory, Writer
-from tests.streams.conftest import until_waiting
 
 WriterFactory = Callable[..., Awaitable[Writer]]
 

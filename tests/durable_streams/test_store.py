@@ -11,12 +11,17 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from app.durable_streams import protocol
+from app.durable_streams.errors import (
+    ProducerSeqGap,
+    StaleProducerEpoch,
+    StreamClosed,
+    StreamDeleted,
+)
+from app.durable_streams.protocol import Position, Producer
+from app.durable_streams.store import Fork, StreamConfig, StreamStore
 from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.settings import Settings
-from app.streams import protocol
-from app.streams.errors import ProducerSeqGap, StaleProducerEpoch, StreamClosed, StreamDeleted
-from app.streams.protocol import Position, Producer
-from app.streams.store import Fork, StreamConfig, StreamStore
 
 TEXT = StreamConfig(content_type="text/plain")
 START = Position(start=True)

@@ -8,10 +8,10 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.http import create_app, streams
-from app.http.streams import NOTIFIER
+from app.durable_streams.store import StreamStore
+from app.http import create_app, durable_streams
+from app.http.durable_streams import NOTIFIER
 from app.settings import Settings
-from app.streams.store import StreamStore
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def streams_app(app: web.Application) -> web.Application:
     """The Durable Streams sub-application mounted in `app`."""
     for resource in app.router.resources():
         info = resource.get_info()
-        if info.get("prefix") == streams.PREFIX:
+        if info.get("prefix") == durable_streams.PREFIX:
             sub: web.Application = info["app"]
             return sub
     raise LookupError("no Durable Streams sub-application")
