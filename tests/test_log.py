@@ -472,7 +472,7 @@ async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
             assert await appender.put(events.Done(reason="stop"))
         await asyncio.wait([a.task for a in appenders])
         assert cutter.cut == 1
-        assert [a.outcome for a in appenders] == [Outcome.ENDED] * 3
+        assert [a.outcome for a in appenders] == [Outcome.APPENDED_TERMINAL] * 3
         for generation_id, _ in runs:
             entries = await log.read(generation_id, 0, 10)
             assert [(e.seq, e.type) for e in entries] == [(1, "token"), (2, "done")]

@@ -113,7 +113,7 @@ class _GenerationRun:
         lease = await log.acquire(self.generation_id, self.worker.worker_id)
         if lease is None:
             state = await log.state(self.generation_id)
-            return Outcome.FINISHED if state is None or state.terminal else Outcome.HELD
+            return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
         keeper = self.worker.keeper
         keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
         try:
@@ -399,7 +399,7 @@ class Worker:
     async def _settle(self, run: _GenerationRun, outcome: Outcome) -> None:
         """Acknowledge, leave or hand over the job according to how the run ended."""
         k = self.keys
-        if outcome in (Outcome.ENDED, Outcome.FINISHED):
+        if outcome in (Outcome.APPENDED_TERMINAL, Outcome.ALREADY_ENDED):
             await self.redis.xack(k.jobs, k.worker_group, run.job.id)
         elif outcome is Outcome.HANDED_OFF:
             # Release the lease and re-enqueue: a live worker takes it over at once,
