@@ -29,8 +29,8 @@ from tenacity import (
 from app import events
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
 from app.events import Event
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 from app.telemetry import Metrics
 
 logger = logging.getLogger("tokentape.worker")

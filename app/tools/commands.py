@@ -23,8 +23,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import embedded
 from app.errors import InvalidRequest, TokentapeError, Unavailable
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools import inspection, listing, recording
 from app.tools.replay import Replayer
 from app.tools.tail import Follower, MarkdownRenderer, RawRenderer, Renderer, describe_end

@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from app import events
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools import recording
 from app.tools.commands import register
 from tests.tools.builders import tokens, write_generation

@@ -10,7 +10,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 from app import events
 from app.generations import parse_request
-from app.log import GenerationLog
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from tests.conftest import leased_generation
 from tests.telemetry.conftest import metric_points

@@ -12,11 +12,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from app import events, jobs
+from app import events
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from tests.telemetry.conftest import metric_points
 from tests.workers.conftest import (
@@ -54,7 +54,7 @@ async def pending_jobs(redis: Redis, log: GenerationLog) -> int:
 async def test_a_generation_runs_end_to_end(
     log: GenerationLog, redis: Redis, start_worker: StartWorker
 ) -> None:
-    await start_worker()
+    running = await start_worker()
     request = sim_request(tokens=60, tool_calls=2)
     generation_id = await submit(log, request)
     entries = await until_log(log, generation_id, ended)
@@ -64,6 +64,7 @@ async def test_a_generation_runs_end_to_end(
     state = await log.state(generation_id)
     assert state is not None
     assert (state.status, state.finish_reason) == ("done", "tool_calls")
+    await running.worker.until_idle()  # the run settles its job after the terminal event
     assert await pending_jobs(redis, log) == 0  # acknowledged after the terminal event
 
 
@@ -327,9 +328,9 @@ async def test_acknowledged_jobs_are_trimmed_and_pending_ones_kept(
         await until_log(log, generation_id, ended)
     await running.drain()
     # A job delivered to a worker that died: pending, so a takeover still finds it.
-    await jobs.enqueue(redis, log.keys, "x" * 22, None)
+    await log.jobs.enqueue("x" * 22, None)
     await redis.xreadgroup(log.keys.worker_group, "dead", {log.keys.jobs: ">"}, count=1)
-    assert await running.worker.trim_jobs() == 5
+    assert await log.retention.trim_jobs() == 5
     assert await redis.xlen(log.keys.jobs) == 1
     assert await pending_jobs(redis, log) == 1
 
@@ -356,7 +357,7 @@ async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     generation_id = new_generation_id()
     await log.create(generation_id, sim_request(tokens=5, tool_calls=1))
-    await jobs.enqueue(redis, log.keys, generation_id, f"00-{trace_id}-{parent_id}-01")
+    await log.jobs.enqueue(generation_id, f"00-{trace_id}-{parent_id}-01")
     await until_log(log, generation_id, ended)
     await running.worker.until_idle()
     (span,) = exporter.get_finished_spans()
