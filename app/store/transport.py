@@ -1,10 +1,11 @@
-"""How the store talks to Redis: commands packed here, sent in per-tick pipelines.
+"""How the store talks to Redis: commands packed by hiredis, sent in per-tick pipelines.
 
-Every command the store sends goes through `round_trip`: packed by `pack`,
-written on one connection of the client's pool, replies read with
-`read_response` as Redis sent them (no redis-py reply callbacks). `Pipeline`
-batches the calls made in one event-loop tick into one round trip; a blocking
-read goes alone on a client of its own (`dedicated`).
+Every command the store sends goes through `round_trip`: packed with
+`hiredis.pack_command` (measured faster than a hand packer and redis-py's own:
+scripts/bench_pack.py, docs/benchmarks.md), written on one connection of the
+client's pool, replies read with `read_response` as Redis sent them (no redis-py
+reply callbacks). `Pipeline` batches the calls made in one event-loop tick into
+one round trip; a blocking read goes alone on a client of its own (`dedicated`).
 """
 
 from __future__ import annotations
@@ -13,34 +14,23 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from app.store.scripts import A, K, Script
 
-Arg = bytes | str | int
+Arg = bytes | str | int | float
 # A call waiting for its round trip: the packed command, the script it runs (to load
 # on NOSCRIPT), and its caller's future.
 _Queued = tuple[bytes, Script[Any, Any] | None, asyncio.Future[Any]]
 
 
 def pack(*command: Arg) -> bytes:
-    """One command in RESP, as redis-py's `pack_command` writes it, at a third of its CPU.
-
-    A worker packs one EVALSHA of ~17 arguments per append; redis-py's packer and
-    encoder were a quarter of its CPU per event.
-    """
-    out = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        elif not isinstance(arg, bytes):
-            # A float would be truncated by %d; redis-py refuses what it cannot encode too.
-            raise TypeError(f"cannot send {type(arg).__name__} to Redis: {arg!r}")
-        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(out)
+    """One command in RESP, byte for byte what redis-py sends."""
+    # hiredis's stub declares a 1-tuple where it takes any length.
+    packed: bytes = hiredis.pack_command(command)  # type: ignore[arg-type]
+    return packed
 
 
 async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
