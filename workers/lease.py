@@ -44,6 +44,12 @@ class LeaseKeeper:
         self._held.pop(generation_id, None)
 
     async def run(self) -> None:
+        """Renew every `interval`, until cancelled or a pass fails unexpectedly.
+
+        A pass handles Redis errors itself (the next pass retries). Any other failure
+        is raised, not retried: `Worker` then stops, rather than run generations
+        whose leases nobody renews (see `Worker.run`).
+        """
         while True:
             await asyncio.sleep(self.interval)
             await self.renew_all()

@@ -3,9 +3,10 @@
 A `Worker` reads jobs from the consumer group, takes each generation's lease,
 appends `started` and then the adapter's events in group-committed batches
 (`workers.appender`), and ends every generation with exactly one terminal
-event. Besides that it keeps three loops: the lease keeper (`workers.lease`), a
-claimer that takes over jobs whose worker died, and the retention sweeper.
-Cancellation is pushed over one subscription per process.
+event. Besides that it runs four loops under `app.loops`: the lease keeper
+(`workers.lease`), a claimer that takes over jobs whose worker died, the
+retention sweeper, and the listener of cancel requests (pushed, one subscription
+per process).
 
 The worker talks to Redis only through `app.store`: commands go through the
 client the caller passes in (give it a bounded pool, as `tokentape worker` does);
@@ -26,7 +27,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app import events
+from app import events, loops
 from app.errors import AlreadyFinished, Fenced
 from app.events import Done, Error, Event, Started, Token, ToolCall
 from app.generations import GenerationRequest
@@ -244,6 +245,10 @@ async def _closing(stream: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[
             await aclose()
 
 
+class WorkerFailed(Exception):
+    """A loop the worker cannot run without failed: it handed its generations off and stopped."""
+
+
 class Worker:
     """Consumes generation jobs until `stop` is set, then drains.
 
@@ -276,6 +281,8 @@ class Worker:
         self._runs: dict[str, _GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        self._halt = asyncio.Event()  # stop was set, or a loop the worker needs failed
+        self._failure: BaseException | None = None
 
     @property
     def active_generations(self) -> frozenset[str]:
@@ -296,41 +303,72 @@ class Worker:
     # -- the main loop ----------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Consume jobs until `stop` is set, then drain.
+
+        Raises WorkerFailed, after handing its generations off, when the lease
+        keeper fails: the process should exit non-zero and be restarted.
+        """
         await self.jobs.ensure_group()
         reader = self.jobs.reader(self.worker_id)
+        halting = asyncio.create_task(self._halt_on(stop))
         try:
             async with self.log.cancel_requests() as cancels:
-                background = [
-                    asyncio.create_task(self._listen_for_cancels(cancels)),
-                    asyncio.create_task(self.keeper.run()),
-                    asyncio.create_task(self._sweep_loop()),
-                    asyncio.create_task(self._claim_loop(stop)),
-                ]
-                try:
-                    self.ready.set()
-                    logger.info("worker %s ready", self.worker_id)
-                    await self._consume(reader, stop)
-                    await self._drain()
-                finally:
-                    for task in [*background, *self._tasks]:
-                        task.cancel()
-                    await asyncio.gather(*background, *self._tasks, return_exceptions=True)
+                await self._run_subscribed(cancels, reader)
         finally:
+            halting.cancel()
+            await asyncio.wait([halting])
             await reader.aclose()
             await self._adapters.close()
+        if self._failure is not None:
+            raise WorkerFailed(f"worker {self.worker_id} stopped") from self._failure
 
-    async def _consume(self, reader: JobReader, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+    async def _halt_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._halt.set()
+
+    async def _run_subscribed(self, cancels: CancelRequests, reader: JobReader) -> None:
+        background = [
+            # Restarted when it fails: the subscription outlives the loop, and a cancel
+            # missed meanwhile still reaches its run through the next lease renewal.
+            loops.start("cancel listener", lambda: self._listen_for_cancels(cancels)),
+            # A failed pass of these two is logged and the next runs on time: what one
+            # pass missed, the next one (or another worker's) catches up.
+            loops.start("job claimer", self._claim_loop),
+            loops.start("sweeper", self._sweep_loop),
+            # Not restarted: a pass handles Redis errors itself, so a failure is a bug
+            # that would likely recur, and meanwhile every lease held here lapses and
+            # is taken over mid-generation. Stopping hands the generations off at once
+            # and lets the process supervisor start a clean worker.
+            loops.start("lease keeper", self.keeper.run, on_failure=self._fail),
+        ]
+        try:
+            self.ready.set()
+            logger.info("worker %s ready", self.worker_id)
+            await self._consume(reader)
+            await self._drain()
+        finally:
+            for task in [*background, *self._tasks]:
+                task.cancel()
+            # Their failures are logged where they happen (loops.supervise, _run_job).
+            await asyncio.wait([*background, *self._tasks])
+
+    def _fail(self, failure: BaseException) -> None:
+        self._failure = failure
+        self._halt.set()
+
+    async def _consume(self, reader: JobReader) -> None:
+        halt = self._halt
+        while not halt.is_set():
             free = self.settings.worker_concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_free.clear()
-                await _first(self._slot_free.wait(), stop.wait())
+                await _first(self._slot_free.wait(), halt.wait())
                 continue
             try:
                 jobs = await reader.read(free, READ_BLOCK_MS)
             except TRANSIENT_ERRORS as exc:
                 logger.warning("reading jobs failed: %s; retrying", exc)
-                await _first(asyncio.sleep(1.0), stop.wait())
+                await _first(asyncio.sleep(1.0), halt.wait())
                 continue
             for job in jobs:
                 self._start(job)
@@ -381,8 +419,11 @@ class Worker:
         # claims it.
 
     async def _drain(self) -> None:
-        """Let in-flight generations finish within the grace period, then hand the rest off."""
-        grace = self.settings.shutdown_grace_seconds
+        """Let in-flight generations finish within the grace period, then hand the rest off.
+
+        After a failure there is no grace: nobody renews the leases any more.
+        """
+        grace = 0.0 if self._failure is not None else self.settings.shutdown_grace_seconds
         if self._tasks and grace > 0:
             logger.info("draining %d generations for up to %g s", len(self._tasks), grace)
             await asyncio.wait(self._tasks, timeout=grace)
@@ -408,24 +449,26 @@ class Worker:
                 run.cancel()
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
-            try:
-                await self.log.retention.sweep()
-            except RedisError as exc:
-                logger.warning("sweeping abandoned generations failed: %s", exc)
+        await loops.periodic("sweeper", self.settings.sweep_interval_seconds, self._sweep)
 
-    async def _claim_loop(self, stop: asyncio.Event) -> None:
+    async def _sweep(self) -> None:
+        try:
+            await self.log.retention.sweep()
+        except RedisError as exc:
+            logger.warning("sweeping abandoned generations failed: %s", exc)
+
+    async def _claim_loop(self) -> None:
+        await loops.periodic("job claimer", self.claim_interval_seconds, self._claim)
+
+    async def _claim(self) -> None:
         """Take over jobs whose worker stopped renewing (died) for a full lease."""
-        while not stop.is_set():
-            await asyncio.sleep(self.claim_interval_seconds)
-            free = self.settings.worker_concurrency - len(self._tasks)
-            if stop.is_set() or free <= 0:
-                continue
-            try:
-                await self.claim(free)
-            except RedisError as exc:
-                logger.warning("claiming idle jobs failed: %s", exc)
+        free = self.settings.worker_concurrency - len(self._tasks)
+        if self._halt.is_set() or free <= 0:
+            return
+        try:
+            await self.claim(free)
+        except RedisError as exc:
+            logger.warning("claiming idle jobs failed: %s", exc)
 
     async def claim(self, count: int) -> int:
         """One pass over idle jobs, up to `count`; returns how many were started."""

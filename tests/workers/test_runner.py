@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
@@ -32,7 +34,7 @@ from tests.workers.conftest import (
 )
 from workers.models import PROVIDERS
 from workers.models.base import GenerationContext, ProviderError
-from workers.runner import MAX_ATTEMPTS
+from workers.runner import MAX_ATTEMPTS, WorkerFailed, _GenerationRun
 
 
 def assert_well_formed(entries: Sequence[LogEntry]) -> None:
@@ -382,3 +384,145 @@ async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
         m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
     }
     assert {"tokentape.time_to_first_token", "tokentape.append_latency"} <= recorded
+
+
+# -- failures: loops under supervision, runs that fail ---------------------------
+
+
+def failures_logged(caplog: pytest.LogCaptureFixture, prefix: str) -> list[logging.LogRecord]:
+    """The records logging a failure whose message starts with `prefix`, each with its traceback."""
+    records = [r for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert all(r.exc_info is not None for r in records)
+    return records
+
+
+async def test_a_failing_lease_keeper_stops_the_worker_and_hands_its_generations_off(
+    log: GenerationLog,
+    redis: Redis,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(lease_seconds=0.6)
+    first = await start_worker(settings, adapters=lambda model: EndlessAdapter())
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(3))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the lease keeper")
+
+    monkeypatch.setattr(first.worker.keeper, "renew_all", broken)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"), pytest.raises(WorkerFailed):
+        async with asyncio.timeout(5):
+            await first.task
+    assert len(failures_logged(caplog, "lease keeper failed; not restarted")) == 1
+    # Handed off, not left to expire: another worker continues at once.
+    assert await redis.exists(log.keys.lease(generation_id)) == 0
+    stopped = time.perf_counter()
+    await start_worker(settings, adapters=lambda model: EndlessAdapter())
+
+    def taken_over(entries: list[LogEntry]) -> bool:
+        return any(e.event() == Started(model="sim", attempt=2) for e in entries)
+
+    await until_log(log, generation_id, taken_over)
+    assert time.perf_counter() - stopped < settings.lease_seconds
+
+
+async def test_the_cancel_listener_is_restarted_after_a_failure(
+    log: GenerationLog,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Renewals every 20 s: a cancel that arrives sooner came through the subscription.
+    settings = settings.replace(lease_seconds=60.0)
+    await start_worker(settings, adapters=lambda model: EndlessAdapter())
+    first, second = [await submit(log, sim_request()) for _ in range(2)]
+    for generation_id in (first, second):
+        await until_log(log, generation_id, at_least(2))
+    cancel = _GenerationRun.cancel
+    calls = 0
+
+    def broken_once(run: _GenerationRun) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in handling a cancel")
+        cancel(run)
+
+    monkeypatch.setattr(_GenerationRun, "cancel", broken_once)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        await log.request_cancel(first)
+        await log.request_cancel(second)
+        entries = await until_log(log, second, ended)
+    assert entries[-1].event() == Done(reason="cancelled")
+    assert len(failures_logged(caplog, "cancel listener failed (1 in a row)")) == 1
+
+
+async def test_a_failed_claim_pass_does_not_stop_takeovers(
+    redis: Redis,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(lease_seconds=0.4)
+    log = GenerationLog(redis, settings)
+    generation_id = new_generation_id()
+    request = sim_request(tokens=5)
+    await log.create(generation_id, request)
+    await log.jobs.ensure_group()
+    await log.jobs.enqueue(generation_id, None)
+    dead = log.jobs.reader("dead")  # took the job and died
+    try:
+        assert len(await dead.read(1, 100)) == 1
+    finally:
+        await dead.aclose()
+    running = await start_worker(settings)
+    claim_idle = running.worker.jobs.claim_idle
+    calls = 0
+
+    async def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in claiming")
+        return await claim_idle(*args)
+
+    monkeypatch.setattr(running.worker.jobs, "claim_idle", broken_once)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        entries = await until_log(log, generation_id, ended)
+    assert without_started(entries) == expected_events(request)
+    assert len(failures_logged(caplog, "job claimer failed")) == 1
+
+
+async def test_a_failed_sweep_does_not_stop_the_sweeper(
+    log: GenerationLog,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(sweep_interval_seconds=0.05, abandon_after_seconds=0.2)
+    running = await start_worker(settings)
+    sweep_abandoned = running.worker.log.retention.sweep_abandoned
+    calls = 0
+
+    async def broken_once() -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in sweeping")
+        return await sweep_abandoned()
+
+    monkeypatch.setattr(running.worker.log.retention, "sweep_abandoned", broken_once)
+    generation_id = new_generation_id()
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        await log.create(generation_id, sim_request())  # no job: nobody will ever append
+        entries = await until_log(log, generation_id, ended)
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert error.code == "abandoned"
+    assert len(failures_logged(caplog, "sweeper failed")) == 1
