@@ -58,6 +58,7 @@ class _GenerationRun:
         self.worker = worker
         self.job = job
         self.generation_id = job.generation_id
+        self.lease: Lease | None = None
         self.appender: Appender | None = None
         self.span: GenerationSpan | None = None
         self.producer: asyncio.Task[None] | None = None
@@ -101,6 +102,7 @@ class _GenerationRun:
         if lease is None:
             state = await log.state(self.generation_id)
             return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
+        self.lease = lease
         keeper = self.worker.keeper
         keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
         try:
@@ -175,12 +177,37 @@ class _GenerationRun:
                     # The producer ended without a terminal event: handed off, or it died.
                     appender.stop(Outcome.HANDED_OFF if self._handing_off else Outcome.FAILED)
             await asyncio.wait([appender.task])
+            if not appender.task.cancelled() and (failure := appender.task.exception()):
+                raise failure  # not a refusal nor Redis failing: a bug, for _run_job
         finally:
             # Reached early only when the worker aborts: leave the lease to expire.
             for task in (self.producer, self._cancelling, appender.task):
                 if task is not None:
                     task.cancel()
         return appender.outcome or Outcome.FAILED
+
+    async def end_after_failure(self, failure: Exception) -> Outcome:
+        """The run failed unexpectedly: end the generation with an internal error.
+
+        Its readers get an end now instead of after a takeover that would likely
+        fail the same way. Only while the lease is ours: a generation another
+        worker took over is theirs to end.
+        """
+        if self.lease is None:
+            return Outcome.FAILED  # never held: its job waits for a takeover
+        log = self.worker.log
+        try:
+            await log.renew(self.lease)
+        except Fenced:
+            return Outcome.FENCED
+        except AlreadyFinished:
+            return Outcome.ALREADY_ENDED
+        error = Error(code="internal", message=f"{type(failure).__name__}: {failure}")
+        # As the system, not under the lease: appends of the failed run still in
+        # flight are fenced, and cannot follow the terminal event.
+        if await log.close(self.generation_id, error) is None:
+            return Outcome.ALREADY_ENDED
+        return Outcome.APPENDED_TERMINAL
 
     async def _produce(
         self, appender: Appender, lease: Lease, request: GenerationRequest | None
@@ -393,6 +420,9 @@ class Worker:
             except RedisError as exc:
                 logger.warning("%s: Redis failed: %s", run.generation_id, exc)
                 outcome = Outcome.FAILED
+            except Exception as exc:
+                logger.exception("%s: the run failed", run.generation_id)
+                outcome = await run.end_after_failure(exc)
             finally:
                 del self._runs[run.generation_id]
             logger.info("%s: %s", run.generation_id, outcome.value)
@@ -400,6 +430,8 @@ class Worker:
         except RedisError as exc:
             # The job stays pending; the claimer of some worker settles it later.
             logger.warning("%s: settling the job failed: %s", run.generation_id, exc)
+        except Exception:
+            logger.exception("%s: settling the job failed; left for a takeover", run.generation_id)
 
     async def _settle(self, run: _GenerationRun, outcome: Outcome) -> None:
         """Acknowledge, leave or hand over the job according to how the run ended."""

@@ -18,7 +18,7 @@ from app import events
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
 from app.settings import Settings
-from app.store import GenerationLog
+from app.store import GenerationLog, UnexpectedReply
 from app.telemetry import Telemetry
 from tests.telemetry.conftest import metric_points
 from tests.workers.conftest import (
@@ -526,3 +526,50 @@ async def test_a_failed_sweep_does_not_stop_the_sweeper(
     assert isinstance(error, Error)
     assert error.code == "abandoned"
     assert len(failures_logged(caplog, "sweeper failed")) == 1
+
+
+async def test_a_run_that_fails_unexpectedly_is_logged_and_its_generation_ended(
+    log: GenerationLog,
+    redis: Redis,
+    start_worker: StartWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    generation_id = new_generation_id()
+    await log.create(generation_id, sim_request())
+    await redis.set(log.keys.request(generation_id), b"{not json", keepttl=True)
+    running = await start_worker()
+    with caplog.at_level(logging.ERROR, logger="tokentape.worker"):
+        await log.jobs.enqueue(generation_id, None)
+        entries = await until_log(log, generation_id, ended)
+        await running.worker.until_idle()
+    error = entries[-1].event()
+    assert [e.seq for e in entries] == [1]
+    assert isinstance(error, Error)
+    assert error.code == "internal"
+    assert error.message.startswith("DecodeError: ")
+    assert len(failures_logged(caplog, f"{generation_id}: the run failed")) == 1
+    assert await pending_jobs(redis, log) == 0  # settled, not left for a takeover
+
+
+async def test_an_append_answered_with_an_unknown_code_ends_the_generation(
+    log: GenerationLog,
+    redis: Redis,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = await start_worker(adapters=lambda model: EndlessAdapter())
+
+    def unknown_code(*args: Any) -> int:
+        raise UnexpectedReply("append.lua answered b'no_such_code', which nothing here expects")
+
+    monkeypatch.setattr(running.worker.log, "appended", unknown_code)
+    with caplog.at_level(logging.ERROR, logger="tokentape.worker"):
+        generation_id = await submit(log, sim_request())
+        entries = await until_log(log, generation_id, ended)
+        await running.worker.until_idle()
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert (error.code, error.message.split(":")[0]) == ("internal", "UnexpectedReply")
+    assert len(failures_logged(caplog, f"{generation_id}: the run failed")) == 1
+    assert await pending_jobs(redis, log) == 0
