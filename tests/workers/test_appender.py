@@ -1,4 +1,4 @@
-"""The appender's own instruments (its group commit and retries are in tests/test_log.py)."""
+"""The appender's own instruments (its group commit and retries are in tests/store/test_transport.py)."""
 
 from __future__ import annotations
 
