@@ -72,7 +72,7 @@ class GenerationLog:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.ttls = Ttls.of(settings)
-        # One pipeline per kind of call, as each is bounded. A reader's requests share
+        # A pipeline per kind of call, each with its own bound. A reader's requests share
         # its few connections: one batch of creates and one of commands out at a time.
         self._creates = Pipeline(redis, in_flight=1)
         self._commands = Pipeline(redis, in_flight=1)
