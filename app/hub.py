@@ -40,7 +40,7 @@ from redis.exceptions import ConnectionError, RedisError
 
 from app import sse
 from app.events import TERMINAL_TYPES, Gap, encode
-from app.log import GenerationLog
+from app.store import GenerationLog
 
 logger = logging.getLogger(__name__)
 

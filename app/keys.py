@@ -85,7 +85,7 @@ class Keys:
         return f"{self._stream_tag(name)}:live"
 
     def generation_keys(self, generation_id: str) -> list[str]:
-        """The keys the append script touches, in the order it expects them."""
+        """Every key of one generation; all share its hash tag (one Cluster slot)."""
         return [
             self.meta(generation_id),
             self.log(generation_id),

@@ -30,12 +30,11 @@ import time
 
 from redis.asyncio import Redis
 
-from app import jobs
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.runtime import connect, run_loop
 from app.settings import Settings
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from workers.runner import Worker
 
@@ -72,7 +71,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
         for _ in range(args.generations):
             generation_id = new_generation_id()
             await log.create(generation_id, request)
-            await jobs.enqueue(redis, log.keys, generation_id, None)
+            await log.jobs.enqueue(generation_id, None)
         # Telemetry as `tokentape worker` configures it (no exporter: no tracing).
         worker = Worker(redis, settings, telemetry=Telemetry.from_env("tokentape-worker"))
         stop = asyncio.Event()

@@ -3,7 +3,7 @@
 aiohttp + aiohttp-sse, one blocking `XREAD BLOCK` per SSE connection on the
 generation's log stream. It serves the same API shape as tokentape
 (`POST /v1/generations`, `GET /v1/generations/{id}`, `GET …/events`) over the same
-log: a POST creates the generation and enqueues its job through `app.log`,
+log: a POST creates the generation and enqueues its job through `app.store`,
 exactly as tokentape does, so the same tokentape worker processes
 produce the events for both sides at the same sim pacing. Only the read path
 differs, which is what the benchmark compares.
@@ -29,12 +29,12 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app import events, jobs
+from app import events
 from app.errors import TokentapeError
 from app.generations import SimParams, parse_request
 from app.keys import check_generation_id, new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 
 LOG_KEY = web.AppKey("log", GenerationLog)
 # A second client on its own pool, used only for the blocking XREADs.
@@ -152,7 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
     blocking_redis = Redis(connection_pool=blocking_pool)
     log = GenerationLog(redis, settings)
     if args.producer == "worker":
-        await jobs.ensure_group(redis, log.keys)
+        await log.jobs.ensure_group()
     app = build_app(log, blocking_redis, args.producer)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from app.embedded import RedisProcess, find_server, free_port
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 
 __all__ = ["REDIS_URL", "free_port"]
 

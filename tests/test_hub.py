@@ -16,8 +16,8 @@ from app.events import LogEntry
 from app.generations import parse_request
 from app.hub import Feed, Frame, Hub, Subscription
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.conftest import REDIS_URL
 from tests.live import frame_of
 

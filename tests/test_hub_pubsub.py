@@ -16,8 +16,8 @@ from app import events, sse
 from app.generations import parse_request
 from app.hub import Feed, Hub, Subscription, live_frames
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 from tests.conftest import REDIS_URL
 from tests.live import parse_live
 

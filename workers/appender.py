@@ -29,8 +29,8 @@ from tenacity import (
 from app import events
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
 from app.events import Event
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 from app.telemetry import Metrics
 
 logger = logging.getLogger("tokentape.worker")
@@ -46,8 +46,8 @@ TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 class Outcome(enum.Enum):
     """How a generation run ended for this worker, which decides what happens to its job."""
 
-    ENDED = "ended"  # we appended the terminal event
-    FINISHED = "finished"  # the generation had already ended (or is gone)
+    APPENDED_TERMINAL = "appended_terminal"  # we appended the terminal event
+    ALREADY_ENDED = "already_ended"  # someone else did, or the generation is gone
     HELD = "held"  # another worker holds the lease
     FENCED = "fenced"  # we lost the lease: the new holder owns the job
     HANDED_OFF = "handed_off"  # draining: stopped without a terminal event
@@ -200,7 +200,7 @@ class Appender:
                     self._room.set()
                     await self._append(batch)
                     if events.is_terminal(batch[-1]):
-                        self.outcome = Outcome.ENDED
+                        self.outcome = Outcome.APPENDED_TERMINAL
                         return
                 if self._closed:
                     self.outcome = self._stop_outcome
@@ -209,7 +209,7 @@ class Appender:
         except Fenced:
             self.outcome = Outcome.FENCED
         except (AlreadyFinished, NotFound):
-            self.outcome = Outcome.FINISHED
+            self.outcome = Outcome.ALREADY_ENDED
         except SeqConflict:
             logger.exception("%s: the log disagrees with our seq", self.lease.generation_id)
             self.outcome = Outcome.FAILED

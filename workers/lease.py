@@ -1,10 +1,10 @@
 """The lease keeper: renews every lease a worker holds, and keeps its jobs from looking abandoned.
 
 One loop per worker renews all held leases every `lease_seconds / 3`. Each pass
-also resets the idle time of the held jobs in the consumer group (XCLAIM to
-ourselves), so a job's idle time is "time since its holder last renewed": other
-workers XAUTOCLAIM a job only once it has been idle for a full lease, by which
-time the dead holder's lease has expired and their acquire succeeds.
+also resets the idle time of the held jobs in the consumer group (`JobQueue.touch`),
+so a job's idle time is "time since its holder last renewed": other workers claim
+a job only once it has been idle for a full lease, by which time the dead
+holder's lease has expired and their acquire succeeds.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import logging
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
-from redis.typing import StreamIdT
 
 from app.errors import AlreadyFinished, Fenced
-from app.log import GenerationLog, Lease
+from app.store import GenerationLog, Lease
 
 logger = logging.getLogger("tokentape.worker")
 
@@ -45,6 +44,12 @@ class LeaseKeeper:
         self._held.pop(generation_id, None)
 
     async def run(self) -> None:
+        """Renew every `interval`, until cancelled or a pass fails unexpectedly.
+
+        A pass handles Redis errors itself (the next pass retries). Any other failure
+        is raised, not retried: `Worker` then stops, rather than run generations
+        whose leases nobody renews (see `Worker.run`).
+        """
         while True:
             await asyncio.sleep(self.interval)
             await self.renew_all()
@@ -54,14 +59,11 @@ class LeaseKeeper:
         if not held:
             return
         await asyncio.gather(*(self._renew(h) for h in held))
-        keys = self.log.keys
-        job_ids: list[StreamIdT] = [h.job_id for h in held if h.lease.generation_id in self._held]
+        job_ids = [h.job_id for h in held if h.lease.generation_id in self._held]
         if not job_ids:
             return
         try:
-            await self.log.redis.xclaim(
-                keys.jobs, keys.worker_group, self.consumer, 0, job_ids, justid=True
-            )
+            await self.log.jobs.touch(self.consumer, job_ids)
         except RedisError as exc:
             logger.warning("could not refresh %d held jobs: %s", len(job_ids), exc)
 

@@ -3,13 +3,14 @@
 A `Worker` reads jobs from the consumer group, takes each generation's lease,
 appends `started` and then the adapter's events in group-committed batches
 (`workers.appender`), and ends every generation with exactly one terminal
-event. Besides that it keeps three loops: the lease keeper (`workers.lease`), a
-claimer that takes over jobs whose worker died (XAUTOCLAIM), and the abandon
-sweeper. Cancellation is pushed over one pub/sub subscription per process.
+event. Besides that it runs four loops under `app.loops`: the lease keeper
+(`workers.lease`), a claimer that takes over jobs whose worker died, the
+retention sweeper, and the listener of cancel requests (pushed, one subscription
+per process).
 
-Redis connections: commands go through the client the caller passes in (give it
-a bounded pool, as `tokentape worker` does); blocking reads use one more pool
-of exactly two connections, the job reader and the cancel subscription.
+The worker talks to Redis only through `app.store`: commands go through the
+client the caller passes in (give it a bounded pool, as `tokentape worker` does);
+the job reader and the cancel subscription hold one more connection each.
 """
 
 from __future__ import annotations
@@ -23,17 +24,15 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from app import events, jobs
+from app import events, loops
 from app.errors import AlreadyFinished, Fenced
 from app.events import Done, Error, Event, Started, Token, ToolCall
 from app.generations import GenerationRequest
-from app.jobs import Job
-from app.keys import Keys
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import CancelRequests, GenerationLog, Job, JobReader, Lease
 from app.telemetry import Telemetry
 from app.telemetry.tracing import GenerationSpan
 from workers.appender import TRANSIENT_ERRORS, Appender, Outcome, retrying
@@ -52,18 +51,6 @@ READ_BLOCK_MS = 500
 MAX_ATTEMPTS = 10
 
 
-def _blocking_client(redis: Redis) -> Redis:
-    """A two-connection client like `redis` for the job reader and the cancel subscription."""
-    pool = redis.connection_pool
-    # redis-py 8 gives connections a 5 s socket timeout by default, which cuts
-    # XREADGROUP BLOCK and pub/sub reads short.
-    kwargs = {**pool.connection_kwargs, "socket_timeout": None}
-    blocking = BlockingConnectionPool(
-        connection_class=pool.connection_class, max_connections=2, timeout=None, **kwargs
-    )
-    return Redis.from_pool(blocking)
-
-
 class _GenerationRun:
     """One attempt at one generation by this worker: from acquire to its job's outcome."""
 
@@ -71,6 +58,7 @@ class _GenerationRun:
         self.worker = worker
         self.job = job
         self.generation_id = job.generation_id
+        self.lease: Lease | None = None
         self.appender: Appender | None = None
         self.span: GenerationSpan | None = None
         self.producer: asyncio.Task[None] | None = None
@@ -113,7 +101,8 @@ class _GenerationRun:
         lease = await log.acquire(self.generation_id, self.worker.worker_id)
         if lease is None:
             state = await log.state(self.generation_id)
-            return Outcome.FINISHED if state is None or state.terminal else Outcome.HELD
+            return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
+        self.lease = lease
         keeper = self.worker.keeper
         keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
         try:
@@ -188,12 +177,37 @@ class _GenerationRun:
                     # The producer ended without a terminal event: handed off, or it died.
                     appender.stop(Outcome.HANDED_OFF if self._handing_off else Outcome.FAILED)
             await asyncio.wait([appender.task])
+            if not appender.task.cancelled() and (failure := appender.task.exception()):
+                raise failure  # not a refusal nor Redis failing: a bug, for _run_job
         finally:
             # Reached early only when the worker aborts: leave the lease to expire.
             for task in (self.producer, self._cancelling, appender.task):
                 if task is not None:
                     task.cancel()
         return appender.outcome or Outcome.FAILED
+
+    async def end_after_failure(self, failure: Exception) -> Outcome:
+        """The run failed unexpectedly: end the generation with an internal error.
+
+        Its readers get an end now instead of after a takeover that would likely
+        fail the same way. Only while the lease is ours: a generation another
+        worker took over is theirs to end.
+        """
+        if self.lease is None:
+            return Outcome.FAILED  # never held: its job waits for a takeover
+        log = self.worker.log
+        try:
+            await log.renew(self.lease)
+        except Fenced:
+            return Outcome.FENCED
+        except AlreadyFinished:
+            return Outcome.ALREADY_ENDED
+        error = Error(code="internal", message=f"{type(failure).__name__}: {failure}")
+        # As the system, not under the lease: appends of the failed run still in
+        # flight are fenced, and cannot follow the terminal event.
+        if await log.close(self.generation_id, error) is None:
+            return Outcome.ALREADY_ENDED
+        return Outcome.APPENDED_TERMINAL
 
     async def _produce(
         self, appender: Appender, lease: Lease, request: GenerationRequest | None
@@ -258,6 +272,10 @@ async def _closing(stream: AsyncIterator[Event]) -> AsyncIterator[AsyncIterator[
             await aclose()
 
 
+class WorkerFailed(Exception):
+    """A loop the worker cannot run without failed: it handed its generations off and stopped."""
+
+
 class Worker:
     """Consumes generation jobs until `stop` is set, then drains.
 
@@ -274,11 +292,10 @@ class Worker:
         worker_id: str | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self.redis = redis
         self.settings = settings
         self.telemetry = telemetry if telemetry is not None else Telemetry()
-        self.keys = Keys(settings.key_prefix)
         self.log = GenerationLog(redis, settings)
+        self.jobs = self.log.jobs
         self.worker_id = (
             worker_id
             or settings.worker_id
@@ -291,16 +308,12 @@ class Worker:
         self._runs: dict[str, _GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
-        self._claim_cursor = "0-0"
+        self._halt = asyncio.Event()  # stop was set, or a loop the worker needs failed
+        self._failure: BaseException | None = None
 
     @property
     def active_generations(self) -> frozenset[str]:
         return frozenset(self._runs)
-
-    @property
-    def takeover_idle_ms(self) -> int:
-        """A job idle this long lost its worker: its lease expired (see workers.lease)."""
-        return int(self.settings.lease_seconds * 1000)
 
     @property
     def claim_interval_seconds(self) -> float:
@@ -317,56 +330,75 @@ class Worker:
     # -- the main loop ----------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        await jobs.ensure_group(self.redis, self.keys)
-        blocking = _blocking_client(self.redis)
-        subscribed = asyncio.Event()
+        """Consume jobs until `stop` is set, then drain.
+
+        Raises WorkerFailed, after handing its generations off, when the lease
+        keeper fails: the process should exit non-zero and be restarted.
+        """
+        await self.jobs.ensure_group()
+        reader = self.jobs.reader(self.worker_id)
+        halting = asyncio.create_task(self._halt_on(stop))
+        try:
+            async with self.log.cancel_requests() as cancels:
+                await self._run_subscribed(cancels, reader)
+        finally:
+            halting.cancel()
+            await asyncio.wait([halting])
+            await reader.aclose()
+            await self._adapters.close()
+        if self._failure is not None:
+            raise WorkerFailed(f"worker {self.worker_id} stopped") from self._failure
+
+    async def _halt_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._halt.set()
+
+    async def _run_subscribed(self, cancels: CancelRequests, reader: JobReader) -> None:
         background = [
-            asyncio.create_task(self._listen_for_cancels(blocking, subscribed)),
-            asyncio.create_task(self.keeper.run()),
-            asyncio.create_task(self._sweep_loop()),
-            asyncio.create_task(self._claim_loop(stop)),
+            # Restarted when it fails: the subscription outlives the loop, and a cancel
+            # missed meanwhile still reaches its run through the next lease renewal.
+            loops.start("cancel listener", lambda: self._listen_for_cancels(cancels)),
+            # A failed pass of these two is logged and the next runs on time: what one
+            # pass missed, the next one (or another worker's) catches up.
+            loops.start("job claimer", self._claim_loop),
+            loops.start("sweeper", self._sweep_loop),
+            # Not restarted: a pass handles Redis errors itself, so a failure is a bug
+            # that would likely recur, and meanwhile every lease held here lapses and
+            # is taken over mid-generation. Stopping hands the generations off at once
+            # and lets the process supervisor start a clean worker.
+            loops.start("lease keeper", self.keeper.run, on_failure=self._fail),
         ]
         try:
-            await _first(subscribed.wait(), background[0])
-            if background[0].done():
-                background[0].result()  # the subscription failed: raise why
             self.ready.set()
             logger.info("worker %s ready", self.worker_id)
-            await self._consume(blocking, stop)
+            await self._consume(reader)
             await self._drain()
         finally:
             for task in [*background, *self._tasks]:
                 task.cancel()
-            await asyncio.gather(*background, *self._tasks, return_exceptions=True)
-            await blocking.aclose()
-            await self._adapters.close()
+            # Their failures are logged where they happen (loops.supervise, _run_job).
+            await asyncio.wait([*background, *self._tasks])
 
-    async def _consume(self, blocking: Redis, stop: asyncio.Event) -> None:
-        k = self.keys
-        while not stop.is_set():
+    def _fail(self, failure: BaseException) -> None:
+        self._failure = failure
+        self._halt.set()
+
+    async def _consume(self, reader: JobReader) -> None:
+        halt = self._halt
+        while not halt.is_set():
             free = self.settings.worker_concurrency - len(self._tasks)
             if free <= 0:
                 self._slot_free.clear()
-                await _first(self._slot_free.wait(), stop.wait())
+                await _first(self._slot_free.wait(), halt.wait())
                 continue
             try:
-                reply = await blocking.xreadgroup(
-                    k.worker_group, self.worker_id, {k.jobs: ">"}, count=free, block=READ_BLOCK_MS
-                )
+                jobs = await reader.read(free, READ_BLOCK_MS)
             except TRANSIENT_ERRORS as exc:
                 logger.warning("reading jobs failed: %s; retrying", exc)
-                await _first(asyncio.sleep(1.0), stop.wait())
+                await _first(asyncio.sleep(1.0), halt.wait())
                 continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # Redis came back without its data (no persistence): recreate the group.
-                logger.warning("the job group is gone; recreating it")
-                with contextlib.suppress(*TRANSIENT_ERRORS):
-                    await jobs.ensure_group(self.redis, k)
-                continue
-            for entry_id, fields in _stream_entries(reply):
-                self._start(jobs.job_from_entry(entry_id, fields))
+            for job in jobs:
+                self._start(job)
 
     def _start(self, job: Job) -> None:
         if job.generation_id in self._runs:
@@ -388,6 +420,9 @@ class Worker:
             except RedisError as exc:
                 logger.warning("%s: Redis failed: %s", run.generation_id, exc)
                 outcome = Outcome.FAILED
+            except Exception as exc:
+                logger.exception("%s: the run failed", run.generation_id)
+                outcome = await run.end_after_failure(exc)
             finally:
                 del self._runs[run.generation_id]
             logger.info("%s: %s", run.generation_id, outcome.value)
@@ -395,37 +430,32 @@ class Worker:
         except RedisError as exc:
             # The job stays pending; the claimer of some worker settles it later.
             logger.warning("%s: settling the job failed: %s", run.generation_id, exc)
+        except Exception:
+            logger.exception("%s: settling the job failed; left for a takeover", run.generation_id)
 
     async def _settle(self, run: _GenerationRun, outcome: Outcome) -> None:
         """Acknowledge, leave or hand over the job according to how the run ended."""
-        k = self.keys
-        if outcome in (Outcome.ENDED, Outcome.FINISHED):
-            await self.redis.xack(k.jobs, k.worker_group, run.job.id)
+        if outcome in (Outcome.APPENDED_TERMINAL, Outcome.ALREADY_ENDED):
+            await self.jobs.ack(run.job)
         elif outcome is Outcome.HANDED_OFF:
-            # Release the lease and re-enqueue: a live worker takes it over at once,
-            # instead of after the takeover delay. A duplicate job is harmless
-            # (acquire is exclusive).
+            # Release the lease and hand the job back: a live worker takes it over at
+            # once, instead of after the takeover delay.
             lease = run.appender.lease if run.appender is not None else None
             if lease is not None:
                 with contextlib.suppress(Fenced, AlreadyFinished):
                     await self.log.renew(lease, release=True)
-            await jobs.enqueue(self.redis, k, run.generation_id, run.job.traceparent)
-            await self.redis.xack(k.jobs, k.worker_group, run.job.id)
+            await self.jobs.requeue(run.job)
         elif outcome is Outcome.HELD:
-            # Another worker holds the lease (alive, or dead with its lease not yet
-            # expired). Set the job's idle time so it becomes claimable again right
-            # when that lease runs out, not a full lease later.
-            remaining_ms = await self.redis.pttl(k.lease(run.generation_id))
-            idle_ms = self.takeover_idle_ms - max(0, min(remaining_ms, self.takeover_idle_ms))
-            await self.redis.xclaim(
-                k.jobs, k.worker_group, self.worker_id, 0, [run.job.id], idle=idle_ms, justid=True
-            )
+            await self.jobs.retry_when_lease_expires(run.job, self.worker_id)
         # FENCED, FAILED: the job stays pending until a worker that can take the lease
         # claims it.
 
     async def _drain(self) -> None:
-        """Let in-flight generations finish within the grace period, then hand the rest off."""
-        grace = self.settings.shutdown_grace_seconds
+        """Let in-flight generations finish within the grace period, then hand the rest off.
+
+        After a failure there is no grace: nobody renews the leases any more.
+        """
+        grace = 0.0 if self._failure is not None else self.settings.shutdown_grace_seconds
         if self._tasks and grace > 0:
             logger.info("draining %d generations for up to %g s", len(self._tasks), grace)
             await asyncio.wait(self._tasks, timeout=grace)
@@ -442,118 +472,43 @@ class Worker:
 
     # -- background loops -------------------------------------------------------
 
-    async def _listen_for_cancels(self, blocking: Redis, subscribed: asyncio.Event) -> None:
-        """One subscription per process: cancel requests are pushed, not polled."""
-        pubsub = blocking.pubsub()
-        try:
-            await pubsub.subscribe(self.keys.cancel_channel)
-            while True:
-                try:
-                    message = await pubsub.get_message(timeout=None)
-                except TRANSIENT_ERRORS as exc:
-                    # redis-py reconnects and resubscribes on the next read; a cancel
-                    # missed meanwhile is caught by the lease renewal.
-                    logger.warning("cancel subscription failed: %s; reconnecting", exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    subscribed.set()
-                elif message["type"] == "message":
-                    run = self._runs.get(message["data"].decode())
-                    if run is not None:
-                        logger.info("%s: cancel requested", run.generation_id)
-                        run.cancel()
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def _listen_for_cancels(self, cancels: CancelRequests) -> None:
+        """Cancel requests are pushed, not polled: one subscription per process."""
+        async for generation_id in cancels:
+            run = self._runs.get(generation_id)
+            if run is not None:
+                logger.info("%s: cancel requested", generation_id)
+                run.cancel()
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.sweep_interval_seconds)
-            try:
-                closed = await self.log.sweep_abandoned()
-                await self.trim_jobs()
-            except RedisError as exc:
-                logger.warning("sweeping abandoned generations failed: %s", exc)
-                continue
-            if closed:
-                logger.info("closed %d abandoned generations", len(closed))
+        await loops.periodic("sweeper", self.settings.sweep_interval_seconds, self._sweep)
 
-    async def trim_jobs(self) -> int:
-        """Drop acknowledged jobs from the job stream; returns how many were removed.
+    async def _sweep(self) -> None:
+        try:
+            await self.log.retention.sweep()
+        except RedisError as exc:
+            logger.warning("sweeping abandoned generations failed: %s", exc)
 
-        Everything older than both the oldest pending job and the group's last
-        delivered one was delivered and acknowledged: the stream never grows without
-        bound, and a pending job (a takeover candidate) is never trimmed.
-        """
-        k = self.keys
-        groups = await self.redis.xinfo_groups(k.jobs)
-        group = next((g for g in groups if g["name"] == k.worker_group.encode()), None)
-        if group is None:
-            return 0
-        floor = _stream_id(group["last-delivered-id"])
-        summary = await self.redis.xpending(k.jobs, k.worker_group)
-        if summary["pending"]:
-            floor = min(floor, _stream_id(summary["min"]))
-        if floor == (0, 0):
-            return 0
-        removed: int = await self.redis.xtrim(
-            k.jobs, minid=f"{floor[0]}-{floor[1]}", approximate=False
-        )
-        return removed
+    async def _claim_loop(self) -> None:
+        await loops.periodic("job claimer", self.claim_interval_seconds, self._claim)
 
-    async def _claim_loop(self, stop: asyncio.Event) -> None:
+    async def _claim(self) -> None:
         """Take over jobs whose worker stopped renewing (died) for a full lease."""
-        while not stop.is_set():
-            await asyncio.sleep(self.claim_interval_seconds)
-            free = self.settings.worker_concurrency - len(self._tasks)
-            if stop.is_set() or free <= 0:
-                continue
-            try:
-                await self.claim(free)
-            except RedisError as exc:
-                logger.warning("claiming idle jobs failed: %s", exc)
+        free = self.settings.worker_concurrency - len(self._tasks)
+        if self._halt.is_set() or free <= 0:
+            return
+        try:
+            await self.claim(free)
+        except RedisError as exc:
+            logger.warning("claiming idle jobs failed: %s", exc)
 
     async def claim(self, count: int) -> int:
-        """One XAUTOCLAIM pass of up to `count` jobs; returns how many were started."""
-        k = self.keys
-        reply = await self.redis.xautoclaim(
-            k.jobs,
-            k.worker_group,
-            self.worker_id,
-            self.takeover_idle_ms,
-            start_id=self._claim_cursor,
-            count=count,
-        )
-        cursor, entries = reply[0], reply[1]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
-        started = 0
-        for entry_id, fields in entries:
-            if fields:  # None: the entry was trimmed from the stream
-                logger.info("taking over job %s", entry_id)
-                self._start(jobs.job_from_entry(entry_id, fields))
-                started += 1
-        return started
-
-
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """XREADGROUP's entries in either protocol's shape (RESP2 list, RESP3 map)."""
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-    for stream_entries in streams:
-        for item in stream_entries:
-            if isinstance(item, list | tuple) and len(item) == 2:
-                entries.append((item[0], item[1]))
-    return entries
+        """One pass over idle jobs, up to `count`; returns how many were started."""
+        jobs = await self.jobs.claim_idle(self.worker_id, count)
+        for job in jobs:
+            logger.info("taking over job %s", job.id)
+            self._start(job)
+        return len(jobs)
 
 
 async def _first(*awaitables: Awaitable[Any]) -> None:

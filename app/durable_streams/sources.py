@@ -12,7 +12,7 @@ from app.durable_streams import protocol
 from app.durable_streams.protocol import Position
 from app.durable_streams.store import PAGE_ENTRIES, Page, StreamStore
 from app.errors import Expired, InvalidRequest, NotFound
-from app.log import GenerationLog
+from app.store import GenerationLog
 
 
 class Source(Protocol):

@@ -9,8 +9,8 @@ from app.http import durable_streams, event_stream, generations, pages
 from app.http.errors import json_errors
 from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
 from app.hub import Hub
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from app.telemetry.web import metrics_handler
 

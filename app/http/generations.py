@@ -12,7 +12,7 @@ from app.errors import Conflict, NotFound
 from app.generations import ErrorInfo, GenerationStatus, parse_request
 from app.http.state import LOG, SETTINGS, TELEMETRY
 from app.keys import check_generation_id, new_generation_id
-from app.log import GenerationState
+from app.store import GenerationState
 
 routes = web.RouteTableDef()
 

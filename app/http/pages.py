@@ -21,7 +21,7 @@ async def index(request: web.Request) -> web.Response:
 @routes.get("/healthz")
 async def health(request: web.Request) -> web.Response:
     try:
-        await request.app[LOG].redis.ping()
+        await request.app[LOG].ping()
     except (RedisError, OSError) as exc:
         return web.json_response(
             {"status": "unavailable", "error": {"code": "unavailable", "message": str(exc)}},

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.hub import Hub
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.telemetry.web import TELEMETRY
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -25,8 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from app import embedded
 from app.errors import ConfigError, Unavailable
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools import inspection, listing, recording
 from app.tools.replay import Replayer
 from app.tools.tail import Follower, MarkdownRenderer, RawRenderer, Renderer, describe_end

@@ -6,7 +6,6 @@ import asyncio
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import cast
 
 import msgspec
 from rich.table import Table
@@ -14,7 +13,7 @@ from rich.text import Text
 
 from app.errors import InvalidRequest
 from app.events import LogEntry
-from app.log import GenerationLog, GenerationState, now_ms
+from app.store import GenerationLog, GenerationState, now_ms
 from app.tools.inspection import seconds
 
 # Time to first token comes from this many leading events only: `ls` stays one
@@ -76,14 +75,11 @@ async def recent_generations(
 ) -> list[GenerationSummary]:
     """Newest first; generations whose metadata expired are skipped."""
     now = now_ms()
-    low = "-inf" if since_ms is None else now - since_ms
+    low = None if since_ms is None else now - since_ms
     found: list[GenerationSummary] = []
     offset = 0
     while len(found) < limit:
-        raw_ids = await log.redis.zrevrangebyscore(
-            log.keys.recent_generations, "+inf", low, start=offset, num=_INDEX_PAGE
-        )
-        ids = [raw.decode() for raw in cast(list[bytes], raw_ids)]
+        ids = await log.recent(since_ms=low, offset=offset, count=_INDEX_PAGE)
         if not ids:
             break
         offset += len(ids)

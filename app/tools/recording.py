@@ -20,7 +20,7 @@ from app.errors import Expired, InvalidRequest, NotFound
 from app.events import Event, LogEntry
 from app.generations import GenerationRequest
 from app.keys import check_generation_id
-from app.log import GenerationLog, GenerationState, now_ms
+from app.store import GenerationLog, GenerationState, now_ms
 
 FORMAT = "tokentape.recording"
 VERSION = 1
@@ -188,14 +188,14 @@ def read_file(path: Path) -> Recording:
 async def generation_info(log: GenerationLog, generation_id: str) -> GenerationInfo:
     """The generation's metadata; NotFound or Expired when there is nothing to export."""
     check_generation_id(generation_id)
-    state = await log.state(generation_id)
+    state, log_exists = await log.snapshot(generation_id)
     if state is None:
         raise NotFound(
             "generation_not_found",
             f"no generation {generation_id} under prefix {log.keys.prefix!r}: "
             "check --redis and --prefix, or it outlived metadata retention",
         )
-    if state.last_seq > 0 and not await log.redis.exists(log.keys.log(generation_id)):
+    if state.last_seq > 0 and not log_exists:
         raise Expired(
             "generation_expired",
             f"the events of {generation_id} were removed by retention "

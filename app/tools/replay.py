@@ -22,7 +22,7 @@ from app.clock import MONOTONIC, Clock
 from app.errors import Conflict, InvalidRequest
 from app.generations import GenerationRequest, Message
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
+from app.store import GenerationLog, Lease
 from app.tools.recording import RecordedEvent, Recording
 
 # Events per append call: bounds the Lua script's argument list.

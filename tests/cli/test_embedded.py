@@ -18,12 +18,12 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from app import embedded, events, jobs
+from app import embedded, events
 from app.embedded import EmbeddedUnavailable, FakeRedisServer, RedisProcess, embedded_redis
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.live import parse_live
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -230,8 +230,8 @@ async def test_fakeredis_fallback_runs_what_tokentape_needs(fake_server: FakeRed
         assert state.status == "done"
 
         keys = log.keys
-        await jobs.ensure_group(redis, keys)
-        await jobs.ensure_group(redis, keys)  # BUSYGROUP answered, connection kept
+        await log.jobs.ensure_group()
+        await log.jobs.ensure_group()  # BUSYGROUP answered, connection kept
         started = time.monotonic()
         empty = await redis.xreadgroup(
             keys.worker_group, "c1", {keys.jobs: ">"}, count=10, block=300
@@ -241,7 +241,7 @@ async def test_fakeredis_fallback_runs_what_tokentape_needs(fake_server: FakeRed
 
         async def enqueue_later() -> None:
             await asyncio.sleep(0.2)
-            await jobs.enqueue(redis, keys, generation_id, None)
+            await log.jobs.enqueue(generation_id, None)
 
         producer = asyncio.create_task(enqueue_later())
         reader = Redis.from_url(fake_server.url, socket_timeout=None)

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from app import events
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.conftest import REDIS_URL, free_port
 
 ROOT = Path(__file__).resolve().parents[2]

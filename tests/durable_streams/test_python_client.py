@@ -13,8 +13,8 @@ from redis.asyncio import Redis
 
 from app import events
 from app.keys import Keys
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Writer
 

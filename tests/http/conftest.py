@@ -15,8 +15,8 @@ from app import events, sse
 from app.generations import parse_request
 from app.http import HUB, create_app
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 
 ClientFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 Client = TestClient[web.Request, web.Application]

@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 
 from app import events
 from app.http import HUB
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.http.conftest import (
     Client,
     ClientFactory,

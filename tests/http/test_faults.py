@@ -11,8 +11,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from app import events
 from app.embedded import RedisProcess
 from app.http import create_app
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.http.conftest import ClientFactory, Stream, Writer, until_subscriptions
 
 

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app import events
-from app.log import GenerationLog
+from app.store import GenerationLog
 from tests.http.conftest import Client, Writer
 
 VALID: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}

@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app import events
-from app.log import GenerationLog
 from app.sse import event_frame
+from app.store import GenerationLog
 from scripts.naive_server import build_app
 from tests.conftest import REDIS_URL
 

@@ -17,8 +17,8 @@ from redis.asyncio import Redis
 from app import sse
 from app.events import LogEntry, Started
 from app.http import create_app
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from tests.http.conftest import ClientFactory, until_subscriptions
 from tests.telemetry.conftest import samples_by_name

@@ -12,7 +12,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from app.errors import InvalidRequest, TokentapeError, Unavailable
 from app.events import Usage
-from app.jobs import Job
+from app.store import Job
 from app.telemetry import (
     Telemetry,
     context_from_traceparent,

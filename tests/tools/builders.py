@@ -10,7 +10,7 @@ from app import events
 from app.events import Event
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog
+from app.store import GenerationLog
 from app.tools.recording import (
     FORMAT,
     VERSION,

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from app.http import create_app
 from app.http.errors import Handler
-from app.log import GenerationLog
+from app.store import GenerationLog
 from tests.conftest import free_port
 
 
@@ -39,7 +39,7 @@ class ReaderServer:
             self.last_event_ids.append(request.headers.get("Last-Event-ID"))
             return await handler(request)
 
-        app = create_app(self.log.settings, self.log.redis)
+        app = create_app(self.log.settings, self.log._redis)
         app.middlewares.append(record)
         self._runner = web.AppRunner(
             app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.1

@@ -13,8 +13,8 @@ import pytest
 from rich.text import Text
 
 from app import cli, events
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools import recording
 from tests.tools.builders import tokens, write_generation
 

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from app import events
 from app.errors import InvalidRequest
 from app.keys import new_generation_id
-from app.log import GenerationLog
+from app.store import GenerationLog
 from app.tools import listing
 from tests.tools.builders import REQUEST, write_generation
 from tests.tools.screen import as_text

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from app import events
 from app.errors import Expired, NotFound
 from app.keys import new_generation_id
-from app.log import GenerationLog
+from app.store import GenerationLog
 from app.tools import recording
 from app.tools.recording import BadRecording, Recording, UnsupportedRecordingVersion
 from app.tools.replay import Replayer

@@ -6,8 +6,8 @@ import pytest
 
 from app import events
 from app.errors import InvalidRequest
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools.replay import Replayer, batches
 from tests.conftest import FakeClock
 from tests.tools.builders import recording_of

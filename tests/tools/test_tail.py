@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from app import events
 from app.errors import NotFound
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from app.tools.tail import Follower, MarkdownRenderer, RawRenderer
 from tests.tools.builders import REQUEST, tokens, write_generation
 from tests.tools.reader_server import ReaderServer

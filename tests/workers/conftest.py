@@ -12,12 +12,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from app import jobs
 from app.events import Event, LogEntry
 from app.generations import GenerationRequest, Message, SimParams
 from app.keys import new_generation_id
-from app.log import GenerationLog, Lease
 from app.settings import Settings
+from app.store import GenerationLog, Lease
 from app.telemetry import Telemetry
 from workers.models.sim import plan, prompt_tokens
 from workers.runner import AdapterResolver, Worker
@@ -42,7 +41,7 @@ async def submit(log: GenerationLog, request: GenerationRequest) -> str:
     """Create a generation and enqueue its job, as the HTTP API does."""
     generation_id = new_generation_id()
     await log.create(generation_id, request)
-    await jobs.enqueue(log.redis, log.keys, generation_id, None)
+    await log.jobs.enqueue(generation_id, None)
     return generation_id
 
 
@@ -59,7 +58,8 @@ async def until_log(
     done: Callable[[list[LogEntry]], bool],
 ) -> list[LogEntry]:
     """Wait, woken by the generation's live channel, until `done(entries)` holds (10 s at most)."""
-    pubsub = log.redis.pubsub()
+    # The log's own client: the store has no use for live messages (the hub reads them).
+    pubsub = log._redis.pubsub()
     await pubsub.subscribe(log.keys.live_channel(generation_id))
     try:
         async with asyncio.timeout(10.0):

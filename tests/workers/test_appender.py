@@ -1,4 +1,4 @@
-"""The appender's own instruments (its group commit and retries are in tests/test_log.py)."""
+"""The appender's own instruments (its group commit and retries are in tests/store/test_transport.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricR
 
 from app import events
 from app.generations import parse_request
-from app.log import GenerationLog
+from app.store import GenerationLog
 from app.telemetry import Telemetry
 from tests.conftest import leased_generation
 from tests.telemetry.conftest import metric_points
@@ -31,7 +31,7 @@ async def test_a_producer_faster_than_redis_is_appended_in_batches_of_up_to_max_
         assert await appender.put(events.Token(text=str(i)))
     assert await appender.put(events.Done(reason="stop"))
     await appender.task
-    assert appender.outcome is Outcome.ENDED
+    assert appender.outcome is Outcome.APPENDED_TERMINAL
     # The first goes alone, the rest waits for its reply and goes MAX_BATCH at a time.
     assert [len(batch) for _, batch in calls] == [1, MAX_BATCH, MAX_BATCH, MAX_BATCH]
     entries = await log.read(generation_id, 0, count + 10)
@@ -80,7 +80,7 @@ async def test_append_latency_is_recorded_for_one_append_in_n(
         appended.clear()
     assert await appender.put(events.Done(reason="stop"))
     await appender.task
-    assert appender.outcome is Outcome.ENDED
+    assert appender.outcome is Outcome.APPENDED_TERMINAL
     (point,) = metric_points(reader, "tokentape.append_latency")
     assert isinstance(point, HistogramDataPoint)
     assert point.count == 3  # appends 1, 4 and 7 of 8

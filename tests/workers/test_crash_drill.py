@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from app.events import LogEntry, Started
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.workers.conftest import at_least, ended, expected_events, sim_request, submit, until_log
 
 LEASE_SECONDS = 1.0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from redis.asyncio import Redis
 
 from app import events
-from app.log import GenerationLog, Lease
+from app.store import GenerationLog, Lease
 from tests.conftest import leased_generation
 from workers.lease import HeldLease, LeaseKeeper
 
@@ -32,9 +33,9 @@ async def test_a_renewal_racing_the_terminal_append_does_not_stop_the_run(
     assert [r.getMessage() for r in caplog.records if "lost" in r.getMessage()] == []
 
 
-async def test_a_lease_taken_over_is_reported_lost(log: GenerationLog) -> None:
+async def test_a_lease_taken_over_is_reported_lost(log: GenerationLog, redis: Redis) -> None:
     lease, keeper, lost = await held_by_keeper(log)
-    await log.redis.delete(log.keys.lease(lease.generation_id))  # expired
+    await redis.delete(log.keys.lease(lease.generation_id))  # expired
     assert await log.acquire(lease.generation_id, "worker-b") is not None
     await keeper.renew_all()
     assert lost == [lease.generation_id]

@@ -7,8 +7,8 @@ import asyncio
 from fakeredis import FakeAsyncRedis
 
 from app.events import Done
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.workers.conftest import ended, expected_events, sim_request, submit, until_log
 from workers.runner import Worker
 

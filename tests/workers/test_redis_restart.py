@@ -12,8 +12,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.events import Done
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.workers.conftest import at_least, ended, sim_request, submit, until_log
 from workers.runner import Worker
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
@@ -12,11 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from app import events, jobs
+from app import events
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog, UnexpectedReply
 from app.telemetry import Telemetry
 from tests.telemetry.conftest import metric_points
 from tests.workers.conftest import (
@@ -32,7 +34,7 @@ from tests.workers.conftest import (
 )
 from workers.models import PROVIDERS
 from workers.models.base import GenerationContext, ProviderError
-from workers.runner import MAX_ATTEMPTS
+from workers.runner import MAX_ATTEMPTS, WorkerFailed, _GenerationRun
 
 
 def assert_well_formed(entries: Sequence[LogEntry]) -> None:
@@ -54,7 +56,7 @@ async def pending_jobs(redis: Redis, log: GenerationLog) -> int:
 async def test_a_generation_runs_end_to_end(
     log: GenerationLog, redis: Redis, start_worker: StartWorker
 ) -> None:
-    await start_worker()
+    running = await start_worker()
     request = sim_request(tokens=60, tool_calls=2)
     generation_id = await submit(log, request)
     entries = await until_log(log, generation_id, ended)
@@ -64,6 +66,7 @@ async def test_a_generation_runs_end_to_end(
     state = await log.state(generation_id)
     assert state is not None
     assert (state.status, state.finish_reason) == ("done", "tool_calls")
+    await running.worker.until_idle()  # the run settles its job after the terminal event
     assert await pending_jobs(redis, log) == 0  # acknowledged after the terminal event
 
 
@@ -327,9 +330,9 @@ async def test_acknowledged_jobs_are_trimmed_and_pending_ones_kept(
         await until_log(log, generation_id, ended)
     await running.drain()
     # A job delivered to a worker that died: pending, so a takeover still finds it.
-    await jobs.enqueue(redis, log.keys, "x" * 22, None)
+    await log.jobs.enqueue("x" * 22, None)
     await redis.xreadgroup(log.keys.worker_group, "dead", {log.keys.jobs: ">"}, count=1)
-    assert await running.worker.trim_jobs() == 5
+    assert await log.retention.trim_jobs() == 5
     assert await redis.xlen(log.keys.jobs) == 1
     assert await pending_jobs(redis, log) == 1
 
@@ -356,7 +359,7 @@ async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     generation_id = new_generation_id()
     await log.create(generation_id, sim_request(tokens=5, tool_calls=1))
-    await jobs.enqueue(redis, log.keys, generation_id, f"00-{trace_id}-{parent_id}-01")
+    await log.jobs.enqueue(generation_id, f"00-{trace_id}-{parent_id}-01")
     await until_log(log, generation_id, ended)
     await running.worker.until_idle()
     (span,) = exporter.get_finished_spans()
@@ -381,3 +384,192 @@ async def test_each_generation_gets_a_span_in_the_trace_of_its_request(
         m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
     }
     assert {"tokentape.time_to_first_token", "tokentape.append_latency"} <= recorded
+
+
+# -- failures: loops under supervision, runs that fail ---------------------------
+
+
+def failures_logged(caplog: pytest.LogCaptureFixture, prefix: str) -> list[logging.LogRecord]:
+    """The records logging a failure whose message starts with `prefix`, each with its traceback."""
+    records = [r for r in caplog.records if r.getMessage().startswith(prefix)]
+    assert all(r.exc_info is not None for r in records)
+    return records
+
+
+async def test_a_failing_lease_keeper_stops_the_worker_and_hands_its_generations_off(
+    log: GenerationLog,
+    redis: Redis,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(lease_seconds=0.6)
+    first = await start_worker(settings, adapters=lambda model: EndlessAdapter())
+    generation_id = await submit(log, sim_request())
+    await until_log(log, generation_id, at_least(3))
+
+    async def broken() -> None:
+        raise RuntimeError("a bug in the lease keeper")
+
+    monkeypatch.setattr(first.worker.keeper, "renew_all", broken)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"), pytest.raises(WorkerFailed):
+        async with asyncio.timeout(5):
+            await first.task
+    assert len(failures_logged(caplog, "lease keeper failed; not restarted")) == 1
+    # Handed off, not left to expire: another worker continues at once.
+    assert await redis.exists(log.keys.lease(generation_id)) == 0
+    stopped = time.perf_counter()
+    await start_worker(settings, adapters=lambda model: EndlessAdapter())
+
+    def taken_over(entries: list[LogEntry]) -> bool:
+        return any(e.event() == Started(model="sim", attempt=2) for e in entries)
+
+    await until_log(log, generation_id, taken_over)
+    assert time.perf_counter() - stopped < settings.lease_seconds
+
+
+async def test_the_cancel_listener_is_restarted_after_a_failure(
+    log: GenerationLog,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Renewals every 20 s: a cancel that arrives sooner came through the subscription.
+    settings = settings.replace(lease_seconds=60.0)
+    await start_worker(settings, adapters=lambda model: EndlessAdapter())
+    first, second = [await submit(log, sim_request()) for _ in range(2)]
+    for generation_id in (first, second):
+        await until_log(log, generation_id, at_least(2))
+    cancel = _GenerationRun.cancel
+    calls = 0
+
+    def broken_once(run: _GenerationRun) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in handling a cancel")
+        cancel(run)
+
+    monkeypatch.setattr(_GenerationRun, "cancel", broken_once)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        await log.request_cancel(first)
+        await log.request_cancel(second)
+        entries = await until_log(log, second, ended)
+    assert entries[-1].event() == Done(reason="cancelled")
+    assert len(failures_logged(caplog, "cancel listener failed (1 in a row)")) == 1
+
+
+async def test_a_failed_claim_pass_does_not_stop_takeovers(
+    redis: Redis,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(lease_seconds=0.4)
+    log = GenerationLog(redis, settings)
+    generation_id = new_generation_id()
+    request = sim_request(tokens=5)
+    await log.create(generation_id, request)
+    await log.jobs.ensure_group()
+    await log.jobs.enqueue(generation_id, None)
+    dead = log.jobs.reader("dead")  # took the job and died
+    try:
+        assert len(await dead.read(1, 100)) == 1
+    finally:
+        await dead.aclose()
+    running = await start_worker(settings)
+    claim_idle = running.worker.jobs.claim_idle
+    calls = 0
+
+    async def broken_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in claiming")
+        return await claim_idle(*args)
+
+    monkeypatch.setattr(running.worker.jobs, "claim_idle", broken_once)
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        entries = await until_log(log, generation_id, ended)
+    assert without_started(entries) == expected_events(request)
+    assert len(failures_logged(caplog, "job claimer failed")) == 1
+
+
+async def test_a_failed_sweep_does_not_stop_the_sweeper(
+    log: GenerationLog,
+    settings: Settings,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = settings.replace(sweep_interval_seconds=0.05, abandon_after_seconds=0.2)
+    running = await start_worker(settings)
+    sweep_abandoned = running.worker.log.retention.sweep_abandoned
+    calls = 0
+
+    async def broken_once() -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in sweeping")
+        return await sweep_abandoned()
+
+    monkeypatch.setattr(running.worker.log.retention, "sweep_abandoned", broken_once)
+    generation_id = new_generation_id()
+    with caplog.at_level(logging.ERROR, logger="tokentape.loops"):
+        await log.create(generation_id, sim_request())  # no job: nobody will ever append
+        entries = await until_log(log, generation_id, ended)
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert error.code == "abandoned"
+    assert len(failures_logged(caplog, "sweeper failed")) == 1
+
+
+async def test_a_run_that_fails_unexpectedly_is_logged_and_its_generation_ended(
+    log: GenerationLog,
+    redis: Redis,
+    start_worker: StartWorker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    generation_id = new_generation_id()
+    await log.create(generation_id, sim_request())
+    await redis.set(log.keys.request(generation_id), b"{not json", keepttl=True)
+    running = await start_worker()
+    with caplog.at_level(logging.ERROR, logger="tokentape.worker"):
+        await log.jobs.enqueue(generation_id, None)
+        entries = await until_log(log, generation_id, ended)
+        await running.worker.until_idle()
+    error = entries[-1].event()
+    assert [e.seq for e in entries] == [1]
+    assert isinstance(error, Error)
+    assert error.code == "internal"
+    assert error.message.startswith("DecodeError: ")
+    assert len(failures_logged(caplog, f"{generation_id}: the run failed")) == 1
+    assert await pending_jobs(redis, log) == 0  # settled, not left for a takeover
+
+
+async def test_an_append_answered_with_an_unknown_code_ends_the_generation(
+    log: GenerationLog,
+    redis: Redis,
+    start_worker: StartWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = await start_worker(adapters=lambda model: EndlessAdapter())
+
+    def unknown_code(*args: Any) -> int:
+        raise UnexpectedReply("append.lua answered b'no_such_code', which nothing here expects")
+
+    monkeypatch.setattr(running.worker.log, "appended", unknown_code)
+    with caplog.at_level(logging.ERROR, logger="tokentape.worker"):
+        generation_id = await submit(log, sim_request())
+        entries = await until_log(log, generation_id, ended)
+        await running.worker.until_idle()
+    error = entries[-1].event()
+    assert isinstance(error, Error)
+    assert (error.code, error.message.split(":")[0]) == ("internal", "UnexpectedReply")
+    assert len(failures_logged(caplog, f"{generation_id}: the run failed")) == 1
+    assert await pending_jobs(redis, log) == 0

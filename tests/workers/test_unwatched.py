@@ -8,8 +8,8 @@ from redis.asyncio import Redis
 
 from app import events, sse
 from app.http import create_app
-from app.log import GenerationLog
 from app.settings import Settings
+from app.store import GenerationLog
 from tests.http.conftest import ClientFactory
 from tests.workers.conftest import StartWorker, ended, sim_request, submit, until_log
 

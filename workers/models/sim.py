@@ -56,7 +56,7 @@ class GridClock(MonotonicClock):
     A worker paces hundreds of generations: woken one by one, each token costs
     a loop iteration, a pipeline and two syscalls of its own. Woken together on
     the grid, every token due in the same few milliseconds goes out in one
-    pipeline (see `app.log`). A token is never early and at most one grid step late.
+    pipeline (see `app.store.transport`). A token is never early and at most one grid step late.
     """
 
     async def sleep(self, seconds: float) -> None:

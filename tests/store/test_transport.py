@@ -1,4 +1,5 @@
-"""The append script against a real Redis: seq, atomicity, idempotency, fencing, retention."""
+"""The transport against a real Redis: per-tick pipelines, packing, one caller's error
+reaching only that caller, lost replies, NOSCRIPT, bounded batches and slices."""
 
 from __future__ import annotations
 
@@ -10,290 +11,22 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import ResponseError
 
-from app import events, jobs
+from app import events
 from app.embedded import RedisProcess
-from app.errors import AlreadyFinished, Fenced, SeqConflict
+from app.errors import Fenced, SeqConflict
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.log import GenerationLog, pack
 from app.settings import Settings
+from app.store import GenerationLog
+from app.store.jobs import job_from_entry
+from app.store.transport import pack
 from tests.conftest import leased_generation
-from tests.live import parse_live
+from tests.store.conftest import count_round_trips
 from workers.appender import Appender, Outcome
 
 REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
-
-
-async def test_seq_is_consecutive_from_one(log: GenerationLog) -> None:
-    generation_id, lease = await leased_generation(log)
-    assert await log.append(lease, 1, [events.Started(), events.Token(text="a")]) == 2
-    assert await log.append(lease, 3, [events.Token(text="b")]) == 3
-    entries = await log.read(generation_id, 0, 100)
-    assert [e.seq for e in entries] == [1, 2, 3]
-    assert [e.event() for e in entries] == [
-        events.Started(),
-        events.Token(text="a"),
-        events.Token(text="b"),
-    ]
-
-
-async def test_retried_batch_is_not_duplicated(log: GenerationLog) -> None:
-    generation_id, lease = await leased_generation(log)
-    batch = [events.Token(text="x"), events.Token(text="y")]
-    assert await log.append(lease, 1, batch) == 2
-    assert await log.append(lease, 1, batch) == 2  # the retry of an applied batch
-    assert [e.seq for e in await log.read(generation_id, 0, 100)] == [1, 2]
-
-
-async def test_skipping_or_overlapping_seq_is_refused(log: GenerationLog) -> None:
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Token(text="x")])
-    with pytest.raises(SeqConflict):
-        await log.append(lease, 3, [events.Token(text="gap")])
-    await log.append(lease, 2, [events.Token(text="y")])
-    with pytest.raises(SeqConflict):
-        await log.append(lease, 2, [events.Token(text="y"), events.Token(text="z")])
-    assert [e.seq for e in await log.read(generation_id, 0, 100)] == [1, 2]
-
-
-async def test_a_worker_that_lost_its_lease_is_fenced(log: GenerationLog, redis: Redis) -> None:
-    generation_id, old = await leased_generation(log)
-    await log.append(old, 1, [events.Token(text="from old")])
-    await redis.delete(log.keys.lease(generation_id))  # the lease expired
-    new = await log.acquire(generation_id, "worker-b")
-    assert new is not None
-    assert new.epoch == old.epoch + 1
-    assert new.last_seq == 1
-    assert new.attempt == 2
-    with pytest.raises(Fenced):
-        await log.append(old, 2, [events.Token(text="zombie")])
-    with pytest.raises(Fenced):
-        await log.renew(old)
-    assert await log.append(new, 2, [events.Token(text="from new")]) == 2
-    texts = [e.event() for e in await log.read(generation_id, 0, 100)]
-    assert texts == [events.Token(text="from old"), events.Token(text="from new")]
-
-
-async def test_renewing_after_the_holders_terminal_event_is_not_a_lost_lease(
-    log: GenerationLog, redis: Redis
-) -> None:
-    # The lease keeper may renew between the terminal append and dropping the lease.
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Done(reason="stop")])
-    with pytest.raises(AlreadyFinished):
-        await log.renew(lease)
-    await redis.hincrby(log.keys.meta(generation_id), "epoch", 1)  # a system close's fence
-    with pytest.raises(Fenced):
-        await log.renew(lease)
-
-
-async def test_a_held_lease_cannot_be_taken(log: GenerationLog) -> None:
-    generation_id, _ = await leased_generation(log)
-    assert await log.acquire(generation_id, "worker-b") is None
-
-
-async def test_nothing_follows_the_terminal_event(log: GenerationLog) -> None:
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")])
-    assert await log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")]) == 2
-    with pytest.raises(AlreadyFinished):
-        await log.append(lease, 3, [events.Token(text="late")])
-    assert await log.close(generation_id, events.Error(code="abandoned", message="m")) is None
-    assert await log.acquire(generation_id, "worker-b") is None
-    state = await log.state(generation_id)
-    assert state is not None
-    assert (state.status, state.last_seq, state.finish_reason) == ("done", 2, "stop")
-
-
-async def test_terminal_event_must_end_its_batch(log: GenerationLog) -> None:
-    _, lease = await leased_generation(log)
-    with pytest.raises(ValueError, match="last of its batch"):
-        await log.append(lease, 1, [events.Done(reason="stop"), events.Token(text="x")])
-
-
-async def test_concurrent_writers_never_interleave_a_batch(log: GenerationLog) -> None:
-    """Two batches race for the same seqs: exactly one lands, whole.
-
-    Under one epoch a batch is identified by (epoch, first seq, length), so the
-    loser reads as a retry of the winner; the lease makes two writers per epoch
-    impossible in practice.
-    """
-    generation_id, lease = await leased_generation(log)
-    a = [events.Token(text=f"a{i}") for i in range(50)]
-    b = [events.Token(text=f"b{i}") for i in range(50)]
-    results = await asyncio.gather(
-        log.append(lease, 1, a), log.append(lease, 1, b), return_exceptions=True
-    )
-    assert list(results) == [50, 50]
-    texts = [e.event() for e in await log.read(generation_id, 0, 1000)]
-    assert texts in (a, b)
-
-
-async def test_terminal_status_and_retention_ttls(
-    log: GenerationLog, redis: Redis, settings: Settings
-) -> None:
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Done(reason="cancelled")])
-    state = await log.state(generation_id)
-    assert state is not None
-    assert state.status == "cancelled"
-    k = log.keys
-    log_ttl = await redis.pttl(k.log(generation_id))
-    meta_ttl = await redis.pttl(k.meta(generation_id))
-    assert settings.retention_seconds * 1000 - 5000 < log_ttl <= settings.retention_seconds * 1000
-    assert meta_ttl > settings.retention_seconds * 1000
-    assert await redis.exists(k.lease(generation_id)) == 0
-    assert await redis.zscore(k.open_generations, generation_id) is None
-
-
-async def test_open_generation_keys_expire_even_without_a_sweeper(
-    redis: Redis, settings: Settings
-) -> None:
-    log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2, retention_seconds=0.3))
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Started()])
-    await log.append(lease, 2, [events.Token(text="x")])
-    k = log.keys
-    keys = (k.meta(generation_id), k.log(generation_id), k.request(generation_id))
-    assert await redis.exists(*keys) == len(keys)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    # Nothing to await: Redis expires the keys on its own (the open TTL here is 0.5 s).
-    while await redis.exists(*keys):
-        assert loop.time() < deadline, "an open generation's keys never expired"
-        await asyncio.sleep(0.05)
-
-
-async def test_a_long_running_generation_keeps_its_keys(
-    log: GenerationLog, redis: Redis, settings: Settings
-) -> None:
-    """Appends refresh the open TTLs only once in a while, never letting a key get
-    closer to expiry than the open TTL (abandon deadline plus retention)."""
-    generation_id, lease = await leased_generation(log)
-    await log.append(lease, 1, [events.Started()])
-    k = log.keys
-    meta = k.meta(generation_id)
-    keys = (meta, k.log(generation_id), k.request(generation_id))
-    open_ttl = int((settings.abandon_after_seconds + settings.retention_seconds) * 1000)
-    refreshed = min([await redis.pttl(key) for key in keys])  # what a refresh sets
-    assert refreshed >= open_ttl
-
-    async def age(ms: int) -> None:
-        """Pretend `ms` passed since the last refresh."""
-        seconds, micros = await redis.time()
-        await redis.hset(meta, "ttl_refreshed_ms", seconds * 1000 + micros // 1000 - ms)
-        for key in keys:
-            await redis.pexpire(key, refreshed - ms)
-
-    await age(60_000)
-    await log.append(lease, 2, [events.Token(text="soon after a refresh")])
-    for key in keys:
-        assert open_ttl <= await redis.pttl(key) <= refreshed - 60_000  # left alone
-
-    # Without a refresh, this append would leave the keys less than the open TTL.
-    await age(refreshed - open_ttl + 1000)
-    await log.append(lease, 3, [events.Token(text="much later")])
-    for key in keys:
-        assert await redis.pttl(key) > refreshed - 1000  # refreshed
-
-
-async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) -> None:
-    log = GenerationLog(redis, settings.replace(max_events_per_generation=100))
-    generation_id, lease = await leased_generation(log)
-    seq = 1
-    for _ in range(10):
-        batch = [events.Token(text=str(seq + i)) for i in range(100)]
-        seq = await log.append(lease, seq, batch) + 1
-    first = await log.first_seq(generation_id)
-    assert first is not None
-    # Approximate trimming keeps at least the cap, and far less than everything.
-    assert 100 <= 1001 - first < 1000
-    entries = await log.read(generation_id, 0, 10_000)
-    assert [e.seq for e in entries] == list(range(first, 1001))
-
-
-async def test_sweeper_closes_only_abandoned_generations(redis: Redis, settings: Settings) -> None:
-    log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2))
-    idle_id, idle_lease = await leased_generation(log)
-    await log.append(idle_lease, 1, [events.Token(text="x")])
-    active_id, active_lease = await leased_generation(log)
-    # Make the idle one look old; the active one appended "just now".
-    await redis.hset(log.keys.meta(idle_id), "last_append_ms", 1)
-    await redis.zadd(log.keys.open_generations, {idle_id: 1, active_id: 1})
-    await log.append(active_lease, 1, [events.Token(text="y")])
-
-    assert await log.sweep_abandoned() == [idle_id]
-
-    idle = await log.read(idle_id, 0, 10)
-    assert idle[-1].event() == events.Error(
-        code="abandoned", message="no event for 0.2 s; closed", retryable=True
-    )
-    with pytest.raises(Fenced):
-        await log.append(idle_lease, 2, [events.Token(text="late")])
-    assert (await log.state(active_id)).status == "running"  # type: ignore[union-attr]
-    assert await redis.zscore(log.keys.open_generations, active_id) is not None
-
-
-async def test_cancel_of_a_queued_generation_closes_it(log: GenerationLog) -> None:
-    generation_id = new_generation_id()
-    await log.create(generation_id, REQUEST)
-    state = await log.request_cancel(generation_id)
-    assert state.status == "cancelled"
-    assert [e.event() for e in await log.read(generation_id, 0, 10)] == [
-        events.Done(reason="cancelled")
-    ]
-    assert await log.acquire(generation_id, "late-worker") is None
-
-
-async def test_cancel_of_a_running_generation_is_pushed_and_flagged(
-    log: GenerationLog, redis: Redis
-) -> None:
-    generation_id, lease = await leased_generation(log)
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(log.keys.cancel_channel)
-        state = await log.request_cancel(generation_id)
-        assert state.status == "running"
-        message = None
-        while message is None or message["type"] != "message":
-            message = await pubsub.get_message(timeout=5)
-        assert message["data"] == generation_id.encode()
-    assert await log.renew(lease) is True
-
-
-async def test_live_message_carries_the_batch(log: GenerationLog, redis: Redis) -> None:
-    generation_id, lease = await leased_generation(log)
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(log.keys.live_channel(generation_id))
-        await log.append(lease, 1, [events.Token(text="line\nbreak"), events.Done(reason="stop")])
-        message = None
-        while message is None or message["type"] != "message":
-            message = await pubsub.get_message(timeout=5)
-    live = parse_live(message["data"])
-    assert live == await log.read(generation_id, 0, 10)
-
-
-# -- appends of many generations, pipelined ------------------------------------
-
-
-def count_round_trips(
-    monkeypatch: pytest.MonkeyPatch, redis: Redis, *, hold_first: asyncio.Event | None = None
-) -> list[int]:
-    """One entry per connection taken from the pool (a round trip takes one). With
-    `hold_first`, the first round trip waits for its connection until that is set."""
-    taken: list[int] = []
-    pool = redis.connection_pool
-    original: Callable[..., Awaitable[Any]] = pool.get_connection
-
-    async def get_connection(*args: Any, **kwargs: Any) -> Any:
-        taken.append(1)
-        if hold_first is not None and len(taken) == 1:
-            await hold_first.wait()
-        return await original(*args, **kwargs)
-
-    monkeypatch.setattr(pool, "get_connection", get_connection)
-    return taken
 
 
 async def test_appends_requested_together_go_out_as_one_pipeline(
@@ -318,14 +51,19 @@ async def test_appends_requested_together_go_out_as_one_pipeline(
         (b"EVALSHA", b"0" * 40, 2, "k:{a}", "k:{b}", "3", 17, -1, 0, "", b""),
         (b"XRANGE", "k:{é}", "5-0", "+", "COUNT", 100),
         ("token", b'{"text": "a\r\nb"}', "Zürich 東京", 10**15),
+        # Exactly, not truncated to an integer.
+        (b"SET", "k", 1.5),
+        (b"SET", "k", 0.1),
     ],
 )
-def test_packed_commands_are_what_redis_py_sends(args: tuple[bytes | str | int, ...]) -> None:
+def test_packed_commands_are_what_redis_py_sends(
+    args: tuple[bytes | str | int | float, ...],
+) -> None:
     redis_py = Connection()
     assert pack(*args) == b"".join(redis_py.pack_command(*args))
 
 
-@pytest.mark.parametrize("arg", [1.5, None, [b"x"]])
+@pytest.mark.parametrize("arg", [None, [b"x"]])
 def test_packing_refuses_what_redis_py_would_not_send_as_is(arg: Any) -> None:
     with pytest.raises(TypeError):
         pack(b"SET", "k", arg)
@@ -473,7 +211,7 @@ async def test_a_retry_after_a_lost_pipeline_reply_is_not_duplicated(
             assert await appender.put(events.Done(reason="stop"))
         await asyncio.wait([a.task for a in appenders])
         assert cutter.cut == 1
-        assert [a.outcome for a in appenders] == [Outcome.ENDED] * 3
+        assert [a.outcome for a in appenders] == [Outcome.APPENDED_TERMINAL] * 3
         for generation_id, _ in runs:
             entries = await log.read(generation_id, 0, 10)
             assert [(e.seq, e.type) for e in entries] == [(1, "token"), (2, "done")]
@@ -509,7 +247,7 @@ async def test_a_cancelled_pipeline_does_not_leave_its_replies_to_the_next_calle
     append = asyncio.create_task(log.append(lease, 1, [events.Token(text="x")]))
     await reading.wait()
     # The pipeline's own task, as the loop's shutdown cancels it.
-    (sending,) = log._append._sending
+    (sending,) = log._appends._sending
     sending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await append
@@ -570,7 +308,7 @@ async def test_creates_in_one_tick_share_a_round_trip_and_enqueue_their_jobs(
     states = await asyncio.gather(*(log.state(g) for g in generation_ids))
     assert [s.status if s else None for s in states] == ["queued"] * 20
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(log.keys.jobs))
-    enqueued = [jobs.job_from_entry(entry_id, fields) for entry_id, fields in entries]
+    enqueued = [job_from_entry(entry_id, fields) for entry_id, fields in entries]
     assert [(j.generation_id, j.traceparent) for j in enqueued] == [
         (g, f"tp-{g}" if i % 2 else None) for i, g in enumerate(generation_ids)
     ]
@@ -591,37 +329,6 @@ async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips
     ]
     assert requests == [REQUEST] * 20
     assert await log.acquire(generation_ids[0], "worker-b") is None  # held
-
-
-async def test_a_create_run_again_leaves_the_generation_alone(
-    log: GenerationLog, redis: Redis
-) -> None:
-    # A retry after a lost reply: the create runs twice.
-    generation_id = new_generation_id()
-    await log.create(generation_id, REQUEST, enqueue=True)
-    lease = await log.acquire(generation_id, "worker-a")
-    assert lease is not None
-    await log.append(lease, 1, [events.Started()])
-    await log.create(generation_id, REQUEST, enqueue=True)
-    state = await log.state(generation_id)
-    assert state is not None
-    assert (state.status, state.epoch, state.last_seq) == ("running", lease.epoch, 1)
-    assert await redis.xlen(log.keys.jobs) == 1
-
-
-async def test_a_create_refused_for_memory_leaves_nothing_behind(
-    redis_server_factory: Callable[..., RedisProcess], settings: Settings
-) -> None:
-    server = redis_server_factory("--maxmemory-policy", "noeviction")
-    async with Redis.from_url(server.url) as redis:
-        log = GenerationLog(redis, settings)
-        await redis.set("ballast", b"x" * 1_000_000)
-        used = int((await redis.info("memory"))["used_memory"])
-        await redis.config_set("maxmemory", used - 500_000)  # every write is refused now
-        generation_id = new_generation_id()
-        with pytest.raises(OutOfMemoryError):
-            await log.create(generation_id, REQUEST, enqueue=True)
-        assert await redis.keys(f"{log.keys.prefix}:*") == []
 
 
 async def test_reads_made_while_a_batch_is_out_leave_together_in_the_next(
@@ -669,7 +376,7 @@ async def test_a_failed_read_reaches_only_its_caller(
 async def test_calls_over_many_generations_go_in_slices_and_answer_each_in_order(
     log: GenerationLog, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("app.log.BULK_SLICE", 2)
+    monkeypatch.setattr("app.store.log.BULK_SLICE", 2)
     started_ones = [await leased_generation(log) for _ in range(5)]
     for count, (_, lease) in enumerate(started_ones):
         if count:

@@ -1,0 +1,32 @@
+"""The store: every generation's log, lease and job on Redis, and the only code that talks to it.
+
+- `log`: `GenerationLog`, the API the HTTP face, the hub, the workers and the
+  tools call (create, append, read, lease, cancel).
+- `scripts` and `lua/`: the Lua scripts, each declared once with named KEYS and ARGV.
+- `transport`: how commands reach Redis (hiredis-packed, pipelined per loop tick).
+- `jobs`: the job queue workers consume; `cancels`: the cancel requests they hear.
+- `retention`: TTLs, closing abandoned generations, trimming the job queue.
+- `state`: what the store hands out (`GenerationState`, `Lease`, raw entries).
+"""
+
+from app.store.cancels import CancelRequests
+from app.store.jobs import Job, JobQueue, JobReader
+from app.store.log import GenerationLog
+from app.store.retention import Retention, Ttls
+from app.store.scripts import UnexpectedReply
+from app.store.state import GenerationState, Lease, RawEntry, now_ms
+
+__all__ = [
+    "CancelRequests",
+    "GenerationLog",
+    "GenerationState",
+    "Job",
+    "JobQueue",
+    "JobReader",
+    "Lease",
+    "RawEntry",
+    "Retention",
+    "Ttls",
+    "UnexpectedReply",
+    "now_ms",
+]

@@ -1,0 +1,115 @@
+"""The job queue against a real Redis: reading, settling, claiming and holding jobs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from app.keys import new_generation_id
+from app.settings import Settings
+from app.store import GenerationLog, Job, JobReader
+
+
+@pytest.fixture
+async def reader(log: GenerationLog) -> JobReader:
+    await log.jobs.ensure_group()
+    return log.jobs.reader("worker-a")
+
+
+async def pending(redis: Redis, log: GenerationLog) -> list[tuple[str, str, int]]:
+    """(job id, consumer, idle ms) of every pending job."""
+    rows: list[dict[str, Any]] = await redis.xpending_range(
+        log.keys.jobs, log.keys.worker_group, "-", "+", 100
+    )
+    return [
+        (row["message_id"].decode(), row["consumer"].decode(), row["time_since_delivered"])
+        for row in rows
+    ]
+
+
+async def test_a_worker_reads_each_new_job_once(log: GenerationLog, reader: JobReader) -> None:
+    first, second = new_generation_id(), new_generation_id()
+    first_id = await log.jobs.enqueue(first, "00-trace-parent-01")
+    second_id = await log.jobs.enqueue(second, None)
+    try:
+        assert await reader.read(10, 100) == [
+            Job(id=first_id, generation_id=first, traceparent="00-trace-parent-01"),
+            Job(id=second_id, generation_id=second),
+        ]
+        assert await reader.read(10, 1) == []  # delivered: pending, not new
+    finally:
+        await reader.aclose()
+
+
+async def test_a_job_group_lost_with_redis_data_is_recreated(
+    log: GenerationLog, redis: Redis, reader: JobReader
+) -> None:
+    await redis.delete(log.keys.jobs)  # Redis came back empty: no stream, no group
+    try:
+        assert await reader.read(10, 1) == []
+        generation_id = new_generation_id()
+        await log.jobs.enqueue(generation_id, None)
+        assert [job.generation_id for job in await reader.read(10, 100)] == [generation_id]
+    finally:
+        await reader.aclose()
+
+
+async def test_only_jobs_idle_for_a_full_lease_are_claimed(
+    redis: Redis, settings: Settings
+) -> None:
+    log = GenerationLog(redis, settings.replace(lease_seconds=0.2))
+    await log.jobs.ensure_group()
+    dead = log.jobs.reader("dead")
+    try:
+        generation_id = new_generation_id()
+        await log.jobs.enqueue(generation_id, None)
+        (job,) = await dead.read(10, 100)
+        assert await log.jobs.claim_idle("worker-b", 10) == []  # its worker may be alive
+        # Idle for a lease: Redis's clock decides, nothing to await but time passing.
+        await redis.xclaim(
+            log.keys.jobs, log.keys.worker_group, "dead", 0, [job.id], idle=200, justid=True
+        )
+        assert await log.jobs.claim_idle("worker-b", 10) == [job]
+        assert [(job_id, consumer) for job_id, consumer, _ in await pending(redis, log)] == [
+            (job.id, "worker-b")
+        ]
+    finally:
+        await dead.aclose()
+
+
+async def test_a_held_job_is_claimable_when_its_lease_expires_not_a_lease_later(
+    log: GenerationLog, redis: Redis, reader: JobReader
+) -> None:
+    generation_id = new_generation_id()
+    await log.jobs.enqueue(generation_id, None)
+    try:
+        (job,) = await reader.read(10, 100)
+    finally:
+        await reader.aclose()
+    lease_ms = log.jobs.takeover_idle_ms
+    await redis.set(log.keys.lease(generation_id), "other:1", px=lease_ms // 4)
+    await log.jobs.retry_when_lease_expires(job, "worker-a")
+    ((_, _, idle),) = await pending(redis, log)
+    # Claimable (idle for a lease) once the other holder's lease has run out.
+    assert lease_ms - lease_ms // 4 <= idle < lease_ms - lease_ms // 4 + 1000
+    await log.jobs.touch("worker-a", [job.id])
+    ((_, _, idle),) = await pending(redis, log)
+    assert idle < 1000
+
+
+async def test_a_requeued_job_is_new_again_and_the_old_one_settled(
+    log: GenerationLog, redis: Redis, reader: JobReader
+) -> None:
+    generation_id = new_generation_id()
+    await log.jobs.enqueue(generation_id, "00-trace-parent-01")
+    try:
+        (job,) = await reader.read(10, 100)
+        await log.jobs.requeue(job)
+        assert await pending(redis, log) == []
+        (again,) = await reader.read(10, 100)
+    finally:
+        await reader.aclose()
+    assert (again.generation_id, again.traceparent) == (generation_id, "00-trace-parent-01")
+    assert again.id != job.id

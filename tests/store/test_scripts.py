@@ -1,0 +1,46 @@
+"""The Lua scripts' declarations: names instead of positions, one prelude, reply codes."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any, get_args
+
+import pytest
+from redis.asyncio import Redis
+
+from app.errors import SeqConflict
+from app.generations import TERMINAL_STATUSES, Status
+from app.store import GenerationLog, UnexpectedReply
+from app.store.scripts import ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW, Script, prelude
+from tests.conftest import leased_generation
+
+SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.name)
+def test_a_script_reads_its_keys_and_arguments_by_name(script: Script[Any, Any]) -> None:
+    body = resources.files("app.store").joinpath("lua", f"{script.name}.lua").read_text()
+    assert "KEYS[" not in body
+    # Only a variable tail is indexed, from where its declaration says it starts.
+    assert re.findall(r"ARGV\[([^\]]*)\]", body) == re.findall(r"ARGV\[(\w+_from[^\]]*)\]", body)
+
+
+@pytest.mark.parametrize("status", get_args(Status))
+async def test_the_prelude_knows_the_terminal_statuses(redis: Redis, status: str) -> None:
+    terminal = await redis.eval(prelude() + "\nreturn is_terminal(ARGV[1]) and 1 or 0", 0, status)
+    assert terminal == (status in TERMINAL_STATUSES)
+
+
+def test_a_reply_code_nothing_expects_raises() -> None:
+    with pytest.raises(UnexpectedReply, match=r"append.lua answered b'no_such_code'"):
+        APPEND.reply(b"no_such_code")
+    with pytest.raises(UnexpectedReply, match=r"acquire.lua answered b'duplicate'"):
+        ACQUIRE.reply(b"duplicate")  # a code, but not one acquire answers
+
+
+async def test_an_unknown_append_reply_is_not_taken_for_a_seq_conflict(log: GenerationLog) -> None:
+    _, lease = await leased_generation(log)
+    with pytest.raises(UnexpectedReply) as raised:
+        log.appended(lease, [b"no_such_code", b"7"])
+    assert not isinstance(raised.value, SeqConflict)
