@@ -74,11 +74,11 @@ def test_inspect_reports_ttft_rate_tools_takeovers_and_the_end(tmp_path: Path) -
     assert '(token) at +0.480s  "The capital of France is " ⏸ "Paris. It lies on' in text
     assert '⚙ weather({"city": "Paris"})' in text
     assert "attempt 2" in text
-    assert '{"type":"done","reason":"tool_calls"}' in text
+    assert '{"type":"done","reason":"tool_calls","usage":{}}' in text
 
     as_json = msgspec.json.decode(inspection.render_json(timeline))
     assert as_json["stalls"][0]["ms"] == 7020
-    assert as_json["terminal"]["event"] == {"type": "done", "reason": "tool_calls"}
+    assert as_json["terminal"]["event"] == {"type": "done", "reason": "tool_calls", "usage": {}}
 
 
 def test_inspect_reports_a_retention_gap_and_a_missing_end(tmp_path: Path) -> None:
