@@ -101,6 +101,7 @@ class TokentapeProcess:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         assert line.startswith(ready), f"{command[0]} did not start: {line!r}"
+        self.first_line = line.decode().strip()
 
     def kill(self) -> None:
         """SIGKILL: open connections are cut at once, as when a machine dies."""
@@ -149,8 +150,19 @@ def start_process(key_prefix: str) -> Iterator[Callable[..., TokentapeProcess]]:
 
 
 class Service:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, start: Callable[..., TokentapeProcess]) -> None:
         self.url = url
+        self._start = start
+
+    def replay(self, recording: Path, speed: float = 1.0) -> str:
+        """Play a recording into a new generation at `speed`; returns its id at once.
+
+        The way to put chosen text (markdown, HTML) and timing before the page.
+        """
+        replay = self._start(
+            "replay", str(recording), "--redis", REDIS_URL, "--speed", str(speed), ready=b""
+        )
+        return replay.first_line
 
 
 @pytest.fixture(scope="module")
@@ -160,5 +172,5 @@ def service() -> Iterator[Service]:
     start = next(factory)
     port = free_port()
     start("serve", "--redis", REDIS_URL, "--port", str(port), "--with-worker")
-    yield Service(f"http://127.0.0.1:{port}")
+    yield Service(f"http://127.0.0.1:{port}", start)
     next(factory, None)
