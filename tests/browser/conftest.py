@@ -174,3 +174,26 @@ def service() -> Iterator[Service]:
     start("serve", "--redis", REDIS_URL, "--port", str(port), "--with-worker")
     yield Service(f"http://127.0.0.1:{port}", start)
     next(factory, None)
+
+
+# TOKENTAPE_SCREENSHOTS=docs/images makes the tests save the page in its states there.
+SCREENSHOTS = os.environ.get("TOKENTAPE_SCREENSHOTS")
+
+
+def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    directory = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    page.screenshot(path=directory / f"{name}.png", full_page=True)
+
+
+def markdown(page: Page, text: str) -> str:
+    """`text` rendered by the page's own markdown-it, configured as the page uses it, as
+    the DOM serializes it back (`innerHTML` writes `&quot;` in text as `"`)."""
+    html: str = page.evaluate(
+        """(text) => {
+             const element = document.createElement("div");
+             element.innerHTML = md.render(text);
+             return element.innerHTML;
+           }""",
+        text,
+    )
+    return html

@@ -8,7 +8,6 @@ rendered exactly as markdown-it (the page's vendored copy) renders the whole tex
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,17 +16,15 @@ from playwright.sync_api import Page, Request, Response, expect
 
 from app.events import Event, Started, Token, ToolCall
 from app.generations import SimParams
-from tests.browser.conftest import RETRY_MILLISECONDS, Service, TokentapeProcess
+from tests.browser.conftest import (
+    RETRY_MILLISECONDS,
+    Service,
+    TokentapeProcess,
+    markdown,
+    screenshot,
+)
 from tests.conftest import REDIS_URL, free_port
 from workers.models.sim import plan
-
-# TOKENTAPE_SCREENSHOTS=docs/images makes the tests save the page in its states there.
-SCREENSHOTS = os.environ.get("TOKENTAPE_SCREENSHOTS")
-
-
-def screenshot(page: Page, name: str, tmp_path: Path) -> None:
-    directory = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
-    page.screenshot(path=directory / f"{name}.png", full_page=True)
 
 
 def sim_events(tokens: int, rate: float, tool_calls: int, seed: int) -> list[Event]:
@@ -38,20 +35,6 @@ def sim_events(tokens: int, rate: float, tool_calls: int, seed: int) -> list[Eve
 
 def answer_text(events: list[Event]) -> str:
     return "".join(event.text for event in events if isinstance(event, Token))
-
-
-def markdown(page: Page, text: str) -> str:
-    """`text` rendered by the page's own markdown-it, configured as the page uses it, as
-    the DOM serializes it back (`innerHTML` writes `&quot;` in text as `"`)."""
-    html: str = page.evaluate(
-        """(text) => {
-             const element = document.createElement("div");
-             element.innerHTML = md.render(text);
-             return element.innerHTML;
-           }""",
-        text,
-    )
-    return html
 
 
 def number(page: Page, element_id: str) -> int:

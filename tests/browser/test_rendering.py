@@ -17,8 +17,7 @@ from playwright.sync_api import Page, Route, expect
 from app import events
 from app.events import Event
 from app.tools import recording
-from tests.browser.conftest import Service
-from tests.browser.test_page import markdown, screenshot
+from tests.browser.conftest import Service, markdown, screenshot
 from tests.tools.builders import recording_of, tokens
 
 Timed = list[tuple[int, Event]]

@@ -97,11 +97,11 @@ async def test_heartbeats_keep_a_slow_stream_on_one_connection(
     start_process: StartProcess, log: GenerationLog, client_log: ClientLog
 ) -> None:
     await start_process("worker")
-    reader = await start_process("serve", TOKENTAPE_HEARTBEAT_SECONDS="0.2")
-    # A token every 1.5 s, an idle timeout of 1 s: only the heartbeats keep it alive.
-    async with Client(reader.url, idle_timeout=1.0) as client:
+    reader = await start_process("serve", TOKENTAPE_HEARTBEAT_SECONDS="0.1")
+    # 3 s between the two tokens, an idle timeout of 1.5 s: only heartbeats keep it alive.
+    async with Client(reader.url, idle_timeout=1.5) as client:
         generation = await client.create(
-            "sim", MESSAGES, sim={"tokens": 2, "tokens_per_second": 1 / 1.5}
+            "sim", MESSAGES, sim={"tokens": 2, "tokens_per_second": 1 / 3}
         )
         stream = client.stream(generation.id)
         items = [item async for batch in stream for item in batch]
