@@ -79,3 +79,23 @@ class SeqConflict(AppendRefused):
     """The writer's next seq disagrees with the log, and it is not a retry of an applied batch."""
 
     code = "seq_conflict"
+
+
+# Raised by the client (app.client).
+
+
+class StreamLost(Unavailable):
+    """An events stream could not be resumed: its reconnects ran out. `last_seq` is the
+    last event received; reading again after it continues the stream."""
+
+    code = "stream_lost"
+
+    def __init__(self, message: str, *, last_seq: int, generation_id: str) -> None:
+        super().__init__(message=message, last_seq=last_seq, generation_id=generation_id)
+        self.last_seq = last_seq
+
+
+class GenerationFailed(TokentapeError):
+    """The generation ended with an `error` event; `code` and `message` are that event's."""
+
+    status = 502

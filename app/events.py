@@ -11,12 +11,17 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "content_filter"]
 
 
-class _Event(msgspec.Struct, tag_field="type", omit_defaults=True, frozen=True):
-    pass
+class _Event(msgspec.Struct, tag_field="type", frozen=True):
+    """Every field is encoded, defaults too, so a client reads what the README lists unguarded.
+
+    A field the README marks `?` is `UNSET` when absent (msgspec leaves it out); the
+    defaults are there so that logs written before a field was always sent still decode.
+    """
 
 
 class Started(_Event, tag="started", frozen=True):
@@ -33,10 +38,10 @@ class Token(_Event, tag="token", frozen=True):
 class ToolCallDelta(_Event, tag="tool_call_delta", frozen=True):
     """A fragment of a tool call's arguments as the model streams it: show it, never parse it."""
 
-    index: int
+    index: int  # the generation's tool calls counted from 0, whatever the provider numbers
     arguments_delta: str = ""
-    id: str | None = None
-    name: str | None = None
+    id: str | UnsetType = UNSET  # on the first delta of a call only
+    name: str | UnsetType = UNSET
 
 
 class ToolCall(_Event, tag="tool_call", frozen=True):
@@ -56,7 +61,7 @@ class Usage(msgspec.Struct, omit_defaults=True, frozen=True):
 
 class Done(_Event, tag="done", frozen=True):
     reason: FinishReason
-    usage: Usage | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)  # `{}` when the model reported none
 
 
 class Error(_Event, tag="error", frozen=True):

@@ -84,8 +84,14 @@ class Parser:
         self._skip_lf = False
         buffer = self._buffer + chunk
         start = 0
+        # Each search's answer holds until `start` passes it: searching again on every
+        # line would scan to the end of a chunk with no CR once per line.
+        cr = lf = -2  # not searched yet
         while True:
-            cr, lf = buffer.find(b"\r", start), buffer.find(b"\n", start)
+            if cr != -1 and cr < start:
+                cr = buffer.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = buffer.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr != -1 and (lf == -1 or cr < lf):

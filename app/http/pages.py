@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -10,6 +11,8 @@ from redis.exceptions import RedisError
 from app.http.state import LOG
 
 routes = web.RouteTableDef()
+# The page's vendored scripts (app/static/vendor/), shipped as package data.
+routes.static("/static", Path(str(resources.files("app").joinpath("static"))))
 
 
 @routes.get("/")

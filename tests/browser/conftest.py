@@ -101,6 +101,7 @@ class TokentapeProcess:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         assert line.startswith(ready), f"{command[0]} did not start: {line!r}"
+        self.first_line = line.decode().strip()
 
     def kill(self) -> None:
         """SIGKILL: open connections are cut at once, as when a machine dies."""
@@ -149,8 +150,19 @@ def start_process(key_prefix: str) -> Iterator[Callable[..., TokentapeProcess]]:
 
 
 class Service:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, start: Callable[..., TokentapeProcess]) -> None:
         self.url = url
+        self._start = start
+
+    def replay(self, recording: Path, speed: float = 1.0) -> str:
+        """Play a recording into a new generation at `speed`; returns its id at once.
+
+        The way to put chosen text (markdown, HTML) and timing before the page.
+        """
+        replay = self._start(
+            "replay", str(recording), "--redis", REDIS_URL, "--speed", str(speed), ready=b""
+        )
+        return replay.first_line
 
 
 @pytest.fixture(scope="module")
@@ -160,5 +172,28 @@ def service() -> Iterator[Service]:
     start = next(factory)
     port = free_port()
     start("serve", "--redis", REDIS_URL, "--port", str(port), "--with-worker")
-    yield Service(f"http://127.0.0.1:{port}")
+    yield Service(f"http://127.0.0.1:{port}", start)
     next(factory, None)
+
+
+# TOKENTAPE_SCREENSHOTS=docs/images makes the tests save the page in its states there.
+SCREENSHOTS = os.environ.get("TOKENTAPE_SCREENSHOTS")
+
+
+def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    directory = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    page.screenshot(path=directory / f"{name}.png", full_page=True)
+
+
+def markdown(page: Page, text: str) -> str:
+    """`text` rendered by the page's own markdown-it, configured as the page uses it, as
+    the DOM serializes it back (`innerHTML` writes `&quot;` in text as `"`)."""
+    html: str = page.evaluate(
+        """(text) => {
+             const element = document.createElement("div");
+             element.innerHTML = md.render(text);
+             return element.innerHTML;
+           }""",
+        text,
+    )
+    return html

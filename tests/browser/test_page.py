@@ -1,7 +1,8 @@
 """The demo page in a real browser: exact text through drops, server restarts, the end and cancel.
 
 The sim model is a pure function of its seed, so every test knows the exact text
-the page must show and the exact number of events it must count.
+the page must show and the exact number of events it must count. The answer must be
+rendered exactly as markdown-it (the page's vendored copy) renders the whole text.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from typing import Any
 
 from playwright.sync_api import Page, Request, Response, expect
 
-from app.events import Event, Started, Token, ToolCall, ToolCallDelta
+from app.events import Event, Started, Token, ToolCall
 from app.generations import SimParams
-from tests.browser.conftest import Service, TokentapeProcess
+from tests.browser.conftest import (
+    RETRY_MILLISECONDS,
+    Service,
+    TokentapeProcess,
+    markdown,
+    screenshot,
+)
 from tests.conftest import REDIS_URL, free_port
 from workers.models.sim import plan
-
-# (tag, class, text) of one child of #output.
-Block = tuple[str, str, str]
-
-_HEADING = re.compile(r"^(#{1,3})\s+(.*)$")
-_LIST_ITEM = re.compile(r"^\s*[-*]\s+")
 
 
 def sim_events(tokens: int, rate: float, tool_calls: int, seed: int) -> list[Event]:
@@ -33,64 +34,8 @@ def sim_events(tokens: int, rate: float, tool_calls: int, seed: int) -> list[Eve
     return [Started(), *plan(params, 0)]
 
 
-def rendered(events: list[Event], end: Block | None) -> list[Block]:
-    """What #output must hold for these events: markdown rendered one complete line at a time.
-
-    The page's rules, restated: a ``` line opens or closes a <pre>; `# ` to `### `
-    become h3 to h5; `- ` / `* ` items become <li>; any other line a <div> (an
-    empty one a no-break space). A line still open when a tool call or the end
-    arrives is complete there. The pending-line <span> stays last.
-    """
-    blocks: list[Block] = []
-    fence: int | None = None  # index of the open <pre>
-    partial = ""
-
-    def render(line: str) -> None:
-        nonlocal fence
-        if line.startswith("```"):
-            if fence is None:
-                blocks.append(("pre", "", ""))
-                fence = len(blocks) - 1
-            else:
-                fence = None
-        elif fence is not None:
-            tag, cls, text = blocks[fence]
-            blocks[fence] = (tag, cls, text + line + "\n")
-        elif heading := _HEADING.match(line):
-            blocks.append((f"h{len(heading[1]) + 2}", "", heading[2]))
-        elif _LIST_ITEM.match(line):
-            blocks.append(("li", "", _LIST_ITEM.sub("", line, count=1)))
-        else:
-            blocks.append(("div", "", line or "\u00a0"))
-
-    def block(cls: str, text: str) -> None:
-        nonlocal partial
-        if partial:
-            render(partial)
-            partial = ""
-        blocks.append(("div", cls, text))
-
-    for event in events:
-        if isinstance(event, Token):
-            *lines, partial = (partial + event.text).split("\n")
-            for line in lines:
-                render(line)
-        elif isinstance(event, ToolCallDelta) and event.name:
-            block("tool", f"calling {event.name}…")
-        elif isinstance(event, ToolCall):
-            arguments = json.dumps(event.arguments, ensure_ascii=False, separators=(",", ":"))
-            block("tool", f"⚙ {event.name}({arguments})")
-    if end is not None:
-        block(end[1], end[2])
-    return [*blocks, ("span", "pending", partial)]
-
-
-def shown(page: Page) -> list[Block]:
-    children: list[list[str]] = page.evaluate(
-        """() => Array.from(document.getElementById("output").children,
-                            (n) => [n.tagName.toLowerCase(), n.className, n.textContent])"""
-    )
-    return [(tag, cls, text) for tag, cls, text in children]
+def answer_text(events: list[Event]) -> str:
+    return "".join(event.text for event in events if isinstance(event, Token))
 
 
 def number(page: Page, element_id: str) -> int:
@@ -115,13 +60,35 @@ def generate(page: Page, url: str, *, tokens: int, rate: int, tool_calls: int, s
     return page.text_content("#gid") or ""
 
 
-def assert_exact_stream(page: Page, events: list[Event], end: str) -> None:
-    """Every event counted once, in order, and the text exactly the sim's."""
-    expect(page.locator("#output .end-ok, #output .end-bad")).to_have_text(end)
+def shown_calls(page: Page) -> list[tuple[str, str, str]]:
+    calls: list[list[str]] = page.evaluate(
+        """() => Array.from(document.querySelectorAll("#calls .call"),
+                            (n) => [n.className, n.querySelector(".label").textContent,
+                                    n.querySelector(".arguments").textContent])"""
+    )
+    return [(cls, label, arguments) for cls, label, arguments in calls]
+
+
+def assert_exact_stream(page: Page, events: list[Event], end: str, state: str) -> None:
+    """Every event counted once, in order, the text exactly the sim's, rendered whole."""
+    expect(page.locator("#end")).to_have_text(end)
+    expect(page.locator("#state")).to_have_attribute("data-state", state)
     assert page.text_content("#dups") == "0"
     assert number(page, "count") == number(page, "lastid") == len(events)
     assert "unexpected jump" not in (page.text_content("#log") or "")
-    assert shown(page) == rendered(events, ("div", "end-ok", end))
+    text = answer_text(events)
+    assert page.evaluate("text") == text
+    assert page.inner_html("#rendered") == markdown(page, text)
+    assert page.text_content("#pending") == ""
+    assert shown_calls(page) == [
+        (
+            "call complete",
+            f"⚙ {e.name} ({e.id})",
+            json.dumps(e.arguments, indent=2, ensure_ascii=False),
+        )
+        for e in events
+        if isinstance(e, ToolCall)
+    ]
 
 
 def events_traffic(page: Page) -> tuple[list[Request], list[Response]]:
@@ -145,19 +112,20 @@ def events_traffic(page: Page) -> tuple[list[Request], list[Response]]:
 def test_generation_renders_the_exact_text_and_tool_call(
     page: Page, service: Service, tmp_path: Path
 ) -> None:
-    events = sim_events(tokens=300, rate=200, tool_calls=1, seed=11)
+    # Seed 20's text has a heading, a list, a code block, bold and inline code.
+    events = sim_events(tokens=300, rate=200, tool_calls=1, seed=20)
 
-    generate(page, service.url, tokens=300, rate=200, tool_calls=1, seed=11)
+    generate(page, service.url, tokens=300, rate=200, tool_calls=1, seed=20)
 
-    assert_exact_stream(page, events, "done: tool_calls")
-    call = next(e for e in events if isinstance(e, ToolCall))
-    expect(page.locator("#output .tool").last).to_contain_text(f"⚙ {call.name}(")
+    assert_exact_stream(page, events, "done: tool_calls", "finished")
+    expect(page.locator("#state")).to_have_text("finished (tool_calls)")
+    for selector in ("h2", "li", "pre code.language-python", "strong", "p code"):
+        assert page.locator(f"#rendered {selector}").count() > 0, selector
     assert page.text_content("#connections") == "1"
-    assert page.text_content("#state") == "done"
     # The position lives in the URL hash without a history entry per event.
     assert page.evaluate("history.length") <= 2
     assert page.evaluate("location.hash").endswith(f":{len(events)}")
-    page.screenshot(path=tmp_path / "finished.png", full_page=True)
+    screenshot(page, "finished", tmp_path)
 
 
 def test_dropping_the_connection_resumes_without_a_gap_or_duplicate(
@@ -173,7 +141,7 @@ def test_dropping_the_connection_resumes_without_a_gap_or_duplicate(
         expect(page.locator("#connections")).to_have_text(str(drop + 1))
         assert number(page, "count") < len(events), "the drop must come mid-stream"
 
-    assert_exact_stream(page, events, "done: tool_calls")
+    assert_exact_stream(page, events, "done: tool_calls", "finished")
 
 
 def test_a_reloaded_page_resumes_after_the_last_event_it_had(page: Page, service: Service) -> None:
@@ -188,22 +156,21 @@ def test_a_reloaded_page_resumes_after_the_last_event_it_had(page: Page, service
 
     page.reload()
 
-    expect(page.locator("#output .end-ok")).to_have_text("done: tool_calls")
+    expect(page.locator("#end")).to_have_text("done: tool_calls")
     had = int(page.evaluate("sessionStorage.getItem('test:had')"))
     assert requests[-1].url.endswith(f"/events?last_event_id={had}")
     assert page.text_content("#dups") == "0"
     assert number(page, "lastid") == len(events)
     assert number(page, "count") == len(events) - had
     assert "unexpected jump" not in (page.text_content("#log") or "")
-    notice = page.text_content("#output .notice") or ""
-    assert shown(page) == [
-        ("div", "notice", notice),
-        *rendered(events[had:], ("div", "end-ok", "done: tool_calls")),
-    ]
+    assert "reloaded" in (page.text_content("#notices") or "")
+    rest = answer_text(events[had:])
+    assert page.evaluate("text") == rest
+    assert page.inner_html("#rendered") == markdown(page, rest)
 
 
-def test_browser_reconnects_by_itself_when_the_reader_dies(
-    page: Page, start_process: Callable[..., TokentapeProcess]
+def test_the_reader_killed_mid_answer_ends_with_the_whole_answer_once(
+    page: Page, start_process: Callable[..., TokentapeProcess], tmp_path: Path
 ) -> None:
     # The worker runs in its own process and keeps appending while no reader is up.
     start_process("worker", "--redis", REDIS_URL)
@@ -216,32 +183,39 @@ def test_browser_reconnects_by_itself_when_the_reader_dies(
     generate(page, f"http://127.0.0.1:{port}", tokens=500, rate=200, tool_calls=1, seed=13)
     wait_for_count(page, 100)
     reader.kill()
-    expect(page.locator("#state")).to_have_text("reconnecting")
+    # The browser keeps trying while the reader is down, and the page counts the attempts.
+    # A second attempt or later: the first refused one was not the last.
+    expect(page.locator("#state")).to_have_text(
+        re.compile(r"^reconnecting \(attempt ([2-9]|\d\d+)\)$")
+    )
+    expect(page.locator("#state")).to_have_attribute("data-state", "reconnecting")
+    screenshot(page, "reconnecting", tmp_path)
     seen_at_drop = number(page, "lastid")
     start_process(*serve)
 
-    assert_exact_stream(page, events, "done: tool_calls")
+    assert_exact_stream(page, events, "done: tool_calls", "finished")
     assert seen_at_drop < len(events), "the reader must die mid-stream"
     # The page never reconnected itself: the browser's EventSource did, with the header.
     assert page.text_content("#connections") == "2"
     first, *reconnects = requests
     assert "last-event-id" not in first.all_headers()
-    # While the reader was down the browser kept trying (refused, not given up); the
-    # attempt that got through asked for what follows the last event it had.
     answered = [r for r in reconnects if r.response() is not None]
     assert len(reconnects) > len(answered)
     assert [r.all_headers().get("last-event-id") for r in answered] == [str(seen_at_drop)]
 
 
-def test_a_finished_generation_is_answered_204_and_the_event_source_stops(
+def test_a_finished_answer_does_not_reconnect_and_a_late_request_is_told_204(
     page: Page, service: Service
 ) -> None:
     events = sim_events(tokens=300, rate=100_000, tool_calls=1, seed=14)
     requests, responses = events_traffic(page)
     generation_id = generate(page, service.url, tokens=300, rate=100_000, tool_calls=1, seed=14)
-    assert_exact_stream(page, events, "done: tool_calls")
-    # The page itself opened one stream and closed it at `done`.
+    assert_exact_stream(page, events, "done: tool_calls", "finished")
+    # The page opened one stream and closed it at `done`. Nothing happening cannot be
+    # awaited: give the browser several of its reconnect intervals to do it.
+    page.wait_for_timeout(5 * RETRY_MILLISECONDS)
     assert [r.status for r in responses] == [200]
+    assert page.evaluate("source") is None
     terminal = str(len(events))
 
     # A client that never closes: it reads everything once, is told 204 on its
@@ -260,35 +234,25 @@ def test_a_finished_generation_is_answered_204_and_the_event_source_stops(
     assert naive["ids"] == list(range(1, len(events) + 1))
     assert [r.status for r in responses[1:]] == [200, 204]
     assert requests[2].all_headers().get("last-event-id") == terminal
-
-    # A reloaded page asking from the terminal position: 204 at once, never opened.
-    opened: int = page.evaluate(
-        """(url) => new Promise((resolve) => {
-             const source = new EventSource(url);
-             let opened = 0;
-             source.onopen = () => { opened += 1; };
-             source.onerror = () => {
-               if (source.readyState === EventSource.CLOSED) resolve(opened);
-             };
-           })""",
-        f"/v1/generations/{generation_id}/events?last_event_id={terminal}",
-    )
-    assert opened == 0
-    assert [r.status for r in responses[3:]] == [204]
     assert page.text_content("#connections") == "1"
 
 
-def test_cancel_ends_the_generation_with_cancelled(page: Page, service: Service) -> None:
+def test_cancel_ends_the_generation_with_cancelled(
+    page: Page, service: Service, tmp_path: Path
+) -> None:
     everything = sim_events(tokens=300, rate=50, tool_calls=1, seed=15)
     generate(page, service.url, tokens=300, rate=50, tool_calls=1, seed=15)
     wait_for_count(page, 10)
+    expect(page.locator("#state")).to_have_attribute("data-state", "streaming")
+    screenshot(page, "streaming", tmp_path)
 
     page.click("#cancel")
 
-    expect(page.locator("#output .end-ok")).to_have_text("done: cancelled")
+    expect(page.locator("#end")).to_have_text("done: cancelled")
     received = number(page, "count")
     # `started`, a prefix of the tokens, then `done: cancelled`.
     prefix = everything[: received - 1]
     assert all(isinstance(e, Token) for e in prefix[1:])
-    assert_exact_stream(page, [*prefix, everything[-1]], "done: cancelled")
+    assert_exact_stream(page, [*prefix, everything[-1]], "done: cancelled", "cancelled")
     expect(page.locator("#cancel")).to_be_disabled()
+    screenshot(page, "cancelled", tmp_path)

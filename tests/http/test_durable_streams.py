@@ -57,7 +57,7 @@ async def test_a_generation_reads_as_a_closed_json_stream(
     async with client.get(url, params={"offset": protocol.format_offset(2)}) as response:
         assert await response.json() == [
             {"type": "token", "text": "t1 "},
-            {"type": "done", "reason": "stop"},
+            {"type": "done", "reason": "stop", "usage": {}},
         ]
     async with client.head(url) as response:
         assert response.headers[protocol.CLOSED] == "true"
@@ -95,7 +95,7 @@ async def test_a_live_read_of_a_generation_wakes_on_its_next_event(
         assert response.status == 200
         assert await response.json() == [
             {"type": "token", "text": "t0 "},
-            {"type": "done", "reason": "stop"},
+            {"type": "done", "reason": "stop", "usage": {}},
         ]
     await writing
     async with quick.get(url, params={"offset": "-1", "live": "sse"}) as response:

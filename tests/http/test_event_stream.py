@@ -62,7 +62,9 @@ async def test_a_finished_generation_is_served_whole_and_the_response_ends(
         messages = await stream.rest()
     assert as_events(messages) == list(enumerate(written, start=1))
     assert [m.event for m in messages] == ["started", "token", "token", "token", "done"]
-    assert stream.raw.endswith(b'id: 5\nevent: done\ndata: {"type":"done","reason":"stop"}\n\n')
+    assert stream.raw.endswith(
+        b'id: 5\nevent: done\ndata: {"type":"done","reason":"stop","usage":{}}\n\n'
+    )
 
 
 async def test_live_events_reach_a_connected_client(

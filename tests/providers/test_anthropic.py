@@ -170,7 +170,8 @@ async def test_interleaved_tool_use_blocks_split_anywhere(
     interleaving: Interleaving,
 ) -> None:
     # Content block 0 is text; the tool_use blocks are 1 and 2, each stopped right after
-    # its last fragment, so one call completes while the other is still streaming.
+    # its last fragment, so one call completes while the other is still streaming. The
+    # events number the calls 0 and 1, the generation's own count.
     stream = AnthropicStream(ascii_only=interleaving.ascii_only)
     frames = [stream.message_start(), stream.text_block_start(0), stream.text(0, "Checking.")]
     frames += [stream.block_stop(0)]
@@ -179,16 +180,16 @@ async def test_interleaved_tool_use_blocks_split_anywhere(
     ]
     expected: list[Event] = [Token(text="Checking.")]
     expected += [
-        ToolCallDelta(index=i + 1, id=tool_id, name=name) for i, (tool_id, name) in enumerate(TOOLS)
+        ToolCallDelta(index=i, id=tool_id, name=name) for i, (tool_id, name) in enumerate(TOOLS)
     ]
     for position, (call, piece) in enumerate(interleaving.fragments):
         frames.append(stream.tool_arguments(call + 1, piece))
-        expected.append(ToolCallDelta(index=call + 1, arguments_delta=piece))
+        expected.append(ToolCallDelta(index=call, arguments_delta=piece))
         if position == interleaving.last_fragment_of(call):
             frames.append(stream.block_stop(call + 1))
             tool_id, name = TOOLS[call]
             arguments = json.loads(ARGUMENTS[call])
-            expected.append(ToolCall(index=call + 1, id=tool_id, name=name, arguments=arguments))
+            expected.append(ToolCall(index=call, id=tool_id, name=name, arguments=arguments))
     frames += [stream.message_delta("tool_use"), stream.message_stop()]
     expected.append(Done(reason="tool_calls", usage=USAGE))
     fake.script(Reply(frames=frames))

@@ -60,9 +60,24 @@ def test_no_arguments_is_an_empty_object(arguments: str) -> None:
 
 def test_a_call_without_an_id_gets_one_from_its_index() -> None:
     calls = ToolCallAccumulator()
+    calls.add(5, name="first")
     calls.add(2, name="now")
 
-    assert calls.finish(2).id == "call_2"
+    assert calls.finish(2).id == "call_1"
+
+
+def test_calls_are_numbered_from_0_in_the_order_they_start_whatever_the_provider_index() -> None:
+    calls = ToolCallAccumulator()
+    # Anthropic numbers content blocks: text is block 0, the tool calls 1 and 2.
+    started = [calls.add(1, id="toolu_a", name="a"), calls.add(2, id="toolu_b", name="b")]
+    fragments = [calls.add(2, arguments_delta="{}"), calls.add(1, arguments_delta="{}")]
+
+    assert [delta.index for delta in started if delta] == [0, 1]
+    assert [delta.index for delta in fragments if delta] == [1, 0]
+    assert [(call.index, call.id) for call in calls.finish_all()] == [
+        (0, "toolu_a"),
+        (1, "toolu_b"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def test_inspect_reports_ttft_rate_tools_takeovers_and_the_end(tmp_path: Path) -
     text = as_text(inspection.render(timeline))
     assert "first token  400 ms after creation" in text
     assert "takeover     seq 16 +12.120s: another worker started attempt 2" in text
-    assert 'end          seq 17 +12.220s  {"type":"done","reason":"tool_calls"}' in text
+    assert 'end          seq 17 +12.220s  {"type":"done","reason":"tool_calls","usage":{}}' in text
     stalls = text[text.index("longest stalls") :].splitlines()
     assert stalls[2] == (
         ' 7.02 s  seq 7 (token)      +0.480s  "The capital of France is " ⏸ "Paris. It lies on the Seine. "'
@@ -82,7 +82,7 @@ def test_inspect_reports_ttft_rate_tools_takeovers_and_the_end(tmp_path: Path) -
 
     as_json = msgspec.json.decode(inspection.render_json(timeline))
     assert as_json["stalls"][0]["ms"] == 7020
-    assert as_json["terminal"]["event"] == {"type": "done", "reason": "tool_calls"}
+    assert as_json["terminal"]["event"] == {"type": "done", "reason": "tool_calls", "usage": {}}
 
 
 def test_inspect_reports_a_retention_gap_and_a_missing_end(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_a_narrow_terminal_wraps_the_facts_but_cuts_nothing(tmp_path: Path) -> N
     text = as_text(inspection.render(timeline), width=40)
     assert "…" not in text
     end = text[text.index("end ") : text.index("longest stalls")]
-    assert "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls"}'
+    assert "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls","usage":{}}'
 
 
 def test_generated_text_is_shown_as_is_not_read_as_markup(tmp_path: Path) -> None:

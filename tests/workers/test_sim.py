@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 import pytest
+from msgspec import UNSET
 
 from app.events import Done, Event, Started, Token, ToolCall, ToolCallDelta, Usage
 from tests.conftest import FakeClock
@@ -40,8 +41,9 @@ def test_the_plan_has_n_tokens_then_k_tool_calls_then_done() -> None:
     assert [c.index for c in calls] == [0, 1]
     for call in calls:
         deltas = [e for e in events if isinstance(e, ToolCallDelta) and e.index == call.index]
-        assert (deltas[0].id, deltas[0].name) == (call.id, call.name)
-        assert all(d.id is None and d.name is None for d in deltas[1:])
+        # The id and name first, on their own, as the providers send them.
+        assert deltas[0] == ToolCallDelta(index=call.index, id=call.id, name=call.name)
+        assert all(d.id is UNSET and d.name is UNSET for d in deltas[1:])
         assert json.loads("".join(d.arguments_delta for d in deltas)) == call.arguments
     prompt = prompt_tokens(request)
     assert events[-1] == Done(

@@ -290,9 +290,9 @@ def _first(*values: int | None) -> int | None:
     return next((value for value in values if value is not None), None)
 
 
-def _usage(usage: _Usage) -> Usage | None:
+def _usage(usage: _Usage) -> Usage:
     if usage.input_tokens is None and usage.output_tokens is None:
-        return None
+        return Usage()
     # Anthropic's input_tokens excludes cached prompt tokens; the prompt is all three.
     prompt = sum(
         n or 0

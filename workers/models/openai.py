@@ -154,7 +154,7 @@ class OpenAIAdapter:
 async def _translate(messages: AsyncIterator[sse.ReceivedEvent]) -> AsyncGenerator[Event, None]:
     calls = ToolCallAccumulator()
     finish: FinishReason | None = None
-    usage: Usage | None = None
+    usage = Usage()
     async for message in messages:
         if message.data == "[DONE]":
             if finish is None:

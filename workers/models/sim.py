@@ -145,11 +145,10 @@ def _tool_call_events(rng: random.Random, index: int) -> Iterator[Event]:
     # Split where a provider might: anywhere, even inside a string or an escape.
     cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 6))))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-    for i, piece in enumerate(pieces):
-        if i == 0:
-            yield ToolCallDelta(index=index, id=call_id, name=name, arguments_delta=piece)
-        else:
-            yield ToolCallDelta(index=index, arguments_delta=piece)
+    # The id and name come first on their own, as both providers send them.
+    yield ToolCallDelta(index=index, id=call_id, name=name)
+    for piece in pieces:
+        yield ToolCallDelta(index=index, arguments_delta=piece)
     yield ToolCall(index=index, id=call_id, name=name, arguments=arguments)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from app.events import ToolCall, ToolCallDelta
 
@@ -35,13 +36,17 @@ class _PendingCall:
 
 
 class ToolCallAccumulator:
-    """The tool calls of one response, keyed by index (OpenAI) or content block (Anthropic).
+    """The tool calls of one response, keyed by the provider's index (OpenAI's tool call
+    index, Anthropic's content block index).
 
+    The events carry the generation's own numbering instead, the calls counted from 0
+    in the order they start, so a client sees the same indexes from every provider.
     Calls may interleave: fragments of call 1 can arrive between fragments of call 0.
     """
 
     def __init__(self) -> None:
         self._pending: dict[int, _PendingCall] = {}
+        self._started = 0
         self.completed: list[ToolCall] = []
 
     @property
@@ -64,7 +69,8 @@ class ToolCallAccumulator:
         """
         call = self._pending.get(index)
         if call is None:
-            call = self._pending[index] = _PendingCall(index)
+            call = self._pending[index] = _PendingCall(self._started)
+            self._started += 1
         new_id = id if id and call.id is None else None
         new_name = name if name and call.name is None else None
         if new_id is not None:
@@ -75,25 +81,38 @@ class ToolCallAccumulator:
             call.fragments.append(arguments_delta)
         if new_id is None and new_name is None and not arguments_delta:
             return None
-        return ToolCallDelta(index=index, arguments_delta=arguments_delta, id=new_id, name=new_name)
+        return ToolCallDelta(
+            index=call.index,
+            arguments_delta=arguments_delta,
+            id=UNSET if new_id is None else new_id,
+            name=UNSET if new_name is None else new_name,
+        )
 
     def finish(self, index: int) -> ToolCall:
-        """Complete one call and parse its arguments; raises `InvalidToolArguments`."""
+        """Complete the call at the provider's `index` and parse its arguments.
+
+        Raises `InvalidToolArguments`.
+        """
         call = self._pending.pop(index, None)
         if call is None:
-            raise InvalidToolArguments(f"tool call #{index} ended but never started")
+            raise InvalidToolArguments(
+                f"tool call at provider index {index} ended but never started"
+            )
         if not call.name:
-            raise InvalidToolArguments(f"tool call #{index} has no function name")
+            raise InvalidToolArguments(f"tool call #{call.index} has no function name")
         arguments = _parse_arguments(call)
         completed = ToolCall(
-            index=index, id=call.id or f"call_{index}", name=call.name, arguments=arguments
+            index=call.index,
+            id=call.id or f"call_{call.index}",
+            name=call.name,
+            arguments=arguments,
         )
         self.completed.append(completed)
         return completed
 
     def finish_all(self) -> list[ToolCall]:
-        """Complete every pending call in index order (OpenAI: at `finish_reason`)."""
-        return [self.finish(index) for index in sorted(self._pending)]
+        """Complete every pending call in the order they started (OpenAI: at `finish_reason`)."""
+        return [self.finish(index) for index in list(self._pending)]
 
 
 def _parse_arguments(call: _PendingCall) -> dict[str, Any]:
