@@ -19,7 +19,7 @@ whenever live delivery cannot be trusted:
   affected subscription re-checks the log.
 
 Each live event is framed once, straight from the published message
-(`live_frames`), and its bytes are shared by every subscription that receives
+(`app.sse.live_frames`), and its bytes are shared by every subscription that receives
 it; catch-up pages are framed straight from the XRANGE reply
 (`app.sse.event_frames`).
 """
@@ -41,44 +41,13 @@ from redis.exceptions import ConnectionError, RedisError
 from app import sse
 from app.events import TERMINAL_TYPES, Gap, encode
 from app.log import GenerationLog
+from app.sse import Frame, live_frames
 
 logger = logging.getLogger(__name__)
 
 _READ_SIZE = 64 * 1024  # per read of the pub/sub connection
 # How long stop() waits for the hub's own tasks once cancelled and disconnected.
 STOP_TIMEOUT_SECONDS = 5.0
-
-
-class Frame:
-    """An event's SSE bytes, encoded once and shared by every reader."""
-
-    __slots__ = ("appended_ms", "data", "seq", "terminal")
-
-    def __init__(self, seq: int, terminal: bool, appended_ms: int, data: bytes) -> None:
-        self.seq = seq
-        self.terminal = terminal
-        self.appended_ms = appended_ms
-        self.data = data
-
-
-_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_TYPES)
-
-
-def live_frames(payload: bytes) -> list[Frame]:
-    """The frames of a live message published by append.lua (its header states the format).
-
-    Framed straight from the payload's bytes, as catch-up frames XRANGE rows: event
-    data is one line (the format relies on it too).
-    """
-    parts = payload.split(b"\n")
-    seq, appended_ms = int(parts[0]), int(parts[1])
-    frames = []
-    for i in range(2, len(parts), 2):
-        kind = parts[i]
-        data = sse.line_event_frame(seq, kind, parts[i + 1])
-        frames.append(Frame(seq, kind in _TERMINAL_TYPES, appended_ms, data))
-        seq += 1
-    return frames
 
 
 class Subscription:

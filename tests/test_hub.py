@@ -14,10 +14,11 @@ from redis.asyncio import Redis
 from app import events, sse
 from app.events import LogEntry
 from app.generations import parse_request
-from app.hub import Feed, Frame, Hub, Subscription
+from app.hub import Feed, Hub, Subscription
 from app.keys import new_generation_id
 from app.log import GenerationLog
 from app.settings import Settings
+from app.sse import Frame
 from tests.conftest import REDIS_URL
 from tests.live import frame_of
 

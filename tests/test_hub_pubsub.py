@@ -14,34 +14,13 @@ from redis.asyncio import Redis
 
 from app import events, sse
 from app.generations import parse_request
-from app.hub import Feed, Hub, Subscription, live_frames
+from app.hub import Feed, Hub, Subscription
 from app.keys import new_generation_id
 from app.log import GenerationLog, Lease
 from app.settings import Settings
 from tests.conftest import REDIS_URL
-from tests.live import parse_live
 
 REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
-
-event_type = st.sampled_from([b"token", b"started", b"tool_call", b"done", b"error"])
-event_data = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
-
-
-@given(
-    first=st.integers(1, 10**12),
-    appended_ms=st.integers(0, 2**48),
-    batch=st.lists(st.tuples(event_type, event_data), min_size=1, max_size=8),
-)
-def test_live_frames_match_framing_each_parsed_entry(
-    first: int, appended_ms: int, batch: list[tuple[bytes, bytes]]
-) -> None:
-    payload = b"\n".join([b"%d" % first, b"%d" % appended_ms, *(b for e in batch for b in e)])
-    frames = live_frames(payload)
-    entries = parse_live(payload)
-    assert [f.seq for f in frames] == [e.seq for e in entries]
-    assert [f.data for f in frames] == [sse.event_frame(e.seq, e.type, e.data) for e in entries]
-    assert [f.terminal for f in frames] == [e.type in events.TERMINAL_TYPES for e in entries]
-    assert {f.appended_ms for f in frames} == {appended_ms}
 
 
 def _resp(*items: bytes | int) -> bytes:
