@@ -272,7 +272,8 @@ async def _serve(
     app_factory = app_factory or create_app
     if with_worker:
         worker_factory = worker_factory or Worker
-    redis = connect(settings, "reader", settings.reader_redis_connections)
+    # One of the reader's connections is the hub's pub/sub one, which it opens itself.
+    redis = connect(settings, "reader", max(1, settings.reader_redis_connections - 1))
     telemetry = Telemetry.from_env("tokentape-reader")
     try:
         if not await _reachable(redis, settings):
