@@ -62,16 +62,23 @@ def live_frames(payload: bytes) -> list[Frame]:
     """The frames of a live message published by append.lua (its header states the format).
 
     Framed straight from the payload's bytes, as `event_frames` frames XRANGE rows:
-    event data is one line (the format relies on it too).
+    event data is one line (the format relies on it too). Raises ValueError on
+    anything else.
     """
     parts = payload.split(b"\n")
-    seq, appended_ms = int(parts[0]), int(parts[1])
-    frames = []
-    for i in range(2, len(parts), 2):
-        kind = parts[i]
-        data = line_event_frame(seq, kind, parts[i + 1])
-        frames.append(Frame(seq, kind in _TERMINAL_TYPES, appended_ms, data))
-        seq += 1
+    # A try costs nothing until it catches: cheaper than checking the length first.
+    try:
+        seq, appended_ms = int(parts[0]), int(parts[1])
+        frames = []
+        for i in range(2, len(parts), 2):
+            kind = parts[i]
+            data = line_event_frame(seq, kind, parts[i + 1])
+            frames.append(Frame(seq, kind in _TERMINAL_TYPES, appended_ms, data))
+            seq += 1
+    except IndexError:
+        frames = []
+    if not frames:
+        raise ValueError(f"not a live message: {payload[:60]!r}")
     return frames
 
 

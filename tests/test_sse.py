@@ -105,3 +105,13 @@ def test_live_frames_match_framing_each_parsed_entry(
     assert [f.data for f in frames] == [sse.event_frame(e.seq, e.type, e.data) for e in entries]
     assert [f.terminal for f in frames] == [e.type in events.TERMINAL_TYPES for e in entries]
     assert {f.appended_ms for f in frames} == {appended_ms}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"garbage", b"1\n0", b"1\n0\ntoken", b"x\n0\ntoken\n{}", b"1\n0\ntoken\n{}\ndone"],
+    ids=["empty", "one-line", "no-event", "type-without-data", "bad-seq", "odd-fields"],
+)
+def test_live_frames_refuse_what_is_not_a_live_message(payload: bytes) -> None:
+    with pytest.raises(ValueError, match=r"live message|invalid literal"):
+        sse.live_frames(payload)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Coroutine
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app import loops
 from app.hub.pubsub import Endpoint, PubSubConnection
 from app.hub.subscription import Subscription
 from app.log import GenerationLog
@@ -135,9 +137,12 @@ class Hub:
         return self.pubsub.retry_delay()
 
     async def start(self) -> None:
+        recheck = functools.partial(
+            loops.periodic, "hub-recheck", self.recheck_seconds, self._recheck
+        )
         self._loops = [
-            asyncio.create_task(self.pubsub.listen(), name="hub-listen"),
-            asyncio.create_task(self._recheck_loop(), name="hub-recheck"),
+            loops.start("hub-listen", self.pubsub.listen),
+            loops.start("hub-recheck", recheck),
         ]
 
     async def stop(self) -> None:
@@ -206,11 +211,6 @@ class Hub:
             return
         del self._feeds[feed.generation_id]
         self.pubsub.unsubscribe(feed.channel)
-
-    async def _recheck_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.recheck_seconds)
-            await self._recheck()
 
     async def _recheck(self) -> None:
         """Silent feeds look at the log's last seq: the safety net under pub/sub.

@@ -101,7 +101,8 @@ def _pack(*command: str | bytes) -> bytes:
 class PubSubConnection(Generic[Message]):
     """Subscribes the channels of its listeners and hands each its messages, parsed by `parse`.
 
-    `listen` runs the connection until `close`.
+    `parse` raises ValueError on a message it cannot read: the message is dropped and
+    its listener told it missed something. `listen` runs the connection until `close`.
     """
 
     def __init__(self, endpoint: Endpoint, anchor: bytes, parse: Callable[[bytes], Message]):
@@ -166,7 +167,8 @@ class PubSubConnection(Generic[Message]):
     async def listen(self) -> None:
         """Connect, subscribe and dispatch every reply of each read at once, until `close`.
 
-        A lost connection costs a warning and a reconnect after a backoff.
+        A lost connection, or bytes hiredis cannot parse (nothing after them can be
+        trusted), cost a warning and a reconnect after a backoff.
         """
         loop = asyncio.get_running_loop()
         try:
@@ -182,7 +184,7 @@ class PubSubConnection(Generic[Message]):
                         self.received(data, loop.time())
                         if self._failures:
                             self._failures = 0
-                except OSError as exc:
+                except (OSError, hiredis.ProtocolError) as exc:
                     if self._closing:
                         return
                     self._disconnect()
@@ -253,23 +255,42 @@ class PubSubConnection(Generic[Message]):
             writer.transport.abort()
 
     def received(self, data: bytes, now: float) -> None:
-        """Dispatch every reply `data` completes (a read may end inside one)."""
+        """Dispatch every reply `data` completes (a read may end inside one).
+
+        Raises hiredis.ProtocolError where the bytes are not RESP.
+        """
         replies = self._replies
         replies.feed(data)
         listeners = self._listeners
         parse = self._parse
-        while (reply := replies.gets()) is not False:
-            if not isinstance(reply, list):
-                if isinstance(reply, Exception):
-                    logger.warning("pub/sub command failed: %s", reply)
-                continue
-            kind = reply[0]
-            if kind == b"message":
-                listener = listeners.get(reply[1])
-                if listener is not None:
-                    listener.dispatch(parse(reply[2]), now)
-            elif kind == b"subscribe":
-                self._confirmed(reply[1])
+        malformed: list[ValueError] = []
+        try:
+            while (reply := replies.gets()) is not False:
+                if not isinstance(reply, list):
+                    if isinstance(reply, Exception):
+                        logger.warning("pub/sub command failed: %s", reply)
+                    continue
+                kind = reply[0]
+                if kind == b"message":
+                    listener = listeners.get(reply[1])
+                    if listener is not None:
+                        try:
+                            message = parse(reply[2])
+                        except ValueError as exc:
+                            malformed.append(exc)
+                            listener.missed()
+                            continue
+                        listener.dispatch(message, now)
+                elif kind == b"subscribe":
+                    self._confirmed(reply[1])
+        finally:
+            if malformed:
+                # One line per read: a flood of bad messages must not flood the log.
+                logger.warning(
+                    "dropped %d malformed live message(s), their readers re-check the log: %s",
+                    len(malformed),
+                    malformed[0],
+                )
 
     def _confirmed(self, channel: bytes) -> None:
         self._subscribes_acked[channel] += 1

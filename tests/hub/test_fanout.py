@@ -4,6 +4,7 @@ shared by subscriptions, channels that come and go, the recheck beat, stopping."
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -179,6 +180,50 @@ async def test_a_channel_dropped_and_subscribed_again_stays_live(
         assert await read_seqs(subscription, sse.Parser(), 1) == [1]
         channel = hub.log.keys.live_channel(generation_id)
         assert await redis.pubsub_numsub(channel) == [(channel.encode(), 1)]
+    finally:
+        await hub.stop()
+
+
+async def test_a_failed_recheck_is_logged_and_the_next_beat_runs(
+    redis: Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis, recheck_seconds=0.1)
+    await hub.start()
+    try:
+        generation_id, lease = await leased_generation(log, "w")
+        subscription = await hub.subscribe(generation_id, 0)
+        assert await subscription.next_chunk(0.2) == b""  # caught up: live
+        # Live batch 1 is lost: only a recheck can find it.
+        lost = asyncio.Event()
+        dispatch = Feed.dispatch
+
+        def lose_one(feed: Feed, frames: list[Frame], now: float) -> None:
+            monkeypatch.setattr(Feed, "dispatch", dispatch)
+            lost.set()
+
+        monkeypatch.setattr(Feed, "dispatch", lose_one)
+        last_seqs = log.last_seqs
+        failed = asyncio.Event()
+
+        async def broken_once(generation_ids: list[str]) -> list[int]:
+            monkeypatch.setattr(log, "last_seqs", last_seqs)
+            failed.set()
+            raise RuntimeError("a bug in the recheck")
+
+        monkeypatch.setattr(log, "last_seqs", broken_once)
+        caplog.set_level(logging.ERROR, "tokentape.loops")
+        await log.append(lease, 1, [events.Token(text="1")])
+        async with asyncio.timeout(5):
+            await lost.wait()
+            await failed.wait()
+        assert await read_seqs(subscription, sse.Parser(), 1) == [1]
+        (failure,) = [r for r in caplog.records if r.name == "tokentape.loops"]
+        assert failure.getMessage().startswith("hub-recheck failed")
+        assert failure.exc_info is not None
     finally:
         await hub.stop()
 

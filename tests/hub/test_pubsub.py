@@ -1,5 +1,5 @@
-"""The hub's pub/sub connection: replies split anywhere, logging in as the client would, a
-dropped connection."""
+"""The hub's pub/sub connection: replies split anywhere, logging in as the client would, and
+every way its stream can go wrong (dropped, malformed message, bytes that are not RESP)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from app import events, sse
-from app.hub import Hub
+from app.hub import Feed, Hub
 from app.hub.pubsub import Endpoint, PubSubConnection
 from app.log import GenerationLog
 from app.settings import Settings
@@ -212,6 +212,12 @@ async def proxied_hub(
     await pubsub_redis.aclose()
 
 
+def pubsub_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.name == "app.hub.pubsub" and r.levelno == logging.WARNING
+    ]
+
+
 async def test_a_dropped_pub_sub_connection_loses_nothing(
     proxied_hub: Hub, proxy: Proxy, redis: Redis, hub_name: str
 ) -> None:
@@ -236,6 +242,85 @@ async def test_a_dropped_pub_sub_connection_loses_nothing(
     await hub.log.append(lease, 4, [events.Done(reason="stop")])
     assert await read_seqs(subscription, parser, 4) == [4]
     assert len(await redis.pubsub_channels(hub.log.keys.live_channel(generation_id))) == 1
+
+
+async def test_a_malformed_live_message_is_dropped_and_its_readers_look_at_the_log(
+    hub: Hub, redis: Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    generation_id, lease = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    parser = sse.Parser()
+    assert await subscription.next_chunk(0.2) == b""  # caught up: live
+    # Live batch 1 is lost on the way, as pub/sub may lose one: nothing tells the reader.
+    lost = asyncio.Event()
+    dispatch = Feed.dispatch
+
+    def lose_one(feed: Feed, frames: list[sse.Frame], now: float) -> None:
+        monkeypatch.setattr(Feed, "dispatch", dispatch)
+        lost.set()
+
+    monkeypatch.setattr(Feed, "dispatch", lose_one)
+    await hub.log.append(lease, 1, [events.Token(text="1")])
+    async with asyncio.timeout(5):
+        await lost.wait()
+    caplog.set_level(logging.WARNING, "app.hub.pubsub")
+    await redis.publish(hub.log.keys.live_channel(generation_id), b"not a live message")
+    # The bad message stands for a lost one: the reader looks at the log, where 1 is.
+    assert await read_seqs(subscription, parser, 1) == [1]
+    # And the connection lives on.
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    assert await read_seqs(subscription, parser, 2) == [2]
+    (warning,) = pubsub_warnings(caplog)
+    assert "dropped 1 malformed live message" in warning.getMessage()
+    assert warning.exc_info is None
+
+
+async def test_bytes_that_are_not_resp_cost_a_reconnect_and_a_look_at_the_log(
+    proxied_hub: Hub, proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub = proxied_hub
+    generation_id, lease = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    parser = sse.Parser()
+    assert await subscription.next_chunk(0.2) == b""  # caught up: live
+    caplog.set_level(logging.WARNING, "app.hub.pubsub")
+    proxy.slip(b"?not RESP\r\n")  # nothing else is in flight: hiredis meets it first
+    await hub.log.append(lease, 1, [events.Token(text="1")])
+    # Live again, or read from the log on the reconnect: either way within seconds.
+    assert await read_seqs(subscription, parser, 1) == [1]
+    other_id, _ = await leased_generation(hub.log, "w")
+    other = await hub.subscribe(other_id, 0, confirm_timeout=5)
+    assert other.feed.confirmed  # new streams do not wait out a dead connection
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    assert await read_seqs(subscription, parser, 2) == [2]
+    (warning,) = pubsub_warnings(caplog)
+    assert "Protocol error" in warning.getMessage()
+    assert warning.exc_info is None
+
+
+async def test_a_crash_in_the_listen_loop_is_logged_and_the_loop_restarted(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    generation_id, lease = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    parser = sse.Parser()
+    assert await subscription.next_chunk(0.2) == b""  # caught up: live
+    dispatch = Feed.dispatch
+
+    def broken_once(feed: Feed, frames: list[sse.Frame], now: float) -> None:
+        monkeypatch.setattr(Feed, "dispatch", dispatch)
+        raise RuntimeError("a bug in the fan-out")
+
+    monkeypatch.setattr(Feed, "dispatch", broken_once)
+    caplog.set_level(logging.ERROR, "tokentape.loops")
+    await hub.log.append(lease, 1, [events.Token(text="1")])
+    # Restarted, reconnected, and the reconnect has every reader look at the log.
+    assert await read_seqs(subscription, parser, 1) == [1]
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    assert await read_seqs(subscription, parser, 2) == [2]
+    (crash,) = [r for r in caplog.records if r.name == "tokentape.loops"]
+    assert crash.getMessage().startswith("hub-listen failed")
+    assert crash.exc_info is not None
 
 
 # -- logging in ----------------------------------------------------------------
