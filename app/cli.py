@@ -288,8 +288,9 @@ async def _serve(
         try:
             # reuse_port: `--processes N` runs N readers on one port (the kernel spreads
             # connections over them).
-            await AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
-            host, port = runner.addresses[0][:2]
+            site = AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+            await site.start()
+            host, port = site.addresses[0][:2]
             announce(
                 f"tokentape serving on http://{_url_host(host)}:{port}"
                 + (f" ({note})" if note else "")
