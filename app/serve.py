@@ -142,7 +142,8 @@ async def _serve(
     note: str,
     reuse_port: bool,
 ) -> int:
-    redis = connect(settings, "reader", settings.reader_redis_connections)
+    # One of the reader's connections is the hub's pub/sub one, which it opens itself.
+    redis = connect(settings, "reader", max(1, settings.reader_redis_connections - 1))
     telemetry = Telemetry.from_env("tokentape-reader")
     try:
         if not await reachable(redis, settings):
@@ -157,8 +158,9 @@ async def _serve(
         try:
             # reuse_port: `--processes N` runs N readers on one port (the kernel spreads
             # connections over them).
-            await AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port).start()
-            host, port = runner.addresses[0][:2]
+            site = AcceptAllSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+            await site.start()
+            host, port = site.addresses[0][:2]
             announce(
                 f"tokentape serving on http://{_url_host(host)}:{port}"
                 + (f" ({note})" if note else "")

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from app.events import TERMINAL_TYPES
+
 
 def event_frame(seq: int, event_type: str, data: bytes) -> bytes:
     """One event: `id: <seq>`, `event: <type>`, `data: <json>`, blank line."""
@@ -39,6 +41,45 @@ def event_frames(events: Iterable[tuple[bytes, bytes, bytes]]) -> bytes:
     line breaks); `event_frame` handles any data.
     """
     return b"".join([b"id: %b\nevent: %b\ndata: %b\n\n" % event for event in events])
+
+
+class Frame:
+    """A live event's SSE bytes, encoded once and shared by every reader of its generation."""
+
+    __slots__ = ("appended_ms", "data", "seq", "terminal")
+
+    def __init__(self, seq: int, terminal: bool, appended_ms: int, data: bytes) -> None:
+        self.seq = seq
+        self.terminal = terminal
+        self.appended_ms = appended_ms
+        self.data = data
+
+
+_TERMINAL_TYPES = frozenset(t.encode() for t in TERMINAL_TYPES)
+
+
+def live_frames(payload: bytes) -> list[Frame]:
+    """The frames of a live message published by append.lua (its header states the format).
+
+    Framed straight from the payload's bytes, as `event_frames` frames XRANGE rows:
+    event data is one line (the format relies on it too). Raises ValueError on
+    anything else.
+    """
+    parts = payload.split(b"\n")
+    # A try costs nothing until it catches: cheaper than checking the length first.
+    try:
+        seq, appended_ms = int(parts[0]), int(parts[1])
+        frames = []
+        for i in range(2, len(parts), 2):
+            kind = parts[i]
+            data = line_event_frame(seq, kind, parts[i + 1])
+            frames.append(Frame(seq, kind in _TERMINAL_TYPES, appended_ms, data))
+            seq += 1
+    except IndexError:
+        frames = []
+    if not frames:
+        raise ValueError(f"not a live message: {payload[:60]!r}")
+    return frames
 
 
 def unnumbered_frame(event_type: str, data: bytes) -> bytes:

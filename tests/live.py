@@ -1,6 +1,6 @@
 """The live message append.lua publishes (its header states the format), as entries.
 
-The reader frames these messages straight from their bytes (`app.hub.live_frames`);
+The reader frames these messages straight from their bytes (`app.sse.live_frames`);
 tests decode them here, independently of that, to check what was published.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from app import sse
 from app.events import TERMINAL_TYPES, LogEntry
-from app.hub import Frame
+from app.sse import Frame
 
 
 def parse_live(payload: bytes) -> list[LogEntry]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from app import sse
+from app import events, sse
+from tests.live import parse_live
 
 
 @pytest.mark.parametrize(
@@ -81,3 +84,34 @@ def test_many_frames_at_once_equal_one_by_one() -> None:
         sse.event_frame(int(seq), kind.decode(), data) for seq, kind, data in rows
     )
     assert sse.event_frames([]) == b""
+
+
+event_type = st.sampled_from([b"token", b"started", b"tool_call", b"done", b"error"])
+event_data = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+
+
+@given(
+    first=st.integers(1, 10**12),
+    appended_ms=st.integers(0, 2**48),
+    batch=st.lists(st.tuples(event_type, event_data), min_size=1, max_size=8),
+)
+def test_live_frames_match_framing_each_parsed_entry(
+    first: int, appended_ms: int, batch: list[tuple[bytes, bytes]]
+) -> None:
+    payload = b"\n".join([b"%d" % first, b"%d" % appended_ms, *(b for e in batch for b in e)])
+    frames = sse.live_frames(payload)
+    entries = parse_live(payload)
+    assert [f.seq for f in frames] == [e.seq for e in entries]
+    assert [f.data for f in frames] == [sse.event_frame(e.seq, e.type, e.data) for e in entries]
+    assert [f.terminal for f in frames] == [e.type in events.TERMINAL_TYPES for e in entries]
+    assert {f.appended_ms for f in frames} == {appended_ms}
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"garbage", b"1\n0", b"1\n0\ntoken", b"x\n0\ntoken\n{}", b"1\n0\ntoken\n{}\ndone"],
+    ids=["empty", "one-line", "no-event", "type-without-data", "bad-seq", "odd-fields"],
+)
+def test_live_frames_refuse_what_is_not_a_live_message(payload: bytes) -> None:
+    with pytest.raises(ValueError, match=r"live message|invalid literal"):
+        sse.live_frames(payload)

@@ -28,9 +28,14 @@ _PAUSE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class AcceptAllSite(web.BaseSite):
-    """A plain TCP site (no TLS) on `host`:`port`, every address it resolves to."""
+    """A plain TCP site (no TLS) on `host`:`port`, every address it resolves to.
 
-    __slots__ = ("_host", "_port", "_reuse_port")
+    Only BaseSite's public contract is used: start and stop register it with its
+    runner, whose cleanup stops it. Its sockets are its own, listed by `addresses`
+    (the runner's `addresses` reads a private field of aiohttp's sites and omits them).
+    """
+
+    __slots__ = ("_host", "_listen_backlog", "_listener", "_port", "_reuse_port", "_site_runner")
 
     def __init__(
         self,
@@ -42,38 +47,49 @@ class AcceptAllSite(web.BaseSite):
         backlog: int = 1024,
     ) -> None:
         super().__init__(runner, backlog=backlog)
+        self._site_runner = runner
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
+        self._listen_backlog = backlog
+        self._listener: _Listener | None = None
 
     @property
     def name(self) -> str:
         return f"http://{self._host}:{self._port}"
 
+    @property
+    def addresses(self) -> list[Any]:
+        """The `getsockname()` of every listening socket, once started."""
+        if self._listener is None:
+            return []
+        return [sock.getsockname() for sock in self._listener.sockets]
+
     async def start(self) -> None:
         await super().start()
-        server = self._runner.server
-        assert server is not None
-        sockets = _listening_sockets(self._host, self._port, self._backlog, self._reuse_port)
-        self._server = _Listener(sockets, server, self._backlog)
+        factory = self._site_runner.server
+        assert factory is not None
+        sockets = _listening_sockets(self._host, self._port, self._listen_backlog, self._reuse_port)
+        self._listener = _Listener(sockets, factory, self._listen_backlog)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        await super().stop()
 
 
-class _Listener(asyncio.AbstractServer):
-    """The listening sockets, as aiohttp's runner expects a server to look."""
+class _Listener:
+    """Listening sockets whose waiting connections are all accepted at each wake-up."""
 
-    def __init__(self, sockets: list[socket.socket], factory: Any, backlog: int) -> None:
+    def __init__(self, sockets: list[socket.socket], factory: web.Server, backlog: int) -> None:
         self._loop = asyncio.get_running_loop()
-        self._sockets = sockets
+        self.sockets = tuple(sockets)
         self._factory = factory
         self._backlog = backlog
         self._connecting: set[asyncio.Task[Any]] = set()
         self._serving = True
         for sock in sockets:
             self._loop.add_reader(sock.fileno(), self._accept, sock)
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return tuple(self._sockets)
 
     def _accept(self, sock: socket.socket) -> None:
         for _ in range(self._backlog):
@@ -111,24 +127,9 @@ class _Listener(asyncio.AbstractServer):
         if not self._serving:
             return
         self._serving = False
-        for sock in self._sockets:
+        for sock in self.sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return self._serving
-
-    async def start_serving(self) -> None:
-        pass  # serving since construction
-
-    async def serve_forever(self) -> None:
-        raise NotImplementedError
-
-    async def wait_closed(self) -> None:
-        pass  # closing is synchronous
 
 
 def _listening_sockets(host: str, port: int, backlog: int, reuse_port: bool) -> list[socket.socket]:

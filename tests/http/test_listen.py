@@ -46,8 +46,9 @@ async def test_every_waiting_connection_is_accepted_in_one_wake_up(
         accept(self, sock)
 
     monkeypatch.setattr(listen._Listener, "_accept", counting)
-    await AcceptAllSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
+    site = AcceptAllSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site.addresses[0][1]
     # Connected (the kernel completes loopback handshakes) before the loop polls again.
     waiting = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
     for sock in waiting:
@@ -66,8 +67,21 @@ async def test_serves_until_stopped_then_refuses(
 ) -> None:
     site = AcceptAllSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
+    port = site.addresses[0][1]
     assert (await get(port)).endswith(b"hello")
     await site.stop()
+    with pytest.raises(ConnectionRefusedError):
+        await get(port)
+
+
+async def test_the_runner_stops_it_on_cleanup() -> None:
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = AcceptAllSite(runner, "127.0.0.1", 0)
+    await site.start()
+    assert runner.sites == {site}
+    port = site.addresses[0][1]
+    await runner.cleanup()
+    assert runner.sites == set()
     with pytest.raises(ConnectionRefusedError):
         await get(port)

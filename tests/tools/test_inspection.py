@@ -103,7 +103,9 @@ def test_a_narrow_terminal_wraps_the_facts_but_cuts_nothing(tmp_path: Path) -> N
     text = as_text(inspection.render(timeline), width=40)
     assert "…" not in text
     end = text[text.index("end ") : text.index("longest stalls")]
-    assert "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls","usage":{}}'
+    assert (
+        "".join(end.split()) == 'endseq17+12.220s{"type":"done","reason":"tool_calls","usage":{}}'
+    )
 
 
 def test_generated_text_is_shown_as_is_not_read_as_markup(tmp_path: Path) -> None:

@@ -1,8 +1,10 @@
-"""The hub delivers exactly once and in order, whatever happens around it (real Redis)."""
+"""The hub delivers exactly once and in order, whatever happens around it (real Redis): feeds
+shared by subscriptions, channels that come and go, the recheck beat, stopping."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 
 import pytest
@@ -12,16 +14,13 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from app import events, sse
-from app.events import LogEntry
-from app.generations import parse_request
-from app.hub import Feed, Frame, Hub, Subscription
+from app.hub import Feed, Hub, Subscription
 from app.keys import new_generation_id
 from app.settings import Settings
+from app.sse import Frame
 from app.store import GenerationLog
-from tests.conftest import REDIS_URL
-from tests.live import frame_of
-
-REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
+from tests.conftest import REDIS_URL, leased_generation
+from tests.hub.conftest import REQUEST, read_seqs
 
 operation = st.one_of(
     st.tuples(st.just("append"), st.integers(1, 12)),
@@ -152,76 +151,105 @@ def test_exactly_once_in_order_under_any_interleaving(
     asyncio.run(run_program(program, buffer_limit))
 
 
-async def test_a_slow_subscription_never_buffers_more_than_its_limit(
+async def test_concurrent_subscribes_are_each_confirmed(hub: Hub) -> None:
+    generations = [await leased_generation(hub.log, "w") for _ in range(20)]
+    subscriptions = await asyncio.gather(*(hub.subscribe(g, 0) for g, _ in generations))
+    assert all(s.feed.confirmed for s in subscriptions)
+    for (_, lease), subscription in zip(generations, subscriptions, strict=True):
+        assert await subscription.next_chunk(0.2) == b""  # caught up: live
+        await hub.log.append(lease, 1, [events.Token(text="x")])
+        assert await read_seqs(subscription, sse.Parser(), 1) == [1]
+
+
+async def test_a_channel_dropped_and_subscribed_again_stays_live(
     redis: Redis, settings: Settings
 ) -> None:
-    log = GenerationLog(redis, settings)
-    hub = Hub(log, redis, buffer_limit=4)
+    # No linger: the last unsubscribe drops the feed and its channel at once.
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=0)
     await hub.start()
     try:
-        generation_id = new_generation_id()
-        await log.create(generation_id, REQUEST)
-        lease = await log.acquire(generation_id, "w")
-        assert lease is not None
+        generation_id, lease = await leased_generation(hub.log, "w")
+        first = await hub.subscribe(generation_id, 0)
+        hub.unsubscribe(first)
+        # Its UNSUBSCRIBE is not answered yet: it must not undo the SUBSCRIBE of the new feed.
         subscription = await hub.subscribe(generation_id, 0)
-        # Confirmed, not timed out: pub/sub commands racing to connect once lost it.
-        assert hub._feeds[generation_id].confirmed.done()
-        assert await subscription.next_chunk(0.2) == b""  # caught up: now live
-        feed = hub._feeds[generation_id]
-        entries = []
-        seq = 1
-        for _ in range(50):  # live batches arrive; the client reads nothing
-            batch = [events.Token(text="x")] * 3
-            last = await log.append(lease, seq, batch)
-            entries = await log.read(generation_id, seq - 1, 3)
-            feed.dispatch([frame_of(e) for e in entries], 0.0)
-            assert len(subscription._pending) <= 4
-            seq = last + 1
-        assert subscription.fell_behind > 0
-        parser = sse.Parser()
-        seqs: list[int] = []
-        while len(seqs) < 150:
-            chunk = await subscription.next_chunk(1.0)
-            assert chunk
-            seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
-        assert seqs == list(range(1, 151))  # everything, from the log, in order
+        assert subscription.feed is not first.feed
+        assert subscription.feed.confirmed
+        assert await subscription.next_chunk(0.2) == b""
+        await hub.log.append(lease, 1, [events.Token(text="x")])
+        assert await read_seqs(subscription, sse.Parser(), 1) == [1]
+        channel = hub.log.keys.live_channel(generation_id)
+        assert await redis.pubsub_numsub(channel) == [(channel.encode(), 1)]
     finally:
         await hub.stop()
 
 
-async def test_catch_up_never_goes_live_across_a_hole_in_what_it_buffered(
-    redis: Redis, settings: Settings
+async def test_a_failed_recheck_is_logged_and_the_next_beat_runs(
+    redis: Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Live 7 and 8 arrive while the log is read up to 5, live 6 was lost: read again."""
     log = GenerationLog(redis, settings)
-    hub = Hub(log, redis)
+    hub = Hub(log, redis, recheck_seconds=0.1)
     await hub.start()
     try:
-        generation_id = new_generation_id()
-        await log.create(generation_id, REQUEST)
-        lease = await log.acquire(generation_id, "w")
-        assert lease is not None
-        await log.append(lease, 1, [events.Token(text=str(i)) for i in range(1, 6)])
+        generation_id, lease = await leased_generation(log, "w")
         subscription = await hub.subscribe(generation_id, 0)
-        ahead = [
-            LogEntry(seq=seq, type="token", data=b'{"type":"token","text":"x"}', appended_ms=0)
-            for seq in (7, 8)
-        ]
-        hub._feeds[generation_id].dispatch(
-            [frame_of(e) for e in ahead], 0.0
-        )  # buffered while in log mode
-        parser = sse.Parser()
-        first = await subscription.next_chunk(1.0)
-        assert first
-        assert [m.id for m in parser.feed(first)] == ["1", "2", "3", "4", "5"]
-        # Now 6, 7, 8 are really appended; live or log, they must come in order.
-        await log.append(lease, 6, [events.Token(text=str(i)) for i in range(6, 9)])
-        seqs: list[int] = []
-        async with asyncio.timeout(10):
-            while len(seqs) < 3:
-                chunk = await subscription.next_chunk(2.0)
-                assert chunk is not None
-                seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
-        assert seqs == [6, 7, 8]
+        assert await subscription.next_chunk(0.2) == b""  # caught up: live
+        # Live batch 1 is lost: only a recheck can find it.
+        lost = asyncio.Event()
+        dispatch = Feed.dispatch
+
+        def lose_one(feed: Feed, frames: list[Frame], now: float) -> None:
+            monkeypatch.setattr(Feed, "dispatch", dispatch)
+            lost.set()
+
+        monkeypatch.setattr(Feed, "dispatch", lose_one)
+        last_seqs = log.last_seqs
+        failed = asyncio.Event()
+
+        async def broken_once(generation_ids: list[str]) -> list[int]:
+            monkeypatch.setattr(log, "last_seqs", last_seqs)
+            failed.set()
+            raise RuntimeError("a bug in the recheck")
+
+        monkeypatch.setattr(log, "last_seqs", broken_once)
+        caplog.set_level(logging.ERROR, "tokentape.loops")
+        await log.append(lease, 1, [events.Token(text="1")])
+        async with asyncio.timeout(5):
+            await lost.wait()
+            await failed.wait()
+        assert await read_seqs(subscription, sse.Parser(), 1) == [1]
+        (failure,) = [r for r in caplog.records if r.name == "tokentape.loops"]
+        assert failure.getMessage().startswith("hub-recheck failed")
+        assert failure.exc_info is not None
     finally:
         await hub.stop()
+
+
+async def test_stop_ends_a_listen_loop_that_swallowed_its_cancellation(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What libraries have been known to do when a cancellation lands mid-call: the
+    # listen loop goes on reading. stop() must still end it, not wait forever.
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60)
+    reading = asyncio.Event()
+    original = asyncio.StreamReader.read
+
+    async def read_swallowing_one_cancel(stream: asyncio.StreamReader, n: int = -1) -> bytes:
+        reading.set()
+        try:
+            return await original(stream, n)
+        except asyncio.CancelledError:
+            monkeypatch.setattr(asyncio.StreamReader, "read", original)
+            return await original(stream, n)
+
+    monkeypatch.setattr(asyncio.StreamReader, "read", read_swallowing_one_cancel)
+    await hub.start()
+    await reading.wait()
+    stopping = asyncio.create_task(hub.stop())
+    # A bound on a hang, not a speed check: without the fix stop() never returns.
+    await asyncio.wait([stopping], timeout=10)
+    assert stopping.done()
+    assert not hub.running

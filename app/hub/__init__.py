@@ -1,0 +1,30 @@
+"""Per-process fan-out of generation logs to SSE clients.
+
+One pub/sub connection per process (`pubsub`) carries the live batches of every
+generation that has a reader here; all readers of one generation share one
+`Feed` (`fanout`). A `Subscription` (`subscription`) is one client: it catches up
+from the log in pages, then takes live batches from its feed. The channel is
+subscribed before the log is read, so nothing falls between the two; live batches
+that arrive during a read are kept and take over when they continue the page.
+Delivery is exactly-once and in order because every subscription tracks the last
+seq it handed out and falls back to the log whenever live delivery cannot be
+trusted:
+
+- a live batch that starts after the next expected seq (pub/sub is at-most-once:
+  a message was missed) -> back-fill from the log;
+- more than `client_buffer_events` pending for a slow client -> drop the buffer
+  and read from the log at the client's pace (the log is durable; memory stays
+  bounded);
+- the pub/sub connection dropped, a live message could not be parsed, or a feed
+  has been silent for a while -> every affected subscription re-checks the log.
+
+Each live event is framed once, straight from the published message
+(`app.sse.live_frames`), and its bytes are shared by every subscription that
+receives it; catch-up pages are framed straight from the XRANGE reply
+(`app.sse.event_frames`).
+"""
+
+from app.hub.fanout import Feed, Hub
+from app.hub.subscription import Subscription
+
+__all__ = ["Feed", "Hub", "Subscription"]

@@ -1,0 +1,241 @@
+"""Feeds and the hub: every client of one generation in this process shares one feed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Coroutine
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app import loops
+from app.hub.pubsub import Endpoint, PubSubConnection
+from app.hub.subscription import Subscription
+from app.sse import Frame, live_frames
+from app.store import GenerationLog
+
+logger = logging.getLogger(__name__)
+
+# How long stop() waits for the hub's own tasks once cancelled and disconnected.
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+class Feed:
+    """All subscriptions of one generation in this process: the listener of its live channel."""
+
+    __slots__ = (
+        "_confirming",
+        "channel",
+        "confirmed",
+        "generation_id",
+        "linger",
+        "silent_since",
+        "subscriptions",
+    )
+
+    def __init__(self, generation_id: str, channel: bytes, now: float) -> None:
+        self.generation_id = generation_id
+        self.channel = channel
+        self.subscriptions: set[Subscription] = set()
+        self.confirmed = False  # the live channel is subscribed: what is published arrives
+        # Made only while someone waits: a feed lives as long as its streams.
+        self._confirming: asyncio.Future[None] | None = None
+        self.silent_since = now
+        self.linger: asyncio.TimerHandle | None = None
+
+    async def until_confirmed(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the live channel to be subscribed; whether it is."""
+        if not self.confirmed:
+            if self._confirming is None:
+                self._confirming = asyncio.get_running_loop().create_future()
+            # asyncio.wait, not a timeout around the future: that would cancel it for the
+            # other subscriptions waiting on the same feed.
+            await asyncio.wait([self._confirming], timeout=seconds)
+        return self.confirmed
+
+    def recheck(self, last_seq: int | None = None) -> None:
+        """Every subscription looks at the log (with `last_seq`, those behind it)."""
+        for subscription in list(self.subscriptions):
+            subscription.recheck(last_seq)
+
+    # -- the live channel's listener ----------------------------------------
+
+    def dispatch(self, frames: list[Frame], now: float) -> None:
+        self.silent_since = now
+        for subscription in list(self.subscriptions):
+            subscription.offer(frames)
+
+    def subscribed(self) -> None:
+        if not self.confirmed:
+            self.confirmed = True
+            if self._confirming is not None:
+                self._confirming.set_result(None)
+                self._confirming = None
+
+    def missed(self) -> None:
+        self.recheck()
+
+
+class Hub:
+    """The process's feeds, and the pub/sub connection that carries their live batches."""
+
+    def __init__(
+        self,
+        log: GenerationLog,
+        redis: Redis,
+        *,
+        page_size: int = 500,
+        buffer_limit: int = 1024,
+        recheck_seconds: float = 5.0,
+        linger_seconds: float = 5.0,
+    ) -> None:
+        """`redis` says which server to subscribe on, and how: no connection of its is used."""
+        self.log = log
+        self.page_size = page_size
+        self.buffer_limit = buffer_limit
+        self.recheck_seconds = recheck_seconds
+        self.linger_seconds = linger_seconds
+        self.pubsub = PubSubConnection(
+            Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames
+        )
+        self._feeds: dict[str, Feed] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._changed = asyncio.Condition()
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(f.subscriptions) for f in self._feeds.values())
+
+    @property
+    def running(self) -> bool:
+        """Whether a background loop of the hub still runs."""
+        return any(not task.done() for task in self._loops)
+
+    async def until_subscriptions(self, count: int) -> None:
+        """Wait until exactly `count` subscriptions are open (drain, tests)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.subscription_count == count)
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        self._spawn(notify())
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def retry_delay(self) -> float:
+        """A pause before a failed log read is tried again."""
+        return self.pubsub.retry_delay()
+
+    async def start(self) -> None:
+        recheck = functools.partial(
+            loops.periodic, "hub-recheck", self.recheck_seconds, self._recheck
+        )
+        self._loops = [
+            loops.start("hub-listen", self.pubsub.listen),
+            loops.start("hub-recheck", recheck),
+        ]
+
+    async def stop(self) -> None:
+        """Close every subscription (`server_drain`) and the pub/sub connection."""
+        self._closing = True
+        for feed in list(self._feeds.values()):
+            for subscription in list(feed.subscriptions):
+                subscription.close()
+        for task in self._loops:
+            task.cancel()
+        # Closed before the loops are awaited: a listen loop whose cancellation was
+        # swallowed (a known class of bugs in libraries it calls) sees its stream end
+        # and, closing, returns instead of waiting forever.
+        self.pubsub.close()
+        if not self._loops:
+            return
+        _, stuck = await asyncio.wait(self._loops, timeout=STOP_TIMEOUT_SECONDS)
+        for task in stuck:
+            logger.warning("hub task %s did not stop in time", task.get_name())
+
+    # -- subscriptions -------------------------------------------------------
+
+    async def subscribe(
+        self, generation_id: str, after_seq: int, *, confirm_timeout: float = 5.0
+    ) -> Subscription:
+        """A subscription positioned after `after_seq`, live channel confirmed first.
+
+        Subscribing before reading the log is what makes the hand-over from
+        catch-up to live lossless: anything appended after the confirmation
+        arrives live; anything before it is in the log.
+        """
+        feed = self._feeds.get(generation_id)
+        if feed is None:
+            channel = self.log.keys.live_channel(generation_id).encode()
+            feed = Feed(generation_id, channel, asyncio.get_running_loop().time())
+            self._feeds[generation_id] = feed
+            self.pubsub.subscribe(channel, feed)
+        elif feed.linger is not None:
+            feed.linger.cancel()
+            feed.linger = None
+        subscription = Subscription(self, feed, after_seq)
+        feed.subscriptions.add(subscription)
+        self._notify()
+        if not await feed.until_confirmed(confirm_timeout):
+            # The pub/sub connection is unwell; the recheck loop covers this feed.
+            logger.warning("live channel of %s not confirmed in time", generation_id)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        feed = subscription.feed
+        feed.subscriptions.discard(subscription)
+        subscription.close()
+        self._notify()
+        if feed.subscriptions or feed.linger is not None or self._closing:
+            return
+        if self.linger_seconds > 0:
+            # Keep the channel a moment: reconnect storms come back to the same generation.
+            loop = asyncio.get_running_loop()
+            feed.linger = loop.call_later(self.linger_seconds, self._drop_feed, feed)
+        else:
+            self._drop_feed(feed)
+
+    def _drop_feed(self, feed: Feed) -> None:
+        feed.linger = None
+        if feed.subscriptions or self._feeds.get(feed.generation_id) is not feed:
+            return
+        del self._feeds[feed.generation_id]
+        self.pubsub.unsubscribe(feed.channel)
+
+    async def _recheck(self) -> None:
+        """Silent feeds look at the log's last seq: the safety net under pub/sub.
+
+        The same beat marks every generation with readers here as watched.
+        """
+        watched = [f.generation_id for f in self._feeds.values() if f.subscriptions]
+        if watched:
+            try:
+                await self.log.mark_watched(watched)
+            except (RedisError, OSError) as exc:
+                logger.warning("marking watched generations failed: %s", exc)
+        now = asyncio.get_running_loop().time()
+        silent = [
+            f
+            for f in self._feeds.values()
+            if f.subscriptions and now - f.silent_since >= self.recheck_seconds
+        ]
+        if not silent:
+            return
+        try:
+            last_seqs = await self.log.last_seqs([f.generation_id for f in silent])
+        except (RedisError, OSError) as exc:
+            logger.warning("recheck failed: %s", exc)
+            return
+        for feed, last_seq in zip(silent, last_seqs, strict=True):
+            feed.silent_since = now
+            feed.recheck(last_seq)

@@ -1,0 +1,100 @@
+"""One client's subscription: bounded buffering, no hole across the hand-over, its heartbeat timer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from app import events, sse
+from app.events import LogEntry
+from app.hub import Hub
+from app.settings import Settings
+from app.store import GenerationLog
+from tests.conftest import leased_generation
+from tests.live import frame_of
+
+
+async def test_a_slow_subscription_never_buffers_more_than_its_limit(
+    redis: Redis, settings: Settings
+) -> None:
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis, buffer_limit=4)
+    await hub.start()
+    try:
+        generation_id, lease = await leased_generation(log, "w")
+        subscription = await hub.subscribe(generation_id, 0)
+        # Confirmed, not timed out: pub/sub commands racing to connect once lost it.
+        assert subscription.feed.confirmed
+        assert await subscription.next_chunk(0.2) == b""  # caught up: now live
+        entries = []
+        seq = 1
+        for _ in range(50):  # live batches arrive; the client reads nothing
+            batch = [events.Token(text="x")] * 3
+            last = await log.append(lease, seq, batch)
+            entries = await log.read(generation_id, seq - 1, 3)
+            subscription.feed.dispatch([frame_of(e) for e in entries], 0.0)
+            assert subscription.buffered <= 4
+            seq = last + 1
+        assert subscription.fell_behind > 0
+        parser = sse.Parser()
+        seqs: list[int] = []
+        while len(seqs) < 150:
+            chunk = await subscription.next_chunk(1.0)
+            assert chunk
+            seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
+        assert seqs == list(range(1, 151))  # everything, from the log, in order
+    finally:
+        await hub.stop()
+
+
+async def test_catch_up_never_goes_live_across_a_hole_in_what_it_buffered(
+    redis: Redis, settings: Settings
+) -> None:
+    """Live 7 and 8 arrive while the log is read up to 5, live 6 was lost: read again."""
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis)
+    await hub.start()
+    try:
+        generation_id, lease = await leased_generation(log, "w")
+        await log.append(lease, 1, [events.Token(text=str(i)) for i in range(1, 6)])
+        subscription = await hub.subscribe(generation_id, 0)
+        ahead = [
+            LogEntry(seq=seq, type="token", data=b'{"type":"token","text":"x"}', appended_ms=0)
+            for seq in (7, 8)
+        ]
+        subscription.feed.dispatch([frame_of(e) for e in ahead], 0.0)  # buffered while in log mode
+        parser = sse.Parser()
+        first = await subscription.next_chunk(1.0)
+        assert first
+        assert [m.id for m in parser.feed(first)] == ["1", "2", "3", "4", "5"]
+        # Now 6, 7, 8 are really appended; live or log, they must come in order.
+        await log.append(lease, 6, [events.Token(text=str(i)) for i in range(6, 9)])
+        seqs: list[int] = []
+        async with asyncio.timeout(10):
+            while len(seqs) < 3:
+                chunk = await subscription.next_chunk(2.0)
+                assert chunk is not None
+                seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
+        assert seqs == [6, 7, 8]
+    finally:
+        await hub.stop()
+
+
+async def test_heartbeat_wait_ends_at_its_own_deadline(hub: Hub) -> None:
+    generation_id, lease = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    assert await subscription.next_chunk(0.05) == b""  # caught up: live
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await subscription.next_chunk(0.05) == b""
+    assert loop.time() - began >= 0.05
+    # A long wait ended by an event leaves its timer; a shorter wait still ends in time.
+    waiting = asyncio.create_task(subscription.next_chunk(30.0))
+    await hub.log.append(lease, 1, [events.Token(text="x")])
+    async with asyncio.timeout(5):
+        assert await waiting
+    async with asyncio.timeout(1):
+        assert await subscription.next_chunk(0.05) == b""
+    hub.unsubscribe(subscription)
+    assert subscription._timer is None  # closing cancels it: no timer outlives the stream
