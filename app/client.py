@@ -297,7 +297,9 @@ class EventStream:
                     if items:
                         yield items
             except (aiohttp.ClientError, TimeoutError) as exc:
-                logger.info("%s: connection lost after seq %d: %r", self.url, self.last_seq, exc)
+                logger.info(
+                    "%s: connection lost after seq %d: %s", self.url, self.last_seq, _describe(exc)
+                )
             finally:
                 response.close()
 
@@ -400,14 +402,22 @@ class EventStream:
         failure = state.outcome.exception() if state.outcome is not None else None
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         logger.info(
-            "%s: %r; reconnecting after seq %d in %.1f s (attempt %d of %d)",
+            "%s: %s; reconnecting after seq %d in %.1f s (attempt %d of %d)",
             self.url,
-            failure,
+            _describe(failure),
             self.last_seq,
             wait,
             state.attempt_number + 1,
             self.client.max_attempts,
         )
+
+
+def _describe(failure: BaseException | None) -> str:
+    """A failure as a reader of the log wants it: its kind and what it said."""
+    text = str(failure)
+    if isinstance(failure, _Retry) or not text:
+        return text or type(failure).__name__
+    return f"{type(failure).__name__}: {text}"
 
 
 def _retry_after(value: str | None) -> float:

@@ -87,6 +87,14 @@ def unnumbered_frame(event_type: str, data: bytes) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (event_type.encode(), data)
 
 
+def message_frame(data: bytes, seq: int | None = None) -> bytes:
+    """An event with no `event:` line (a client dispatches it as `message`), with `id: <seq>`
+    when given; `data` must be one line."""
+    if seq is None:
+        return b"data: %b\n\n" % data
+    return b"id: %d\ndata: %b\n\n" % (seq, data)
+
+
 def retry_frame(milliseconds: int) -> bytes:
     return b"retry: %d\n\n" % milliseconds
 

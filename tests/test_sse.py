@@ -22,11 +22,22 @@ from tests.live import parse_live
             sse.unnumbered_frame("gap", b'{"requested":1,"first_available":9}'),
             b'event: gap\ndata: {"requested":1,"first_available":9}\n\n',
         ),
+        (sse.message_frame(b'{"type":"start-step"}', 3), b'id: 3\ndata: {"type":"start-step"}\n\n'),
+        (sse.message_frame(b"[DONE]"), b"data: [DONE]\n\n"),
         (sse.retry_frame(1500), b"retry: 1500\n\n"),
         (sse.comment_frame("keep-alive"), b": keep-alive\n\n"),
         (sse.comment_frame(), b":\n\n"),
     ],
-    ids=["event", "multi-line-data", "gap-without-id", "retry", "comment", "empty-comment"],
+    ids=[
+        "event",
+        "multi-line-data",
+        "gap-without-id",
+        "message",
+        "message-without-id",
+        "retry",
+        "comment",
+        "empty-comment",
+    ],
 )
 def test_frames_are_exact(frame: bytes, expected: bytes) -> None:
     assert frame == expected

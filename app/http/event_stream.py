@@ -16,9 +16,15 @@ import re
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from app import sse
+from app import ai_sdk, sse
 from app.errors import Expired, InvalidRequest, NotFound
 from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
+from app.http.ui_message_stream import (
+    NextChunk,
+    asks_for_ui_messages,
+    reframed,
+    resumed_stream,
+)
 from app.hub import Subscription
 from app.keys import check_generation_id
 from app.telemetry.tracing import ReaderSpan
@@ -38,6 +44,7 @@ SSE_HEADERS = {
     # nginx buffers proxied responses unless told otherwise, per response.
     "X-Accel-Buffering": "no",
 }
+UI_MESSAGE_STREAM_HEADERS = {**SSE_HEADERS, **ai_sdk.HEADERS}
 
 
 def parse_position(request: web.Request) -> int:
@@ -65,9 +72,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     settings, log, hub = request.app[SETTINGS], request.app[LOG], request.app[HUB]
     generation_id = check_generation_id(request.match_info["id"])
     after_seq = parse_position(request)
+    ui_messages = asks_for_ui_messages(request)
     try:
         state, log_exists = await log.snapshot(generation_id)
     except (RedisError, OSError) as exc:
+        if ui_messages:
+            raise  # a 503: the AI SDK takes a 200 that ends for the whole answer
         logger.warning(
             "events %s: Redis unavailable, asking client to retry: %s", generation_id, exc
         )
@@ -80,6 +90,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)
     link_to = state.traceparent
     del state  # this frame lives as long as the stream: it keeps only what it uses
+    ui_message_stream = (
+        await resumed_stream(log, generation_id, after_seq, settings.catch_up_page_size)
+        if ui_messages
+        else None
+    )
 
     with request.app[TELEMETRY].reader_span(
         generation_id,
@@ -88,14 +103,18 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         link_to=link_to,
         headers=request.headers,
     ) as reader:
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        headers = SSE_HEADERS if ui_message_stream is None else UI_MESSAGE_STREAM_HEADERS
+        response = web.StreamResponse(status=200, headers=headers)
         await response.prepare(request)
         # Flush headers and a first chunk at once: proxies and clients see a live
         # stream before the first event exists.
         await response.write(sse.retry_frame(settings.retry_milliseconds))
         subscription = await hub.subscribe(generation_id, after_seq)
+        next_chunk: NextChunk = subscription.next_chunk
+        if ui_message_stream is not None:
+            next_chunk = reframed(subscription, ui_message_stream)
         try:
-            await _pump(request, response, subscription, reader)
+            await _pump(request, response, subscription, next_chunk, reader)
         finally:
             hub.unsubscribe(subscription)
     return response
@@ -105,14 +124,16 @@ async def _pump(
     request: web.Request,
     response: web.StreamResponse,
     subscription: Subscription,
+    next_chunk: NextChunk,
     reader: ReaderSpan,
 ) -> None:
-    """Write what the subscription hands out until the terminal event, a drain or a stuck client."""
+    """Write what `next_chunk` hands out (the subscription's chunks, in the format asked for)
+    until the terminal event, a drain or a stuck client."""
     settings = request.app[SETTINGS]
     transport = request.transport
     while True:
         before = subscription.delivered
-        chunk = await subscription.next_chunk(settings.heartbeat_seconds)
+        chunk = await next_chunk(settings.heartbeat_seconds)
         if chunk is None:
             break
         if subscription.gap is not None and before == subscription.requested_after:

@@ -24,12 +24,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from app import embedded
+from app.client import Client
 from app.errors import ConfigError, Unavailable
 from app.settings import Settings
 from app.store import GenerationLog
 from app.tools import inspection, listing, recording
 from app.tools.replay import Replayer
-from app.tools.tail import Follower, MarkdownRenderer, RawRenderer, Renderer, describe_end
+from app.tools.tail import MarkdownRenderer, RawRenderer, Renderer, describe_end, follow
 from app.tools.tail import events_url as sse_url
 
 Run = Callable[[argparse.Namespace, Settings], int]
@@ -171,11 +172,13 @@ async def tail(args: argparse.Namespace, _settings: Settings) -> int:
     else:
         renderer = markdown = MarkdownRenderer(_console(), sys.stderr)
         notice = markdown.notice
-    follower = Follower(args.url, args.generation_id, renderer, notice=notice, after_seq=args.after)
     try:
-        result = await follower.run()
+        async with Client(args.url) as client:
+            result = await follow(
+                client, args.generation_id, renderer, notice=notice, after_seq=args.after
+            )
     finally:
-        # Follower.run finishes a tail that ends; this also gives the terminal back
+        # follow() finishes a tail that ends; this also gives the terminal back
         # (cursor, live region) after an error or Ctrl-C.
         renderer.finish()
     _notice(describe_end(result))

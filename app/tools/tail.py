@@ -1,32 +1,29 @@
-"""`tokentape tail`: follow a generation over SSE as a client would, and render its text.
+"""`tokentape tail`: follow a generation with the Python client (`app.client`) and render its text.
 
-It reconnects on its own after a drop with `Last-Event-ID`, so the text it
-prints has no gap and no duplicate. Text goes to stdout; everything about the
-stream (gaps, takeovers, reconnects, the end) goes to stderr, so `tail --raw`
-piped to a file holds exactly the generated text.
+The client resumes after any drop with `Last-Event-ID`, so the text it prints has
+no gap and no duplicate. Text goes to stdout; everything about the stream (gaps,
+takeovers, reconnects, the end) goes to stderr, so `tail --raw` piped to a file
+holds exactly the generated text.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TextIO
 
-import aiohttp
-import msgspec
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.text import Text
 
 from app import events
-from app.errors import Expired, InvalidRequest, NotFound, TokentapeError, Unavailable
-from app.sse import Parser, ReceivedEvent
-
-_gap_decoder = msgspec.json.Decoder(events.Gap)
+from app.client import Client, Entry, Gap
+from app.errors import StreamLost, Unavailable
 
 
 class Renderer(Protocol):
@@ -194,138 +191,79 @@ def events_url(base_url: str, generation_id: str) -> str:
     return f"{base_url.rstrip('/')}/v1/generations/{generation_id}/events"
 
 
-class Follower:
-    """One generation followed to its end over SSE, reconnecting with backoff."""
-
-    def __init__(
-        self,
-        base_url: str,
-        generation_id: str,
-        renderer: Renderer,
-        *,
-        notice: Callable[[str], None],
-        after_seq: int = 0,
-        initial_backoff: float = 0.5,
-        max_backoff: float = 15.0,
-        max_failures: int = 12,
-        idle_timeout: float = 60.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self.url = events_url(base_url, generation_id)
-        self.generation_id = generation_id
-        self.renderer = renderer
-        self.notice = notice
-        self.initial_backoff = initial_backoff
-        self.max_backoff = max_backoff
-        self.max_failures = max_failures
-        # Longer than the server's heartbeat interval: silence this long means a dead connection.
-        self.idle_timeout = idle_timeout
-        self.sleep = sleep
-        self.last_seq = after_seq  # sent as Last-Event-ID: resume after it
-        self._retry_ms: int | None = None
-
-    async def run(self, session: aiohttp.ClientSession | None = None) -> TailResult:
-        if session is None:
-            async with aiohttp.ClientSession() as own:
-                return await self.run(own)
-        failures = connections = 0
-        while True:
-            connections += 1
-            try:
-                outcome = await self._connect(session)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                outcome = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if isinstance(outcome, TailResult):
-                self.renderer.finish()
-                outcome.connections = connections
-                return outcome
-            if outcome == "progress":
-                failures = 0
-                outcome = "the stream ended before the terminal event"
-            failures += 1
-            if failures > self.max_failures:
-                raise Unavailable(
-                    "tail_gave_up",
-                    f"{self.url}: {failures - 1} reconnects failed ({outcome}); resume with "
-                    f"`tokentape tail {self.generation_id} --after {self.last_seq}`",
-                )
-            delay = self._backoff(failures)
-            self.notice(f"↻ {outcome}; reconnecting after seq {self.last_seq} in {delay:.1f} s")
-            await self.sleep(delay)
-
-    def _backoff(self, failures: int) -> float:
-        # The server's `retry:` sets the first delay, as it would for a browser.
-        base = self._retry_ms / 1000 if self._retry_ms is not None else self.initial_backoff
-        return float(min(self.max_backoff, base * 2 ** (failures - 1)))
-
-    async def _connect(self, session: aiohttp.ClientSession) -> TailResult | str:
-        """One connection: a finished TailResult, "progress", or why it ended without any."""
-        headers = {"Accept": "text/event-stream"}
-        if self.last_seq:
-            headers["Last-Event-ID"] = str(self.last_seq)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.idle_timeout)
-        async with session.get(self.url, headers=headers, timeout=timeout) as response:
-            if response.status == 204:
-                return TailResult(self.last_seq, None, 0)
-            if response.status in (400, 404, 410):
-                raise await _client_error(response)
-            content_type = response.headers.get("Content-Type", "")
-            if response.status != 200 or not content_type.startswith("text/event-stream"):
-                return f"HTTP {response.status} {content_type or 'without a content type'}"
-            parser = Parser()
-            progressed = False
-            async for chunk in response.content.iter_any():
-                for message in parser.feed(chunk):
-                    terminal = self._on_message(message)
-                    progressed = True
-                    if terminal is not None:
-                        return TailResult(self.last_seq, terminal, 0)
-                if parser.retry is not None:
-                    self._retry_ms = parser.retry
-            return "progress" if progressed else "the stream ended with no event"
-
-    def _on_message(self, message: ReceivedEvent) -> events.TerminalEvent | None:
-        if message.event == "gap":
-            try:
-                gap = _gap_decoder.decode(message.data)
-            except msgspec.DecodeError:
-                self.notice("⚠ gap: some events were removed by retention")
-                return None
-            self.notice(
-                f"⚠ gap: events {gap.requested}..{gap.first_available - 1} were removed "
-                f"by retention; continuing at {gap.first_available}"
-            )
-            return None
-        seq = int(message.id) if message.id and message.id.isdigit() else None
-        if seq is not None:
-            if seq <= self.last_seq:
-                return None  # already rendered: never print a token twice
-            self.last_seq = seq
+async def follow(
+    client: Client,
+    generation_id: str,
+    renderer: Renderer,
+    *,
+    notice: Callable[[str], None],
+    after_seq: int = 0,
+) -> TailResult:
+    """Render one generation's events after `after_seq` to its end, as `client` reads them
+    (it resumes after every drop); raises `Unavailable` when its reconnects run out."""
+    stream = client.stream(generation_id, after_seq)
+    terminal: events.TerminalEvent | None = None
+    with _client_reports_as(notice):
         try:
-            event = events.decode(message.data)
-        except msgspec.DecodeError:
-            self.notice(f"? skipped an event this tail does not know: {message.event}")
-            return None
-        if isinstance(event, events.Token):
-            self.renderer.text(event.text)
-        elif isinstance(event, events.ToolCall):
-            self.renderer.tool_call(event.name, event.arguments)
-        elif isinstance(event, events.Started) and (event.attempt or 1) > 1:
-            self.notice(f"↻ seq {seq}: a worker took over (attempt {event.attempt})")
-        elif isinstance(event, events.Done | events.Error):
-            return event
-        return None
+            async for batch in stream:
+                for item in batch:
+                    if isinstance(item, Gap):
+                        notice(
+                            f"⚠ gap: events {item.requested}..{item.first_available - 1} were "
+                            f"removed by retention; continuing at {item.first_available}"
+                        )
+                    else:
+                        terminal = _render(item, renderer, notice)
+        except StreamLost as exc:
+            raise Unavailable(
+                "tail_gave_up",
+                f"{client.max_attempts} connections in a row brought nothing new after seq "
+                f"{exc.last_seq}; resume with "
+                f"`tokentape tail {generation_id} --after {exc.last_seq}`",
+            ) from exc
+    renderer.finish()
+    return TailResult(stream.last_seq, terminal, stream.connections)
 
 
-async def _client_error(response: aiohttp.ClientResponse) -> TokentapeError:
+def _render(
+    entry: Entry, renderer: Renderer, notice: Callable[[str], None]
+) -> events.TerminalEvent | None:
+    event = entry.event
+    if isinstance(event, events.Token):
+        renderer.text(event.text)
+    elif isinstance(event, events.ToolCall):
+        renderer.tool_call(event.name, event.arguments)
+    elif isinstance(event, events.Started) and (event.attempt or 1) > 1:
+        notice(f"↻ seq {entry.seq}: a worker took over (attempt {event.attempt})")
+    elif isinstance(event, events.Done | events.Error):
+        return event
+    return None
+
+
+class _Notices(logging.Handler):
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.notice = notice
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notice(f"↻ {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _client_reports_as(notice: Callable[[str], None]) -> Iterator[None]:
+    """The client's reports (a lost connection, the wait before the next try) as notices,
+    with the rendered text and instead of log lines, which would cut through it."""
+    client_logger = logging.getLogger(Client.__module__)
+    handler = _Notices(notice)
+    saved = client_logger.level, client_logger.propagate
+    client_logger.addHandler(handler)
+    client_logger.setLevel(logging.INFO)
+    client_logger.propagate = False
     try:
-        body = await response.json(content_type=None)
-        error = body["error"]
-        code, message = str(error["code"]), str(error.get("message", ""))
-    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
-        code, message = f"http_{response.status}", await response.text()
-    kind = {404: NotFound, 410: Expired}.get(response.status, InvalidRequest)
-    return kind(code, message)
+        yield
+    finally:
+        client_logger.removeHandler(handler)
+        client_logger.level, client_logger.propagate = saved
 
 
 def describe_end(result: TailResult) -> str:

@@ -1,4 +1,5 @@
-"""tail: follows over real HTTP SSE, survives a reader restart, prints the text exactly once."""
+"""tail: follows with app.client over real HTTP SSE, survives a reader restart, prints the
+text exactly once, and renders complete lines of markdown."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 from redis.asyncio import Redis
 
 from app import events
-from app.errors import NotFound
+from app.client import Client
+from app.errors import NotFound, Unavailable
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog
-from app.tools.tail import Follower, MarkdownRenderer, RawRenderer
+from app.tools.tail import MarkdownRenderer, RawRenderer, follow
 from tests.tools.builders import REQUEST, tokens, write_generation
 from tests.tools.reader_server import ReaderServer
 from tests.tools.screen import as_text, plain_console, printed
@@ -45,17 +47,29 @@ class Capture(io.StringIO):
         await event.wait()
 
 
+# A reconnecting client waits this long at first (the server's `retry:`).
+RETRY_MILLISECONDS = 50
+
+
 @pytest.fixture
-async def stub(log: GenerationLog) -> AsyncIterator[ReaderServer]:
-    server = ReaderServer(log)
+async def stub(redis: Redis, settings: Settings) -> AsyncIterator[ReaderServer]:
+    server = ReaderServer(
+        GenerationLog(redis, settings.replace(retry_milliseconds=RETRY_MILLISECONDS))
+    )
     await server.start()
     yield server
     if server.running:
         await server.stop()
 
 
+@pytest.fixture
+async def client(stub: ReaderServer) -> AsyncIterator[Client]:
+    async with Client(stub.url) as client:
+        yield client
+
+
 async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
-    log: GenerationLog, settings: Settings, stub: ReaderServer
+    log: GenerationLog, stub: ReaderServer, client: Client
 ) -> None:
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST)
@@ -63,18 +77,10 @@ async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
     assert lease is not None
     first_seq = await log.append(lease, 1, [events.Started(), *tokens(FIRST_HALF)])
 
-    out, notices, delays = Capture(), list[str](), list[float]()
-    reader_up = asyncio.Event()
-
-    async def wait_for_the_reader(delay: float) -> None:
-        # The backoff wait: it ends when the test has restarted the reader.
-        delays.append(delay)
-        await reader_up.wait()
-
-    follower = Follower(
-        stub.url, generation_id, RawRenderer(out), notice=notices.append, sleep=wait_for_the_reader
+    out, notices = Capture(), list[str]()
+    tail = asyncio.create_task(
+        follow(client, generation_id, RawRenderer(out), notice=notices.append)
     )
-    tail = asyncio.create_task(follower.run())
     await out.reached(FIRST_HALF)
 
     await stub.stop()  # the reader process dies mid-stream
@@ -82,26 +88,26 @@ async def test_tail_survives_a_reader_restart_and_prints_the_text_once(
         lease, first_seq + 1, [*tokens(SECOND_HALF), events.Done(reason="stop")]
     )
     await stub.start()
-    reader_up.set()
 
     result = await asyncio.wait_for(tail, 10)
     assert out.getvalue() == FIRST_HALF + SECOND_HALF
     assert result.last_seq == last
     assert isinstance(result.terminal, events.Done)
     assert stub.last_event_ids[:2] == [None, str(first_seq)]
-    assert delays[0] == settings.retry_milliseconds / 1000  # the server's `retry:`
-    assert any(f"reconnecting after seq {first_seq}" in n for n in notices)
+    assert result.connections >= 2
+    # The client's report of the drop is a notice, beside the text.
+    assert any(f"after seq {first_seq}" in n and n.startswith("↻") for n in notices)
 
 
-async def test_tail_follows_live_appends(log: GenerationLog, stub: ReaderServer) -> None:
+async def test_tail_follows_live_appends(
+    log: GenerationLog, stub: ReaderServer, client: Client
+) -> None:
     generation_id = new_generation_id()
     await log.create(generation_id, REQUEST)
     lease = await log.acquire(generation_id, "worker-test")
     assert lease is not None
     out = Capture()
-    tail = asyncio.create_task(
-        Follower(stub.url, generation_id, RawRenderer(out), notice=print).run()
-    )
+    tail = asyncio.create_task(follow(client, generation_id, RawRenderer(out), notice=print))
     seq = 0
     for word in ["one ", "two ", "three"]:
         seq = await log.append(lease, seq + 1, [events.Token(text=word)])
@@ -115,7 +121,7 @@ async def test_tail_follows_live_appends(log: GenerationLog, stub: ReaderServer)
 
 
 async def test_tail_after_a_seq_prints_only_what_follows_it(
-    log: GenerationLog, stub: ReaderServer
+    log: GenerationLog, client: Client
 ) -> None:
     generation_id = await write_generation(
         log,
@@ -126,15 +132,13 @@ async def test_tail_after_a_seq_prints_only_what_follows_it(
         ],
     )
     out = Capture()
-    result = await Follower(
-        stub.url, generation_id, RawRenderer(out), notice=print, after_seq=1
-    ).run()
+    result = await follow(client, generation_id, RawRenderer(out), notice=print, after_seq=1)
     assert out.getvalue() == "not yet"
     assert result.last_seq == 3
 
 
 async def test_tail_reports_a_retention_gap(
-    log: GenerationLog, redis: Redis, stub: ReaderServer
+    log: GenerationLog, redis: Redis, client: Client
 ) -> None:
     generation_id = await write_generation(
         log,
@@ -142,51 +146,56 @@ async def test_tail_reports_a_retention_gap(
     )
     await redis.xdel(log.keys.log(generation_id), "1-0")  # what the length cap does
     out, notices = Capture(), list[str]()
-    await Follower(stub.url, generation_id, RawRenderer(out), notice=notices.append).run()
+    await follow(client, generation_id, RawRenderer(out), notice=notices.append)
     assert out.getvalue() == "kept"
     assert notices == ["⚠ gap: events 1..1 were removed by retention; continuing at 2"]
 
 
+async def test_tail_reports_a_takeover(log: GenerationLog, client: Client) -> None:
+    generation_id = await write_generation(
+        log,
+        [
+            [events.Started(attempt=1), events.Token(text="a")],
+            [events.Started(attempt=2), events.Token(text="b"), events.Done(reason="stop")],
+        ],
+    )
+    out, notices = Capture(), list[str]()
+    await follow(client, generation_id, RawRenderer(out), notice=notices.append)
+    assert out.getvalue() == "ab"
+    assert notices == ["↻ seq 3: a worker took over (attempt 2)"]
+
+
 async def test_tail_stops_on_204_and_refuses_an_unknown_id(
-    log: GenerationLog, stub: ReaderServer
+    log: GenerationLog, client: Client
 ) -> None:
     generation_id = await write_generation(log, [[events.Done(reason="stop")]])
-    follower = Follower(
-        stub.url,
-        generation_id,
-        RawRenderer(io.StringIO()),
-        notice=print,
-        after_seq=1,  # a resumed tail, already past the terminal event
+    # A resumed tail, already past the terminal event.
+    result = await follow(
+        client, generation_id, RawRenderer(io.StringIO()), notice=print, after_seq=1
     )
-    result = await follower.run()
     assert (result.terminal, result.connections) == (None, 1)
 
     with pytest.raises(NotFound):
-        await Follower(
-            stub.url, new_generation_id(), RawRenderer(io.StringIO()), notice=print
-        ).run()
+        await follow(client, new_generation_id(), RawRenderer(io.StringIO()), notice=print)
 
 
-async def test_tail_gives_up_after_bounded_backoff() -> None:
-    delays: list[float] = []
-
-    async def no_wait(delay: float) -> None:
-        delays.append(delay)
-
-    follower = Follower(
+async def test_tail_gives_up_after_bounded_reconnects_and_says_how_to_resume() -> None:
+    generation_id, notices = new_generation_id(), list[str]()
+    async with Client(
         "http://127.0.0.1:9",  # discard port: connection refused
-        new_generation_id(),
-        RawRenderer(io.StringIO()),
-        notice=lambda _: None,
-        initial_backoff=1.0,
-        max_backoff=8.0,
-        max_failures=6,
-        sleep=no_wait,
-    )
-    with pytest.raises(Exception, match="tail_gave_up") as gave_up:
-        await follower.run()
-    assert f"tokentape tail {follower.generation_id} --after 0" in str(gave_up.value)
-    assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+        max_attempts=4,
+        initial_backoff=0.01,
+        max_backoff=0.02,
+    ) as client:
+        with pytest.raises(Unavailable) as gave_up:
+            await follow(client, generation_id, RawRenderer(io.StringIO()), notice=notices.append)
+    assert gave_up.value.code == "tail_gave_up"
+    assert f"`tokentape tail {generation_id} --after 0`" in gave_up.value.message
+    # A notice for each wait between the tries, as the client reports it.
+    assert [n.partition("; ")[2] for n in notices] == [
+        f"reconnecting after seq 0 in 0.0 s (attempt {attempt} of 4)" for attempt in (2, 3, 4)
+    ]
+    assert all("Cannot connect to host 127.0.0.1:9" in n for n in notices)
 
 
 def test_markdown_renders_complete_lines_and_shows_the_unfinished_one_as_is() -> None:
