@@ -23,12 +23,12 @@ from app.durable_streams.errors import StreamDeleted, StreamError
 from app.durable_streams.notifier import StreamNotifier, Watch
 from app.durable_streams.protocol import Position
 from app.durable_streams.sources import GenerationStream, Source, StoredStream
-from app.durable_streams.store import Fork, Page, StreamConfig, StreamStore
 from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.keys import check_generation_id
 from app.settings import Settings
+from app.store.streams import Fork, Page, StreamConfig, StreamStore
 
 logger = logging.getLogger(__name__)
 
