@@ -2,7 +2,8 @@
 
 `protocol` parses and formats what the wire carries (offsets, headers, JSON mode,
 SSE events), `errors` are its refusals with the headers a client acts on, `sources`
-reads stored streams and generations alike, `notifier` wakes readers waiting for the
-next append. Streams are kept by the store (`app.store.streams`); the routes are in
-`app.http.durable_streams`. docs/durable-streams.md says what is supported.
+reads stored streams and generations alike. Streams are kept by the store
+(`app.store.streams`); the hub's `StreamNotifier` wakes the requests waiting for the
+next append; the routes are in `app.http.durable_streams`. docs/durable-streams.md
+says what is supported.
 """
