@@ -10,9 +10,9 @@ from typing import Protocol
 
 from app.durable_streams import protocol
 from app.durable_streams.protocol import Position
-from app.durable_streams.store import PAGE_ENTRIES, Page, StreamStore
 from app.errors import Expired, InvalidRequest, NotFound
 from app.store import GenerationLog
+from app.store.streams import PAGE_ENTRIES, Page, StreamStore
 
 
 class Source(Protocol):

@@ -40,7 +40,7 @@ def create_app(
     app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
-    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
+    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis, app[HUB]))
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()

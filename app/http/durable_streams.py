@@ -20,15 +20,15 @@ from redis.exceptions import RedisError
 from app import sse
 from app.durable_streams import protocol
 from app.durable_streams.errors import StreamDeleted, StreamError
-from app.durable_streams.notifier import StreamNotifier, Watch
 from app.durable_streams.protocol import Position
 from app.durable_streams.sources import GenerationStream, Source, StoredStream
-from app.durable_streams.store import Fork, Page, StreamConfig, StreamStore
 from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http.errors import Handler
 from app.http.state import LOG
+from app.hub import Hub, StreamNotifier, Watch
 from app.keys import check_generation_id
 from app.settings import Settings
+from app.store.streams import Fork, Page, StreamConfig, StreamStore
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,13 @@ SSE_HEADERS = {
 }
 
 
-def create_app(settings: Settings, redis: Redis) -> web.Application:
-    """The sub-application to mount at PREFIX; `redis` is owned by the caller."""
+def create_app(settings: Settings, redis: Redis, hub: Hub) -> web.Application:
+    """The sub-application to mount at PREFIX; `redis` and `hub` are owned by the caller
+    (the hub's pub/sub connection wakes the requests that wait for a write)."""
     app = web.Application(middlewares=[_refusals])
     app[SETTINGS] = settings
     app[STORE] = StreamStore(redis, settings)
-    app[NOTIFIER] = StreamNotifier(redis)
+    app[NOTIFIER] = StreamNotifier(hub)
     app.router.add_get("/{name:.+}", read_stream, allow_head=False)
     app.router.add_head("/{name:.+}", stream_metadata)
     app.router.add_put("/{name:.+}", create_stream)
@@ -91,7 +92,7 @@ def create_app(settings: Settings, redis: Redis) -> web.Application:
     app.on_response_prepare.append(_browser_headers)
 
     async def stop_notifier(app: web.Application) -> None:
-        await app[NOTIFIER].stop()
+        app[NOTIFIER].stop()
 
     app.on_shutdown.append(stop_notifier)
     return app

@@ -22,9 +22,13 @@ Each live event is framed once, straight from the published message
 (`app.sse.live_frames`), and its bytes are shared by every subscription that
 receives it; catch-up pages are framed straight from the XRANGE reply
 (`app.sse.event_frames`).
+
+The same connection wakes the requests that wait for a Durable Stream's next write
+(`notifier`): they watch its channel, and any message on it means "read again".
 """
 
 from app.hub.fanout import Feed, Hub
+from app.hub.notifier import StreamNotifier, Watch
 from app.hub.subscription import Subscription
 
-__all__ = ["Feed", "Hub", "Subscription"]
+__all__ = ["Feed", "Hub", "StreamNotifier", "Subscription", "Watch"]

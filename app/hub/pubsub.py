@@ -6,10 +6,14 @@ opened here, to the server a redis-py client points at (address, TLS, credential
 and client name read from the client's settings), and speaks RESP through hiredis:
 commands packed with `pack_command`, replies parsed many to a read.
 
-It keeps the channel of every listener subscribed across reconnects. A channel
-that is always subscribed (the anchor) is listed last when (re)connecting: its
-confirmation says every channel before it is subscribed again, and every listener
-is told it may have missed messages.
+Besides its listener, whose messages are parsed, a channel may have a watcher, which
+takes them as published: a channel whose messages only say that something changed (a
+Durable Stream's, or a generation's read through that protocol) shares the socket.
+
+It keeps the channel of every listener and watcher subscribed across reconnects. A
+channel that is always subscribed (the anchor) is listed last when (re)connecting:
+its confirmation says every channel before it is subscribed again, and every
+listener and watcher is told it may have missed messages.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ class PubSubConnection(Generic[Message]):
         self._subscribes_acked: collections.Counter[bytes] = collections.Counter()
         # Which SUBSCRIBE of its channel confirms a listener.
         self._confirmed_by: dict[bytes, int] = {}
+        self._watchers: dict[bytes, Listener[bytes]] = {}
+        self._watch_confirmed_by: dict[bytes, int] = {}  # and a watcher
         self._failures = 0
         self._closing = False
 
@@ -140,6 +146,29 @@ class PubSubConnection(Generic[Message]):
         del self._listeners[channel]
         del self._confirmed_by[channel]
         self._forget(channel)
+        self._unsubscribe_unheard(channel)
+
+    def watch(self, channel: bytes, watcher: Listener[bytes]) -> None:
+        """Hand `channel`'s messages to `watcher` as published, beside the channel's
+        listener if it has one; `watcher` hears when that is confirmed."""
+        self._watchers[channel] = watcher
+        self._watch_confirmed_by[channel] = 0
+        writer = self._command_writer()
+        if writer is not None:
+            self._subscribes_sent[channel] += 1
+            self._watch_confirmed_by[channel] = self._subscribes_sent[channel]
+            writer.write(_pack(b"SUBSCRIBE", channel))
+
+    def unwatch(self, channel: bytes) -> None:
+        del self._watchers[channel]
+        del self._watch_confirmed_by[channel]
+        self._forget(channel)
+        self._unsubscribe_unheard(channel)
+
+    def _unsubscribe_unheard(self, channel: bytes) -> None:
+        """UNSUBSCRIBE `channel` once neither a listener nor a watcher has it."""
+        if channel in self._listeners or channel in self._watchers:
+            return
         writer = self._command_writer()
         if writer is not None:
             writer.write(_pack(b"UNSUBSCRIBE", channel))
@@ -158,8 +187,10 @@ class PubSubConnection(Generic[Message]):
 
     def _forget(self, channel: bytes) -> None:
         """Drop a channel's counts once nobody listens and no SUBSCRIBE of it is in flight."""
-        if channel not in self._listeners and (
-            self._subscribes_acked[channel] >= self._subscribes_sent[channel]
+        if (
+            channel not in self._listeners
+            and channel not in self._watchers
+            and self._subscribes_acked[channel] >= self._subscribes_sent[channel]
         ):
             self._subscribes_sent.pop(channel, None)
             self._subscribes_acked.pop(channel, None)
@@ -214,11 +245,13 @@ class PubSubConnection(Generic[Message]):
         self._replies = replies
         self._subscribes_sent.clear()
         self._subscribes_acked.clear()
-        channels = [*self._listeners, self._anchor]
+        channels = [*dict.fromkeys([*self._listeners, *self._watchers]), self._anchor]
         for channel in channels:
             self._subscribes_sent[channel] = 1
         for channel in self._listeners:
             self._confirmed_by[channel] = 1
+        for channel in self._watchers:
+            self._watch_confirmed_by[channel] = 1
         writer.write(_pack(b"SUBSCRIBE", *channels))
         self._subscribed = True
         return stream
@@ -262,6 +295,7 @@ class PubSubConnection(Generic[Message]):
         replies = self._replies
         replies.feed(data)
         listeners = self._listeners
+        watchers = self._watchers
         parse = self._parse
         malformed: list[ValueError] = []
         try:
@@ -272,6 +306,9 @@ class PubSubConnection(Generic[Message]):
                     continue
                 kind = reply[0]
                 if kind == b"message":
+                    # Mostly empty: a lookup only when something watches.
+                    if watchers and (watcher := watchers.get(reply[1])) is not None:
+                        watcher.dispatch(reply[2], now)
                     listener = listeners.get(reply[1])
                     if listener is not None:
                         try:
@@ -299,8 +336,14 @@ class PubSubConnection(Generic[Message]):
             # none was must be looked for elsewhere.
             for each in list(self._listeners.values()):
                 each.missed()
+            for watching in list(self._watchers.values()):
+                watching.missed()
+        acked = self._subscribes_acked[channel]
         listener = self._listeners.get(channel)
-        if listener is None:
+        watcher = self._watchers.get(channel)
+        if listener is None and watcher is None:
             self._forget(channel)
-        elif self._subscribes_acked[channel] >= self._confirmed_by[channel]:
+        if listener is not None and acked >= self._confirmed_by[channel]:
             listener.subscribed()
+        if watcher is not None and acked >= self._watch_confirmed_by[channel]:
+            watcher.subscribed()

@@ -1,4 +1,5 @@
-"""The store: every generation's log, lease and job on Redis, and the only code that talks to it.
+"""The store: generation logs, leases and jobs, and Durable Streams, on Redis; the only
+code that talks to it.
 
 - `log`: `GenerationLog`, the API the HTTP face, the hub, the workers and the
   tools call (create, append, read, lease, cancel).
@@ -7,6 +8,8 @@
 - `jobs`: the job queue workers consume; `cancels`: the cancel requests they hear.
 - `retention`: TTLs, closing abandoned generations, trimming the job queue.
 - `state`: what the store hands out (`GenerationState`, `Lease`, raw entries).
+- `streams` and `stream_scripts`: the Durable Streams (`StreamStore`), kept beside
+  generations under a hash tag of their own.
 """
 
 from app.store.cancels import CancelRequests
@@ -15,6 +18,7 @@ from app.store.log import GenerationLog
 from app.store.retention import Retention, Ttls
 from app.store.scripts import UnexpectedReply
 from app.store.state import GenerationState, Lease, RawEntry, now_ms
+from app.store.streams import StreamStore
 
 __all__ = [
     "CancelRequests",
@@ -26,6 +30,7 @@ __all__ = [
     "Lease",
     "RawEntry",
     "Retention",
+    "StreamStore",
     "Ttls",
     "UnexpectedReply",
     "now_ms",

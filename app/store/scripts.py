@@ -35,6 +35,25 @@ class Reply(enum.Enum):
     UNKNOWN = b"unknown"  # no such generation (never created, or expired)
     ACTIVE = b"active"  # a conditional close found the generation active
     HELD = b"held"  # another worker holds the lease
+    # Durable Streams' scripts (`app.store.stream_scripts`)
+    CREATED = b"created"
+    EXISTS = b"exists"  # with the configuration asked for
+    CONFLICT = b"conflict"  # exists with another configuration
+    MISSING = b"missing"  # no such stream (never created, or expired)
+    DELETED = b"deleted"  # deleted, its name held by forks that live (a tombstone)
+    TOMBSTONE = b"tombstone"  # a delete left a tombstone
+    REMOVED = b"removed"  # a delete removed every key
+    KEPT = b"kept"  # not a tombstone free to collect
+    CLOSED = b"closed"  # nothing can be appended
+    CLOSED_AGAIN = b"closed_again"  # a repeated close
+    CLOSED_DUPLICATE = b"closed_duplicate"  # a retry of the producer request that closed it
+    CONTENT_TYPE_MISMATCH = b"content_type_mismatch"
+    STALE_EPOCH = b"stale_epoch"  # a newer epoch of the producer has written
+    EPOCH_SEQ = b"epoch_seq"  # a producer's new epoch does not start at seq 0
+    SEQ_GAP = b"seq_gap"  # a producer skipped a seq
+    STREAM_SEQ_REGRESSION = b"stream_seq_regression"  # Stream-Seq does not sort after the last
+    BEYOND = b"beyond"  # an offset past the tail
+    TRIMMED = b"trimmed"  # the length cap trimmed entries after the offset
 
 
 class UnexpectedReply(RuntimeError):

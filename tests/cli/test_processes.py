@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from app import events
 from app.generations import parse_request
-from app.keys import new_generation_id
+from app.keys import Keys, new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog
 from tests.conftest import REDIS_URL, free_port
@@ -128,6 +128,60 @@ async def test_reader_redis_connections_stay_flat_as_streams_grow(
     assert 1 <= with_few <= with_many <= Settings().reader_redis_connections < len(many)
     for response in few + many:
         response.close()
+
+
+async def test_long_polled_durable_streams_share_the_hubs_connection(
+    start_serve: object, redis: Redis, settings: Settings, session: aiohttp.ClientSession
+) -> None:
+    service = start_serve()  # type: ignore[operator]
+    pid = service.process.pid
+    names = [f"chat/{i}" for i in range(40)]
+    text = {"Content-Type": "text/plain"}
+    for name in names:
+        async with session.put(f"{service.url}/v1/stream/{name}", headers=text) as created:
+            assert created.status == 201
+    generation_ids = []
+    for _ in range(5):
+        generation_id = new_generation_id()
+        await GenerationLog(redis, settings).create(generation_id, REQUEST)
+        generation_ids.append(generation_id)
+    generations = await open_streams(session, service.url, generation_ids)
+
+    async def long_poll(name: str) -> bytes:
+        params = {"offset": "now", "live": "long-poll"}
+        async with session.get(f"{service.url}/v1/stream/{name}", params=params) as response:
+            assert response.status == 200
+            return await response.read()
+
+    polls = [asyncio.create_task(long_poll(name)) for name in names]
+    try:
+        keys = Keys(settings.key_prefix)
+        async with asyncio.timeout(10):
+            # Until every stream's channel is subscribed: each long-poll waits on it then.
+            while any([await _subscribers(redis, keys.stream_channel(n)) == 0 for n in names]):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        clients = [
+            client
+            for client in await redis.client_list()
+            if client.get("name", "") == f"tokentape-reader-{pid}"
+        ]
+        # The hub's pub/sub connection carries the streams' channels beside the generations'.
+        assert [client["flags"] for client in clients].count("P") == 1
+        assert len(clients) <= Settings().reader_redis_connections
+        for name in names:
+            async with session.post(f"{service.url}/v1/stream/{name}", headers=text, data=name):
+                pass
+        assert await asyncio.gather(*polls) == [name.encode() for name in names]
+    finally:
+        for poll in polls:
+            poll.cancel()
+    for response in generations:
+        response.close()
+
+
+async def _subscribers(redis: Redis, channel: str) -> int:
+    reply = await redis.pubsub_numsub(channel)
+    return int(reply[0][1])
 
 
 async def _read_until(response: aiohttp.ClientResponse, marker: bytes) -> bytes:

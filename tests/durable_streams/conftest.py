@@ -1,4 +1,4 @@
-"""A stream store and the service on the real Redis, under the test's own key prefix."""
+"""The service on the real Redis, under the test's own key prefix."""
 
 from __future__ import annotations
 
@@ -8,15 +8,9 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.durable_streams.store import StreamStore
 from app.http import create_app, durable_streams
 from app.http.durable_streams import NOTIFIER
 from app.settings import Settings
-
-
-@pytest.fixture
-def store(redis: Redis, settings: Settings) -> StreamStore:
-    return StreamStore(redis, settings)
 
 
 @pytest.fixture

@@ -93,6 +93,51 @@ def test_replies_split_anywhere_reach_their_listeners_whole_and_in_order(
         assert listener.misses == 0
 
 
+class Watching:
+    """A watcher that keeps what the connection tells it."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.confirmations = 0
+        self.misses = 0
+
+    def dispatch(self, message: bytes, now: float) -> None:
+        self.messages.append(message)
+
+    def subscribed(self) -> None:
+        self.confirmations += 1
+
+    def missed(self) -> None:
+        self.misses += 1
+
+
+def test_a_watcher_takes_its_channels_messages_as_published_beside_the_listener() -> None:
+    connection = PubSubConnection(Endpoint(), b"anchor", sse.live_frames)
+    listener, beside, alone = Recorder(), Watching(), Watching()
+    connection.subscribe(b"live:1", listener)
+    connection.watch(b"live:1", beside)
+    connection.watch(b"stream:1", alone)
+    batch = b'1\n1700000000000\ntoken\n{"type":"token","text":"1"}'
+    connection.received(
+        _resp(b"subscribe", b"live:1", 1)
+        + _resp(b"subscribe", b"stream:1", 2)
+        + _resp(b"message", b"live:1", batch)
+        + _resp(b"message", b"stream:1", b"7")
+        + _resp(b"message", b"live:1", b"not a live message"),
+        0.0,
+    )
+    assert [len(message) for message in listener.messages] == [1]
+    assert listener.misses == 1  # the malformed one: its watcher hears it all the same
+    assert beside.messages == [batch, b"not a live message"]
+    assert alone.messages == [b"7"]
+    assert (listener.confirmations, beside.confirmations, alone.confirmations) == (1, 1, 1)
+    connection.received(_resp(b"subscribe", b"anchor", 3), 0.0)  # (re)connected
+    assert (listener.misses, beside.misses, alone.misses) == (2, 1, 1)
+    connection.unsubscribe(b"live:1")
+    connection.received(_resp(b"message", b"live:1", batch), 0.0)
+    assert beside.messages[-1] == batch  # the channel stays for its watcher
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [

@@ -13,12 +13,26 @@ from app.errors import SeqConflict
 from app.generations import TERMINAL_STATUSES, Status
 from app.store import GenerationLog, UnexpectedReply
 from app.store.scripts import ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW, Script, prelude
+from app.store.stream_scripts import (
+    STREAM_ADD_FORK,
+    STREAM_APPEND,
+    STREAM_CREATE,
+    STREAM_DELETE,
+    STREAM_READ,
+)
 from tests.conftest import leased_generation
 
 SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
+STREAM_SCRIPTS: list[Script[Any, Any]] = [
+    STREAM_ADD_FORK,
+    STREAM_APPEND,
+    STREAM_CREATE,
+    STREAM_DELETE,
+    STREAM_READ,
+]
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.name)
+@pytest.mark.parametrize("script", SCRIPTS + STREAM_SCRIPTS, ids=lambda script: script.name)
 def test_a_script_reads_its_keys_and_arguments_by_name(script: Script[Any, Any]) -> None:
     body = resources.files("app.store").joinpath("lua", f"{script.name}.lua").read_text()
     assert "KEYS[" not in body

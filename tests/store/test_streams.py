@@ -1,12 +1,15 @@
 """The Durable Streams store on a real Redis: what the protocol's HTTP tests cannot see.
 
 Producer and closure refusals in their precedence, byte-wise Stream-Seq order,
-retention (length cap, TTLs), snapshots, and fork tombstones with their collection.
+retention (length cap, TTLs), snapshots, fork tombstones with their collection, and
+the transport every call goes through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -19,12 +22,20 @@ from app.durable_streams.errors import (
     StreamDeleted,
 )
 from app.durable_streams.protocol import Position, Producer
-from app.durable_streams.store import Fork, StreamConfig, StreamStore
 from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.settings import Settings
+from app.store import UnexpectedReply
+from app.store.streams import Fork, StreamConfig, StreamStore
+from app.store.transport import Pipeline
+from tests.store.conftest import count_round_trips
 
 TEXT = StreamConfig(content_type="text/plain")
 START = Position(start=True)
+
+
+@pytest.fixture
+def store(redis: Redis, settings: Settings) -> StreamStore:
+    return StreamStore(redis, settings)
 
 
 async def append(store: StreamStore, name: str, data: bytes, **options: object) -> int:
@@ -198,3 +209,33 @@ async def test_a_fork_that_expired_frees_its_source_when_the_source_is_next_look
     assert await store.collect("src")
     with pytest.raises(NotFound):
         await store.metadata("src")
+
+
+async def test_calls_of_one_tick_share_a_round_trip(
+    store: StreamStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a", "b"):
+        await store.create(name, TEXT, [b"x"])
+    round_trips = count_round_trips(monkeypatch, redis)
+    first, second, tail = await asyncio.gather(
+        store.read("a", START),
+        store.read("b", START),
+        store.metadata("a"),
+    )
+    assert (first.entries, second.entries, tail.tail_seq) == ([b"x"], [b"x"], 1)
+    assert len(round_trips) == 1
+
+
+async def test_an_unknown_reply_code_raises_instead_of_passing_for_another(
+    store: StreamStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.create("s", TEXT, [])
+
+    async def answering_a_new_code(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        return [b"no_such_code", b"1"]
+
+    monkeypatch.setattr(Pipeline, "run_script", answering_a_new_code)
+    with pytest.raises(UnexpectedReply, match=r"stream_append\.lua answered b'no_such_code'"):
+        await store.append("s", content_type="text/plain", data=b"x")
+    with pytest.raises(UnexpectedReply, match=r"stream_read\.lua answered b'no_such_code'"):
+        await store.read("s", START)

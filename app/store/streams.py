@@ -1,9 +1,10 @@
 """Durable Streams kept in Redis: create, append, close, read, delete and fork.
 
 Every key of a stream carries its hash tag (`app.keys.Keys.stream_keys`) and every
-atomic write is one Lua script in `app/durable_streams/lua/` over those keys. An entry of the
-log is one append, with id `<seq>-0`; a JSON-mode entry holds the messages of its
-append, comma-separated, so a read frames them as one array without parsing them.
+atomic write is one Lua script (`app.store.stream_scripts`) over those keys, sent
+through the store's transport like every other command. An entry of the log is one
+append, with id `<seq>-0`; a JSON-mode entry holds the messages of its append,
+comma-separated, so a read frames them as one array without parsing them.
 
 Retention: every stream has a length cap (`max_entries_per_stream`, approximate
 trimming) and a lifetime: its own TTL (sliding on reads and writes) or expiry, else
@@ -18,10 +19,10 @@ noticed the next time its source's tombstone is looked at.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
@@ -37,16 +38,28 @@ from app.durable_streams.protocol import Position, Producer
 from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.keys import Keys
 from app.settings import Settings
+from app.store.scripts import Reply, UnexpectedReply
+from app.store.stream_scripts import (
+    STREAM_ADD_FORK,
+    STREAM_APPEND,
+    STREAM_CREATE,
+    STREAM_DELETE,
+    STREAM_READ,
+    AddForkArgs,
+    AppendStreamArgs,
+    CreateStreamArgs,
+    DeleteStreamArgs,
+    ForkKeys,
+    ReadStreamArgs,
+    StreamKeys,
+)
+from app.store.transport import Pipeline
 
 # One read returns at most this much: a client pages on with Stream-Next-Offset.
 PAGE_ENTRIES = 1000
 PAGE_BYTES = 1 << 20
 # Forking reads everything the fork inherits in one go (bounded by the length cap).
 _UNBOUNDED = 1 << 62
-
-
-def _script(name: str) -> str:
-    return resources.files("app.durable_streams").joinpath("lua", f"{name}.lua").read_text()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,35 +119,39 @@ class Appended:
 
 
 class StreamStore:
-    """All reads and writes of Durable Streams go through here."""
+    """All reads and writes of Durable Streams go through here.
+
+    Built on a Redis client its caller owns; nothing outside `app.store` sends
+    commands on that client.
+    """
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.redis = redis
         self.keys = Keys(settings.key_prefix)
+        # One batch out at a time, as the log's plain commands: a reader's requests
+        # share its few connections.
+        self._commands = Pipeline(redis, in_flight=1)
         self._retention_ms = str(int(settings.stream_retention_seconds * 1000))
         self._maxlen = str(settings.max_entries_per_stream)
-        self._create = redis.register_script(_script("create"))
-        self._append = redis.register_script(_script("append"))
-        self._read = redis.register_script(_script("read"))
-        self._delete = redis.register_script(_script("delete"))
-        self._add_fork = redis.register_script(_script("add_fork"))
 
     def channel(self, name: str) -> str:
         return self.keys.stream_channel(name)
+
+    def _keys(self, name: str) -> StreamKeys:
+        return StreamKeys(*self.keys.stream_keys(name))
 
     # -- create -------------------------------------------------------------
 
     async def create(self, name: str, config: StreamConfig, body: Sequence[bytes]) -> Created:
         """Create the stream with `body` as its first entries (none when empty), or
         confirm an existing one of the same configuration. Raises Conflict otherwise."""
-        keys = self.keys.stream_keys(name)
+        keys = self._keys(name)
         content_type, ttl, expires_ms = config.content_type, config.ttl_seconds, config.expires_ms
-        fork_args = ["", "", "", "0"]
+        fork_of, fork_offset, fork_sub = "", "", "0"
+        fork_seq: int | None = None
         inherited: list[tuple[int, bytes]] = []
         fork = config.fork
         if fork is not None:
-            fork_seq: int | None = None
-            existing = await self.redis.hget(keys[0], "content_type")
+            existing = await self._commands.run(b"HGET", keys.meta, "content_type")
             if existing is None:
                 content_type, ttl, expires_ms, fork_seq, inherited = await self._inherit(
                     config, fork
@@ -142,51 +159,56 @@ class StreamStore:
             else:
                 # A repeated PUT: compared by the script, nothing is copied. Without a
                 # Content-Type a fork has its source's, so the existing one.
-                content_type = content_type or (
-                    existing.decode() if isinstance(existing, bytes) else existing
-                )
+                content_type = content_type or existing.decode()
                 if fork.offset is not None and not fork.offset.now:
                     fork_seq = fork.offset.seq
-            fork_args = [
-                fork.source,
-                "" if fork_seq is None else str(fork_seq),
-                "1" if fork.offset is not None and not fork.offset.now else "",
-                str(fork.sub_offset),
-            ]
-        first_seq = max([seq for seq, _ in inherited] + [int(fork_args[1] or 0)]) + 1
+            fork_of = fork.source
+            fork_offset = "1" if fork.offset is not None and not fork.offset.now else ""
+            fork_sub = str(fork.sub_offset)
+        first_seq = max([seq for seq, _ in inherited] + [fork_seq or 0]) + 1
         entries = inherited + [(first_seq + i, data) for i, data in enumerate(body)]
-        reply = await self._create(
-            keys=keys,
-            args=[
-                content_type,
-                "" if ttl is None else str(ttl),
-                "" if expires_ms is None else str(expires_ms),
-                "1" if config.closed else "",
-                *fork_args,
-                self._retention_ms,
-                self._maxlen,
-                secrets.token_urlsafe(9),
-                len(entries),
-                *(part for seq, data in entries for part in (str(seq), data)),
-            ],
+        reply = await self._commands.run_script(
+            STREAM_CREATE,
+            keys,
+            CreateStreamArgs(
+                content_type=content_type,
+                ttl_seconds="" if ttl is None else str(ttl),
+                expires_ms="" if expires_ms is None else str(expires_ms),
+                closed="1" if config.closed else "",
+                fork_of=fork_of,
+                fork_seq="" if fork_seq is None else str(fork_seq),
+                fork_offset=fork_offset,
+                fork_sub=fork_sub,
+                retention_ms=self._retention_ms,
+                maxlen=self._maxlen,
+                stream_id=secrets.token_urlsafe(9),
+            ),
+            [part for seq, data in entries for part in (str(seq), data)],
         )
-        code = reply[0].decode()
-        if code == "deleted":
+        code = STREAM_CREATE.reply(reply[0])
+        if code is Reply.DELETED:
             raise Conflict(
                 "stream_deleted",
                 f"stream {name} was deleted but forks still hold it: its name is not free yet",
             )
-        if code == "conflict":
+        if code is Reply.CONFLICT:
             raise Conflict(
                 "stream_exists",
                 f"stream {name} exists with another configuration (content type, TTL or "
                 "expiry, closure, fork)",
             )
-        if code == "created" and fork is not None:
-            source_keys = self.keys.stream_keys(fork.source)
-            await self._add_fork(keys=[source_keys[0], source_keys[3]], args=[name])
+        if code is Reply.CREATED and fork is not None:
+            source = self._keys(fork.source)
+            added = await self._commands.run_script(
+                STREAM_ADD_FORK,
+                ForkKeys(meta=source.meta, forks=source.forks),
+                AddForkArgs(fork=name),
+            )
+            # Every code it may answer will do (only an unexpected one raises): a source
+            # deleted or gone since it was copied has no tombstone to keep.
+            STREAM_ADD_FORK.reply(added[0])
         return Created(
-            created=code == "created",
+            created=code is Reply.CREATED,
             tail_seq=int(reply[1]),
             closed=reply[2] == b"1",
             content_type=reply[3].decode(),
@@ -216,9 +238,9 @@ class StreamStore:
             raise InvalidRequest(
                 "invalid_fork_offset", f"{protocol.FORK_OFFSET} is past the source's tail"
             )
-        until = fork_seq + (1 if fork.sub_offset else 0)
+        through = fork_seq + (1 if fork.sub_offset else 0)
         page = await self._snapshot(
-            fork.source, "0", from_start=True, count=_UNBOUNDED, budget=_UNBOUNDED, until=until
+            fork.source, "0", from_start=True, count=_UNBOUNDED, budget=_UNBOUNDED, through=through
         )
         first = page.next_seq - len(page.entries) + 1
         rows = [(first + i, data) for i, data in enumerate(page.entries)]
@@ -258,67 +280,55 @@ class StreamStore:
         stream_seq: str | None = None,
     ) -> Appended:
         """Append `data` (one entry) and/or close the stream. Raises the protocol's refusals."""
-        reply = await self._append(
-            keys=self.keys.stream_keys(name),
-            args=[
-                protocol.media_type(content_type) if data is not None else "",
-                "1" if close else "",
-                producer.id if producer else "",
-                producer.epoch if producer else "",
-                producer.seq if producer else "",
-                stream_seq or "",
-                self._retention_ms,
-                self._maxlen,
-                self.keys.stream_channel(name),
-                data or b"",
-                "1" if data is not None else "",
-            ],
+        reply = await self._commands.run_script(
+            STREAM_APPEND,
+            self._keys(name),
+            AppendStreamArgs(
+                body_type=protocol.media_type(content_type) if data is not None else "",
+                close="1" if close else "",
+                producer_id=producer.id if producer else "",
+                producer_epoch=producer.epoch if producer else "",
+                producer_seq=producer.seq if producer else "",
+                stream_seq=stream_seq or "",
+                retention_ms=self._retention_ms,
+                maxlen=self._maxlen,
+                channel=self.keys.stream_channel(name),
+                data=data or b"",
+                has_data="1" if data is not None else "",
+            ),
         )
-        code, tail = reply[0].decode(), int(reply[1])
+        code, tail = STREAM_APPEND.reply(reply[0]), int(reply[1])
         extra = reply[2].decode() if len(reply) > 2 else ""
-        next_offset = protocol.format_offset(tail)
-        if code == "ok":
+        if code is Reply.OK:
             return Appended(tail, extra == "1", producer_seq=producer.seq if producer else None)
-        if code == "duplicate":
+        if code is Reply.DUPLICATE:
             return Appended(tail, False, duplicate=True, producer_seq=int(extra))
-        if code in ("closed_again", "closed_duplicate"):
+        if code is Reply.CLOSED_AGAIN or code is Reply.CLOSED_DUPLICATE:
             return Appended(tail, True, duplicate=True, producer_seq=int(extra) if extra else None)
-        if code == "closed":
-            raise StreamClosed(
-                message=f"stream {name} is closed: nothing can be appended",
-                headers={protocol.CLOSED: "true", protocol.NEXT_OFFSET: next_offset},
-            )
-        if code == "missing":
+        if code is Reply.CLOSED:
+            raise StreamClosed(name, tail)
+        if code is Reply.MISSING:
             raise NotFound("stream_not_found", f"no stream {name}")
-        if code == "deleted":
+        if code is Reply.DELETED:
             raise StreamDeleted(message=f"stream {name} was deleted")
-        if code == "content_type":
+        if code is Reply.CONTENT_TYPE_MISMATCH:
             raise Conflict(
                 "content_type_mismatch", f"the body's Content-Type is not stream {name}'s"
             )
-        if code == "stale_epoch":
-            raise StaleProducerEpoch(
-                message=f"producer epoch {extra} has written: this producer is fenced",
-                headers={protocol.PRODUCER_EPOCH: extra},
-            )
-        if code == "epoch_seq":
+        if code is Reply.STALE_EPOCH:
+            raise StaleProducerEpoch(extra)
+        if code is Reply.EPOCH_SEQ:
             raise InvalidRequest(
                 "invalid_producer",
                 f"a new {protocol.PRODUCER_EPOCH} starts at {protocol.PRODUCER_SEQ} 0",
             )
-        if code == "seq_gap":
-            assert producer is not None
-            raise ProducerSeqGap(
-                message=f"{protocol.PRODUCER_SEQ} {extra} comes next",
-                headers={
-                    protocol.PRODUCER_EXPECTED_SEQ: extra,
-                    protocol.PRODUCER_RECEIVED_SEQ: str(producer.seq),
-                },
+        if code is Reply.SEQ_GAP and producer is not None:
+            raise ProducerSeqGap(extra, producer.seq)
+        if code is Reply.STREAM_SEQ_REGRESSION:
+            raise Conflict(
+                "stream_seq_regression", f"{protocol.SEQ} must sort after the last one appended"
             )
-        assert code == "stream_seq", code
-        raise Conflict(
-            "stream_seq_regression", f"{protocol.SEQ} must sort after the last one appended"
-        )
+        raise UnexpectedReply(f"stream_append.lua answered {code.value!r} to {name}")
 
     # -- read ---------------------------------------------------------------
 
@@ -345,28 +355,29 @@ class StreamStore:
         count: int,
         budget: int,
         from_start: bool = False,
-        until: int | None = None,
+        through: int | None = None,
         refresh: bool = False,
     ) -> Page:
-        reply: list[Any] = await self._read(
-            keys=self.keys.stream_keys(name),
-            args=[
-                after,
-                "1" if from_start else "",
-                count,
-                budget,
-                "" if until is None else until,
-                "1" if refresh else "",
-            ],
+        reply: list[Any] = await self._commands.run_script(
+            STREAM_READ,
+            self._keys(name),
+            ReadStreamArgs(
+                after=after,
+                from_start="1" if from_start else "",
+                max_entries=count,
+                max_bytes=budget,
+                through="" if through is None else through,
+                refresh="1" if refresh else "",
+            ),
         )
-        code = reply[0].decode()
-        if code == "missing":
+        code = STREAM_READ.reply(reply[0])
+        if code is Reply.MISSING:
             raise NotFound("stream_not_found", f"no stream {name}")
-        if code == "deleted":
+        if code is Reply.DELETED:
             raise StreamDeleted(message=f"stream {name} was deleted")
-        if code == "beyond":
+        if code is Reply.BEYOND:
             raise InvalidRequest("invalid_offset", "the offset is past the stream's tail")
-        if code == "gone":
+        if code is Reply.TRIMMED:
             raise Expired(
                 "offset_expired",
                 "the entries after that offset are past retention; "
@@ -389,39 +400,54 @@ class StreamStore:
     async def delete(self, name: str) -> None:
         """Delete the stream, or leave a tombstone while forks of it live."""
         await self._prune_forks(name)
-        keys = self.keys.stream_keys(name)
-        reply = await self._delete(keys=keys, args=[self.keys.stream_channel(name), ""])
-        code = reply[0].decode()
-        if code == "missing":
+        code, fork_of = await self._delete(name, purge=False)
+        if code is Reply.MISSING:
             raise NotFound("stream_not_found", f"no stream {name}")
-        if code == "already_deleted":
+        if code is Reply.DELETED:
             if await self.collect(name):
                 raise NotFound("stream_not_found", f"no stream {name}")
             raise StreamDeleted(message=f"stream {name} was deleted")
-        if code == "deleted" and reply[1]:
-            await self._release(reply[1].decode(), name)
+        if fork_of:
+            await self._release(fork_of, name)
 
     async def collect(self, name: str) -> bool:
         """Remove the tombstone `name` if no fork holds it any more; whether it is gone."""
         await self._prune_forks(name)
-        reply = await self._delete(
-            keys=self.keys.stream_keys(name), args=[self.keys.stream_channel(name), "1"]
+        code, fork_of = await self._delete(name, purge=True)
+        if fork_of:
+            await self._release(fork_of, name)
+        return code is Reply.REMOVED or code is Reply.MISSING
+
+    async def _delete(self, name: str, *, purge: bool) -> tuple[Reply, str]:
+        """stream_delete.lua's code, and the stream `name` forked if it removed a fork."""
+        reply = await self._commands.run_script(
+            STREAM_DELETE,
+            self._keys(name),
+            DeleteStreamArgs(channel=self.keys.stream_channel(name), purge="1" if purge else ""),
         )
-        code = reply[0].decode()
-        if code == "deleted" and reply[1]:
-            await self._release(reply[1].decode(), name)
-        return code in ("deleted", "missing")
+        code = STREAM_DELETE.reply(reply[0])
+        return code, reply[1].decode() if code is Reply.REMOVED else ""
 
     async def _release(self, source: str, fork: str) -> None:
         """A fork of `source` is gone: the source's tombstone may go too (and up the chain)."""
-        await self.redis.srem(self.keys.stream_keys(source)[3], fork)
+        await self._commands.run(b"SREM", self._keys(source).forks, fork)
         await self.collect(source)
 
     async def _prune_forks(self, name: str) -> None:
         """Forget forks that expired or were replaced by a stream that is not a fork of `name`."""
-        forks_key = self.keys.stream_keys(name)[3]
-        members: set[bytes] = await self.redis.smembers(forks_key)  # type: ignore[assignment]
-        for member in members:
-            fork_of = await self.redis.hget(self.keys.stream_keys(member.decode())[0], "fork_of")
-            if fork_of != name.encode():
-                await self.redis.srem(forks_key, member)
+        forks_key = self._keys(name).forks
+        members: list[bytes] = await self._commands.run(b"SMEMBERS", forks_key)
+        # Looked up in one round trip.
+        origins: list[bytes | None] = await asyncio.gather(
+            *(
+                self._commands.submit(b"HGET", self._keys(member.decode()).meta, "fork_of")
+                for member in members
+            )
+        )
+        stale = [
+            member
+            for member, origin in zip(members, origins, strict=True)
+            if origin != name.encode()
+        ]
+        if stale:
+            await self._commands.run(b"SREM", forks_key, *stale)

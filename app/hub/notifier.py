@@ -1,0 +1,173 @@
+"""Wakes the requests that wait for the next write to a stream (Durable Streams'
+long-poll and SSE reads).
+
+The channels requests here wait on ride the hub's pub/sub connection, beside the
+generations' live batches: one connection per process for everything. A request
+watches a channel, reads, then waits: subscribed (confirmed by Redis) before it
+reads, it cannot miss a write made between its read and its wait. Every write script
+publishes on the stream's channel; a wake-up means "read again", nothing more, so
+the payload is not parsed. Pub/sub is at-most-once: once the connection is back
+after a loss, every watch is woken to read again, so a lost message costs a read,
+never an append.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from app.hub.fanout import Hub
+
+# A channel nobody waits on stays subscribed this long: a reader that long-polls in a
+# loop comes back within it, and SUBSCRIBE/UNSUBSCRIBE do not churn.
+LINGER_SECONDS = 5.0
+
+
+class Watch:
+    """One request's view of one channel."""
+
+    __slots__ = ("_future", "_woken")
+
+    def __init__(self) -> None:
+        self._woken = False
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait_for_append(self, within: float) -> bool:
+        """True once the stream was written to since the last call (or since the watch
+        began), False when `within` seconds passed without a write."""
+        if not self._woken:
+            self._future = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(within):
+                    await self._future
+            except TimeoutError:
+                return False
+            finally:
+                self._future = None
+        self._woken = False
+        return True
+
+    def wake(self) -> None:
+        self._woken = True
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+
+class _Channel:
+    """Every watch of one channel here: the channel's watcher on the hub."""
+
+    __slots__ = ("_confirming", "confirmed", "joining", "linger", "watches")
+
+    def __init__(self) -> None:
+        self.watches: set[Watch] = set()
+        # Watches waiting for the confirmation: they have not read yet, nothing to wake.
+        self.joining: set[Watch] = set()
+        self.confirmed = False  # subscribed: what is published from now on arrives
+        self._confirming: asyncio.Future[None] | None = None
+        self.linger: asyncio.TimerHandle | None = None
+
+    async def until_confirmed(self) -> None:
+        if not self.confirmed:
+            if self._confirming is None:
+                self._confirming = asyncio.get_running_loop().create_future()
+            # Shielded: one request that goes away must not cancel it for the others.
+            await asyncio.shield(self._confirming)
+
+    def wake(self) -> None:
+        for watch in self.watches:
+            watch.wake()
+
+    # -- as the hub's watcher of the channel ---------------------------------
+
+    def dispatch(self, message: bytes, now: float) -> None:
+        self.wake()
+
+    def subscribed(self) -> None:
+        if not self.confirmed:
+            self.confirmed = True
+            if self._confirming is not None:
+                self._confirming.set_result(None)
+                self._confirming = None
+
+    def missed(self) -> None:
+        self.wake()
+
+
+class StreamNotifier:
+    """Per-process wake-ups for requests waiting on streams: see the module docstring."""
+
+    def __init__(self, hub: Hub) -> None:
+        self._hub = hub
+        self._channels: dict[bytes, _Channel] = {}
+        # Resolved, and replaced, whenever a watch begins or ends.
+        self._changed: asyncio.Future[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def watch(self, channel: str) -> AsyncIterator[Watch]:
+        """Subscribed to `channel` (confirmed by Redis) while the block runs."""
+        key = channel.encode()
+        record = self._channels.get(key)
+        if record is None:
+            record = self._channels[key] = _Channel()
+            self._hub.watch(key, record)
+        elif record.linger is not None:
+            record.linger.cancel()
+            record.linger = None
+        watch = Watch()
+        record.joining.add(watch)
+        try:
+            await record.until_confirmed()
+            record.joining.discard(watch)
+            record.watches.add(watch)
+            self._announce_change()
+            yield watch
+        finally:
+            record.joining.discard(watch)
+            record.watches.discard(watch)
+            self._announce_change()
+            self._linger(key, record)
+
+    async def until_watchers(self, channel: str, count: int) -> None:
+        """Until `count` requests here watch `channel`, their subscription confirmed."""
+
+        def watchers() -> int:
+            record = self._channels.get(channel.encode())
+            return len(record.watches) if record and record.confirmed else 0
+
+        while watchers() != count:
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)
+
+    def _announce_change(self) -> None:
+        if self._changed is not None:
+            self._changed.set_result(None)
+            self._changed = None
+
+    @staticmethod
+    def _unwatched(record: _Channel) -> bool:
+        return not record.watches and not record.joining
+
+    def _linger(self, key: bytes, record: _Channel) -> None:
+        """Let go of a channel nobody watches any more, unless a watch begins meanwhile."""
+        if self._unwatched(record) and record.linger is None and self._channels.get(key) is record:
+            record.linger = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self._unwatch, key, record
+            )
+
+    def _unwatch(self, key: bytes, record: _Channel) -> None:
+        record.linger = None
+        if not self._unwatched(record) or self._channels.get(key) is not record:
+            return
+        del self._channels[key]
+        self._hub.unwatch(key)
+
+    def stop(self) -> None:
+        """Let go of every channel; the watches still open are woken to read once more."""
+        for key, record in self._channels.items():
+            if record.linger is not None:
+                record.linger.cancel()
+            record.wake()
+            self._hub.unwatch(key)
+        self._channels.clear()
