@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -19,6 +20,10 @@ class TokentapeError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.detail}}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the response carries besides the body."""
+        return {}
+
 
 class ConfigError(TokentapeError):
     """A setting (a `TOKENTAPE_*` variable or a flag) is invalid or missing; the message names it.
@@ -32,6 +37,53 @@ class ConfigError(TokentapeError):
 class InvalidRequest(TokentapeError):
     status = 400
     code = "invalid_request"
+
+
+class Unauthorized(TokentapeError):
+    """No credential, or one that is not valid here; answered 401 with `WWW-Authenticate`."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, code: str, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(code, message)
+        self.invalid_token = invalid_token
+
+    def headers(self) -> dict[str, str]:
+        # RFC 6750: a request with no credential gets the bare challenge.
+        if self.invalid_token:
+            return {"WWW-Authenticate": 'Bearer realm="tokentape", error="invalid_token"'}
+        return {"WWW-Authenticate": 'Bearer realm="tokentape"'}
+
+
+class LimitExceeded(TokentapeError):
+    """A request goes past a configured limit; `setting` names the variable that sets it.
+
+    With `retry_after` (seconds) it is a rate or a quota: 429 with `Retry-After`.
+    """
+
+    status = 400
+    code = "limit_exceeded"
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        setting: str,
+        limit: int | float,
+        status: int = 400,
+        retry_after: float | None = None,
+        **detail: Any,
+    ) -> None:
+        super().__init__(code, message, setting=setting, limit=limit, **detail)
+        self.status = 429 if retry_after is not None else status
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class NotFound(TokentapeError):

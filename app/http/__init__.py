@@ -24,7 +24,7 @@ def create_app(
 
     Without `telemetry`, spans are no-ops and metrics are only served at /metrics.
     """
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes)
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     log = GenerationLog(redis, settings)
     app[SETTINGS] = settings
     app[LOG] = log
