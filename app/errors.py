@@ -15,14 +15,12 @@ class TokentapeError(Exception):
             self.code = code
         self.message = message or self.code.replace("_", " ")
         self.detail = detail
+        # HTTP headers the response carries besides the body.
+        self.headers: dict[str, str] = {}
         super().__init__(f"{self.code}: {self.message}")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, **self.detail}}
-
-    def headers(self) -> dict[str, str]:
-        """HTTP headers the response carries besides the body."""
-        return {}
 
 
 class ConfigError(TokentapeError):
@@ -47,13 +45,11 @@ class Unauthorized(TokentapeError):
 
     def __init__(self, code: str, message: str, *, invalid_token: bool = False) -> None:
         super().__init__(code, message)
-        self.invalid_token = invalid_token
-
-    def headers(self) -> dict[str, str]:
         # RFC 6750: a request with no credential gets the bare challenge.
-        if self.invalid_token:
-            return {"WWW-Authenticate": 'Bearer realm="tokentape", error="invalid_token"'}
-        return {"WWW-Authenticate": 'Bearer realm="tokentape"'}
+        challenge = 'Bearer realm="tokentape"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        self.headers["WWW-Authenticate"] = challenge
 
 
 class LimitExceeded(TokentapeError):
@@ -78,12 +74,8 @@ class LimitExceeded(TokentapeError):
     ) -> None:
         super().__init__(code, message, setting=setting, limit=limit, **detail)
         self.status = 429 if retry_after is not None else status
-        self.retry_after = retry_after
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
 
 
 class NotFound(TokentapeError):

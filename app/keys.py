@@ -84,6 +84,21 @@ class Keys:
         """Pub/sub channel on which every write to the stream wakes its live readers."""
         return f"{self._stream_tag(name)}:live"
 
+    # -- API key owners (app.access) ---------------------------------------------
+    # The quotas of one key share the hash tag `{owner:<owner hash>}` (base64url, never
+    # a brace), so admission touches one Cluster slot.
+
+    def _owner_tag(self, owner: str) -> str:
+        return f"{self.prefix}:{{owner:{owner}}}"
+
+    def owner_running(self, owner: str) -> str:
+        """Sorted set: the key's generations not yet seen to end, scored by admission ms."""
+        return f"{self._owner_tag(owner)}:running"
+
+    def owner_created(self, owner: str) -> str:
+        """Sorted set: the key's creations of the last minute, scored by admission ms."""
+        return f"{self._owner_tag(owner)}:created"
+
     def generation_keys(self, generation_id: str) -> list[str]:
         """Every key of one generation; all share its hash tag (one Cluster slot)."""
         return [

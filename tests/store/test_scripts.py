@@ -12,10 +12,20 @@ from redis.asyncio import Redis
 from app.errors import SeqConflict
 from app.generations import TERMINAL_STATUSES, Status
 from app.store import GenerationLog, UnexpectedReply
-from app.store.scripts import ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW, Script, prelude
+from app.store.scripts import (
+    ACQUIRE,
+    ADMIT,
+    ANNOTATE,
+    APPEND,
+    CANCEL,
+    CREATE,
+    RENEW,
+    Script,
+    prelude,
+)
 from tests.conftest import leased_generation
 
-SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
+SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ADMIT, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.name)
