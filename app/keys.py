@@ -16,7 +16,8 @@ DEFAULT_PREFIX = "tt"
 
 # 16 random bytes = 128 bits, base64url without padding: 22 characters.
 _ID_BYTES = 16
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+GENERATION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+_ID_RE = re.compile(GENERATION_ID_PATTERN)
 
 
 def new_generation_id() -> str:
