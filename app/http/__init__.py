@@ -6,7 +6,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.access import Access
-from app.http import durable_streams, event_stream, generations, pages
+from app.http import durable_streams, event_stream, generations, health, pages
 from app.http.checks import checked_requests
 from app.http.errors import json_errors
 from app.http.state import ACCESS, HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
@@ -34,6 +34,7 @@ def create_app(
     app[SETTINGS] = settings
     app[ACCESS] = Access.from_settings(settings)
     app[OPEN_STREAMS] = event_stream.OpenStreams(settings.max_streams)
+    app[health.READINESS] = health.Readiness()
     app[LOG] = log
     app[TELEMETRY] = telemetry if telemetry is not None else Telemetry()
     app[HUB] = Hub(
@@ -46,6 +47,7 @@ def create_app(
     app.add_routes(generations.routes)
     app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
+    app.add_routes(health.routes)
     app.router.add_get("/metrics", metrics_handler)
     app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
 
@@ -53,6 +55,7 @@ def create_app(
         await app[HUB].start()
 
     async def stop_hub(app: web.Application) -> None:
+        app[health.READINESS].drain()
         # Ends every open event stream cleanly: clients reconnect to another reader.
         await app[HUB].stop()
 
