@@ -6,7 +6,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.access import Access
-from app.http import durable_streams, event_stream, generations, health, pages
+from app.http import cors, durable_streams, event_stream, generations, health, pages
 from app.http.checks import checked_requests
 from app.http.errors import json_errors
 from app.http.state import ACCESS, HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
@@ -50,6 +50,7 @@ def create_app(
     app.add_routes(health.routes)
     app.router.add_get("/metrics", metrics_handler)
     app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
+    cors.allow_origins(app, settings)
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()

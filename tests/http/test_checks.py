@@ -45,4 +45,3 @@ async def test_too_many_query_parameters_are_400(client: Client) -> None:
     response = await client.get("/healthz", params={f"p{i}": "1" for i in range(33)})
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "invalid_query"
-
