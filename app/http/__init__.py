@@ -6,7 +6,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.access import Access
-from app.http import cors, durable_streams, event_stream, generations, health, pages
+from app.http import cors, durable_streams, event_stream, generations, health, openapi, pages
 from app.http.checks import checked_requests
 from app.http.errors import json_errors
 from app.http.state import ACCESS, HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
@@ -32,7 +32,8 @@ def create_app(
     )
     log = GenerationLog(redis, settings)
     app[SETTINGS] = settings
-    app[ACCESS] = Access.from_settings(settings)
+    app[ACCESS] = access = Access.from_settings(settings)
+    app[openapi.DOCUMENT] = openapi.encoded(settings, secured=not access.open)
     app[OPEN_STREAMS] = event_stream.OpenStreams(settings.max_streams)
     app[health.READINESS] = health.Readiness()
     app[LOG] = log
@@ -48,6 +49,7 @@ def create_app(
     app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
     app.add_routes(health.routes)
+    app.add_routes(openapi.routes)
     app.router.add_get("/metrics", metrics_handler)
     app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
     cors.allow_origins(app, settings)

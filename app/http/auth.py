@@ -12,7 +12,7 @@ import re
 from aiohttp import web
 
 from app.access import Caller
-from app.errors import NotFound, Unauthorized
+from app.errors import InvalidRequest, NotFound, Unauthorized
 from app.http.state import ACCESS
 from app.store import GenerationState
 
@@ -58,9 +58,14 @@ def authorize_read(request: web.Request, generation_id: str) -> Caller | None:
     access = request.config_dict[ACCESS]
     if access.open:
         return None
+    query_token = request.query.get("token")
+    if query_token and not _CREDENTIAL_RE.match(query_token):
+        raise InvalidRequest(
+            "invalid_query", "the token parameter is not a read token", field="token"
+        )
     credential = _bearer(request)
     if credential is None:
-        credential = request.query.get("token")
+        credential = query_token
     if not credential:
         raise Unauthorized(
             "token_missing",
