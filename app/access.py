@@ -76,13 +76,14 @@ class Signer:
 
     @staticmethod
     def _owner(secret: bytes, key: str) -> str:
-        digest = hmac.new(secret, _OWNER_CONTEXT + key.encode(), hashlib.sha256).digest()
+        digest = hmac.digest(secret, _OWNER_CONTEXT + key.encode(), "sha256")
         return _b64(digest[:_OWNER_BYTES])
 
     @staticmethod
     def _mac(secret: bytes, generation_id: str, expires_at: str) -> bytes:
         message = _TOKEN_CONTEXT + f"{generation_id}.{expires_at}".encode()
-        return _b64(hmac.new(secret, message, hashlib.sha256).digest()).encode()
+        # hmac.digest: the one-shot C path, several times faster than hmac.new().digest().
+        return base64.urlsafe_b64encode(hmac.digest(secret, message, "sha256"))[:_MAC_LENGTH]
 
     def mint(self, generation_id: str, expires_at: int) -> str:
         mac = self._mac(self._current, generation_id, str(expires_at)).decode()
