@@ -78,6 +78,20 @@ class LimitExceeded(TokentapeError):
             self.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
 
 
+class RequestTimeout(TokentapeError):
+    """The request body did not arrive in time."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class UnsupportedEncoding(TokentapeError):
+    """A compressed request body: bodies are accepted as sent, uncompressed."""
+
+    status = 415
+    code = "unsupported_content_encoding"
+
+
 class NotFound(TokentapeError):
     status = 404
     code = "not_found"

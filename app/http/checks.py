@@ -14,7 +14,7 @@ import re
 
 from aiohttp import web
 
-from app.errors import InvalidRequest, TokentapeError
+from app.errors import InvalidRequest, RequestTimeout, UnsupportedEncoding
 from app.http.errors import Handler, body_too_large
 from app.http.state import SETTINGS
 
@@ -23,16 +23,6 @@ MAX_PARAMETER_NAME = 64
 MAX_PARAMETER_VALUE = 1024
 # Printable ASCII and the space: what any tokentape parameter can hold.
 _PRINTABLE_RE = re.compile(r"^[\x20-\x7e]*$")
-
-
-class RequestTimeout(TokentapeError):
-    status = 408
-    code = "body_timeout"
-
-
-class UnsupportedEncoding(TokentapeError):
-    status = 415
-    code = "unsupported_content_encoding"
 
 
 @web.middleware

@@ -63,7 +63,9 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             response.headers["Allow"] = exc.headers["Allow"]
         return response
     except (RedisError, OSError) as exc:
-        logger.warning("%s %s: Redis unavailable: %s", request.method, request.path, exc)
+        logger.warning(
+            "%s %s: Redis unavailable: %s", request.method, request.rel_url.raw_path, exc
+        )
         response = json_error(503, "unavailable", "the event store is not answering; retry")
         response.headers["Retry-After"] = "1"
         return response

@@ -61,7 +61,8 @@ class AccessLog(AbstractAccessLogger):
         access_logger.info(
             "%s %s %d",
             request.method,
-            request.path,
+            # Percent-encoded as sent: a decoded path could carry a newline into the log.
+            request.rel_url.raw_path,
             response.status,
             extra={
                 "remote": request.remote,

@@ -184,3 +184,15 @@ async def test_a_body_that_trickles_is_refused_in_time(served: Served) -> None:
         await writer.wait_closed()
     assert head.startswith(b"HTTP/1.1 408")
     assert json.loads(body)["error"]["code"] == "body_timeout"
+
+
+async def test_the_access_log_has_the_path_as_sent_and_no_query(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await served()
+    caplog.set_level(logging.INFO, logger="tokentape.access")
+    raw = b"GET /v1/x%0D%0Aforged%20line?token=abc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    status, _, _ = await exchange(port, raw)
+    assert status == 404
+    [line] = [r.getMessage() for r in caplog.records if r.name == "tokentape.access"]
+    assert line == "GET /v1/x%0D%0Aforged%20line 404"
