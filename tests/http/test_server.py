@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,9 +17,12 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from app import events
 from app.http import create_app
 from app.http.server import ServiceRunner
 from app.settings import Settings
+from app.store import GenerationLog
+from tests.http.conftest import Writer, until_subscriptions
 
 Served = Callable[..., Awaitable[int]]
 
@@ -196,3 +200,27 @@ async def test_the_access_log_has_the_path_as_sent_and_no_query(
     assert status == 404
     [line] = [r.getMessage() for r in caplog.records if r.name == "tokentape.access"]
     assert line == "GET /v1/x%0D%0Aforged%20line 404"
+
+
+async def test_a_client_that_never_reads_its_stream_is_let_go(
+    settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    configured = settings.replace(write_timeout_seconds=0.5)
+    app = create_app(configured, redis)
+    runner = ServiceRunner(app, configured)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        writer = await Writer.start(log)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills fast
+        client.connect(("127.0.0.1", runner.addresses[0][1]))
+        client.sendall(f"GET {writer.events_url} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        await until_subscriptions(app, 1)
+        # Far more than both ends' socket buffers hold, while the client reads nothing.
+        for _ in range(40):
+            await writer.append(*[events.Token(text="x" * 65536)] * 4)
+        await until_subscriptions(app, 0)  # the server let go of it
+        client.close()
+    finally:
+        await runner.cleanup()
