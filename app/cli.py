@@ -78,6 +78,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="run N reader processes on the same port (Linux SO_REUSEPORT; default 1)",
     )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,  # unset: TOKENTAPE_INSECURE decides
+        help="serve beyond loopback without API keys: anyone who reaches it may use it",
+    )
     # Set by `--processes` on the readers it starts.
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
 

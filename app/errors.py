@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -14,6 +15,8 @@ class TokentapeError(Exception):
             self.code = code
         self.message = message or self.code.replace("_", " ")
         self.detail = detail
+        # HTTP headers the response carries besides the body.
+        self.headers: dict[str, str] = {}
         super().__init__(f"{self.code}: {self.message}")
 
     def body(self) -> dict[str, Any]:
@@ -32,6 +35,61 @@ class ConfigError(TokentapeError):
 class InvalidRequest(TokentapeError):
     status = 400
     code = "invalid_request"
+
+
+class Unauthorized(TokentapeError):
+    """No credential, or one that is not valid here; answered 401 with `WWW-Authenticate`."""
+
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, code: str, message: str, *, invalid_token: bool = False) -> None:
+        super().__init__(code, message)
+        # RFC 6750: a request with no credential gets the bare challenge.
+        challenge = 'Bearer realm="tokentape"'
+        if invalid_token:
+            challenge += ', error="invalid_token"'
+        self.headers["WWW-Authenticate"] = challenge
+
+
+class LimitExceeded(TokentapeError):
+    """A request goes past a configured limit; `setting` names the variable that sets it.
+
+    With `retry_after` (seconds) it is a rate or a quota: 429 with `Retry-After`.
+    """
+
+    status = 400
+    code = "limit_exceeded"
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        setting: str,
+        limit: int | float,
+        status: int = 400,
+        retry_after: float | None = None,
+        **detail: Any,
+    ) -> None:
+        super().__init__(code, message, setting=setting, limit=limit, **detail)
+        self.status = 429 if retry_after is not None else status
+        if retry_after is not None:
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+
+
+class RequestTimeout(TokentapeError):
+    """The request body did not arrive in time."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class UnsupportedEncoding(TokentapeError):
+    """A compressed request body: bodies are accepted as sent, uncompressed."""
+
+    status = 415
+    code = "unsupported_content_encoding"
 
 
 class NotFound(TokentapeError):

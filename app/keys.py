@@ -16,7 +16,8 @@ DEFAULT_PREFIX = "tt"
 
 # 16 random bytes = 128 bits, base64url without padding: 22 characters.
 _ID_BYTES = 16
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+GENERATION_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+_ID_RE = re.compile(GENERATION_ID_PATTERN)
 
 
 def new_generation_id() -> str:
@@ -83,6 +84,21 @@ class Keys:
     def stream_channel(self, name: str) -> str:
         """Pub/sub channel on which every write to the stream wakes its live readers."""
         return f"{self._stream_tag(name)}:live"
+
+    # -- API key owners (app.access) ---------------------------------------------
+    # The quotas of one key share the hash tag `{owner:<owner hash>}` (base64url, never
+    # a brace), so admission touches one Cluster slot.
+
+    def _owner_tag(self, owner: str) -> str:
+        return f"{self.prefix}:{{owner:{owner}}}"
+
+    def owner_running(self, owner: str) -> str:
+        """Sorted set: the key's generations not yet seen to end, scored by admission ms."""
+        return f"{self._owner_tag(owner)}:running"
+
+    def owner_created(self, owner: str) -> str:
+        """Sorted set: the key's creations of the last minute, scored by admission ms."""
+        return f"{self._owner_tag(owner)}:created"
 
     def generation_keys(self, generation_id: str) -> list[str]:
         """Every key of one generation; all share its hash tag (one Cluster slot)."""

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -74,9 +75,20 @@ async def reachable(redis: Redis, settings: Settings) -> bool:
     try:
         await redis.ping()
     except Exception as exc:
-        logger.error("cannot reach Redis at %s: %s", settings.redis_url, exc)
+        logger.error("cannot reach Redis at %s: %s", _without_password(settings.redis_url), exc)
         return False
     return True
+
+
+def _without_password(url: str | None) -> str | None:
+    """`url` fit for a log line: its password, if any, replaced by `***`."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc.rpartition('@')[2]}"))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from app.keys import DEFAULT_PREFIX
 
 HOUR = 3600.0
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ORIGIN_RE = re.compile(r"^https?://([A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(:[0-9]{1,5})?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +83,37 @@ class Settings:
     # Logs are JSON lines when stderr is not a terminal.
     log_level: str = "INFO"
 
-    # HTTP input limits
-    max_request_bytes: int = 1 << 20
+    # Access (docs/security.md). API keys: comma-separated, or @FILE with one key a line
+    # (re-read on SIGHUP); empty: the service is open to anyone who can reach it.
+    api_keys: str = ""
+    # Signs read tokens and keys the owner hash of each generation; required with api_keys.
+    secret: str = ""
+    # Also accepted while the secret rotates (tokens and owners made with it stay valid).
+    previous_secret: str = ""
+    read_token_seconds: float = 86400.0
+    # Comma-separated origins a browser may call from, or "*" (without credentials); empty: off.
+    cors_origins: str = ""
+    # `serve` on an address other than loopback with no API keys: refused unless true.
+    insecure: bool = False
+
+    # Limits (docs/security.md says what happens past each)
+    max_body_bytes: int = 1 << 20
+    max_messages: int = 2048
+    max_tools: int = 128
+    max_prompt_chars: int = 1_000_000
+    max_sim_tokens: int = 100_000
+    max_sim_seconds: float = 3600.0
+    # Per API key, across every reader (0: no limit); the service without keys has neither.
+    max_running_per_key: int = 100
+    max_creations_per_minute: int = 600
+    # Open event streams of one reader process; past it a client is told to come back.
+    max_streams: int = 20_000
+    # A connection that has not sent a complete request head this long after it opened
+    # (or after its last response) is closed; above nginx's 60 s upstream keep-alive, so
+    # the proxy closes an idle connection first.
+    header_timeout_seconds: float = 75.0
+    # A request body that has not fully arrived this long after its head is refused.
+    body_timeout_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.event_loop not in ("uvloop", "asyncio"):
@@ -94,6 +125,24 @@ class Settings:
                 message=f"TOKENTAPE_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, "
                 f"got {self.log_level!r}"
             )
+        for origin in self.cors_origin_list:
+            if origin != "*" and not _ORIGIN_RE.match(origin):
+                raise ConfigError(
+                    message=f"TOKENTAPE_CORS_ORIGINS: {origin!r} is not an origin "
+                    "(scheme://host[:port], as https://app.example.com)"
+                )
+        if "*" in self.cors_origin_list and len(self.cors_origin_list) > 1:
+            raise ConfigError(message="TOKENTAPE_CORS_ORIGINS is * or a list of origins, not both")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(
+                    message=f"TOKENTAPE_{field.name.upper()} must not be negative, got {value!r}"
+                )
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -111,8 +160,18 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind.startswith("bool"):
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise ConfigError(
+            message=f"TOKENTAPE_{field.name.upper()} must be true or false, got {raw!r}"
+        )
     parse: type[int | float] | None = (
         int if kind.startswith("int") else float if kind.startswith("float") else None
     )

@@ -47,3 +47,11 @@ def test_all_keys_of_a_stream_share_one_slot(name: str) -> None:
     assert len({key_slot(key.encode()) for key in names}) == 1
     assert len(set(names)) == len(names)
     assert keys.stream_keys(name)[0] != keys.meta(name)  # never a generation's key
+
+
+def test_the_quotas_of_one_api_key_share_one_slot() -> None:
+    keys = Keys("tt")
+    owner = "b3duZXItaGFzaC0xMjM0NQ"
+    names = [keys.owner_running(owner), keys.owner_created(owner)]
+    assert len({key_slot(name.encode()) for name in names}) == 1
+    assert len(set(names)) == 2

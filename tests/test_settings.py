@@ -43,3 +43,37 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(
 
 def test_log_level_is_case_insensitive() -> None:
     assert Settings.from_env({"TOKENTAPE_LOG_LEVEL": "debug"}).log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"), [("true", True), ("1", True), ("Yes", True), ("false", False), ("off", False)]
+)
+def test_switches_read_true_and_false(raw: str, value: bool) -> None:
+    assert Settings.from_env({"TOKENTAPE_INSECURE": raw}).insecure is value
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TOKENTAPE_INSECURE": "maybe"}, "TOKENTAPE_INSECURE must be true or false, got 'maybe'"),
+        ({"TOKENTAPE_MAX_STREAMS": "-1"}, "TOKENTAPE_MAX_STREAMS must not be negative, got -1"),
+        (
+            {"TOKENTAPE_CORS_ORIGINS": "app.example.com"},
+            "TOKENTAPE_CORS_ORIGINS: 'app.example.com' is not an origin",
+        ),
+        (
+            {"TOKENTAPE_CORS_ORIGINS": "*,https://a.example"},
+            "TOKENTAPE_CORS_ORIGINS is * or a list",
+        ),
+    ],
+    ids=["switch", "negative", "origin", "star-and-list"],
+)
+def test_access_and_limit_settings_are_checked(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_env(environ)
+    assert refused.value.message.startswith(message)
+
+
+def test_cors_origins_are_a_list() -> None:
+    settings = Settings(cors_origins=" https://a.example , http://[::1]:8080,")
+    assert settings.cors_origin_list == ["https://a.example", "http://[::1]:8080"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from app.access import Caller
 from app.durable_streams import protocol
 from app.durable_streams.protocol import Position
 from app.errors import Expired, InvalidRequest, NotFound
@@ -43,14 +44,18 @@ class StoredStream:
 class GenerationStream:
     """A generation's log as a JSON-mode stream, closed by its terminal event."""
 
-    def __init__(self, log: GenerationLog, generation_id: str) -> None:
+    def __init__(
+        self, log: GenerationLog, generation_id: str, reader: Caller | None = None
+    ) -> None:
         self.log = log
         self.generation_id = generation_id
+        # An API key holder sees only its own generations (None: no check left to make).
+        self.reader = reader
         self.channel = log.keys.live_channel(generation_id)
 
     async def read(self, position: Position, *, refresh: bool) -> Page:
         state, log_exists = await self.log.snapshot(self.generation_id)
-        if state is None:
+        if state is None or (self.reader is not None and not self.reader.owns(state.owner)):
             raise NotFound("generation_not_found", f"no generation {self.generation_id}")
         if state.terminal and not log_exists:
             raise Expired(

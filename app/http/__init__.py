@@ -5,9 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 from redis.asyncio import Redis
 
-from app.http import durable_streams, event_stream, generations, pages
+from app.access import Access
+from app.http import cors, durable_streams, event_stream, generations, health, openapi, pages
+from app.http.checks import checked_requests
 from app.http.errors import json_errors
-from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
+from app.http.state import ACCESS, HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
 from app.hub import Hub
 from app.settings import Settings
 from app.store import GenerationLog
@@ -23,10 +25,17 @@ def create_app(
     """The aiohttp application. `redis` and `telemetry` are owned by the caller.
 
     Without `telemetry`, spans are no-ops and metrics are only served at /metrics.
+    Raises ConfigError when the access settings do not make a usable whole.
     """
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_request_bytes)
+    app = web.Application(
+        middlewares=[json_errors, checked_requests], client_max_size=settings.max_body_bytes
+    )
     log = GenerationLog(redis, settings)
     app[SETTINGS] = settings
+    app[ACCESS] = access = Access.from_settings(settings)
+    app[openapi.DOCUMENT] = openapi.encoded(settings, secured=not access.open)
+    app[OPEN_STREAMS] = event_stream.OpenStreams(settings.max_streams)
+    app[health.READINESS] = health.Readiness()
     app[LOG] = log
     app[TELEMETRY] = telemetry if telemetry is not None else Telemetry()
     app[HUB] = Hub(
@@ -39,13 +48,17 @@ def create_app(
     app.add_routes(generations.routes)
     app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
+    app.add_routes(health.routes)
+    app.add_routes(openapi.routes)
     app.router.add_get("/metrics", metrics_handler)
     app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis, app[HUB]))
+    cors.allow_origins(app, settings)
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()
 
     async def stop_hub(app: web.Application) -> None:
+        app[health.READINESS].drain()
         # Ends every open event stream cleanly: clients reconnect to another reader.
         await app[HUB].stop()
 

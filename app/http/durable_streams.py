@@ -23,6 +23,7 @@ from app.durable_streams.errors import StreamDeleted, StreamError
 from app.durable_streams.protocol import Position
 from app.durable_streams.sources import GenerationStream, Source, StoredStream
 from app.errors import InvalidRequest, NotFound, TokentapeError
+from app.http import auth
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.hub import Hub, StreamNotifier, Watch
@@ -112,11 +113,14 @@ def _source(request: web.Request) -> Source:
     name = _name(request)
     if name.startswith(GENERATIONS):
         generation_id = check_generation_id(name[len(GENERATIONS) :])
-        return GenerationStream(request.config_dict[LOG], generation_id)
+        reader = auth.authorize_read(request, generation_id)
+        return GenerationStream(request.config_dict[LOG], generation_id, reader)
+    auth.require_key(request)
     return StoredStream(request.app[STORE], name)
 
 
 def _writable(request: web.Request) -> str:
+    auth.require_key(request)
     name = _name(request)
     if name.startswith(GENERATIONS):
         # Generations are written by their workers only.

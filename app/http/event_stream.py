@@ -3,22 +3,26 @@
 A browser EventSource gives up *for good* on any status but 200 (503 included)
 and on any content type but text/event-stream, and reconnects by itself when a
 200 response ends. So this endpoint answers 4xx only for what will never work
-(unknown id, expired log, malformed position), 204 to stop a client that has
-everything, and for passing faults a 200 that tells the client to come back.
+(unknown id, expired log, malformed position, a missing or invalid read token), 204
+to stop a client that has everything, and for passing faults (Redis away, this
+reader at TOKENTAPE_MAX_STREAMS) a 200 that tells the client to come back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+import sys
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from app import ai_sdk, sse
-from app.errors import Expired, InvalidRequest, NotFound
-from app.http.state import HUB, LOG, SETTINGS, TELEMETRY
+from app.errors import Expired, InvalidRequest
+from app.http import auth
+from app.http.state import HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
 from app.http.ui_message_stream import (
     NextChunk,
     asks_for_ui_messages,
@@ -37,6 +41,8 @@ _POSITION_RE = re.compile(r"^[0-9]{1,18}$")
 
 # asyncio pauses a transport above 64 KiB buffered; a write that stays below never waits.
 WRITE_CANNOT_BLOCK_BYTES = 64 * 1024
+
+_MAX_STREAMS = {"limit": "max_streams"}
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -67,12 +73,29 @@ def parse_position(request: web.Request) -> int:
     return int(raw)
 
 
+class OpenStreams:
+    """The event streams this reader process holds open, and how many it may."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.count = 0
+        self.limit = limit or sys.maxsize  # 0: no limit
+
+
 @routes.get("/v1/generations/{id}/events")
 async def stream_events(request: web.Request) -> web.StreamResponse:
     settings, log, hub = request.app[SETTINGS], request.app[LOG], request.app[HUB]
     generation_id = check_generation_id(request.match_info["id"])
     after_seq = parse_position(request)
     ui_messages = asks_for_ui_messages(request)
+    key_holder = auth.authorize_read(request, generation_id)
+    streams = request.app[OPEN_STREAMS]
+    if streams.count >= streams.limit:
+        # Spread the full reader's returning clients over a few retry intervals.
+        retry_ms = random.randint(settings.retry_milliseconds, 5 * settings.retry_milliseconds)
+        request.app[TELEMETRY].metrics.limit_refusals.add(1, _MAX_STREAMS)
+        return await _come_back_later(request, retry_ms, "busy")
     try:
         state, log_exists = await log.snapshot(generation_id)
     except (RedisError, OSError) as exc:
@@ -81,9 +104,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         logger.warning(
             "events %s: Redis unavailable, asking client to retry: %s", generation_id, exc
         )
-        return await _come_back_later(request, settings.retry_milliseconds)
-    if state is None:
-        raise NotFound("generation_not_found", f"no generation {generation_id}")
+        return await _come_back_later(request, settings.retry_milliseconds, "unavailable")
+    state = auth.owned(key_holder, state, generation_id)
     if state.terminal and not log_exists:
         raise Expired("generation_expired", f"the events of {generation_id} are past retention")
     if state.terminal and after_seq >= state.last_seq:
@@ -113,10 +135,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         next_chunk: NextChunk = subscription.next_chunk
         if ui_message_stream is not None:
             next_chunk = reframed(subscription, ui_message_stream)
+        streams.count += 1
         try:
             await _pump(request, response, subscription, next_chunk, reader)
         finally:
             hub.unsubscribe(subscription)
+            streams.count -= 1
     return response
 
 
@@ -164,9 +188,9 @@ async def _pump(
     await response.write_eof()
 
 
-async def _come_back_later(request: web.Request, retry_ms: int) -> web.StreamResponse:
+async def _come_back_later(request: web.Request, retry_ms: int, reason: str) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
-    await response.write(sse.retry_frame(retry_ms) + sse.comment_frame("unavailable, retry"))
+    await response.write(sse.retry_frame(retry_ms) + sse.comment_frame(f"{reason}, retry"))
     await response.write_eof()
     return response

@@ -1,4 +1,4 @@
-"""The demo page and the health check."""
+"""The demo page."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from importlib import resources
 from pathlib import Path
 
 from aiohttp import web
-from redis.exceptions import RedisError
-
-from app.http.state import LOG
 
 routes = web.RouteTableDef()
 # The page's vendored scripts (app/static/vendor/), shipped as package data.
@@ -19,15 +16,3 @@ routes.static("/static", Path(str(resources.files("app").joinpath("static"))))
 async def index(request: web.Request) -> web.Response:
     page = resources.files("app").joinpath("static", "index.html").read_bytes()
     return web.Response(body=page, content_type="text/html", charset="utf-8")
-
-
-@routes.get("/healthz")
-async def health(request: web.Request) -> web.Response:
-    try:
-        await request.app[LOG].ping()
-    except (RedisError, OSError) as exc:
-        return web.json_response(
-            {"status": "unavailable", "error": {"code": "unavailable", "message": str(exc)}},
-            status=503,
-        )
-    return web.json_response({"status": "ok"})

@@ -6,6 +6,7 @@ code that talks to it.
 - `scripts` and `lua/`: the Lua scripts, each declared once with named KEYS and ARGV.
 - `transport`: how commands reach Redis (hiredis-packed, pipelined per loop tick).
 - `jobs`: the job queue workers consume; `cancels`: the cancel requests they hear.
+- `quotas`: what each API key may create (running generations, creations per minute).
 - `retention`: TTLs, closing abandoned generations, trimming the job queue.
 - `state`: what the store hands out (`GenerationState`, `Lease`, raw entries).
 - `streams` and `stream_scripts`: the Durable Streams (`StreamStore`), kept beside
@@ -15,12 +16,14 @@ code that talks to it.
 from app.store.cancels import CancelRequests
 from app.store.jobs import Job, JobQueue, JobReader
 from app.store.log import GenerationLog
+from app.store.quotas import Admission, Quotas
 from app.store.retention import Retention, Ttls
 from app.store.scripts import UnexpectedReply
 from app.store.state import GenerationState, Lease, RawEntry, now_ms
 from app.store.streams import StreamStore
 
 __all__ = [
+    "Admission",
     "CancelRequests",
     "GenerationLog",
     "GenerationState",
@@ -28,6 +31,7 @@ __all__ = [
     "JobQueue",
     "JobReader",
     "Lease",
+    "Quotas",
     "RawEntry",
     "Retention",
     "StreamStore",

@@ -22,6 +22,7 @@ from app.keys import Keys
 from app.settings import Settings
 from app.store.cancels import CancelRequests
 from app.store.jobs import JobQueue, entry_fields
+from app.store.quotas import Quotas
 from app.store.retention import Retention, Ttls
 from app.store.scripts import (
     ACQUIRE,
@@ -92,6 +93,7 @@ class GenerationLog:
         self._meta_ttl = b"%d" % self.ttls.meta_ms
         self.jobs = JobQueue(redis, self.keys, settings, self._commands)
         self.retention = Retention(self, self._commands)
+        self.quotas = Quotas(self.keys, settings, self._commands)
 
     async def ping(self) -> None:
         """Raises unless Redis answers."""
@@ -106,8 +108,11 @@ class GenerationLog:
         *,
         enqueue: bool = False,
         traceparent: str | None = None,
+        owner: str | None = None,
     ) -> GenerationState:
         """Create the generation; with `enqueue`, also its job (`app.store.jobs`), atomically.
+
+        `owner` is the owner hash of the API key creating it (`app.access`), if any.
 
         Creates requested in the same loop tick share one round trip: a burst of
         POSTs must not queue one by one for the reader's few Redis connections.
@@ -131,6 +136,7 @@ class GenerationLog:
                 created_ms=created,
                 open_ttl_ms=self.ttls.open_ms,
                 meta_ttl_ms=self.ttls.meta_ms,
+                owner=owner or "",
             ),
             [part for field in job.items() for part in field],
         )
@@ -147,6 +153,7 @@ class GenerationLog:
             epoch=0,
             attempts=0,
             cancel_requested=False,
+            owner=owner,
         )
 
     async def request(self, generation_id: str) -> GenerationRequest | None:

@@ -7,7 +7,8 @@ never `KEYS[1]` or `ARGV[2]`, and still runs as one EVALSHA. A script that takes
 a variable tail (`rest`) finds its first entry at `<rest>_from`.
 
 Every script touches the keys of one generation (one hash tag, one Cluster slot),
-except `create`, which also writes the global indexes and the job queue.
+except `create`, which also writes the global indexes and the job queue, and `admit`,
+which touches the keys of one API key owner (one hash tag of its own).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Reply(enum.Enum):
     ALREADY_FINISHED = b"already_finished"  # the terminal event is appended
     SEQ_CONFLICT = b"seq_conflict"  # the writer's seq disagrees with the log
     UNKNOWN = b"unknown"  # no such generation (never created, or expired)
+    RATE = b"rate"  # an API key's creations per minute are spent
+    RUNNING = b"running"  # an API key runs as many generations as it may
     ACTIVE = b"active"  # a conditional close found the generation active
     HELD = b"held"  # another worker holds the lease
     # Durable Streams' scripts (`app.store.stream_scripts`)
@@ -159,6 +162,7 @@ class CreateArgs(NamedTuple):
     created_ms: int
     open_ttl_ms: int
     meta_ttl_ms: int  # also how far back the recent index is kept
+    owner: str  # the owner hash of the creating API key ('' when the service is open)
 
 
 # Then `job`: the job's stream entry as field, value, ... (`jobs.entry_fields`); none = no job.
@@ -243,3 +247,18 @@ class AnnotateArgs(NamedTuple):
 
 ANNOTATE = Script("annotate", MetaKeys, AnnotateArgs)
 CANCEL = Script("cancel", MetaKeys, NoArgs)
+
+
+class AdmitKeys(NamedTuple):
+    running: str
+    created: str
+
+
+class AdmitArgs(NamedTuple):
+    generation_id: str
+    max_running: int  # 0: no limit
+    max_per_minute: int  # 0: no limit
+    running_ttl_ms: int  # an owner that creates nothing this long forgets its running set
+
+
+ADMIT = Script("admit", AdmitKeys, AdmitArgs, replies=(Reply.OK, Reply.RATE, Reply.RUNNING))

@@ -36,6 +36,8 @@ class GenerationState:
     cancel_requested: bool
     # The generation span's W3C traceparent (reader spans link to it).
     traceparent: str | None = None
+    # The owner hash of the API key that created it (app.access); None when created open.
+    owner: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -68,6 +70,7 @@ STATE_FIELDS = (
     "attempts",
     "cancel_requested",
     "traceparent",
+    "owner",
 )
 
 
@@ -99,6 +102,7 @@ def parse_state(generation_id: str, values: Sequence[bytes | None]) -> Generatio
         attempts=_int(m["attempts"]) or 0,
         cancel_requested=m["cancel_requested"] == b"1",
         traceparent=text("traceparent"),
+        owner=text("owner"),
     )
 
 

@@ -21,6 +21,8 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds. The SDK's default buckets (0..10000) assume milliseconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# The limits `limit_refusals` counts, by the name of their setting.
+LIMITS = ("max_streams", "max_running_per_key", "max_creations_per_minute")
 _GAP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -73,6 +75,11 @@ class Metrics:
             "slow_client_disconnects", "{connection}", "Connections closed for falling behind."
         )
         self.events_sent = counter("events_sent", "{event}", "Events written to SSE clients.")
+        self.limit_refusals = counter(
+            "limit_refusals",
+            "{request}",
+            "Requests turned away by a limit (attribute `limit`: a setting's name).",
+        )
 
         # A series exists only once something is recorded: start counters at 0 so a
         # fresh process's /metrics already has them (and rate() has a first point).
@@ -86,6 +93,8 @@ class Metrics:
             self.events_sent,
         ):
             zero_first.add(0)
+        for limit in LIMITS:
+            self.limit_refusals.add(0, {"limit": limit})
 
 
 class PrometheusText:

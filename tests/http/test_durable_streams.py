@@ -192,7 +192,7 @@ async def test_every_response_carries_the_browser_headers(
 async def test_an_append_over_the_request_limit_is_413(
     aiohttp_client: ClientFactory, settings: Settings, redis: Redis
 ) -> None:
-    client = await aiohttp_client(create_app(settings.replace(max_request_bytes=1024), redis))
+    client = await aiohttp_client(create_app(settings.replace(max_body_bytes=1024), redis))
     await client.put("/v1/stream/s", headers={"Content-Type": "application/octet-stream"})
     async with client.post(
         "/v1/stream/s", headers={"Content-Type": "application/octet-stream"}, data=b"x" * 2048
@@ -204,7 +204,7 @@ async def test_an_append_over_the_request_limit_is_413(
 async def test_an_sse_client_that_stops_reading_is_let_go(
     aiohttp_client: ClientFactory, settings: Settings, redis: Redis
 ) -> None:
-    patient = settings.replace(write_timeout_seconds=0.3, max_request_bytes=8 << 20)
+    patient = settings.replace(write_timeout_seconds=0.3, max_body_bytes=8 << 20)
     app = create_app(patient, redis)
     client = await aiohttp_client(app)
     binary = {"Content-Type": "application/octet-stream"}

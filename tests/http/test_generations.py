@@ -53,19 +53,22 @@ async def test_trace_context_travels_with_the_job(
     [
         (b"{not json", 400, "invalid_json", None),
         (b"[]", 400, "invalid_request", None),
-        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request", None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', 400, "invalid_request", "model"),
+        (b'{"model": "sim", "messages": [{"content": "x"}]}', 400, "invalid_request", "messages[0].role"),
         (b'{"model": "sim", "messages": []}', 400, "invalid_request", "messages"),
         (b'{"model": 3, "messages": [{"role": "user"}]}', 400, "invalid_request", "model"),
         (b'{"model": "sim", "messages": [{"role": "robot"}]}', 400, "invalid_request", "messages[0].role"),
         (b'{"model": "gpt-9", "messages": [{"role": "user"}]}', 400, "unknown_model", "model"),
-        (b'{"model": "sim", "messages": [{"role": "user"}], "tempurature": 1}', 400, "invalid_request", None),
+        (b'{"model": "sim", "messages": [{"role": "user"}], "tempurature": 1}', 400, "invalid_request", "tempurature"),
+        (b'{"model": "sim", "messages": [{"role": "user", "rol": "x"}]}', 400, "invalid_request", "messages[0].rol"),
         (b'{"model": "sim", "messages": [{"role": "user"}], "sim": {"tokens": -1}}', 400, "invalid_request", "sim.tokens"),
         (b'{"model": "openai/x", "messages": [{"role": "user"}], "sim": {}}', 400, "invalid_request", "sim"),
         (b'{"model": "sim", "messages": [{"role": "user"}], "temperature": 9}', 400, "invalid_request", "temperature"),
     ],
     ids=[
-        "not-json", "not-an-object", "no-model", "no-messages", "model-type", "bad-role",
-        "unknown-model", "unknown-field", "negative-tokens", "sim-params-on-other-model",
+        "not-json", "not-an-object", "no-model", "no-role", "no-messages", "model-type", "bad-role",
+        "unknown-model", "unknown-field", "unknown-nested-field", "negative-tokens",
+        "sim-params-on-other-model",
         "temperature-range",
     ],
 )  # fmt: skip
@@ -85,8 +88,7 @@ async def test_bad_bodies_are_named_and_write_nothing(
     error = (await response.json())["error"]
     assert error["code"] == code
     assert error["message"]
-    if field is not None:
-        assert error["field"] == field
+    assert error.get("field") == field
     assert await redis.exists(log.keys.jobs) == 0
     assert await redis.zcard(log.keys.open_generations) == 0
 
@@ -95,7 +97,9 @@ async def test_oversized_body_is_413(client: Client) -> None:
     big = json.dumps({**VALID, "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
     response = await client.post("/v1/generations", data=io.BytesIO(big.encode()))
     assert response.status == 413
-    assert (await response.json())["error"]["code"] == "request_too_large"
+    error = (await response.json())["error"]
+    assert error["code"] == "body_too_large"
+    assert (error["setting"], error["limit"]) == ("TOKENTAPE_MAX_BODY_BYTES", 1 << 20)
 
 
 @pytest.mark.parametrize(

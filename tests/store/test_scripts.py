@@ -12,7 +12,17 @@ from redis.asyncio import Redis
 from app.errors import SeqConflict
 from app.generations import TERMINAL_STATUSES, Status
 from app.store import GenerationLog, UnexpectedReply
-from app.store.scripts import ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW, Script, prelude
+from app.store.scripts import (
+    ACQUIRE,
+    ADMIT,
+    ANNOTATE,
+    APPEND,
+    CANCEL,
+    CREATE,
+    RENEW,
+    Script,
+    prelude,
+)
 from app.store.stream_scripts import (
     STREAM_ADD_FORK,
     STREAM_APPEND,
@@ -22,7 +32,7 @@ from app.store.stream_scripts import (
 )
 from tests.conftest import leased_generation
 
-SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
+SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ADMIT, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
 STREAM_SCRIPTS: list[Script[Any, Any]] = [
     STREAM_ADD_FORK,
     STREAM_APPEND,

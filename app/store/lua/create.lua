@@ -7,6 +7,7 @@
 if redis.call('EXISTS', meta) == 1 then return 0 end
 redis.call('HSET', meta, 'status', 'queued', 'model', model, 'last_seq', 0,
   'created_ms', created_ms, 'epoch', 0, 'attempts', 0)
+if owner ~= '' then redis.call('HSET', meta, 'owner', owner) end
 redis.call('PEXPIRE', meta, open_ttl_ms)
 redis.call('SET', request, request_json, 'PX', open_ttl_ms)
 redis.call('ZADD', open, created_ms, generation_id)
