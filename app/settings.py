@@ -16,12 +16,24 @@ from app.keys import DEFAULT_PREFIX
 
 HOUR = 3600.0
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+# Shards of the job queue, the indexes and the cancel channel on a Redis Cluster, when
+# not set: more than a cluster has primaries, so hashing spreads them over every one.
+CLUSTER_SHARDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # None: `tokentape serve` starts an embedded Redis-protocol server.
     redis_url: str | None = None
+    # A Redis Cluster: redis_url names any node, and every client follows the slot map.
+    redis_cluster: bool = False
+    # What is not per generation (the job queue, the indexes of `ls` and the sweeper,
+    # the cancel channel) is split in this many shards, each in a slot of its own, and
+    # workers consume every shard. 0: one of each, named as ever, on one Redis;
+    # CLUSTER_SHARDS on a cluster. Every reader and worker must use the same number.
+    shards: int = 0
     # Where that embedded server keeps its data (and where the tools look for it).
     data_dir: str = ".tokentape"
     key_prefix: str = DEFAULT_PREFIX
@@ -94,6 +106,20 @@ class Settings:
                 message=f"TOKENTAPE_LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, "
                 f"got {self.log_level!r}"
             )
+        if self.redis_cluster and not self.redis_url:
+            raise ConfigError(
+                message="TOKENTAPE_REDIS_CLUSTER (--cluster) needs TOKENTAPE_REDIS_URL "
+                "(--redis URL) naming a node of the cluster"
+            )
+        if self.shards < 0:
+            raise ConfigError(message=f"TOKENTAPE_SHARDS must be 0 or more, got {self.shards}")
+
+    @property
+    def key_shards(self) -> int:
+        """`shards`, or its default for the deployment: what `app.keys.Keys` is built with."""
+        if self.shards:
+            return self.shards
+        return CLUSTER_SHARDS if self.redis_cluster else 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -113,6 +139,14 @@ class Settings:
 
 def _parse(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(
+            message=f"TOKENTAPE_{field.name.upper()} must be true or false, got {raw!r}"
+        )
     parse: type[int | float] | None = (
         int if kind.startswith("int") else float if kind.startswith("float") else None
     )
