@@ -94,7 +94,7 @@ async def test_a_held_job_is_claimable_when_its_lease_expires_not_a_lease_later(
     ((_, _, idle),) = await pending(redis, log)
     # Claimable (idle for a lease) once the other holder's lease has run out.
     assert lease_ms - lease_ms // 4 <= idle < lease_ms - lease_ms // 4 + 1000
-    await log.jobs.touch("worker-a", [job.id])
+    await log.jobs.touch("worker-a", {generation_id: job.id})
     ((_, _, idle),) = await pending(redis, log)
     assert idle < 1000
 
