@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.http import durable_streams, event_stream, generations, pages
 from app.http.errors import json_errors
@@ -18,7 +19,7 @@ __all__ = ["HUB", "LOG", "SETTINGS", "TELEMETRY", "create_app"]
 
 
 def create_app(
-    settings: Settings, redis: Redis, telemetry: Telemetry | None = None
+    settings: Settings, redis: Redis | RedisCluster, telemetry: Telemetry | None = None
 ) -> web.Application:
     """The aiohttp application. `redis` and `telemetry` are owned by the caller.
 
@@ -40,7 +41,8 @@ def create_app(
     app.add_routes(event_stream.routes)
     app.add_routes(pages.routes)
     app.router.add_get("/metrics", metrics_handler)
-    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
+    if isinstance(redis, Redis):  # Durable Streams do not run on a cluster yet
+        app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis))
 
     async def start_hub(app: web.Application) -> None:
         await app[HUB].start()
