@@ -11,8 +11,10 @@ failover answers is handled here and never reaches a caller:
   does (`NodesManager.move_slot`) and the call is sent there.
 - ASK: the slot is being migrated and the call's keys are already on the target: the
   call goes there, once, after ASKING.
-- TRYAGAIN (a script's keys are split between the two ends of a migration) and
-  CLUSTERDOWN (a failover under way): the call is sent again after a pause.
+- TRYAGAIN (a script's keys are split between the two ends of a migration),
+  CLUSTERDOWN (a failover under way) and UNBLOCKED (a blocking read on a primary that
+  became a replica): the call is sent again after a pause, the last two once the slot
+  map was read again.
 
 Redirections are followed for up to `REDIRECT_BUDGET_SECONDS`, then the call fails with
 `ClusterUnsettled`, a connection error: callers retry it as they retry a lost
@@ -34,6 +36,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -61,6 +64,9 @@ class ClusterUnsettled(RedisConnectionError):
 async def refresh_slot_map(cluster: RedisCluster) -> None:
     """Read the slot map again from the cluster (after a node was lost, or a slot moved)."""
     try:
+        # Trap: a client whose own initialize() never ran would not close in aclose()
+        # the connections a refresh opens.
+        await cluster.initialize()
         await cluster.nodes_manager.initialize()
     except (RedisError, OSError) as exc:
         logger.warning("reading the cluster's slot map failed: %s", exc)
@@ -136,10 +142,12 @@ class ClusterRoutes:
                         todo.append((i, None))
                     elif isinstance(reply, AskError):
                         todo.append((i, reply))
-                    elif isinstance(reply, TryAgainError | ClusterDownError):
+                    elif isinstance(reply, TryAgainError):
                         must_wait = True
                         todo.append((i, None))
-                        refresh = refresh or isinstance(reply, ClusterDownError)
+                    elif isinstance(reply, ClusterDownError) or _unblocked(reply):
+                        must_wait = refresh = True
+                        todo.append((i, None))
                     else:
                         results[i] = reply
             if refresh:
@@ -184,6 +192,11 @@ class ClusterRoutes:
             finally:
                 node.release(connection)
         return replies[1::2] if asking else replies
+
+
+def _unblocked(reply: Any) -> bool:
+    """A blocking command cut short because its node stopped being a primary."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("UNBLOCKED")
 
 
 def _unused() -> asyncio.Future[Any]:

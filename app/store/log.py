@@ -249,7 +249,7 @@ class GenerationLog:
             )
             return [raw.decode() for raw in ids]
         # Each shard's newest offset + count, merged: the page is among them.
-        replies: list[list[bytes]] = await asyncio.gather(
+        replies: list[list[Any]] = await asyncio.gather(
             *(
                 self._commands.submit(
                     b"ZREVRANGEBYSCORE",
@@ -264,11 +264,7 @@ class GenerationLog:
                 for shard in shards
             )
         )
-        scored = [
-            [(float(flat[i + 1]), flat[i].decode()) for i in range(0, len(flat), 2)]
-            for flat in replies
-        ]
-        newest = heapq.merge(*scored, reverse=True)
+        newest = heapq.merge(*(_by_score(reply) for reply in replies), reverse=True)
         return [generation_id for _, generation_id in list(newest)[offset : offset + count]]
 
     # -- append -------------------------------------------------------------
@@ -474,6 +470,13 @@ class GenerationLog:
     def cancel_requests(self) -> CancelRequests:
         """The cancel requests published to every worker (`async with`, then `async for`)."""
         return CancelRequests(self._redis, self.keys.shards)
+
+
+def _by_score(reply: list[Any]) -> list[tuple[float, str]]:
+    """(score, member) pairs of a WITHSCORES reply: RESP3 pairs or a RESP2 flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(float(score), member.decode()) for member, score in reply]
+    return [(float(reply[i + 1]), reply[i].decode()) for i in range(0, len(reply), 2)]
 
 
 def _refusal(code: Reply, generation_id: str, last: int) -> Exception:
