@@ -47,6 +47,9 @@ from app.store.cluster import node_of, refresh_slot_map
 logger = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024  # per read of the connection
+# Slot maps read (each after a growing pause) before a channel goes back to the cluster
+# node that let it go (see ShardedPubSub).
+STALE_MAP_TRIES = 8
 CONNECT_TIMEOUT_SECONDS = 5.0  # connect and log in, when the client sets no connect timeout
 
 Message = TypeVar("Message")
@@ -400,7 +403,13 @@ class ShardedPubSub(Generic[Message]):
     node lets a channel go or refuses it, or its connection fails, the slot map is read
     again and every channel whose primary changed is subscribed on the new one (its
     listener is told it may have missed messages once that is confirmed). A connection
-    left with no channel is closed.
+    left with no channel is closed. A primary that a failover made a replica may keep
+    its channels (whether Redis lets them go then varies): it still delivers them, since
+    Redis passes a shard's messages on to the shard's replicas.
+
+    Trap: right after a failover or a migration, the node the map is read from may not
+    know yet, and a replica accepts SSUBSCRIBE: a channel is not put back on the node
+    that let it go until the map has said so for `STALE_MAP_TRIES` reads.
     """
 
     def __init__(self, cluster: RedisCluster, parse: Callable[[bytes], Message]) -> None:
@@ -408,6 +417,8 @@ class ShardedPubSub(Generic[Message]):
         self._parse = parse
         self._listeners: dict[bytes, Listener[Message]] = {}
         self._node_of: dict[bytes, str] = {}  # channel -> name of the node it is subscribed on
+        # Channels a node let go of or refused: that node's name, and maps read since.
+        self._left: dict[bytes, tuple[str, int]] = {}
         self._connections: dict[str, PubSubConnection[Message]] = {}
         self._listening: set[asyncio.Task[None]] = set()
         self._moving = asyncio.Event()  # some channel must be placed again
@@ -431,6 +442,7 @@ class ShardedPubSub(Generic[Message]):
 
     def unsubscribe(self, channel: bytes) -> None:
         del self._listeners[channel]
+        self._left.pop(channel, None)
         name = self._node_of.pop(channel, None)
         if name is not None:
             self._connections[name].unsubscribe(channel)
@@ -467,11 +479,16 @@ class ShardedPubSub(Generic[Message]):
             await asyncio.gather(*self._listening, return_exceptions=True)
 
     def _place(self, channel: bytes) -> bool:
-        """Subscribe `channel` on the primary the slot map names; False if it names none."""
+        """Subscribe `channel` on the primary the slot map names; False if it names none,
+        or (for a while) the node that let the channel go."""
         try:
             node = node_of(self._cluster, channel)
         except SlotNotCoveredError:
             self._moving.set()
+            return False
+        left = self._left.pop(channel, None)
+        if left is not None and left[0] == node.name and left[1] < STALE_MAP_TRIES:
+            self._left[channel] = (left[0], left[1] + 1)
             return False
         connection = self._connections.get(node.name)
         if connection is None:
@@ -487,6 +504,8 @@ class ShardedPubSub(Generic[Message]):
                 self._start(connection)
         self._node_of[channel] = node.name
         connection.subscribe(channel, self._listeners[channel])
+        if left is not None:
+            logger.info("live channel %r moved from %s to %s", channel, left[0], node.name)
         return True
 
     def _start(self, connection: PubSubConnection[Message]) -> None:
@@ -502,6 +521,7 @@ class ShardedPubSub(Generic[Message]):
         name = self._node_of.pop(channel, None)
         if name is not None and channel in self._listeners:
             self._connections[name].unsubscribe(channel)
+            self._left[channel] = (name, 0)
         self._moving.set()
 
     def _replace(self) -> bool:
