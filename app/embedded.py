@@ -403,7 +403,7 @@ class RedisClusterProcesses:
     def settled(self) -> bool:
         import redis
 
-        running = [node for node in self.nodes if node.pid is not None]
+        running = self._running()
         try:
             for node in running:
                 with redis.Redis(port=node.port, socket_timeout=1) as client:
@@ -430,6 +430,67 @@ class RedisClusterProcesses:
         except (redis.RedisError, OSError):
             return False
         return True
+
+    def primary_of(self, slot: int) -> RedisProcess:
+        """The node that serves `slot` now."""
+        import redis
+
+        with redis.Redis(port=self._running()[0].port) as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return self._node(primary[1])
+        raise EmbeddedUnavailable(f"no node serves slot {slot}")
+
+    def replica_of(self, primary: RedisProcess) -> RedisProcess:
+        import redis
+
+        for node in self._running():
+            with redis.Redis(port=node.port) as client:
+                replication = client.info("replication")
+            if replication["role"] == "slave" and replication["master_port"] == primary.port:
+                return node
+        raise EmbeddedUnavailable(f"the node on port {primary.port} has no replica")
+
+    def fail_over(self, replica: RedisProcess) -> None:
+        """`CLUSTER FAILOVER` on `replica`: it takes its primary's place (a manual failover,
+        nothing lost); returns once every node agrees."""
+        import redis
+
+        with redis.Redis(port=replica.port) as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        self.wait_settled()
+
+    def move_slot(self, slot: int, target: RedisProcess, *, pause: float = 0.0) -> None:
+        """Migrate `slot` to `target` as `redis-cli --cluster reshard` does (CLUSTER SETSLOT,
+        MIGRATE), one key at a time with `pause` s between keys, so that clients meet the
+        migration half done."""
+        import redis
+
+        source = self.primary_of(slot)
+        with (
+            redis.Redis(port=source.port) as source_client,
+            redis.Redis(port=target.port) as target_client,
+        ):
+            source_id = source_client.execute_command("CLUSTER", "MYID").decode()
+            target_id = target_client.execute_command("CLUSTER", "MYID").decode()
+            target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := source_client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                source_client.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+                )
+                # Spreading the migration over time: there is no event to await.
+                time.sleep(pause)
+            for node in (target, source):
+                with redis.Redis(port=node.port) as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_settled()
+
+    def _running(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.pid is not None]
+
+    def _node(self, port: int) -> RedisProcess:
+        return next(node for node in self.nodes if node.port == port)
 
     def stop(self) -> None:
         for node in self.nodes:
