@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog, Job, JobReader
+from tests.conftest import ON_EVERY_BACKEND
 
 
 @pytest.fixture
@@ -113,3 +116,43 @@ async def test_a_requeued_job_is_new_again_and_the_old_one_settled(
         await reader.aclose()
     assert (again.generation_id, again.traceparent) == (generation_id, "00-trace-parent-01")
     assert again.id != job.id
+
+
+@ON_EVERY_BACKEND
+async def test_a_worker_reads_settles_and_claims_the_jobs_of_every_shard(
+    store_redis: Redis | RedisCluster, settings: Settings
+) -> None:
+    # Sharded on one Redis too: the shards are named and consumed alike there.
+    sharded = settings if settings.redis_cluster else settings.replace(shards=4)
+    log = GenerationLog(store_redis, sharded)
+    shards = len(log.keys.shards)
+    generation_ids: list[str] = []
+    while len({log.keys.shard(g).index for g in generation_ids}) < shards:
+        generation_ids.append(new_generation_id())
+    await log.jobs.ensure_group()
+    for generation_id in generation_ids:
+        await log.jobs.enqueue(generation_id, None)
+    dead = log.jobs.reader("dead")
+    try:
+        taken: list[Job] = []
+        async with asyncio.timeout(10):
+            while len(taken) < len(generation_ids):
+                taken += await dead.read(len(generation_ids), 500)
+    finally:
+        await dead.aclose()
+    assert sorted(job.generation_id for job in taken) == sorted(generation_ids)
+    # The reader died holding them all, and no lease holds their generations: each is
+    # claimable at once, and another worker claims them all in one pass over the
+    # shards, then settles each in the stream it was queued in.
+    for job in taken:
+        await log.jobs.retry_when_lease_expires(job, "dead")
+    claimed = await log.jobs.claim_idle("worker-b", len(taken))
+
+    def by_generation(job: Job) -> str:
+        return job.generation_id  # two shards' streams may give two jobs one id
+
+    assert sorted(claimed, key=by_generation) == sorted(taken, key=by_generation)
+    for job in claimed:
+        await log.jobs.ack(job)
+    # Every shard's stream is trimmed, down to its last delivered entry (MINID keeps it).
+    assert await log.retention.trim_jobs() == len(generation_ids) - shards
