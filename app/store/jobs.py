@@ -187,29 +187,41 @@ class JobReader:
     each read on a connection of its own.
 
     A shard's read that has not answered when another did stays out, and its jobs come
-    with a later `read`: a read asks each shard for its share of `count`, so a worker
-    takes on about `count` jobs, not `count` per shard.
+    with a later `read`. The reads out never ask for more than `count` jobs together: a
+    job read is this consumer's, and one read while the worker is full would wait,
+    unstarted, until a slot frees (as long as a generation takes).
     """
 
     def __init__(self, queue: JobQueue, redis: Redis | ClusterRoutes, consumer: str) -> None:
         self._queue = queue
         self._redis = redis
         self.consumer = consumer
-        self._reads: dict[int, asyncio.Task[list[Job]]] = {}
+        # Reads out, by shard index: the task, and how many jobs it asked for.
+        self._reads: dict[int, tuple[asyncio.Task[list[Job]], int]] = {}
+        self._turn = 0  # which shard is asked first, when `count` is less than the shards
 
     async def read(self, count: int, block_ms: int) -> list[Job]:
-        """Up to about `count` new jobs, waiting up to `block_ms` for the first."""
-        shards = self._queue.keys.shards
-        share = -(-count // len(shards))
-        for shard in shards:
-            if shard.index not in self._reads:
-                self._reads[shard.index] = asyncio.create_task(
-                    self._read_shard(shard, share, block_ms)
-                )
-        await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
+        """Up to `count` new jobs, waiting up to `block_ms` for the first."""
+        budget = count - sum(asked for _, asked in self._reads.values())
+        idle = [shard for shard in self._queue.keys.shards if shard.index not in self._reads]
+        if budget > 0 and idle:
+            turn, self._turn = self._turn % len(idle), self._turn + 1
+            share = -(-budget // len(idle))
+            for shard in (*idle[turn:], *idle[:turn]):
+                asked = min(share, budget)
+                if asked <= 0:
+                    break
+                task = asyncio.create_task(self._read_shard(shard, asked, block_ms))
+                self._reads[shard.index] = (task, asked)
+                budget -= asked
+        if not self._reads:
+            return []
+        await asyncio.wait(
+            [task for task, _ in self._reads.values()], return_when=asyncio.FIRST_COMPLETED
+        )
         jobs: list[Job] = []
         failure: BaseException | None = None
-        for index, task in list(self._reads.items()):
+        for index, (task, _) in list(self._reads.items()):
             if not task.done():
                 continue
             del self._reads[index]
@@ -257,7 +269,7 @@ class JobReader:
         return [job for entries in streams for job in _jobs(entries)]
 
     async def aclose(self) -> None:
-        reads = list(self._reads.values())
+        reads = [task for task, _ in self._reads.values()]
         for task in reads:
             task.cancel()
         await asyncio.gather(*reads, return_exceptions=True)

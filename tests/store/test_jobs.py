@@ -156,3 +156,27 @@ async def test_a_worker_reads_settles_and_claims_the_jobs_of_every_shard(
         await log.jobs.ack(job)
     # Every shard's stream is trimmed, down to its last delivered entry (MINID keeps it).
     assert await log.retention.trim_jobs() == len(generation_ids) - shards
+
+
+async def test_the_reads_out_never_take_more_jobs_than_a_worker_asked_for(
+    redis: Redis, settings: Settings
+) -> None:
+    # A worker with room for 2 generations, and jobs waiting in each of 4 shards: a job
+    # read is its own, and one it has no room for would wait unstarted for a free slot.
+    log = GenerationLog(redis, settings.replace(shards=4))
+    await log.jobs.ensure_group()
+    per_shard = {shard.index: 0 for shard in log.keys.shards}
+    while min(per_shard.values()) < 2:
+        generation_id = new_generation_id()
+        per_shard[log.keys.shard(generation_id).index] += 1
+        await log.jobs.enqueue(generation_id, None)
+    reader = log.jobs.reader("worker-a")
+    try:
+        assert len(await reader.read(2, 100)) <= 2
+    finally:
+        await reader.aclose()
+    taken = 0
+    for shard in log.keys.shards:
+        summary = await redis.xpending(shard.jobs, log.keys.worker_group)
+        taken += int(summary["pending"])
+    assert taken <= 2
