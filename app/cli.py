@@ -49,6 +49,13 @@ def _redis_argument(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--redis", dest="redis_url", metavar="URL", help=f"Redis URL (default: {default})"
     )
+    parser.add_argument(
+        "--cluster",
+        dest="redis_cluster",
+        action="store_const",
+        const=True,
+        help="the URL names a node of a Redis Cluster (or TOKENTAPE_REDIS_CLUSTER=true)",
+    )
 
 
 def _data_dir_argument(parser: argparse.ArgumentParser, help: str) -> None:

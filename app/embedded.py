@@ -14,7 +14,7 @@ The data directory also holds a lock (one `serve` per directory) and
 `embedded.json`, where the incident tools find the running server's URL.
 
 `RedisProcess` is also what the tests, scripts/test and the benchmark run their
-own redis-server with.
+own redis-server with, and `RedisClusterProcesses` their own Redis Cluster.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import IO, Any, Protocol
 logger = logging.getLogger("tokentape.embedded")
 
 SERVER_BINARIES = ("redis-server", "valkey-server")
+CLI_BINARIES = {"redis-server": "redis-cli", "valkey-server": "valkey-cli"}
 # What the embedded server keeps on disk: every write in an append-only file, synced
 # once a second; a clean stop (SIGTERM, also sent when tokentape dies) writes it all.
 PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "everysec")
@@ -166,6 +167,13 @@ def _locked_by_another(data_dir: Path) -> bool:
             return True
         fcntl.flock(lock, fcntl.LOCK_UN)
         return False
+
+
+def find_cli(server: str, which: Which = shutil.which) -> str | None:
+    """The redis-cli (or valkey-cli) that goes with the server binary `server`."""
+    name = CLI_BINARIES.get(Path(server).name, "redis-cli")
+    beside = Path(server).with_name(name)
+    return str(beside) if beside.is_file() else which(name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -303,6 +311,194 @@ class RedisProcess:
                 self._process.kill()
             self._process.wait()
             self._process = None
+
+
+# A node is taken for failed after this many ms: short, so that failovers in tests and
+# drills finish in seconds (production runs the default, 15 s).
+CLUSTER_NODE_TIMEOUT_MS = 2000
+_SETTLE_TIMEOUT_SECONDS = 30.0
+
+
+class RedisClusterProcesses:
+    """A Redis Cluster of `redis-server` children on 127.0.0.1: `primaries` primaries,
+    each with `replicas` replicas, joined by `redis-cli --cluster create`.
+
+    Every node is a `RedisProcess` (its files in `directory/node-<i>`, its cluster bus
+    on a port of its own), so a test can kill, stop or restart any one of them.
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        *,
+        primaries: int = 3,
+        replicas: int = 1,
+        config: Sequence[str] = (),
+        log_dir: Path | None = None,
+    ) -> None:
+        cli = find_cli(binary)
+        if cli is None:
+            raise EmbeddedUnavailable(f"no redis-cli beside {binary} to create a cluster with")
+        self.cli = cli
+        self.replicas = replicas
+        self.nodes: list[RedisProcess] = []
+        for i in range(primaries * (1 + replicas)):
+            options = (
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+                "--cluster-port", str(free_port()),
+                # A replica syncs at once, not after the default 5 s of waiting for others.
+                "--repl-diskless-sync-delay", "0",
+            )  # fmt: skip
+            log_file = None if log_dir is None else log_dir / f"node-{i}.log"
+            node = RedisProcess(
+                binary, directory / f"node-{i}", config=(*options, *config), log_file=log_file
+            )
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        """Any node names the cluster: a cluster client learns the rest from it."""
+        return self.nodes[0].url
+
+    @property
+    def kind(self) -> str:
+        return f"{self.nodes[0].kind} cluster"
+
+    @property
+    def persistent(self) -> bool:
+        return self.nodes[0].persistent
+
+    def start(self) -> None:
+        """Start every node, join them, and return once every node sees the whole cluster."""
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        created = subprocess.run(
+            [self.cli, "--cluster", "create", *addresses,
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )  # fmt: skip
+        if created.returncode != 0:
+            self.kill()
+            raise EmbeddedUnavailable(f"redis-cli --cluster create failed: {created.stdout}")
+        self.wait_settled()
+
+    def wait_settled(self, timeout: float = _SETTLE_TIMEOUT_SECONDS) -> None:
+        """Return once every running node reports the cluster ok with every slot served,
+        knows every node, and every replica is in sync with its primary."""
+        deadline = time.monotonic() + timeout
+        while not self.settled():
+            if time.monotonic() > deadline:
+                raise EmbeddedUnavailable(f"the cluster did not settle within {timeout:g} s")
+            # Gossip converging: there is no event to await.
+            time.sleep(0.05)
+
+    def settled(self) -> bool:
+        import redis
+
+        running = self._running()
+        try:
+            for node in running:
+                with redis.Redis(port=node.port, socket_timeout=1) as client:
+                    info: dict[str, Any] = client.cluster("INFO")
+                    if (
+                        info.get("cluster_state") != "ok"
+                        or int(info.get("cluster_slots_ok", 0)) != 16384
+                        or int(info.get("cluster_known_nodes", 0)) != len(self.nodes)
+                    ):
+                        return False
+                    replication = client.info("replication")
+                    if replication["role"] == "slave" and (
+                        replication.get("master_link_status") != "up"
+                    ):
+                        return False
+                    slots = {
+                        (start, end, primary[1])
+                        for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS")
+                    }
+                if running[0] is node:
+                    first = slots
+                elif slots != first:
+                    return False
+        except (redis.RedisError, OSError):
+            return False
+        return True
+
+    def primary_of(self, slot: int) -> RedisProcess:
+        """The node that serves `slot` now."""
+        import redis
+
+        with redis.Redis(port=self._running()[0].port) as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return self._node(primary[1])
+        raise EmbeddedUnavailable(f"no node serves slot {slot}")
+
+    def replica_of(self, primary: RedisProcess) -> RedisProcess:
+        import redis
+
+        for node in self._running():
+            with redis.Redis(port=node.port) as client:
+                replication = client.info("replication")
+            if replication["role"] == "slave" and replication["master_port"] == primary.port:
+                return node
+        raise EmbeddedUnavailable(f"the node on port {primary.port} has no replica")
+
+    def fail_over(self, replica: RedisProcess) -> None:
+        """`CLUSTER FAILOVER` on `replica`: it takes its primary's place (a manual failover,
+        nothing lost); returns once every node agrees."""
+        import redis
+
+        with redis.Redis(port=replica.port) as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        self.wait_settled()
+
+    def move_slot(self, slot: int, target: RedisProcess, *, pause: float = 0.0) -> None:
+        """Migrate `slot` to `target` as `redis-cli --cluster reshard` does (CLUSTER SETSLOT,
+        MIGRATE), one key at a time with `pause` s between keys, so that clients meet the
+        migration half done."""
+        import redis
+
+        source = self.primary_of(slot)
+        with (
+            redis.Redis(port=source.port) as source_client,
+            redis.Redis(port=target.port) as target_client,
+        ):
+            source_id = source_client.execute_command("CLUSTER", "MYID").decode()
+            target_id = target_client.execute_command("CLUSTER", "MYID").decode()
+            target_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            source_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := source_client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
+                source_client.execute_command(
+                    "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
+                )
+                # Spreading the migration over time: there is no event to await.
+                time.sleep(pause)
+            for node in (target, source):
+                with redis.Redis(port=node.port) as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_settled()
+
+    def _running(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.pid is not None]
+
+    def _node(self, port: int) -> RedisProcess:
+        return next(node for node in self.nodes if node.port == port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def kill(self) -> None:
+        for node in self.nodes:
+            node.kill()
 
 
 def die_with_parent() -> None:

@@ -2,13 +2,18 @@
 
 All keys of one generation share the hash tag `{<generation id>}`, so a
 generation lives in one Redis Cluster slot and one Lua script can touch all of
-its keys atomically. The few global keys carry their own tag.
+its keys atomically. What is not per generation (the job queue, the indexes, the
+cancel channel) is a `Shard`: one of them on one Redis, named as ever, or N, each
+under a hash tag of its own (`{shard:<i>}`), so a cluster spreads them over its
+nodes; a generation belongs to the shard its id hashes to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
+import zlib
 
 from app.errors import InvalidRequest
 
@@ -30,19 +35,50 @@ def check_generation_id(generation_id: str) -> str:
     return generation_id
 
 
-class Keys:
-    """Key names under one prefix (tests and tenants use their own prefix)."""
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One shard of what is not per generation. Sharded, its keys share one hash tag
+    (one Cluster slot), so one script can index a generation and queue its job."""
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+    index: int
+    jobs: str  # the job stream, consumed by the `workers` group
+    open_generations: str  # sorted set: open generations by last activity (the sweeper's)
+    recent_generations: str  # sorted set: generations by creation (`tokentape ls`)
+    cancel_channel: str  # pub/sub: ids of generations whose cancel was requested
+
+
+class Keys:
+    """Key names under one prefix (tests and tenants use their own prefix).
+
+    `shards` 0: one unsharded set of global keys; N: N shards (see the module docstring).
+    """
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX, shards: int = 0) -> None:
         self.prefix = prefix
-        # Global keys get their own hash tags: each is one key in one slot.
-        self.jobs = f"{prefix}:{{jobs}}"
-        self.open_generations = f"{prefix}:{{open}}"
-        self.recent_generations = f"{prefix}:{{recent}}"
-        self.cancel_channel = f"{prefix}:cancel"
-        # Always subscribed by each reader's hub; nothing is published to it.
+        if shards == 0:
+            # Each its own hash tag: one key in one slot, as on one Redis they always were.
+            tags = ["{jobs}", "{open}", "{recent}", "cancel"]
+            self.shards: tuple[Shard, ...] = (Shard(0, *(f"{prefix}:{tag}" for tag in tags)),)
+        else:
+            names = ["jobs", "open", "recent", "cancel"]
+            self.shards = tuple(
+                Shard(i, *(f"{prefix}:{{shard:{i}}}:{name}" for name in names))
+                for i in range(shards)
+            )
+        # The first shard's names: on one Redis (no shards) they are the only ones.
+        self.jobs = self.shards[0].jobs
+        self.open_generations = self.shards[0].open_generations
+        self.recent_generations = self.shards[0].recent_generations
+        self.cancel_channel = self.shards[0].cancel_channel
+        # Always subscribed by each reader's hub on one Redis; nothing is published to it.
         self.hub_channel = f"{prefix}:hub"
         self.worker_group = "workers"
+
+    def shard(self, generation_id: str) -> Shard:
+        """The shard of a generation: where its job, index entries and cancels go."""
+        if len(self.shards) == 1:
+            return self.shards[0]
+        return self.shards[zlib.crc32(generation_id.encode()) % len(self.shards)]
 
     def _tag(self, generation_id: str) -> str:
         return f"{self.prefix}:{{{generation_id}}}"

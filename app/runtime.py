@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.settings import Settings
 
@@ -48,11 +49,16 @@ def run_loop(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def connect(settings: Settings, role: str, max_connections: int | None = None) -> Redis:
-    """A Redis client named `tokentape-<role>-<pid>`, as CLIENT LIST shows it.
+def connect(
+    settings: Settings, role: str, max_connections: int | None = None
+) -> Redis | RedisCluster:
+    """A Redis client named `tokentape-<role>-<pid>`, as CLIENT LIST shows it; with
+    `redis_cluster`, redis-py's cluster client, which learns the cluster from the node
+    the URL names.
 
     With `max_connections`, callers wait for a free connection instead of opening
-    more: a reader holds a fixed number whatever the number of open streams.
+    more: a reader holds a fixed number whatever the number of open streams. On a
+    cluster that number is per node.
     """
     assert settings.redis_url is not None
     # socket_timeout=None: redis-py's default 5 s socket timeout would cut blocking
@@ -62,6 +68,10 @@ def connect(settings: Settings, role: str, max_connections: int | None = None) -
         "socket_connect_timeout": 5,
         "client_name": f"tokentape-{role}-{os.getpid()}",
     }
+    if settings.redis_cluster:
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        return RedisCluster.from_url(settings.redis_url, **options)
     if max_connections is None:
         return Redis.from_url(settings.redis_url, **options)
     pool = BlockingConnectionPool.from_url(
@@ -70,7 +80,7 @@ def connect(settings: Settings, role: str, max_connections: int | None = None) -
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
-async def reachable(redis: Redis, settings: Settings) -> bool:
+async def reachable(redis: Redis | RedisCluster, settings: Settings) -> bool:
     """Redis answers PING; if not, say so in the log."""
     try:
         await redis.ping()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import embedded, work
 from app.access import Access
@@ -31,7 +32,7 @@ from workers.runner import Worker
 
 logger = logging.getLogger("tokentape")
 
-AppFactory = Callable[[Settings, Redis, Telemetry], web.Application]
+AppFactory = Callable[[Settings, Redis | RedisCluster, Telemetry], web.Application]
 
 
 def main(settings: Settings, *, processes: int, with_worker: bool, reuse_port: bool) -> int:
@@ -120,6 +121,7 @@ async def serve_processes(
     command = [
         sys.executable, "-m", "app", "serve",
         "--redis", settings.redis_url,
+        *(["--cluster"] if settings.redis_cluster else []),
         "--host", settings.host,
         "--port", str(port),
         "--reuse-port",

@@ -18,12 +18,22 @@ from app.keys import DEFAULT_PREFIX
 HOUR = 3600.0
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ORIGIN_RE = re.compile(r"^https?://([A-Za-z0-9.-]+|\[[0-9a-fA-F:]+\])(:[0-9]{1,5})?$")
+# Shards of the job queue, the indexes and the cancel channel on a Redis Cluster, when
+# not set: more than a cluster has primaries, so hashing spreads them over every one.
+CLUSTER_SHARDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     # None: `tokentape serve` starts an embedded Redis-protocol server.
     redis_url: str | None = None
+    # A Redis Cluster: redis_url names any node, and every client follows the slot map.
+    redis_cluster: bool = False
+    # What is not per generation (the job queue, the indexes of `ls` and the sweeper,
+    # the cancel channel) is split in this many shards, each in a slot of its own, and
+    # workers consume every shard. 0: one of each, named as ever, on one Redis;
+    # CLUSTER_SHARDS on a cluster. Every reader and worker must use the same number.
+    shards: int = 0
     # Where that embedded server keeps its data (and where the tools look for it).
     data_dir: str = ".tokentape"
     key_prefix: str = DEFAULT_PREFIX
@@ -139,10 +149,22 @@ class Settings:
                 raise ConfigError(
                     message=f"TOKENTAPE_{field.name.upper()} must not be negative, got {value!r}"
                 )
+        if self.redis_cluster and not self.redis_url:
+            raise ConfigError(
+                message="TOKENTAPE_REDIS_CLUSTER (--cluster) needs TOKENTAPE_REDIS_URL "
+                "(--redis URL) naming a node of the cluster"
+            )
 
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def key_shards(self) -> int:
+        """`shards`, or its default for the deployment: what `app.keys.Keys` is built with."""
+        if self.shards:
+            return self.shards
+        return CLUSTER_SHARDS if self.redis_cluster else 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -15,6 +15,7 @@ each column means, and the exact command of the recorded run: docs/benchmarks.md
     python scripts/bench.py --quick                 # < 60 s smoke check
     python scripts/bench.py                         # the full run (minutes)
     python scripts/bench.py --impl naive --naive-producer inprocess --quick
+    python scripts/bench.py --quick --cluster        # tokentape on a Redis Cluster of its own
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any, Literal
 import aiohttp
 import redis.asyncio as aioredis
 
-from app.embedded import RedisProcess, find_server
+from app.embedded import RedisClusterProcesses, RedisProcess, find_server
 from scripts.bench_client import (
     AS_FAST_AS_POSSIBLE,
     TERMINAL_TYPES,
@@ -245,7 +246,8 @@ class Bench:
 
     args: argparse.Namespace
     redis_url: str
-    redis_port: int
+    # Every Redis process of the run: one, or a cluster's nodes (their CPU and connections add up).
+    redis_urls: tuple[str, ...]
     key_prefix: str
     run_dir: Path
     clients: ClientPool
@@ -259,6 +261,7 @@ class Bench:
         return {
             **os.environ,
             "TOKENTAPE_REDIS_URL": self.redis_url,
+            "TOKENTAPE_REDIS_CLUSTER": "true" if self.args.cluster else "false",
             "TOKENTAPE_KEY_PREFIX": key_prefix,
             "PYTHONUNBUFFERED": "1",
         }
@@ -295,11 +298,11 @@ class Bench:
                 if not idle:
                     # Warm-up: imports, Redis connections and the worker path are hot.
                     await read_generation(session, base_url, tokens=3, rate=AS_FAST_AS_POSSIBLE)
-                probe = ReaderProbe(reader.pid, self.redis_port)
+                probe = ReaderProbe(reader.pid, tuple(map(port_of, self.redis_urls)))
                 rss_before, redis_before = await asyncio.to_thread(probe.sample)
                 cpu_before = sum(map(cpu_seconds, process_tree(reader.pid)))
                 workers_before = self.workers_cpu()
-                redis_before_cpu = await redis_cpu(self.redis_url)
+                redis_before_cpu = await redis_cpu(self.redis_urls)
                 probe.peak_rss, probe.peak_redis_connections = rss_before, redis_before
                 started = time.monotonic()
                 watching = asyncio.create_task(probe.watch(self.args.sample_interval))
@@ -311,7 +314,7 @@ class Bench:
                 wall = time.monotonic() - started
                 reader_cpu = sum(map(cpu_seconds, process_tree(reader.pid))) - cpu_before
                 workers_cpu = self.workers_cpu() - workers_before
-                redis_cpu_used = await redis_cpu(self.redis_url) - redis_before_cpu
+                redis_cpu_used = await redis_cpu(self.redis_urls) - redis_before_cpu
         finally:
             stop_process(reader)
         window = report.last_event_at - report.first_event_at
@@ -511,6 +514,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--redis", help="Redis URL; default: start a private redis-server for the run")
+    add(
+        "--cluster",
+        action="store_true",
+        help="tokentape alone on a private Redis Cluster (3 primaries, a replica each)",
+    )
     add("--impl", default="naive,tokentape", help="readers to measure, comma-separated")
     add("--scenarios", default="a,b,c,d,e", help="scenarios to run, by letter or name")
     add("--scale", type=float, default=1.0, help="multiplies every count and token count")
@@ -550,6 +558,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--serve-arg", action="append", default=[],
         help="extra argument for the reader, e.g. --serve-arg=--processes=2")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.cluster:
+        if args.redis is not None:
+            parser.error("--cluster starts a cluster of its own: no --redis")
+        # The naive reader speaks to one Redis only.
+        args.impl = "tokentape"
     if args.quick:
         args.scale = min(args.scale, 0.05)
         args.idle_hold = min(args.idle_hold, 1.0)
@@ -573,12 +586,32 @@ def private_redis(run_dir: Path) -> RedisProcess:
     return server
 
 
-async def redis_cpu(redis_url: str) -> float:
-    """CPU seconds Redis has used (INFO cpu), to see whether it was the bottleneck."""
-    client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
-    async with client:
-        cpu: dict[str, float] = await client.info("cpu")
-    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+def private_cluster(run_dir: Path) -> RedisClusterProcesses:
+    """A Redis Cluster of our own for the run: 3 primaries, each with a replica."""
+    binary = find_server()
+    if binary is None:
+        raise RuntimeError("no redis-server on PATH: --cluster needs one")
+    cluster = RedisClusterProcesses(
+        binary, run_dir / "cluster", config=("--maxclients", "30000"), log_dir=run_dir
+    )
+    cluster.start()  # here, on the main thread (see app.embedded.die_with_parent)
+    return cluster
+
+
+def port_of(redis_url: str) -> int:
+    return int(redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+async def redis_cpu(redis_urls: Sequence[str]) -> float:
+    """CPU seconds the Redis processes have used (INFO cpu), to see whether they were the
+    bottleneck."""
+    used = 0.0
+    for redis_url in redis_urls:
+        client: aioredis.Redis = aioredis.Redis.from_url(redis_url)
+        async with client:
+            cpu: dict[str, float] = await client.info("cpu")
+        used += float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+    return used
 
 
 async def naive_pool_size(redis_url: str, largest_scenario: int) -> int:
@@ -629,20 +662,29 @@ async def run(args: argparse.Namespace) -> list[Figures]:
     results: list[Figures] = []
     async with contextlib.AsyncExitStack() as stack:
         redis_url = args.redis
-        if redis_url is None:
+        redis_urls: tuple[str, ...] = (redis_url,)
+        if args.cluster:
+            cluster = private_cluster(run_dir)
+            stack.callback(cluster.kill)  # its data goes with it
+            redis_url, redis_urls = cluster.url, tuple(node.url for node in cluster.nodes)
+        elif redis_url is None:
             server = private_redis(run_dir)
             stack.callback(server.stop)
             redis_url = server.url
-        stack.push_async_callback(delete_keys, redis_url, key_prefix)
+            redis_urls = (redis_url,)
+        if not args.cluster:
+            stack.push_async_callback(delete_keys, redis_url, key_prefix)
         largest = max((s.streams for s in scenarios), default=0)
         bench = Bench(
             args=args,
             redis_url=redis_url,
-            redis_port=int(redis_url.rsplit(":", 1)[1].split("/", 1)[0]),
+            redis_urls=redis_urls,
             key_prefix=key_prefix,
             run_dir=run_dir,
             clients=ClientPool(args.client_processes),
-            naive_redis_connections=await naive_pool_size(redis_url, largest),
+            naive_redis_connections=(
+                0 if args.cluster else await naive_pool_size(redis_url, largest)
+            ),
         )
         stack.callback(bench.clients.close)
         if "tokentape" in implementations or args.naive_producer == "worker":

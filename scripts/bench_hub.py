@@ -23,6 +23,7 @@ import uuid
 from redis.asyncio import Redis
 
 from app.hub import Hub, Subscription
+from app.hub.pubsub import PubSubConnection
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog
@@ -103,7 +104,9 @@ async def run_once(args: argparse.Namespace) -> float:
 
 
 def hub_received(hub: Hub, data: bytes, now: float) -> None:
-    hub.pubsub.received(data, now)
+    pubsub = hub.pubsub
+    assert isinstance(pubsub, PubSubConnection)  # one Redis
+    pubsub.received(data, now)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from scripts.bench_client import cpu_seconds
@@ -93,8 +93,9 @@ def rss_bytes(pids: Sequence[int]) -> int:
     return total
 
 
-def redis_connections(pids: Sequence[int], redis_port: int) -> int:
-    """Established TCP connections to Redis's port owned by these processes."""
+def redis_connections(pids: Sequence[int], redis_ports: Collection[int]) -> int:
+    """Established TCP connections to Redis's ports (a cluster's nodes) owned by these
+    processes."""
     inodes: set[str] = set()
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -105,14 +106,15 @@ def redis_connections(pids: Sequence[int], redis_port: int) -> int:
                         inodes.add(target[8:-1])
     if not pids:
         return 0
-    port_hex = f":{redis_port:04X}"
+    ports_hex = {f"{port:04X}" for port in redis_ports}
     count = 0
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
                 # fields: sl, local, remote, state (01 = ESTABLISHED), …, inode (10th)
-                if fields[2].endswith(port_hex) and fields[3] == "01" and fields[9] in inodes:
+                remote_port = fields[2].rsplit(":", 1)[1]
+                if remote_port in ports_hex and fields[3] == "01" and fields[9] in inodes:
                     count += 1
     return count
 
@@ -122,7 +124,7 @@ class ReaderProbe:
     """Samples a reader's RSS and Redis connections from /proc, keeping the peaks."""
 
     pid: int
-    redis_port: int
+    redis_ports: tuple[int, ...]
     peak_rss: int = 0
     peak_redis_connections: int = 0
     processes: int = 1
@@ -130,7 +132,7 @@ class ReaderProbe:
     def sample(self) -> tuple[int, int]:
         pids = process_tree(self.pid)
         self.processes = max(self.processes, len(pids))
-        rss, connections = rss_bytes(pids), redis_connections(pids, self.redis_port)
+        rss, connections = rss_bytes(pids), redis_connections(pids, self.redis_ports)
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_redis_connections = max(self.peak_redis_connections, connections)
         return rss, connections

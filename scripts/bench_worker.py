@@ -61,6 +61,7 @@ def bench_settings(args: argparse.Namespace) -> Settings:
 async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
     prefix = settings.key_prefix
     redis = connect(settings, "worker", settings.worker_redis_connections)
+    assert isinstance(redis, Redis), "one Redis: the worker's cost is measured there"
     log = GenerationLog(redis, settings)
     request = GenerationRequest(
         model="sim",

@@ -2,6 +2,12 @@
 
 Tests never flush a Redis they did not start: each test writes under its own
 prefix and deletes exactly those keys afterwards.
+
+A test marked `ON_EVERY_BACKEND` runs twice: on the Redis above, and on a Redis
+Cluster of this session's own (3 primaries, a replica each), started once for the
+whole run from the redis-server binary. The store and the app are built on
+`store_redis`, which is the `redis` fixture's client on one Redis and a
+`RedisCluster` on the cluster.
 """
 
 from __future__ import annotations
@@ -13,17 +19,28 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
-from app.embedded import RedisProcess, find_server, free_port
+from app.embedded import (
+    EmbeddedUnavailable,
+    RedisClusterProcesses,
+    RedisProcess,
+    find_cli,
+    find_server,
+    free_port,
+)
 from app.generations import parse_request
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog, Lease
 
-__all__ = ["REDIS_URL", "free_port"]
+__all__ = ["ON_EVERY_BACKEND", "REDIS_URL", "free_port"]
 
 REDIS_URL = os.environ.get("TOKENTAPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 _REQUEST = parse_request(b'{"model": "sim", "messages": [{"role": "user", "content": "hi"}]}')
+
+# Runs the test on one Redis and on the session's Redis Cluster.
+ON_EVERY_BACKEND = pytest.mark.parametrize("backend", ["redis", "cluster"], indirect=True)
 
 
 @pytest.fixture
@@ -32,8 +49,60 @@ def key_prefix() -> str:
 
 
 @pytest.fixture
-def settings(key_prefix: str) -> Settings:
+def backend(request: pytest.FixtureRequest) -> str:
+    """ "redis" (one Redis), or "cluster" where a test is marked ON_EVERY_BACKEND."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A Redis Cluster of this session's own: 3 primaries, each with a replica."""
+    binary = find_server()
+    if binary is None or find_cli(binary) is None:
+        pytest.skip("the Redis Cluster tests need redis-server and redis-cli on PATH")
+    directory = tmp_path_factory.mktemp("redis-cluster")
+    cluster = RedisClusterProcesses(binary, directory, log_dir=directory)
+    try:
+        cluster.start()
+    except EmbeddedUnavailable as exc:
+        pytest.fail(f"could not start a Redis Cluster: {exc}")
+    yield cluster
+    cluster.kill()
+
+
+@pytest.fixture
+def settings(key_prefix: str, backend: str, request: pytest.FixtureRequest) -> Settings:
+    if backend == "cluster":
+        cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+        return Settings(
+            redis_url=cluster.url, redis_cluster=True, key_prefix=key_prefix, heartbeat_seconds=15.0
+        )
     return Settings(redis_url=REDIS_URL, key_prefix=key_prefix, heartbeat_seconds=15.0)
+
+
+@pytest.fixture
+async def store_redis(
+    redis: Redis, backend: str, settings: Settings, key_prefix: str
+) -> AsyncIterator[Redis | RedisCluster]:
+    """The client the store and the app are built on (see the module docstring)."""
+    if backend != "cluster":
+        yield redis
+        return
+    assert settings.redis_url is not None
+    cluster = RedisCluster.from_url(settings.redis_url, socket_timeout=None)
+    yield cluster
+    # Every primary's keys of this test, wherever the slots moved meanwhile.
+    await cluster.initialize()
+    for node in cluster.get_primaries():
+        keys = [
+            key
+            async for key in cluster.scan_iter(
+                match=f"{key_prefix}:*", count=1000, target_nodes=node
+            )
+        ]
+        for key in keys:
+            await cluster.delete(key)
+    await cluster.aclose()
 
 
 @pytest.fixture
@@ -53,8 +122,8 @@ async def redis(key_prefix: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def log(redis: Redis, settings: Settings) -> GenerationLog:
-    return GenerationLog(redis, settings)
+def log(store_redis: Redis | RedisCluster, settings: Settings) -> GenerationLog:
+    return GenerationLog(store_redis, settings)
 
 
 async def leased_generation(log: GenerationLog, worker_id: str = "worker-a") -> tuple[str, Lease]:

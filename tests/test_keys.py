@@ -55,3 +55,29 @@ def test_the_quotas_of_one_api_key_share_one_slot() -> None:
     names = [keys.owner_running(owner), keys.owner_created(owner)]
     assert len({key_slot(name.encode()) for name in names}) == 1
     assert len(set(names)) == 2
+
+
+def test_one_redis_keeps_one_unsharded_set_of_global_keys() -> None:
+    keys = Keys("tt")
+    (only,) = keys.shards
+    assert (only.jobs, only.open_generations, only.recent_generations, only.cancel_channel) == (
+        "tt:{jobs}",
+        "tt:{open}",
+        "tt:{recent}",
+        "tt:cancel",
+    )
+    assert keys.shard(new_generation_id()) is only
+
+
+def test_each_shard_lives_in_one_slot_and_generations_spread_over_all() -> None:
+    keys = Keys("tt", shards=8)
+    assert [shard.index for shard in keys.shards] == list(range(8))
+    slots = set()
+    for shard in keys.shards:
+        names = [shard.jobs, shard.open_generations, shard.recent_generations, shard.cancel_channel]
+        (slot,) = {key_slot(name.encode()) for name in names}
+        slots.add(slot)
+    assert len(slots) == 8
+    generation_id = new_generation_id()
+    assert keys.shard(generation_id) is keys.shard(generation_id)
+    assert {keys.shard(new_generation_id()).index for _ in range(400)} == set(range(8))

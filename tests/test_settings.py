@@ -28,8 +28,20 @@ def test_variables_are_parsed_by_field_type_and_overrides_win() -> None:
         ),
         ({"TOKENTAPE_EVENT_LOOP": "trio"}, "TOKENTAPE_EVENT_LOOP must be uvloop or asyncio"),
         ({"TOKENTAPE_LOG_LEVEL": "loud"}, "TOKENTAPE_LOG_LEVEL must be one of DEBUG, INFO"),
+        ({"TOKENTAPE_REDIS_CLUSTER": "sure"}, "TOKENTAPE_REDIS_CLUSTER must be true or false"),
+        ({"TOKENTAPE_REDIS_CLUSTER": "true"}, "TOKENTAPE_REDIS_CLUSTER (--cluster) needs"),
+        ({"TOKENTAPE_SHARDS": "-1"}, "TOKENTAPE_SHARDS must not be negative"),
     ],
-    ids=["integer", "integer-not-float", "number", "event-loop", "log-level"],
+    ids=[
+        "integer",
+        "integer-not-float",
+        "number",
+        "event-loop",
+        "log-level",
+        "boolean",
+        "cluster-url",
+        "shards",
+    ],
 )
 def test_a_bad_value_is_a_config_error_naming_the_variable(
     environ: dict[str, str], message: str
@@ -77,3 +89,20 @@ def test_access_and_limit_settings_are_checked(environ: dict[str, str], message:
 def test_cors_origins_are_a_list() -> None:
     settings = Settings(cors_origins=" https://a.example , http://[::1]:8080,")
     assert settings.cors_origin_list == ["https://a.example", "http://[::1]:8080"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "cluster", "shards"),
+    [
+        ({}, False, 0),
+        ({"TOKENTAPE_REDIS_CLUSTER": "true"}, True, 8),
+        ({"TOKENTAPE_REDIS_CLUSTER": "1", "TOKENTAPE_SHARDS": "3"}, True, 3),
+        ({"TOKENTAPE_REDIS_CLUSTER": "False", "TOKENTAPE_SHARDS": "2"}, False, 2),
+    ],
+    ids=["one-redis", "cluster", "cluster-shards", "one-redis-shards"],
+)
+def test_a_cluster_shards_what_is_global_by_default(
+    environ: dict[str, str], cluster: bool, shards: int
+) -> None:
+    settings = Settings.from_env({"TOKENTAPE_REDIS_URL": "redis://h:7000", **environ})
+    assert (settings.redis_cluster, settings.key_shards) == (cluster, shards)

@@ -59,13 +59,14 @@ class LeaseKeeper:
         if not held:
             return
         await asyncio.gather(*(self._renew(h) for h in held))
-        job_ids = [h.job_id for h in held if h.lease.generation_id in self._held]
-        if not job_ids:
+        still_held = [h for h in held if h.lease.generation_id in self._held]
+        jobs = {h.lease.generation_id: h.job_id for h in still_held}
+        if not jobs:
             return
         try:
-            await self.log.jobs.touch(self.consumer, job_ids)
+            await self.log.jobs.touch(self.consumer, jobs)
         except RedisError as exc:
-            logger.warning("could not refresh %d held jobs: %s", len(job_ids), exc)
+            logger.warning("could not refresh %d held jobs: %s", len(jobs), exc)
 
     async def _renew(self, held: HeldLease) -> None:
         try:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import events, loops
@@ -285,7 +286,7 @@ class Worker:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         settings: Settings,
         *,
         adapters: AdapterResolver | None = None,

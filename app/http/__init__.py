@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.access import Access
 from app.http import cors, durable_streams, event_stream, generations, health, openapi, pages
@@ -20,7 +21,7 @@ __all__ = ["HUB", "LOG", "SETTINGS", "TELEMETRY", "create_app"]
 
 
 def create_app(
-    settings: Settings, redis: Redis, telemetry: Telemetry | None = None
+    settings: Settings, redis: Redis | RedisCluster, telemetry: Telemetry | None = None
 ) -> web.Application:
     """The aiohttp application. `redis` and `telemetry` are owned by the caller.
 
@@ -51,7 +52,10 @@ def create_app(
     app.add_routes(health.routes)
     app.add_routes(openapi.routes)
     app.router.add_get("/metrics", metrics_handler)
-    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis, app[HUB]))
+    if isinstance(redis, Redis):  # Durable Streams do not run on a cluster yet
+        app.add_subapp(
+            durable_streams.PREFIX, durable_streams.create_app(settings, redis, app[HUB])
+        )
     cors.allow_origins(app, settings)
 
     async def start_hub(app: web.Application) -> None:

@@ -1,11 +1,12 @@
 """Per-process fan-out of generation logs to SSE clients.
 
-One pub/sub connection per process (`pubsub`) carries the live batches of every
-generation that has a reader here; all readers of one generation share one
-`Feed` (`fanout`). A `Subscription` (`subscription`) is one client: it catches up
-from the log in pages, then takes live batches from its feed. The channel is
-subscribed before the log is read, so nothing falls between the two; live batches
-that arrive during a read are kept and take over when they continue the page.
+One pub/sub connection per process (`pubsub`; on a Redis Cluster one per primary)
+carries the live batches of every generation that has a reader here; all readers
+of one generation share one `Feed` (`fanout`). A `Subscription` (`subscription`)
+is one client: it catches up from the log in pages, then takes live batches from
+its feed. The channel is subscribed before the log is read, so nothing falls
+between the two; live batches that arrive during a read are kept and take over
+when they continue the page.
 Delivery is exactly-once and in order because every subscription tracks the last
 seq it handed out and falls back to the log whenever live delivery cannot be
 trusted:

@@ -8,10 +8,11 @@ import logging
 from collections.abc import Coroutine
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import loops
-from app.hub.pubsub import Endpoint, Listener, PubSubConnection
+from app.hub.pubsub import Endpoint, Listener, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Subscription
 from app.sse import Frame, live_frames
 from app.store import GenerationLog
@@ -84,22 +85,27 @@ class Hub:
     def __init__(
         self,
         log: GenerationLog,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         *,
         page_size: int = 500,
         buffer_limit: int = 1024,
         recheck_seconds: float = 5.0,
         linger_seconds: float = 5.0,
     ) -> None:
-        """`redis` says which server to subscribe on, and how: no connection of its is used."""
+        """`redis` says which server to subscribe on, and how: no connection of its is used.
+        On a cluster (a `RedisCluster`), its slot map says which node serves each channel."""
         self.log = log
         self.page_size = page_size
         self.buffer_limit = buffer_limit
         self.recheck_seconds = recheck_seconds
         self.linger_seconds = linger_seconds
-        self.pubsub = PubSubConnection(
-            Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames
-        )
+        self.pubsub: PubSubConnection[list[Frame]] | ShardedPubSub[list[Frame]]
+        if isinstance(redis, RedisCluster):
+            self.pubsub = ShardedPubSub(redis, live_frames)
+        else:
+            self.pubsub = PubSubConnection(
+                Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames
+            )
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -169,10 +175,13 @@ class Hub:
         """Hand every message on `channel` to `watcher` as published, on the hub's pub/sub
         connection; `watcher` hears when that is confirmed, and when messages may have
         been missed. A generation's channel may be watched beside its feed."""
+        if isinstance(self.pubsub, ShardedPubSub):
+            raise NotImplementedError("watching a channel on a Redis Cluster")
         self.pubsub.watch(channel, watcher)
 
     def unwatch(self, channel: bytes) -> None:
-        self.pubsub.unwatch(channel)
+        if not isinstance(self.pubsub, ShardedPubSub):
+            self.pubsub.unwatch(channel)
 
     # -- subscriptions -------------------------------------------------------
 

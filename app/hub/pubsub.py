@@ -14,6 +14,13 @@ It keeps the channel of every listener and watcher subscribed across reconnects.
 channel that is always subscribed (the anchor) is listed last when (re)connecting:
 its confirmation says every channel before it is subscribed again, and every
 listener and watcher is told it may have missed messages.
+
+On a Redis Cluster (`ShardedPubSub`) channels are sharded (SSUBSCRIBE): each is
+subscribed on the primary that serves its slot, over one connection per such
+primary, and needs no anchor, since each channel's own confirmation tells its
+listener that it may have missed messages. A channel its node lets go of (its
+slot moved, the node became a replica) or refuses is subscribed again where the
+cluster's slot map now puts it.
 """
 
 from __future__ import annotations
@@ -29,12 +36,24 @@ from typing import Generic, Protocol, TypeVar
 
 import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.credentials import CredentialProvider, UsernamePasswordCredentialProvider
+from redis.exceptions import SlotNotCoveredError
+
+from app.store.cluster import node_of, refresh_slot_map
 
 logger = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024  # per read of the connection
+# Slot maps read (each after a growing pause) before a channel goes back to the cluster
+# node that let it go (see ShardedPubSub).
+STALE_MAP_TRIES = 8
 CONNECT_TIMEOUT_SECONDS = 5.0  # connect and log in, when the client sets no connect timeout
 
 Message = TypeVar("Message")
@@ -74,7 +93,15 @@ class Endpoint:
         interprets the URL and the client's options (defaults, TLS files, credentials).
         """
         pool = redis.connection_pool
-        connection = pool.connection_class(**pool.connection_kwargs)
+        return cls._of(pool.connection_class(**pool.connection_kwargs))
+
+    @classmethod
+    def of_node(cls, node: ClusterNode) -> Endpoint:
+        """Where the cluster node `node` is, and how redis-py's cluster client logs in to it."""
+        return cls._of(node.connection_class(**node.connection_kwargs))
+
+    @classmethod
+    def _of(cls, connection: AbstractConnection) -> Endpoint:
         credentials = connection.credential_provider
         if credentials is None and (connection.username or connection.password):
             credentials = UsernamePasswordCredentialProvider(
@@ -107,12 +134,32 @@ class PubSubConnection(Generic[Message]):
 
     `parse` raises ValueError on a message it cannot read: the message is dropped and
     its listener told it missed something. `listen` runs the connection until `close`.
+
+    With no `anchor`, the channels are sharded (one cluster node's): `lost` hears of a
+    channel the node let go of or refused, `failed` of the connection failing.
     """
 
-    def __init__(self, endpoint: Endpoint, anchor: bytes, parse: Callable[[bytes], Message]):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        anchor: bytes | None,
+        parse: Callable[[bytes], Message],
+        *,
+        lost: Callable[[bytes], None] | None = None,
+        failed: Callable[[], None] | None = None,
+    ):
         self.endpoint = endpoint
         self._anchor = anchor
         self._parse = parse
+        self._sharded = anchor is None
+        self._subscribe, self._unsubscribe = (
+            (b"SSUBSCRIBE", b"SUNSUBSCRIBE") if self._sharded else (b"SUBSCRIBE", b"UNSUBSCRIBE")
+        )
+        self._lost = lost
+        self._failed = failed
+        # Sharded: the (command, channel) of each SSUBSCRIBE or SUNSUBSCRIBE not yet
+        # answered, in order: an error reply names no channel.
+        self._unanswered: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._listeners: dict[bytes, Listener[Message]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._subscribed = False  # the (re)connect subscribed every channel: commands may go out
@@ -140,7 +187,7 @@ class PubSubConnection(Generic[Message]):
         if writer is not None:
             self._subscribes_sent[channel] += 1
             self._confirmed_by[channel] = self._subscribes_sent[channel]
-            writer.write(_pack(b"SUBSCRIBE", channel))
+            self._write(writer, self._subscribe, channel)
 
     def unsubscribe(self, channel: bytes) -> None:
         del self._listeners[channel]
@@ -157,7 +204,7 @@ class PubSubConnection(Generic[Message]):
         if writer is not None:
             self._subscribes_sent[channel] += 1
             self._watch_confirmed_by[channel] = self._subscribes_sent[channel]
-            writer.write(_pack(b"SUBSCRIBE", channel))
+            self._write(writer, self._subscribe, channel)
 
     def unwatch(self, channel: bytes) -> None:
         del self._watchers[channel]
@@ -171,7 +218,17 @@ class PubSubConnection(Generic[Message]):
             return
         writer = self._command_writer()
         if writer is not None:
-            writer.write(_pack(b"UNSUBSCRIBE", channel))
+            self._write(writer, self._unsubscribe, channel)
+
+    @property
+    def channels(self) -> list[bytes]:
+        """The channels of its listeners."""
+        return list(self._listeners)
+
+    def _write(self, writer: asyncio.StreamWriter, command: bytes, channel: bytes) -> None:
+        if self._sharded:
+            self._unanswered.append((command, channel))
+        writer.write(_pack(command, channel))
 
     def close(self) -> None:
         """End `listen`: its read ends as the connection closes."""
@@ -221,6 +278,8 @@ class PubSubConnection(Generic[Message]):
                     self._disconnect()
                     self._failures += 1
                     logger.warning("pub/sub connection lost, reconnecting: %s", exc)
+                    if self._failed is not None:
+                        self._failed()
                     await asyncio.sleep(self.retry_delay())
         finally:
             self._disconnect()
@@ -245,14 +304,21 @@ class PubSubConnection(Generic[Message]):
         self._replies = replies
         self._subscribes_sent.clear()
         self._subscribes_acked.clear()
-        channels = [*dict.fromkeys([*self._listeners, *self._watchers]), self._anchor]
+        self._unanswered.clear()
+        heard = [*dict.fromkeys([*self._listeners, *self._watchers])]
+        channels = heard if self._anchor is None else [*heard, self._anchor]
         for channel in channels:
             self._subscribes_sent[channel] = 1
         for channel in self._listeners:
             self._confirmed_by[channel] = 1
         for channel in self._watchers:
             self._watch_confirmed_by[channel] = 1
-        writer.write(_pack(b"SUBSCRIBE", *channels))
+        if self._sharded:
+            # One SSUBSCRIBE each: channels of different slots in one are refused (CROSSSLOT).
+            for channel in channels:
+                self._write(writer, b"SSUBSCRIBE", channel)
+        else:
+            writer.write(_pack(b"SUBSCRIBE", *channels))
         self._subscribed = True
         return stream
 
@@ -302,10 +368,10 @@ class PubSubConnection(Generic[Message]):
             while (reply := replies.gets()) is not False:
                 if not isinstance(reply, list):
                     if isinstance(reply, Exception):
-                        logger.warning("pub/sub command failed: %s", reply)
+                        self._refused(reply)
                     continue
                 kind = reply[0]
-                if kind == b"message":
+                if kind == b"message" or kind == b"smessage":
                     # Mostly empty: a lookup only when something watches.
                     if watchers and (watcher := watchers.get(reply[1])) is not None:
                         watcher.dispatch(reply[2], now)
@@ -318,8 +384,10 @@ class PubSubConnection(Generic[Message]):
                             listener.missed()
                             continue
                         listener.dispatch(message, now)
-                elif kind == b"subscribe":
+                elif kind == b"subscribe" or kind == b"ssubscribe":
                     self._confirmed(reply[1])
+                elif kind == b"sunsubscribe":
+                    self._sunsubscribed(reply[1])
         finally:
             if malformed:
                 # One line per read: a flood of bad messages must not flood the log.
@@ -329,8 +397,26 @@ class PubSubConnection(Generic[Message]):
                     malformed[0],
                 )
 
+    def _refused(self, error: Exception) -> None:
+        """An error reply; sharded, the answer to the oldest SSUBSCRIBE or SUNSUBSCRIBE."""
+        logger.warning("pub/sub command failed: %s", error)
+        if not self._unanswered:
+            return
+        command, channel = self._unanswered.popleft()
+        if command == b"SSUBSCRIBE" and channel in self._listeners and self._lost is not None:
+            self._lost(channel)  # not served here (MOVED): subscribed where it is
+
+    def _sunsubscribed(self, channel: bytes) -> None:
+        """Our SUNSUBSCRIBE answered, or the node let the channel go (its slot left it)."""
+        if self._unanswered and self._unanswered[0] == (b"SUNSUBSCRIBE", channel):
+            self._unanswered.popleft()
+        elif channel in self._listeners and self._lost is not None:
+            self._lost(channel)
+
     def _confirmed(self, channel: bytes) -> None:
         self._subscribes_acked[channel] += 1
+        if self._unanswered and self._unanswered[0] == (b"SSUBSCRIBE", channel):
+            self._unanswered.popleft()
         if channel == self._anchor:
             # (Re)connected: every channel is subscribed again. What was published while
             # none was must be looked for elsewhere.
@@ -344,6 +430,163 @@ class PubSubConnection(Generic[Message]):
         if listener is None and watcher is None:
             self._forget(channel)
         if listener is not None and acked >= self._confirmed_by[channel]:
+            if self._sharded:
+                # No anchor: whatever was published while the channel was not subscribed
+                # here (a reconnect, a move from another node) must be looked for elsewhere.
+                listener.missed()
             listener.subscribed()
         if watcher is not None and acked >= self._watch_confirmed_by[channel]:
+            if self._sharded:
+                watcher.missed()
             watcher.subscribed()
+
+
+class ShardedPubSub(Generic[Message]):
+    """The hub's pub/sub on a Redis Cluster: one sharded `PubSubConnection` per primary
+    that serves a subscribed channel (see the module docstring).
+
+    A channel goes to the primary that serves its slot in redis-py's slot map. When a
+    node lets a channel go or refuses it, or its connection fails, the slot map is read
+    again and every channel whose primary changed is subscribed on the new one (its
+    listener is told it may have missed messages once that is confirmed). A connection
+    left with no channel is closed. A primary that a failover made a replica may keep
+    its channels (whether Redis lets them go then varies): it still delivers them, since
+    Redis passes a shard's messages on to the shard's replicas.
+
+    Trap: right after a failover or a migration, the node the map is read from may not
+    know yet, and a replica accepts SSUBSCRIBE: a channel is not put back on the node
+    that let it go until the map has said so for `STALE_MAP_TRIES` reads.
+    """
+
+    def __init__(self, cluster: RedisCluster, parse: Callable[[bytes], Message]) -> None:
+        self._cluster = cluster
+        self._parse = parse
+        self._listeners: dict[bytes, Listener[Message]] = {}
+        self._node_of: dict[bytes, str] = {}  # channel -> name of the node it is subscribed on
+        # Channels a node let go of or refused: that node's name, and maps read since.
+        self._left: dict[bytes, tuple[str, int]] = {}
+        self._connections: dict[str, PubSubConnection[Message]] = {}
+        self._listening: set[asyncio.Task[None]] = set()
+        self._moving = asyncio.Event()  # some channel must be placed again
+        self._failures = 0
+        self._closing = False
+        self._started = False
+
+    @property
+    def connections(self) -> dict[str, PubSubConnection[Message]]:
+        """The connection to each node, by node name ("host:port")."""
+        return dict(self._connections)
+
+    def retry_delay(self) -> float:
+        """A pause before trying the cluster again, growing while moves keep failing."""
+        delay: float = min(2.0, 0.05 * 2 ** min(self._failures, 6))
+        return delay * (0.5 + random.random())
+
+    def subscribe(self, channel: bytes, listener: Listener[Message]) -> None:
+        self._listeners[channel] = listener
+        self._place(channel)
+
+    def unsubscribe(self, channel: bytes) -> None:
+        del self._listeners[channel]
+        self._left.pop(channel, None)
+        name = self._node_of.pop(channel, None)
+        if name is not None:
+            self._connections[name].unsubscribe(channel)
+
+    def close(self) -> None:
+        """End `listen` and every node's connection."""
+        self._closing = True
+        self._moving.set()
+        for connection in self._connections.values():
+            connection.close()
+
+    async def listen(self) -> None:
+        """Run every node's connection, and place channels again when asked to, until `close`."""
+        self._started = True
+        for connection in self._connections.values():
+            self._start(connection)
+        try:
+            while not self._closing:
+                await self._moving.wait()
+                self._moving.clear()
+                if self._closing:
+                    return
+                await refresh_slot_map(self._cluster)
+                if self._replace():
+                    self._failures = 0
+                else:
+                    # Some channel is not served anywhere the map says yet (a failover
+                    # under way): look again after a pause.
+                    self._failures += 1
+                    await asyncio.sleep(self.retry_delay())
+                    self._moving.set()
+        finally:
+            self.close()
+            await asyncio.gather(*self._listening, return_exceptions=True)
+
+    def _place(self, channel: bytes) -> bool:
+        """Subscribe `channel` on the primary the slot map names; False if it names none,
+        or (for a while) the node that let the channel go."""
+        try:
+            node = node_of(self._cluster, channel)
+        except SlotNotCoveredError:
+            self._moving.set()
+            return False
+        left = self._left.pop(channel, None)
+        if left is not None and left[0] == node.name and left[1] < STALE_MAP_TRIES:
+            self._left[channel] = (left[0], left[1] + 1)
+            return False
+        connection = self._connections.get(node.name)
+        if connection is None:
+            connection = PubSubConnection(
+                Endpoint.of_node(node),
+                None,
+                self._parse,
+                lost=self._lost,
+                failed=self._moving.set,
+            )
+            self._connections[node.name] = connection
+            if self._started:
+                self._start(connection)
+        self._node_of[channel] = node.name
+        connection.subscribe(channel, self._listeners[channel])
+        if left is not None:
+            logger.info("live channel %r moved from %s to %s", channel, left[0], node.name)
+        return True
+
+    def _start(self, connection: PubSubConnection[Message]) -> None:
+        endpoint = connection.endpoint
+        task = asyncio.create_task(
+            connection.listen(), name=f"hub-listen-{endpoint.host}:{endpoint.port}"
+        )
+        self._listening.add(task)
+        task.add_done_callback(self._listening.discard)
+
+    def _lost(self, channel: bytes) -> None:
+        """A node let `channel` go, or refused it: drop it there, place it again."""
+        name = self._node_of.pop(channel, None)
+        if name is not None and channel in self._listeners:
+            self._connections[name].unsubscribe(channel)
+            self._left[channel] = (name, 0)
+        self._moving.set()
+
+    def _replace(self) -> bool:
+        """Every channel on the node the (fresh) slot map names; whether all found one."""
+        placed = True
+        for channel in list(self._listeners):
+            name = self._node_of.get(channel)
+            try:
+                if name is not None and node_of(self._cluster, channel).name == name:
+                    continue
+            except SlotNotCoveredError:
+                placed = False
+                continue
+            if name is not None:
+                del self._node_of[channel]
+                self._connections[name].unsubscribe(channel)
+            placed = self._place(channel) and placed
+        for name, connection in list(self._connections.items()):
+            if not connection.channels:
+                connection.close()
+                del self._connections[name]
+        return placed

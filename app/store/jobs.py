@@ -1,9 +1,10 @@
-"""The job queue: one Redis Stream that workers consume through a consumer group.
+"""The job queue: a Redis Stream per shard that workers consume through a consumer group.
 
 A job names a generation and carries the caller's trace context; the request
 itself lives with the generation (`Keys.request`), where a worker that takes a
-job over after a crash finds it too. `create.lua` enqueues a generation's job
-atomically with creating it.
+job over after a crash finds it too. A job goes to the shard of its generation
+(`Keys.shard`), queued by `index.lua` right after the generation is created, and
+every worker consumes every shard.
 
 A job stays pending in the group until its worker settles it: acknowledged when
 the generation ended, handed back (`requeue`) when the worker stops. A job whose
@@ -14,17 +15,21 @@ renewal (`touch`), and another worker claims it after a full lease
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from app.keys import Keys
+from app.keys import Keys, Shard
 from app.settings import Settings
-from app.store.transport import Pipeline, call, dedicated
+from app.store.transport import Arg, Pipeline, call, dedicated
+
+if TYPE_CHECKING:
+    from app.store.cluster import ClusterRoutes
 
 logger = logging.getLogger("tokentape.store")
 
@@ -66,34 +71,52 @@ def _jobs(entries: Sequence[Any]) -> list[Job]:
 
 
 class JobQueue:
-    """Enqueue, settle, claim and hold jobs of the `workers` consumer group."""
+    """Enqueue, settle, claim and hold jobs of the `workers` consumer group, in every shard."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: Settings, commands: Pipeline) -> None:
+    def __init__(
+        self, redis: Redis | ClusterRoutes, keys: Keys, settings: Settings, commands: Pipeline
+    ) -> None:
         self._redis = redis
         self.keys = keys
         self._commands = commands
         # A job idle this long lost its worker: its lease expired (see workers.lease).
         self.takeover_idle_ms = int(settings.lease_seconds * 1000)
-        self._claim_cursor = b"0-0"
+        self._claim_cursors = [b"0-0"] * len(keys.shards)
+        self._claim_from = 0  # the shard a claim pass starts with, in turn
+
+    def _jobs_of(self, generation_id: str) -> str:
+        return self.keys.shard(generation_id).jobs
 
     async def ensure_group(self) -> None:
-        try:
-            await self._commands.run(
-                b"XGROUP", b"CREATE", self.keys.jobs, self.keys.worker_group, b"0", b"MKSTREAM"
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """The consumer group of every shard's stream, created where missing."""
+        group = self.keys.worker_group
+        replies = await asyncio.gather(
+            *(
+                self._commands.submit(
+                    b"XGROUP", b"CREATE", shard.jobs, group, b"0", b"MKSTREAM", key=shard.jobs
+                )
+                for shard in self.keys.shards
+            ),
+            return_exceptions=True,
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException) and not (
+                isinstance(reply, ResponseError) and "BUSYGROUP" in str(reply)
+            ):
+                raise reply
 
     async def enqueue(self, generation_id: str, traceparent: str | None) -> str:
         fields = entry_fields(generation_id, traceparent)
         flat = [part for field in fields.items() for part in field]
-        entry_id: bytes = await self._commands.run(b"XADD", self.keys.jobs, b"*", *flat)
+        entry_id: bytes = await self._commands.run(
+            b"XADD", self._jobs_of(generation_id), b"*", *flat
+        )
         return entry_id.decode()
 
     async def ack(self, job: Job) -> None:
         """The generation ended: the job is done."""
-        await self._commands.run(b"XACK", self.keys.jobs, self.keys.worker_group, job.id)
+        jobs = self._jobs_of(job.generation_id)
+        await self._commands.run(b"XACK", jobs, self.keys.worker_group, job.id)
 
     async def requeue(self, job: Job) -> None:
         """Hand the job back: a live worker takes it at once. Enqueued again before the
@@ -102,11 +125,18 @@ class JobQueue:
         await self.enqueue(job.generation_id, job.traceparent)
         await self.ack(job)
 
-    async def touch(self, consumer: str, job_ids: Sequence[str]) -> None:
-        """Reset the idle time of jobs `consumer` holds: they do not look abandoned."""
-        k = self.keys
-        await self._commands.run(
-            b"XCLAIM", k.jobs, k.worker_group, consumer, 0, *job_ids, b"JUSTID"
+    async def touch(self, consumer: str, held: Mapping[str, str]) -> None:
+        """Reset the idle time of jobs `consumer` holds (job id by generation id): they do
+        not look abandoned. One XCLAIM per shard."""
+        by_shard: dict[str, list[str]] = {}
+        for generation_id, job_id in held.items():
+            by_shard.setdefault(self._jobs_of(generation_id), []).append(job_id)
+        group = self.keys.worker_group
+        await asyncio.gather(
+            *(
+                self._commands.submit(b"XCLAIM", jobs, group, consumer, 0, *ids, b"JUSTID")
+                for jobs, ids in by_shard.items()
+            )
         )
 
     async def retry_when_lease_expires(self, job: Job, consumer: str) -> None:
@@ -116,56 +146,115 @@ class JobQueue:
         k = self.keys
         remaining_ms: int = await self._commands.run(b"PTTL", k.lease(job.generation_id))
         idle_ms = self.takeover_idle_ms - max(0, min(remaining_ms, self.takeover_idle_ms))
+        jobs = self._jobs_of(job.generation_id)
         await self._commands.run(
-            b"XCLAIM", k.jobs, k.worker_group, consumer, 0, job.id, b"IDLE", idle_ms, b"JUSTID"
+            b"XCLAIM", jobs, k.worker_group, consumer, 0, job.id, b"IDLE", idle_ms, b"JUSTID"
         )
 
     async def claim_idle(self, consumer: str, count: int) -> list[Job]:
-        """Up to `count` jobs idle for a full lease, now `consumer`'s (one XAUTOCLAIM pass)."""
-        k = self.keys
-        reply = await self._commands.run(
-            b"XAUTOCLAIM",
-            k.jobs,
-            k.worker_group,
-            consumer,
-            self.takeover_idle_ms,
-            self._claim_cursor,
-            b"COUNT",
-            count,
-        )
-        self._claim_cursor = reply[0]
-        return _jobs(reply[1])
+        """Up to `count` jobs idle for a full lease, now `consumer`'s (an XAUTOCLAIM pass
+        per shard, until `count`, from a different shard each time)."""
+        shards = self.keys.shards
+        start, self._claim_from = self._claim_from, (self._claim_from + 1) % len(shards)
+        claimed: list[Job] = []
+        for shard in (*shards[start:], *shards[:start]):
+            if len(claimed) >= count:
+                break
+            reply = await self._commands.run(
+                b"XAUTOCLAIM",
+                shard.jobs,
+                self.keys.worker_group,
+                consumer,
+                self.takeover_idle_ms,
+                self._claim_cursors[shard.index],
+                b"COUNT",
+                count - len(claimed),
+            )
+            self._claim_cursors[shard.index] = reply[0]
+            claimed += _jobs(reply[1])
+        return claimed
 
     def reader(self, consumer: str) -> JobReader:
-        return JobReader(self, dedicated(self._redis), consumer)
+        redis = self._redis
+        if isinstance(redis, Redis):
+            # A connection for each shard's blocking read.
+            return JobReader(self, dedicated(redis, len(self.keys.shards)), consumer)
+        return JobReader(self, redis, consumer)
 
 
 class JobReader:
-    """New jobs for one consumer, read with XREADGROUP BLOCK on a connection of its own."""
+    """New jobs for one consumer, read with XREADGROUP BLOCK from every shard at once,
+    each read on a connection of its own.
 
-    def __init__(self, queue: JobQueue, redis: Redis, consumer: str) -> None:
+    A shard's read that has not answered when another did stays out, and its jobs come
+    with a later `read`. The reads out never ask for more than `count` jobs together: a
+    job read is this consumer's, and one read while the worker is full would wait,
+    unstarted, until a slot frees (as long as a generation takes).
+    """
+
+    def __init__(self, queue: JobQueue, redis: Redis | ClusterRoutes, consumer: str) -> None:
         self._queue = queue
         self._redis = redis
         self.consumer = consumer
+        # Reads out, by shard index: the task, and how many jobs it asked for.
+        self._reads: dict[int, tuple[asyncio.Task[list[Job]], int]] = {}
+        self._turn = 0  # which shard is asked first, when `count` is less than the shards
 
     async def read(self, count: int, block_ms: int) -> list[Job]:
         """Up to `count` new jobs, waiting up to `block_ms` for the first."""
-        k = self._queue.keys
+        budget = count - sum(asked for _, asked in self._reads.values())
+        idle = [shard for shard in self._queue.keys.shards if shard.index not in self._reads]
+        if budget > 0 and idle:
+            turn, self._turn = self._turn % len(idle), self._turn + 1
+            share = -(-budget // len(idle))
+            for shard in (*idle[turn:], *idle[:turn]):
+                asked = min(share, budget)
+                if asked <= 0:
+                    break
+                task = asyncio.create_task(self._read_shard(shard, asked, block_ms))
+                self._reads[shard.index] = (task, asked)
+                budget -= asked
+        if not self._reads:
+            return []
+        await asyncio.wait(
+            [task for task, _ in self._reads.values()], return_when=asyncio.FIRST_COMPLETED
+        )
+        jobs: list[Job] = []
+        failure: BaseException | None = None
+        for index, (task, _) in list(self._reads.items()):
+            if not task.done():
+                continue
+            del self._reads[index]
+            if (error := task.exception()) is not None:
+                failure = failure or error
+            else:
+                jobs += task.result()
+        if failure is not None:
+            if not jobs:
+                raise failure
+            logger.warning("reading jobs from a shard failed: %s", failure)
+        return jobs
+
+    async def _read_shard(self, shard: Shard, count: int, block_ms: int) -> list[Job]:
+        command: tuple[Arg, ...] = (
+            b"XREADGROUP",
+            b"GROUP",
+            self._queue.keys.worker_group,
+            self.consumer,
+            b"COUNT",
+            count,
+            b"BLOCK",
+            block_ms,
+            b"STREAMS",
+            shard.jobs,
+            b">",
+        )
+        redis = self._redis
         try:
-            reply = await call(
-                self._redis,
-                b"XREADGROUP",
-                b"GROUP",
-                k.worker_group,
-                self.consumer,
-                b"COUNT",
-                count,
-                b"BLOCK",
-                block_ms,
-                b"STREAMS",
-                k.jobs,
-                b">",
-            )
+            if isinstance(redis, Redis):
+                reply = await call(redis, *command)
+            else:
+                reply = await redis.call(*command, key=shard.jobs)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -180,4 +269,9 @@ class JobReader:
         return [job for entries in streams for job in _jobs(entries)]
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        reads = [task for task, _ in self._reads.values()]
+        for task in reads:
+            task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
+        if isinstance(self._redis, Redis):
+            await self._redis.aclose()  # its own client; a cluster's routes are the log's

@@ -8,11 +8,13 @@ script (`app.store.scripts`).
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.errors import AlreadyFinished, Fenced, NotFound, SeqConflict
@@ -21,6 +23,7 @@ from app.generations import GenerationRequest
 from app.keys import Keys
 from app.settings import Settings
 from app.store.cancels import CancelRequests
+from app.store.cluster import ClusterRoutes
 from app.store.jobs import JobQueue, entry_fields
 from app.store.quotas import Quotas
 from app.store.retention import Retention, Ttls
@@ -28,8 +31,10 @@ from app.store.scripts import (
     ACQUIRE,
     ANNOTATE,
     APPEND,
+    APPEND_SHARDED,
     CANCEL,
     CREATE,
+    INDEX,
     RENEW,
     AcquireArgs,
     AnnotateArgs,
@@ -37,6 +42,8 @@ from app.store.scripts import (
     AppendKeys,
     CreateArgs,
     CreateKeys,
+    IndexArgs,
+    IndexKeys,
     LeaseKeys,
     MetaKeys,
     NoArgs,
@@ -66,37 +73,43 @@ BULK_SLICE = 256
 class GenerationLog:
     """All reads and writes of generation logs go through here.
 
-    Built on a Redis client its caller owns; nothing outside `app.store` sends
-    commands on that client.
+    Built on a Redis client its caller owns (a `RedisCluster` for a cluster); nothing
+    outside `app.store` sends commands on that client.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis | RedisCluster, settings: Settings) -> None:
         self._redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = Keys(settings.key_prefix, settings.key_shards)
         self.ttls = Ttls.of(settings)
+        routes = ClusterRoutes(redis) if isinstance(redis, RedisCluster) else redis
+        self.cluster = isinstance(routes, ClusterRoutes)
+        # Live batches and cancel requests: sharded pub/sub on a cluster, delivered by
+        # the node that holds the generation (or the shard) only.
+        self._append_script = APPEND_SHARDED if self.cluster else APPEND
+        self._publish = b"SPUBLISH" if self.cluster else b"PUBLISH"
         # A pipeline per kind of call, each with its own bound. A reader's requests share
         # its few connections: one batch of creates and one of commands out at a time.
-        self._creates = Pipeline(redis, in_flight=1)
-        self._commands = Pipeline(redis, in_flight=1)
-        self._appends = Pipeline(redis)
+        self._creates = Pipeline(routes, in_flight=1)
+        self._commands = Pipeline(routes, in_flight=1)
+        self._appends = Pipeline(routes)
         # A burst of jobs (a thousand clients starting at once) acquires in a few round trips.
-        self._acquires = Pipeline(redis)
+        self._acquires = Pipeline(routes)
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
-        self._renewals = Pipeline(redis)
+        self._renewals = Pipeline(routes)
         # The watched marks of every stream go in one pipeline.
-        self._annotations = Pipeline(redis)
+        self._annotations = Pipeline(routes)
         # append.lua's limits, the same for every append: encoded once.
         self._maxlen = b"%d" % settings.max_events_per_generation
         self._open_ttl = b"%d" % self.ttls.open_ms
         self._log_ttl = b"%d" % self.ttls.log_ms
         self._meta_ttl = b"%d" % self.ttls.meta_ms
-        self.jobs = JobQueue(redis, self.keys, settings, self._commands)
+        self.jobs = JobQueue(routes, self.keys, settings, self._commands)
         self.retention = Retention(self, self._commands)
         self.quotas = Quotas(self.keys, settings, self._commands)
 
     async def ping(self) -> None:
-        """Raises unless Redis answers."""
+        """Raises unless Redis (on a cluster: a node) answers."""
         await self._commands.run(b"PING")
 
     # -- create -------------------------------------------------------------
@@ -110,7 +123,10 @@ class GenerationLog:
         traceparent: str | None = None,
         owner: str | None = None,
     ) -> GenerationState:
-        """Create the generation; with `enqueue`, also its job (`app.store.jobs`), atomically.
+        """Create the generation, then index it in its shard and, with `enqueue`, queue its
+        job (`app.store.jobs`): each step atomic, the second only after the first created
+        the generation (on a cluster they are in two slots; a create retried after a lost
+        reply queues no second job).
 
         `owner` is the owner hash of the API key creating it (`app.access`), if any.
 
@@ -119,27 +135,30 @@ class GenerationLog:
         """
         created = now_ms()
         k = self.keys
+        shard = k.shard(generation_id)
         job = entry_fields(generation_id, traceparent) if enqueue else {}
-        await self._creates.run_script(
+        fresh = await self._creates.run_script(
             CREATE,
-            CreateKeys(
-                meta=k.meta(generation_id),
-                request=k.request(generation_id),
-                open=k.open_generations,
-                recent=k.recent_generations,
-                jobs=k.jobs,
-            ),
+            CreateKeys(meta=k.meta(generation_id), request=k.request(generation_id)),
             CreateArgs(
-                generation_id=generation_id,
                 model=request.model,
                 request_json=msgspec.json.encode(request),
                 created_ms=created,
                 open_ttl_ms=self.ttls.open_ms,
-                meta_ttl_ms=self.ttls.meta_ms,
                 owner=owner or "",
             ),
-            [part for field in job.items() for part in field],
         )
+        if fresh:
+            await self._creates.run_script(
+                INDEX,
+                IndexKeys(
+                    open=shard.open_generations, recent=shard.recent_generations, jobs=shard.jobs
+                ),
+                IndexArgs(
+                    generation_id=generation_id, created_ms=created, meta_ttl_ms=self.ttls.meta_ms
+                ),
+                [part for field in job.items() for part in field],
+            )
         return GenerationState(
             id=generation_id,
             status="queued",
@@ -224,16 +243,36 @@ class GenerationLog:
     async def recent(self, *, since_ms: int | None, offset: int, count: int) -> list[str]:
         """Ids of generations created since `since_ms` (all: None), newest first, a page."""
         low = b"-inf" if since_ms is None else since_ms
-        ids: list[bytes] = await self._commands.run(
-            b"ZREVRANGEBYSCORE",
-            self.keys.recent_generations,
-            b"+inf",
-            low,
-            b"LIMIT",
-            offset,
-            count,
+        shards = self.keys.shards
+        if len(shards) == 1:
+            ids: list[bytes] = await self._commands.run(
+                b"ZREVRANGEBYSCORE",
+                shards[0].recent_generations,
+                b"+inf",
+                low,
+                b"LIMIT",
+                offset,
+                count,
+            )
+            return [raw.decode() for raw in ids]
+        # Each shard's newest offset + count, merged: the page is among them.
+        replies: list[list[Any]] = await asyncio.gather(
+            *(
+                self._commands.submit(
+                    b"ZREVRANGEBYSCORE",
+                    shard.recent_generations,
+                    b"+inf",
+                    low,
+                    b"WITHSCORES",
+                    b"LIMIT",
+                    0,
+                    offset + count,
+                )
+                for shard in shards
+            )
         )
-        return [raw.decode() for raw in ids]
+        newest = heapq.merge(*(_by_score(reply) for reply in replies), reverse=True)
+        return [generation_id for _, generation_id in list(newest)[offset : offset + count]]
 
     # -- append -------------------------------------------------------------
 
@@ -261,7 +300,7 @@ class GenerationLog:
         keys, args, rest = self._append_call(
             lease.generation_id, str(lease.epoch), first_seq, batch, None
         )
-        return self._appends.submit_script(APPEND, keys, args, rest)
+        return self._appends.submit_script(self._append_script, keys, args, rest)
 
     def appended(self, lease: Lease, reply: Any) -> int:
         """What `append` returns or raises, from the reply of `append_soon`."""
@@ -292,10 +331,11 @@ class GenerationLog:
         min_idle_ms: int | None,
     ) -> tuple[Reply, int]:
         keys, args, rest = self._append_call(generation_id, epoch, first_seq, batch, min_idle_ms)
-        reply = await self._appends.run_script(APPEND, keys, args, rest)
+        reply = await self._appends.run_script(self._append_script, keys, args, rest)
         code, last = APPEND.reply(reply[0]), int(reply[1])
         if args.final and code is Reply.OK:
-            await self._commands.run(b"ZREM", self.keys.open_generations, generation_id)
+            open_generations = self.keys.shard(generation_id).open_generations
+            await self._commands.run(b"ZREM", open_generations, generation_id)
         return code, last
 
     def _append_call(
@@ -418,7 +458,7 @@ class GenerationLog:
     async def request_cancel(self, generation_id: str) -> GenerationState:
         """Mark the generation for cancellation; close it at once if no worker has it yet.
 
-        The worker running it hears of it on the cancel channel (`cancel_requests`).
+        The worker running it hears of it on its shard's cancel channel (`cancel_requests`).
         """
         status = await self._commands.run_script(
             CANCEL, MetaKeys(meta=self.keys.meta(generation_id)), NoArgs()
@@ -430,12 +470,20 @@ class GenerationLog:
             return state
         if state.status == "queued":
             await self.close(generation_id, events.Done(reason="cancelled"))
-        await self._commands.run(b"PUBLISH", self.keys.cancel_channel, generation_id)
+        channel = self.keys.shard(generation_id).cancel_channel
+        await self._commands.run(self._publish, channel, generation_id)
         return await self.state(generation_id) or state
 
     def cancel_requests(self) -> CancelRequests:
         """The cancel requests published to every worker (`async with`, then `async for`)."""
-        return CancelRequests(self._redis, self.keys)
+        return CancelRequests(self._redis, self.keys.shards)
+
+
+def _by_score(reply: list[Any]) -> list[tuple[float, str]]:
+    """(score, member) pairs of a WITHSCORES reply: RESP3 pairs or a RESP2 flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(float(score), member.decode()) for member, score in reply]
+    return [(float(reply[i + 1]), reply[i].decode()) for i in range(0, len(reply), 2)]
 
 
 def _refusal(code: Reply, generation_id: str, last: int) -> Exception:

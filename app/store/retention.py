@@ -4,7 +4,7 @@ Redis expires every key by itself (`Ttls`, set by `create.lua` and `append.lua`)
 so memory never grows without bound even when no sweeper runs. A worker's sweeper
 (`Retention.sweep`) adds what TTLs cannot do: it closes generations nobody
 appends to any more with `error {code: "abandoned"}`, so their readers get an end,
-and trims acknowledged jobs from the job stream.
+and trims acknowledged jobs from the job stream; a pass covers every shard.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from app import events
+from app.keys import Shard
 from app.settings import Settings
 from app.store.state import now_ms
 from app.store.transport import Pipeline
@@ -78,15 +79,22 @@ class Retention:
         await self.trim_jobs()
 
     async def sweep_abandoned(self, limit: int = SWEEP_LIMIT) -> list[str]:
-        """Close open generations with no append for `abandon_after_seconds`.
+        """Close open generations with no append for `abandon_after_seconds`, up to
+        `limit` candidates per shard.
 
         Generations that ended or expired leave the open set; active ones are
         re-scored with their last activity, so each sweep only looks at candidates.
         """
-        k = self.keys
+        closed: list[str] = []
+        for shard in self.keys.shards:
+            closed += await self._sweep_shard(shard, limit)
+        return closed
+
+    async def _sweep_shard(self, shard: Shard, limit: int) -> list[str]:
         idle_ms = int(self.settings.abandon_after_seconds * 1000)
+        open_generations = shard.open_generations
         candidates: list[bytes] = await self._commands.run(
-            b"ZRANGEBYSCORE", k.open_generations, b"-inf", now_ms() - idle_ms, b"LIMIT", 0, limit
+            b"ZRANGEBYSCORE", open_generations, b"-inf", now_ms() - idle_ms, b"LIMIT", 0, limit
         )
         closed: list[str] = []
         for raw in candidates:
@@ -101,31 +109,35 @@ class Retention:
                 continue
             state = await self._log.state(generation_id)
             if state is None or state.terminal:
-                await self._commands.run(b"ZREM", k.open_generations, generation_id)
+                await self._commands.run(b"ZREM", open_generations, generation_id)
             else:
                 active = state.last_append_ms or state.created_ms
-                await self._commands.run(b"ZADD", k.open_generations, active, generation_id)
+                await self._commands.run(b"ZADD", open_generations, active, generation_id)
         return closed
 
     async def trim_jobs(self) -> int:
-        """Drop acknowledged jobs from the job stream; returns how many were removed.
+        """Drop acknowledged jobs from every shard's job stream; returns how many were removed.
 
         Everything older than both the oldest pending job and the group's last
         delivered one was delivered and acknowledged: the stream never grows without
         bound, and a pending job (a takeover candidate) is never trimmed.
         """
-        k = self.keys
-        groups = [_fields(g) for g in await self._commands.run(b"XINFO", b"GROUPS", k.jobs)]
-        group = next((g for g in groups if g[b"name"] == k.worker_group.encode()), None)
+        removed = 0
+        for shard in self.keys.shards:
+            removed += await self._trim_shard(shard.jobs)
+        return removed
+
+    async def _trim_shard(self, jobs: str) -> int:
+        group_name = self.keys.worker_group
+        groups = [_fields(g) for g in await self._commands.run(b"XINFO", b"GROUPS", jobs, key=jobs)]
+        group = next((g for g in groups if g[b"name"] == group_name.encode()), None)
         if group is None:
             return 0
         floor = _stream_id(group[b"last-delivered-id"])
-        pending, oldest, _, _ = await self._commands.run(b"XPENDING", k.jobs, k.worker_group)
+        pending, oldest, _, _ = await self._commands.run(b"XPENDING", jobs, group_name)
         if pending:
             floor = min(floor, _stream_id(oldest))
         if floor == (0, 0):
             return 0
-        removed: int = await self._commands.run(
-            b"XTRIM", k.jobs, b"MINID", f"{floor[0]}-{floor[1]}"
-        )
+        removed: int = await self._commands.run(b"XTRIM", jobs, b"MINID", f"{floor[0]}-{floor[1]}")
         return removed

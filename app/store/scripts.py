@@ -7,15 +7,15 @@ never `KEYS[1]` or `ARGV[2]`, and still runs as one EVALSHA. A script that takes
 a variable tail (`rest`) finds its first entry at `<rest>_from`.
 
 Every script touches the keys of one generation (one hash tag, one Cluster slot),
-except `create`, which also writes the global indexes and the job queue, and `admit`,
-which touches the keys of one API key owner (one hash tag of its own).
+except `index`, which touches those of one shard (`app.keys.Shard`, one slot too), and
+`admit`, which touches the keys of one API key owner (one hash tag of its own).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Generic, NamedTuple, Protocol, TypeVar, cast
 
@@ -93,10 +93,11 @@ class Script(Generic[K, A]):
         *,
         rest: str | None = None,
         replies: Iterable[Reply] = (),
+        constants: Mapping[str, str] = {},  # read, never changed
     ) -> None:
         self.name = name
         key_names = _names(keys)
-        self.source = _source(name, key_names, _names(args), rest)
+        self.source = _source(name, key_names, _names(args), rest, constants)
         sha = hashlib.sha1(self.source.encode()).hexdigest().encode()
         self.evalsha: tuple[bytes, bytes, int] = (b"EVALSHA", sha, len(key_names))
         self._replies = {reply.value: reply for reply in replies}
@@ -118,8 +119,15 @@ def prelude() -> str:
     return f"local TERMINAL = {{{terminal}}}\n" + _LUA.joinpath("prelude.lua").read_text()
 
 
-def _source(name: str, keys: Sequence[str], args: Sequence[str], rest: str | None) -> str:
+def _source(
+    name: str,
+    keys: Sequence[str],
+    args: Sequence[str],
+    rest: str | None,
+    constants: Mapping[str, str],
+) -> str:
     lines = [prelude()]
+    lines.extend(f"local {constant} = '{value}'" for constant, value in constants.items())
     lines.append(f"-- KEYS and ARGV of {name}.lua, as declared in app/store/scripts.py")
     for names, table in ((keys, "KEYS"), (args, "ARGV")):
         if names:
@@ -150,23 +158,34 @@ class NoArgs(NamedTuple):
 class CreateKeys(NamedTuple):
     meta: str
     request: str
+
+
+class CreateArgs(NamedTuple):
+    model: str
+    request_json: bytes
+    created_ms: int
+    open_ttl_ms: int
+    owner: str  # the owner hash of the creating API key ('' when the service is open)
+
+
+CREATE = Script("create", CreateKeys, CreateArgs)
+
+
+class IndexKeys(NamedTuple):
+    # One shard's (`app.keys.Shard`).
     open: str  # the index of open generations (the sweeper's)
     recent: str  # the index behind `tokentape ls`
     jobs: str
 
 
-class CreateArgs(NamedTuple):
+class IndexArgs(NamedTuple):
     generation_id: str
-    model: str
-    request_json: bytes
     created_ms: int
-    open_ttl_ms: int
-    meta_ttl_ms: int  # also how far back the recent index is kept
-    owner: str  # the owner hash of the creating API key ('' when the service is open)
+    meta_ttl_ms: int  # how far back the recent index is kept
 
 
 # Then `job`: the job's stream entry as field, value, ... (`jobs.entry_fields`); none = no job.
-CREATE = Script("create", CreateKeys, CreateArgs, rest="job")
+INDEX = Script("index", IndexKeys, IndexArgs, rest="job")
 
 
 class AppendKeys(NamedTuple):
@@ -185,7 +204,7 @@ class AppendArgs(NamedTuple):
     open_ttl_ms: bytes  # an open generation's keys live at least this long after its last append
     log_ttl_ms: bytes  # the log and request live this long after the terminal event
     meta_ttl_ms: bytes  # the metadata lives this long after it (to answer 410, not 404)
-    channel: str  # the pub/sub channel of live readers
+    channel: str  # the pub/sub channel of live readers (sharded on a cluster)
     final: str  # the status after this batch ('' unless its last event is terminal)
     reason: str  # the finish reason or error code of the terminal event
     # '*' writers only: refuse if the generation was active more recently than this
@@ -194,22 +213,29 @@ class AppendArgs(NamedTuple):
     n: int  # the number of events
 
 
-# Then `events`: n pairs of (type, data).
-APPEND = Script(
-    "append",
-    AppendKeys,
-    AppendArgs,
-    rest="events",
-    replies=(
-        Reply.OK,
-        Reply.DUPLICATE,
-        Reply.FENCED,
-        Reply.ALREADY_FINISHED,
-        Reply.SEQ_CONFLICT,
-        Reply.UNKNOWN,
-        Reply.ACTIVE,
-    ),
-)
+def _append(publish: str) -> Script[AppendKeys, AppendArgs]:
+    # Then `events`: n pairs of (type, data).
+    return Script(
+        "append",
+        AppendKeys,
+        AppendArgs,
+        rest="events",
+        replies=(
+            Reply.OK,
+            Reply.DUPLICATE,
+            Reply.FENCED,
+            Reply.ALREADY_FINISHED,
+            Reply.SEQ_CONFLICT,
+            Reply.UNKNOWN,
+            Reply.ACTIVE,
+        ),
+        constants={"PUBLISH": publish},
+    )
+
+
+APPEND = _append("PUBLISH")
+# On a cluster: sharded pub/sub, so only the generation's own node carries its batches.
+APPEND_SHARDED = _append("SPUBLISH")
 
 
 class AcquireArgs(NamedTuple):

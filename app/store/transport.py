@@ -6,24 +6,32 @@ scripts/bench_pack.py, docs/benchmarks.md), written on one connection of the
 client's pool, replies read with `read_response` as Redis sent them (no redis-py
 reply callbacks). `Pipeline` batches the calls made in one event-loop tick into
 one round trip; a blocking read goes alone on a client of its own (`dedicated`).
+On a Redis Cluster a batch goes as one round trip per primary (`app.store.cluster`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
 
 from app.store.scripts import A, K, Script
 
+if TYPE_CHECKING:
+    from app.store.cluster import ClusterRoutes
+
 Arg = bytes | str | int | float
 # A call waiting for its round trip: the packed command, the script it runs (to load
-# on NOSCRIPT), and its caller's future.
-_Queued = tuple[bytes, Script[Any, Any] | None, asyncio.Future[Any]]
+# on NOSCRIPT), its caller's future, and the key that routes it on a cluster (None: any node).
+Queued = tuple[bytes, Script[Any, Any] | None, asyncio.Future[Any], Arg | None]
+# Sends commands to one place (a server, a cluster node) as one round trip: their replies.
+Send = Callable[[Sequence[bytes]], Awaitable[list[Any]]]
 
 
 def pack(*command: Arg) -> bytes:
@@ -38,6 +46,14 @@ async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
+        return await exchange(connection, commands)
+    finally:
+        await pool.release(connection)
+
+
+async def exchange(connection: AbstractConnection, commands: Sequence[bytes]) -> list[Any]:
+    """`round_trip` on a connection the caller holds."""
+    try:
         await connection.send_packed_command(commands)
         replies: list[Any] = []
         for _ in commands:
@@ -51,8 +67,6 @@ async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
         # socket must not serve another call.
         await connection.disconnect(nowait=True)
         raise
-    finally:
-        await pool.release(connection)
 
 
 async def call(redis: Redis, *command: Arg) -> Any:
@@ -95,9 +109,10 @@ class Pipeline:
     only its calls are sent again.
     """
 
-    def __init__(self, redis: Redis, *, in_flight: int | None = None) -> None:
+    def __init__(self, redis: Redis | ClusterRoutes, *, in_flight: int | None = None) -> None:
         self._redis = redis
-        self._queued: list[_Queued] = []
+        self._routed = not isinstance(redis, Redis)  # a call's key is looked at only then
+        self._queued: list[Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._sender_waiting = False  # a sender exists that has not taken the queue yet
         # With a bound, calls made while that many batches are out wait and leave
@@ -105,12 +120,18 @@ class Pipeline:
         # many small ones queueing one by one for the pool's few connections.
         self._slots = asyncio.Semaphore(in_flight) if in_flight else None
 
-    async def run(self, *command: Arg) -> Any:
-        return await self.submit(*command)
+    async def run(self, *command: Arg, key: Arg | None = None) -> Any:
+        return await self.submit(*command, key=key)
 
-    def submit(self, *command: Arg) -> asyncio.Future[Any]:
-        """`run` as a future: many calls gathered make no task each."""
-        return self._submit(pack(*command), None)
+    def submit(self, *command: Arg, key: Arg | None = None) -> asyncio.Future[Any]:
+        """`run` as a future: many calls gathered make no task each.
+
+        On a cluster the call goes to the node that serves `key`, by default the
+        command's first argument (none: any node).
+        """
+        if self._routed and key is None and len(command) > 1:
+            key = command[1]
+        return self._submit(pack(*command), None, key)
 
     async def run_script(
         self, script: Script[K, A], keys: K, args: A, rest: Sequence[Arg] = ()
@@ -121,11 +142,14 @@ class Pipeline:
         self, script: Script[K, A], keys: K, args: A, rest: Sequence[Arg] = ()
     ) -> asyncio.Future[Any]:
         """`run_script` as a future: a caller that continues in a done-callback needs no task."""
-        return self._submit(pack(*script.evalsha, *keys, *args, *rest), script)
+        key = next(iter(keys), None) if self._routed else None
+        return self._submit(pack(*script.evalsha, *keys, *args, *rest), script, key)
 
-    def _submit(self, command: bytes, script: Script[Any, Any] | None) -> asyncio.Future[Any]:
+    def _submit(
+        self, command: bytes, script: Script[Any, Any] | None, key: Arg | None
+    ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((command, script, future))
+        self._queued.append((command, script, future, key))
         if not self._sender_waiting:
             # Starts at the next tick (or once a batch comes back) and takes
             # everything queued by then.
@@ -142,7 +166,7 @@ class Pipeline:
         try:
             await self._slots.acquire()
         except asyncio.CancelledError:
-            for _, _, future in self._take_queued():
+            for _, _, future, _ in self._take_queued():
                 future.cancel()
             raise
         try:
@@ -150,7 +174,7 @@ class Pipeline:
         finally:
             self._slots.release()
 
-    def _take_queued(self) -> list[_Queued]:
+    def _take_queued(self) -> list[Queued]:
         queued, self._queued = self._queued, []
         self._sender_waiting = False
         return queued
@@ -160,15 +184,15 @@ class Pipeline:
         try:
             results = await self._execute(queued)
         except asyncio.CancelledError:
-            for _, _, future in queued:
+            for _, _, future, _ in queued:
                 future.cancel()
             raise
         except Exception as exc:
-            for _, _, future in queued:
+            for _, _, future, _ in queued:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, future), result in zip(queued, results, strict=True):
+        for (_, _, future, _), result in zip(queued, results, strict=True):
             if future.done():
                 continue  # its caller was cancelled
             if isinstance(result, Exception):
@@ -176,16 +200,30 @@ class Pipeline:
             else:
                 future.set_result(result)
 
-    async def _execute(self, queued: Sequence[_Queued]) -> list[Any]:
-        results = await round_trip(self._redis, [command for command, _, _ in queued])
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            # NOSCRIPT ran nothing: load each missing script, then send its calls again.
-            scripts = {queued[i][1] for i in missing}
-            for script in scripts:
-                assert script is not None  # only EVALSHA answers NOSCRIPT
-                await call(self._redis, b"SCRIPT", b"LOAD", script.source)
-            again = await round_trip(self._redis, [queued[i][0] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
+    async def _execute(self, queued: Sequence[Queued]) -> list[Any]:
+        redis = self._redis
+        if isinstance(redis, Redis):
+            return await send_loading_scripts(functools.partial(round_trip, redis), queued)
+        return await redis.execute(queued)
+
+
+async def send_loading_scripts(send: Send, queued: Sequence[Queued]) -> list[Any]:
+    """Replies to `queued`, sent with `send`; a script Redis lacks is loaded and its calls
+    sent again."""
+    results = await send([command for command, _, _, _ in queued])
+    missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        # NOSCRIPT ran nothing: load each missing script, then send its calls again.
+        scripts = {queued[i][1] for i in missing}
+        loads = []
+        for script in scripts:
+            assert script is not None  # only EVALSHA answers NOSCRIPT
+            loads.append(pack(b"SCRIPT", b"LOAD", script.source))
+        loaded = await send(loads)
+        for reply in loaded:
+            if isinstance(reply, Exception):
+                raise reply
+        again = await send([queued[i][0] for i in missing])
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    return results

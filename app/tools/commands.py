@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from app import embedded
 from app.client import Client
 from app.errors import ConfigError, Unavailable
+from app.runtime import connect
 from app.settings import Settings
 from app.store import GenerationLog
 from app.tools import inspection, listing, recording
@@ -63,8 +63,7 @@ def _with_redis(settings: Settings) -> Settings:
 @contextlib.asynccontextmanager
 async def _open_log(settings: Settings) -> AsyncIterator[GenerationLog]:
     settings = _with_redis(settings)
-    assert settings.redis_url is not None
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect(settings, "tools")
     try:
         yield GenerationLog(redis, settings)
     except (RedisConnectionError, RedisTimeoutError) as exc:

@@ -10,12 +10,15 @@ import asyncio
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.settings import Settings
 from app.telemetry import Telemetry
 
 
-def create_app(settings: Settings, redis: Redis, telemetry: Telemetry) -> web.Application:
+def create_app(
+    settings: Settings, redis: Redis | RedisCluster, telemetry: Telemetry
+) -> web.Application:
     async def ping(request: web.Request) -> web.Response:
         return web.json_response({"redis": await redis.ping(), "url": settings.redis_url})
 
@@ -30,7 +33,7 @@ class Worker:
     instances: list[Worker] = []
 
     def __init__(
-        self, redis: Redis, settings: Settings, telemetry: Telemetry | None = None
+        self, redis: Redis | RedisCluster, settings: Settings, telemetry: Telemetry | None = None
     ) -> None:
         self.redis = redis
         self.settings = settings

@@ -103,6 +103,18 @@ def test_tool_flags_set_redis_prefix_and_data_dir(environ: pytest.MonkeyPatch) -
     )
 
 
+@pytest.mark.parametrize("command", ["serve", "worker", "ls", "export", "inspect", "replay"])
+def test_every_command_that_reaches_redis_takes_cluster(
+    environ: pytest.MonkeyPatch, command: str
+) -> None:
+    operands = {"export": ["ID"], "inspect": ["ID"], "replay": ["FILE"]}.get(command, [])
+    argv = [command, "--redis", "redis://node:7000", *operands]
+    assert cli.settings_from(parse(*argv)).redis_cluster is False
+    assert cli.settings_from(parse(*argv, "--cluster")).redis_cluster is True
+    environ.setenv("TOKENTAPE_REDIS_CLUSTER", "true")
+    assert cli.settings_from(parse(*argv)).redis_cluster is True
+
+
 # -- errors ---------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events, sse
 from app.generations import parse_request
@@ -23,8 +24,8 @@ Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
-def app(settings: Settings, redis: Redis) -> web.Application:
-    return create_app(settings, redis)
+def app(settings: Settings, store_redis: Redis | RedisCluster) -> web.Application:
+    return create_app(settings, store_redis)
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""The SSE endpoint on a real Redis: framing, positions, resume, gap, 204, heartbeat, cleanup."""
+"""The SSE endpoint on a real Redis: framing, positions, resume, gap, 204, heartbeat, cleanup.
+
+The contract's core (`ON_EVERY_BACKEND`) runs on a Redis Cluster too."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.http import HUB
 from app.settings import Settings
 from app.store import GenerationLog
+from tests.conftest import ON_EVERY_BACKEND
 from tests.http.conftest import (
     Client,
     ClientFactory,
@@ -51,6 +55,7 @@ async def test_compression_is_never_applied(client: Client, writer_factory: Writ
         assert b"event: done" in await response.read()
 
 
+@ON_EVERY_BACKEND
 async def test_a_finished_generation_is_served_whole_and_the_response_ends(
     client: Client, writer_factory: WriterFactory
 ) -> None:
@@ -67,6 +72,7 @@ async def test_a_finished_generation_is_served_whole_and_the_response_ends(
     )
 
 
+@ON_EVERY_BACKEND
 async def test_live_events_reach_a_connected_client(
     client: Client, writer_factory: WriterFactory, app: web.Application
 ) -> None:
@@ -115,6 +121,7 @@ async def test_malformed_position_is_400(
             assert error["code"] == ("invalid_position" if printable else "invalid_query")
 
 
+@ON_EVERY_BACKEND
 async def test_204_at_or_after_the_terminal_event(
     client: Client, writer_factory: WriterFactory
 ) -> None:
@@ -127,15 +134,19 @@ async def test_204_at_or_after_the_terminal_event(
     assert (status, [m.event for m in messages]) == (200, ["done"])
 
 
+@ON_EVERY_BACKEND
 async def test_unknown_is_404_expired_is_410(
-    client: Client, writer_factory: WriterFactory, redis: Redis, log: GenerationLog
+    client: Client,
+    writer_factory: WriterFactory,
+    store_redis: Redis | RedisCluster,
+    log: GenerationLog,
 ) -> None:
     async with client.get("/v1/generations/AAAAAAAAAAAAAAAAAAAAAA/events") as response:
         assert response.status == 404
         assert (await response.json())["error"]["code"] == "generation_not_found"
     writer = await writer_factory()
     await writer.tokens(2)
-    await redis.delete(log.keys.log(writer.generation_id))  # retention expired the log
+    await store_redis.delete(log.keys.log(writer.generation_id))  # retention expired the log
     async with client.get(writer.events_url) as response:
         assert response.status == 410
         assert (await response.json())["error"]["code"] == "generation_expired"
@@ -218,6 +229,7 @@ async def test_interrupted_reads_of_a_finished_generation_equal_one_read(
         assert await read_interrupted(client, writer.events_url, cuts) == as_events(whole)
 
 
+@ON_EVERY_BACKEND
 async def test_interrupted_reads_of_a_live_generation_equal_one_read(
     client: Client, writer_factory: WriterFactory, app: web.Application
 ) -> None:
@@ -260,6 +272,7 @@ async def test_heartbeat_while_idle(
         assert [m.event for m in await stream.rest()] == ["token", "done"]
 
 
+@ON_EVERY_BACKEND
 async def test_client_disconnect_releases_everything(
     client: Client, writer_factory: WriterFactory, app: web.Application
 ) -> None:
@@ -277,12 +290,16 @@ async def test_client_disconnect_releases_everything(
     assert app[HUB].subscription_count == 0
 
 
+@ON_EVERY_BACKEND
 async def test_slow_client_falls_back_to_the_log_and_gets_everything(
-    aiohttp_client: ClientFactory, settings: Settings, redis: Redis, log: GenerationLog
+    aiohttp_client: ClientFactory,
+    settings: Settings,
+    store_redis: Redis | RedisCluster,
+    log: GenerationLog,
 ) -> None:
     from app.http import create_app
 
-    app = create_app(settings.replace(client_buffer_events=4), redis)
+    app = create_app(settings.replace(client_buffer_events=4), store_redis)
     client = await aiohttp_client(app)
     writer = await Writer.start(log)
     async with client.get(writer.events_url) as response:

@@ -1,4 +1,6 @@
-"""Create, status and cancel; every bad input answered with a JSON 4xx, nothing half-written."""
+"""Create, status and cancel; every bad input answered with a JSON 4xx, nothing half-written.
+
+The contract's core (`ON_EVERY_BACKEND`) runs on a Redis Cluster too."""
 
 from __future__ import annotations
 
@@ -9,16 +11,19 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.store import GenerationLog
+from tests.conftest import ON_EVERY_BACKEND
 from tests.http.conftest import Client, Writer
 
 VALID: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
 
 
+@ON_EVERY_BACKEND
 async def test_create_queues_a_job_and_answers_201(
-    client: Client, log: GenerationLog, redis: Redis
+    client: Client, log: GenerationLog, store_redis: Redis | RedisCluster
 ) -> None:
     response = await client.post("/v1/generations", json={**VALID, "sim": {"tokens": 5}})
     assert response.status == 201
@@ -34,7 +39,7 @@ async def test_create_queues_a_job_and_answers_201(
     assert request is not None
     assert request.sim is not None
     assert request.sim.tokens == 5
-    jobs: Any = await redis.xrange(log.keys.jobs)
+    jobs: Any = await store_redis.xrange(log.keys.shard(generation_id).jobs)
     assert [fields[b"generation"].decode() for _, fields in jobs] == [generation_id]
 
 
@@ -120,6 +125,7 @@ async def test_unknown_and_malformed_targets(
     assert (await response.json())["error"]["code"] == code
 
 
+@ON_EVERY_BACKEND
 async def test_status_follows_the_generation(
     client: Client, writer_factory: Callable[[], Awaitable[Writer]]
 ) -> None:
@@ -151,6 +157,7 @@ async def test_status_of_an_error_carries_its_code_and_message(
     assert "finish_reason" not in body
 
 
+@ON_EVERY_BACKEND
 async def test_cancel_of_a_queued_generation(client: Client, log: GenerationLog) -> None:
     generation_id = (await (await client.post("/v1/generations", json=VALID)).json())["id"]
     response = await client.post(f"/v1/generations/{generation_id}/cancel")
@@ -162,6 +169,7 @@ async def test_cancel_of_a_queued_generation(client: Client, log: GenerationLog)
     assert [e.event() for e in entries] == [events.Done(reason="cancelled")]
 
 
+@ON_EVERY_BACKEND
 async def test_cancel_of_a_finished_generation_is_409(
     client: Client, writer_factory: Callable[[], Awaitable[Writer]]
 ) -> None:

@@ -138,6 +138,27 @@ def test_a_watcher_takes_its_channels_messages_as_published_beside_the_listener(
     assert beside.messages[-1] == batch  # the channel stays for its watcher
 
 
+def test_sharded_messages_reach_their_listeners_and_a_channel_let_go_is_reported() -> None:
+    lost: list[bytes] = []
+    connection = PubSubConnection(Endpoint(), None, sse.live_frames, lost=lost.append)
+    listener = Recorder()
+    connection.subscribe(b"live:0", listener)
+    data = b'{"type":"token","text":"a"}'
+    connection.received(
+        _resp(b"ssubscribe", b"live:0", 1)
+        + _resp(b"smessage", b"live:0", b"1\n1700000000000\ntoken\n" + data),
+        0.0,
+    )
+    # No anchor when sharded: each channel's confirmation says "look at the log".
+    assert (listener.confirmations, listener.misses) == (1, 1)
+    assert [f.data for message in listener.messages for f in message] == [
+        sse.event_frame(1, "token", data)
+    ]
+    # The node let the channel go (its slot moved): not our SUNSUBSCRIBE.
+    connection.received(_resp(b"sunsubscribe", b"live:0", 0), 0.0)
+    assert lost == [b"live:0"]
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [

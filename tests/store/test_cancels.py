@@ -10,9 +10,10 @@ from redis.asyncio import Redis
 
 from app.keys import new_generation_id
 from app.store import GenerationLog
-from tests.conftest import leased_generation
+from tests.conftest import ON_EVERY_BACKEND, leased_generation
 
 
+@ON_EVERY_BACKEND
 async def test_a_requested_cancel_is_heard_by_every_subscribed_worker(log: GenerationLog) -> None:
     generation_id, _ = await leased_generation(log)
     async with log.cancel_requests() as first, log.cancel_requests() as second:

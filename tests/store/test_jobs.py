@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.store import GenerationLog, Job, JobReader
+from tests.conftest import ON_EVERY_BACKEND
 
 
 @pytest.fixture
@@ -94,7 +97,7 @@ async def test_a_held_job_is_claimable_when_its_lease_expires_not_a_lease_later(
     ((_, _, idle),) = await pending(redis, log)
     # Claimable (idle for a lease) once the other holder's lease has run out.
     assert lease_ms - lease_ms // 4 <= idle < lease_ms - lease_ms // 4 + 1000
-    await log.jobs.touch("worker-a", [job.id])
+    await log.jobs.touch("worker-a", {generation_id: job.id})
     ((_, _, idle),) = await pending(redis, log)
     assert idle < 1000
 
@@ -113,3 +116,67 @@ async def test_a_requeued_job_is_new_again_and_the_old_one_settled(
         await reader.aclose()
     assert (again.generation_id, again.traceparent) == (generation_id, "00-trace-parent-01")
     assert again.id != job.id
+
+
+@ON_EVERY_BACKEND
+async def test_a_worker_reads_settles_and_claims_the_jobs_of_every_shard(
+    store_redis: Redis | RedisCluster, settings: Settings
+) -> None:
+    # Sharded on one Redis too: the shards are named and consumed alike there.
+    sharded = settings if settings.redis_cluster else settings.replace(shards=4)
+    log = GenerationLog(store_redis, sharded)
+    shards = len(log.keys.shards)
+    generation_ids: list[str] = []
+    while len({log.keys.shard(g).index for g in generation_ids}) < shards:
+        generation_ids.append(new_generation_id())
+    await log.jobs.ensure_group()
+    for generation_id in generation_ids:
+        await log.jobs.enqueue(generation_id, None)
+    dead = log.jobs.reader("dead")
+    try:
+        taken: list[Job] = []
+        async with asyncio.timeout(10):
+            while len(taken) < len(generation_ids):
+                taken += await dead.read(len(generation_ids), 500)
+    finally:
+        await dead.aclose()
+    assert sorted(job.generation_id for job in taken) == sorted(generation_ids)
+    # The reader died holding them all, and no lease holds their generations: each is
+    # claimable at once, and another worker claims them all in one pass over the
+    # shards, then settles each in the stream it was queued in.
+    for job in taken:
+        await log.jobs.retry_when_lease_expires(job, "dead")
+    claimed = await log.jobs.claim_idle("worker-b", len(taken))
+
+    def by_generation(job: Job) -> str:
+        return job.generation_id  # two shards' streams may give two jobs one id
+
+    assert sorted(claimed, key=by_generation) == sorted(taken, key=by_generation)
+    for job in claimed:
+        await log.jobs.ack(job)
+    # Every shard's stream is trimmed, down to its last delivered entry (MINID keeps it).
+    assert await log.retention.trim_jobs() == len(generation_ids) - shards
+
+
+async def test_the_reads_out_never_take_more_jobs_than_a_worker_asked_for(
+    redis: Redis, settings: Settings
+) -> None:
+    # A worker with room for 2 generations, and jobs waiting in each of 4 shards: a job
+    # read is its own, and one it has no room for would wait unstarted for a free slot.
+    log = GenerationLog(redis, settings.replace(shards=4))
+    await log.jobs.ensure_group()
+    per_shard = {shard.index: 0 for shard in log.keys.shards}
+    while min(per_shard.values()) < 2:
+        generation_id = new_generation_id()
+        per_shard[log.keys.shard(generation_id).index] += 1
+        await log.jobs.enqueue(generation_id, None)
+    reader = log.jobs.reader("worker-a")
+    try:
+        assert len(await reader.read(2, 100)) <= 2
+    finally:
+        await reader.aclose()
+    taken = 0
+    for shard in log.keys.shards:
+        summary = await redis.xpending(shard.jobs, log.keys.worker_group)
+        taken += int(summary["pending"])
+    assert taken <= 2

@@ -7,12 +7,13 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.errors import Fenced
 from app.settings import Settings
 from app.store import GenerationLog
-from tests.conftest import leased_generation
+from tests.conftest import ON_EVERY_BACKEND, leased_generation
 
 
 async def test_terminal_status_and_retention_ttls(
@@ -98,14 +99,19 @@ async def test_length_cap_trims_oldest_events(redis: Redis, settings: Settings) 
     assert [e.seq for e in entries] == list(range(first, 1001))
 
 
-async def test_sweeper_closes_only_abandoned_generations(redis: Redis, settings: Settings) -> None:
+@ON_EVERY_BACKEND
+async def test_sweeper_closes_only_abandoned_generations(
+    store_redis: Redis | RedisCluster, settings: Settings
+) -> None:
+    redis = store_redis
     log = GenerationLog(redis, settings.replace(abandon_after_seconds=0.2))
     idle_id, idle_lease = await leased_generation(log)
     await log.append(idle_lease, 1, [events.Token(text="x")])
     active_id, active_lease = await leased_generation(log)
     # Make the idle one look old; the active one appended "just now".
     await redis.hset(log.keys.meta(idle_id), "last_append_ms", 1)
-    await redis.zadd(log.keys.open_generations, {idle_id: 1, active_id: 1})
+    for generation_id in (idle_id, active_id):
+        await redis.zadd(log.keys.shard(generation_id).open_generations, {generation_id: 1})
     await log.append(active_lease, 1, [events.Token(text="y")])
 
     assert await log.retention.sweep_abandoned() == [idle_id]
@@ -117,4 +123,4 @@ async def test_sweeper_closes_only_abandoned_generations(redis: Redis, settings:
     with pytest.raises(Fenced):
         await log.append(idle_lease, 2, [events.Token(text="late")])
     assert (await log.state(active_id)).status == "running"  # type: ignore[union-attr]
-    assert await redis.zscore(log.keys.open_generations, active_id) is not None
+    assert await redis.zscore(log.keys.shard(active_id).open_generations, active_id) is not None

@@ -17,8 +17,10 @@ from app.store.scripts import (
     ADMIT,
     ANNOTATE,
     APPEND,
+    APPEND_SHARDED,
     CANCEL,
     CREATE,
+    INDEX,
     RENEW,
     Script,
     prelude,
@@ -32,7 +34,7 @@ from app.store.stream_scripts import (
 )
 from tests.conftest import leased_generation
 
-SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ADMIT, ANNOTATE, APPEND, CANCEL, CREATE, RENEW]
+SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ADMIT, ANNOTATE, APPEND, CANCEL, CREATE, INDEX, RENEW]
 STREAM_SCRIPTS: list[Script[Any, Any]] = [
     STREAM_ADD_FORK,
     STREAM_APPEND,
@@ -48,6 +50,24 @@ def test_a_script_reads_its_keys_and_arguments_by_name(script: Script[Any, Any])
     assert "KEYS[" not in body
     # Only a variable tail is indexed, from where its declaration says it starts.
     assert re.findall(r"ARGV\[([^\]]*)\]", body) == re.findall(r"ARGV\[(\w+_from[^\]]*)\]", body)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.name)
+def test_every_key_a_script_touches_is_one_it_declares(script: Script[Any, Any]) -> None:
+    # Redis Cluster runs a script only on the node of its declared keys (app.keys puts
+    # each script's keys in one slot), and refuses a key it was not given.
+    declared = re.search(r"^local ([\w, ]+) = KEYS\[1\]", script.source, re.MULTILINE)
+    assert declared is not None
+    names = set(declared.group(1).split(", "))
+    body = resources.files("app.store").joinpath("lua", f"{script.name}.lua").read_text()
+    for command, key in re.findall(r"redis\.call\('(\w+)',\s*(\w+)", body):
+        assert command == "TIME" or key in names, f"{script.name}.lua: {command} {key}"
+
+
+def test_on_a_cluster_live_batches_go_by_sharded_pub_sub() -> None:
+    assert "local PUBLISH = 'PUBLISH'" in APPEND.source
+    assert "local PUBLISH = 'SPUBLISH'" in APPEND_SHARDED.source
+    assert APPEND.evalsha[1] != APPEND_SHARDED.evalsha[1]
 
 
 @pytest.mark.parametrize("status", get_args(Status))

@@ -16,6 +16,7 @@ from app import cli, events
 from app.settings import Settings
 from app.store import GenerationLog
 from app.tools import recording
+from tests.conftest import ON_EVERY_BACKEND
 from tests.tools.builders import tokens, write_generation
 
 
@@ -27,9 +28,11 @@ def run(*argv: str) -> int:
 @pytest.fixture
 def redis_options(settings: Settings) -> list[str]:
     assert settings.redis_url is not None
-    return ["--redis", settings.redis_url, "--prefix", settings.key_prefix]
+    cluster = ["--cluster"] if settings.redis_cluster else []
+    return ["--redis", settings.redis_url, *cluster, "--prefix", settings.key_prefix]
 
 
+@ON_EVERY_BACKEND
 async def test_export_inspect_replay_ls_from_the_command_line(
     log: GenerationLog,
     redis_options: list[str],

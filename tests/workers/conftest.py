@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from app.events import Event, LogEntry
@@ -59,15 +60,24 @@ async def until_log(
 ) -> list[LogEntry]:
     """Wait, woken by the generation's live channel, until `done(entries)` holds (10 s at most)."""
     # The log's own client: the store has no use for live messages (the hub reads them).
-    pubsub = log._redis.pubsub()
-    await pubsub.subscribe(log.keys.live_channel(generation_id))
+    redis = log._redis
+    channel = log.keys.live_channel(generation_id)
+    pubsub = redis.pubsub()
+    if isinstance(pubsub, ClusterPubSub):
+        await pubsub.ssubscribe(channel)
+    else:
+        await pubsub.subscribe(channel)
     try:
         async with asyncio.timeout(10.0):
             while True:
                 entries = await read_all(log, generation_id)
                 if done(entries):
                     return entries
-                await pubsub.get_message(timeout=None)
+                if isinstance(pubsub, ClusterPubSub):
+                    # Each wait bounded: the channel's node may change under a cluster test.
+                    await pubsub.get_sharded_message(timeout=0.5)
+                else:
+                    await pubsub.get_message(timeout=None)
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -100,7 +110,10 @@ StartWorker = Callable[..., Awaitable[RunningWorker]]
 
 
 @pytest.fixture
-async def start_worker(redis: Redis, settings: Settings) -> AsyncIterator[StartWorker]:
+async def start_worker(
+    store_redis: Redis | RedisCluster, settings: Settings
+) -> AsyncIterator[StartWorker]:
+    redis = store_redis
     running: list[RunningWorker] = []
 
     async def start(

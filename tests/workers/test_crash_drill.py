@@ -1,4 +1,5 @@
-"""The crash drill with real processes: two workers, one SIGKILLed mid-generation.
+"""The crash drill with real processes: two workers, one SIGKILLed mid-generation, on one
+Redis and on a Redis Cluster.
 
 A reader of the log must see consecutive seqs, exactly the sim's text (nothing
 repeated, nothing missing) and one terminal event; the survivor then drains on
@@ -16,10 +17,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.events import LogEntry, Started
 from app.settings import Settings
 from app.store import GenerationLog
+from tests.conftest import ON_EVERY_BACKEND
 from tests.workers.conftest import at_least, ended, expected_events, sim_request, submit, until_log
 
 LEASE_SECONDS = 1.0
@@ -63,6 +66,7 @@ async def workers(settings: Settings) -> AsyncIterator[list[WorkerProcess]]:
     env = {
         **os.environ,
         "TOKENTAPE_REDIS_URL": settings.redis_url or "",
+        "TOKENTAPE_REDIS_CLUSTER": str(settings.redis_cluster).lower(),
         "TOKENTAPE_KEY_PREFIX": settings.key_prefix,
         "TOKENTAPE_LEASE_SECONDS": str(LEASE_SECONDS),
         "TOKENTAPE_SHUTDOWN_GRACE_SECONDS": "2",
@@ -85,14 +89,15 @@ async def workers(settings: Settings) -> AsyncIterator[list[WorkerProcess]]:
         await worker.close()
 
 
+@ON_EVERY_BACKEND
 async def test_a_worker_killed_mid_generation_is_taken_over_without_gap_or_duplicate(
-    log: GenerationLog, redis: Redis, workers: list[WorkerProcess]
+    log: GenerationLog, store_redis: Redis | RedisCluster, workers: list[WorkerProcess]
 ) -> None:
     request = sim_request(tokens=600, rate=300, seed=11, tool_calls=1)
     generation_id = await submit(log, request)
     await until_log(log, generation_id, at_least(60))
 
-    holder = await redis.get(log.keys.lease(generation_id))
+    holder = await store_redis.get(log.keys.lease(generation_id))
     assert isinstance(holder, bytes)  # "<worker id>:<epoch>"
     victim = next(w for w in workers if holder.decode().startswith(f"{w.worker_id}:"))
     survivor = next(w for w in workers if w is not victim)

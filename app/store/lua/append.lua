@@ -3,7 +3,7 @@
 -- Returns {code, last_seq}: 'ok' | 'duplicate' (a retry of an applied batch) |
 -- 'fenced' | 'already_finished' | 'seq_conflict' | 'unknown' | 'active'.
 -- The live message is "first_seq\nappended_ms\ntype\ndata\ntype\ndata..." (event JSON
--- never contains a raw newline).
+-- never contains a raw newline), published with PUBLISH, or SPUBLISH on a cluster.
 --
 -- Retention: the terminal event sets the log and request to expire log_ttl_ms later and
 -- the metadata meta_ttl_ms later. While the generation is open, its TTLs are not set on
@@ -84,5 +84,5 @@ else
     redis.call('HSET', meta, 'last_seq', last_s, 'last_append_ms', now_s)
   end
 end
-redis.call('PUBLISH', channel, table.concat(live, '\n'))
+redis.call(PUBLISH, channel, table.concat(live, '\n'))
 return {'ok', last}
