@@ -22,6 +22,13 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 class Settings:
     # None: `tokentape serve` starts an embedded Redis-protocol server.
     redis_url: str | None = None
+    # The longest any Redis call may go unanswered (connecting included) before it
+    # counts as failed: its connection is dropped and the call retried where that is
+    # safe. A Redis that stops answering with its connections open (frozen, a stalled
+    # host) is then a fault like any other, not a hang. Blocking reads wait this long
+    # beyond their block time; the hub's pub/sub connection is pinged after this long
+    # silent and reconnected when the ping goes unanswered as long.
+    redis_timeout_seconds: float = 5.0
     # Where that embedded server keeps its data (and where the tools look for it).
     data_dir: str = ".tokentape"
     key_prefix: str = DEFAULT_PREFIX

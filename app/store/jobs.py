@@ -74,6 +74,7 @@ class JobQueue:
         self._commands = commands
         # A job idle this long lost its worker: its lease expired (see workers.lease).
         self.takeover_idle_ms = int(settings.lease_seconds * 1000)
+        self.timeout = settings.redis_timeout_seconds  # beyond a blocking read's block
         self._claim_cursor = b"0-0"
 
     async def ensure_group(self) -> None:
@@ -165,6 +166,7 @@ class JobReader:
                 b"STREAMS",
                 k.jobs,
                 b">",
+                within=block_ms / 1000 + self._queue.timeout,
             )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):

@@ -76,15 +76,16 @@ class GenerationLog:
         self.ttls = Ttls.of(settings)
         # A pipeline per kind of call, each with its own bound. A reader's requests share
         # its few connections: one batch of creates and one of commands out at a time.
-        self._creates = Pipeline(redis, in_flight=1)
-        self._commands = Pipeline(redis, in_flight=1)
-        self._appends = Pipeline(redis)
+        timeout = settings.redis_timeout_seconds
+        self._creates = Pipeline(redis, in_flight=1, timeout=timeout)
+        self._commands = Pipeline(redis, in_flight=1, timeout=timeout)
+        self._appends = Pipeline(redis, timeout=timeout)
         # A burst of jobs (a thousand clients starting at once) acquires in a few round trips.
-        self._acquires = Pipeline(redis)
+        self._acquires = Pipeline(redis, timeout=timeout)
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
-        self._renewals = Pipeline(redis)
+        self._renewals = Pipeline(redis, timeout=timeout)
         # The watched marks of every stream go in one pipeline.
-        self._annotations = Pipeline(redis)
+        self._annotations = Pipeline(redis, timeout=timeout)
         # append.lua's limits, the same for every append: encoded once.
         self._maxlen = b"%d" % settings.max_events_per_generation
         self._open_ttl = b"%d" % self.ttls.open_ms

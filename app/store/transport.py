@@ -6,6 +6,12 @@ scripts/bench_pack.py, docs/benchmarks.md), written on one connection of the
 client's pool, replies read with `read_response` as Redis sent them (no redis-py
 reply callbacks). `Pipeline` batches the calls made in one event-loop tick into
 one round trip; a blocking read goes alone on a client of its own (`dedicated`).
+
+Every round trip is bounded as a whole (`timeout`): a Redis that stops answering
+with its connections open (SIGSTOP, a stalled host) fails the call with redis-py's
+TimeoutError instead of hanging it. One timer per round trip, not per command:
+redis-py's own `socket_timeout` would arm one per reply and one task per send, so
+the clients tokentape builds leave it unset.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.store.scripts import A, K, Script
 
@@ -33,32 +40,45 @@ def pack(*command: Arg) -> bytes:
     return packed
 
 
-async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
-    """Each command's reply, or its error reply as the exception, in order."""
+async def round_trip(
+    redis: Redis, commands: Sequence[bytes], within: float | None = None
+) -> list[Any]:
+    """Each command's reply, or its error reply as the exception, in order.
+
+    Raises redis-py's TimeoutError when the whole round trip (a free connection,
+    connecting, sending, every reply) takes longer than `within` seconds.
+    """
     pool = redis.connection_pool
-    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    deadline = asyncio.timeout(within)
     try:
-        await connection.send_packed_command(commands)
-        replies: list[Any] = []
-        for _ in commands:
+        async with deadline:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                replies.append(await connection.read_response())
-            except ResponseError as error:
-                replies.append(error)
-        return replies
-    except BaseException:
-        # Replies may be left unread (a lost connection, a cancellation): the
-        # socket must not serve another call.
-        await connection.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(connection)
+                await connection.send_packed_command(commands)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as error:
+                        replies.append(error)
+                return replies
+            except BaseException:
+                # Replies may be left unread (a lost connection, a cancellation, the
+                # timeout): the socket must not serve another call.
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                await pool.release(connection)
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # a deadline of the caller's
+        raise RedisTimeoutError(f"Redis did not answer within {within:g} s") from None
 
 
-async def call(redis: Redis, *command: Arg) -> Any:
+async def call(redis: Redis, *command: Arg, within: float | None = None) -> Any:
     """One command in its own round trip, on the caller's task: a cancelled caller
     disconnects it (a blocking read must not outlive its reader)."""
-    (reply,) = await round_trip(redis, [pack(*command)])
+    (reply,) = await round_trip(redis, [pack(*command)], within)
     if isinstance(reply, Exception):
         raise reply
     return reply
@@ -95,8 +115,11 @@ class Pipeline:
     only its calls are sent again.
     """
 
-    def __init__(self, redis: Redis, *, in_flight: int | None = None) -> None:
+    def __init__(
+        self, redis: Redis, *, in_flight: int | None = None, timeout: float | None = None
+    ) -> None:
         self._redis = redis
+        self._timeout = timeout  # of each round trip
         self._queued: list[_Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._sender_waiting = False  # a sender exists that has not taken the queue yet
@@ -177,15 +200,17 @@ class Pipeline:
                 future.set_result(result)
 
     async def _execute(self, queued: Sequence[_Queued]) -> list[Any]:
-        results = await round_trip(self._redis, [command for command, _, _ in queued])
+        results = await round_trip(
+            self._redis, [command for command, _, _ in queued], self._timeout
+        )
         missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if missing:
             # NOSCRIPT ran nothing: load each missing script, then send its calls again.
             scripts = {queued[i][1] for i in missing}
             for script in scripts:
                 assert script is not None  # only EVALSHA answers NOSCRIPT
-                await call(self._redis, b"SCRIPT", b"LOAD", script.source)
-            again = await round_trip(self._redis, [queued[i][0] for i in missing])
+                await call(self._redis, b"SCRIPT", b"LOAD", script.source, within=self._timeout)
+            again = await round_trip(self._redis, [queued[i][0] for i in missing], self._timeout)
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
         return results
