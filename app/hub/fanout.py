@@ -98,7 +98,10 @@ class Hub:
         self.recheck_seconds = recheck_seconds
         self.linger_seconds = linger_seconds
         self.pubsub = PubSubConnection(
-            Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames
+            Endpoint.of(redis),
+            log.keys.hub_channel.encode(),
+            live_frames,
+            timeout=log.settings.redis_timeout_seconds,
         )
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []

@@ -10,6 +10,10 @@ It keeps the channel of every listener subscribed across reconnects. A channel
 that is always subscribed (the anchor) is listed last when (re)connecting: its
 confirmation says every channel before it is subscribed again, and every listener
 is told it may have missed messages.
+
+A Redis that stops answering can keep its sockets open (SIGSTOP, a stalled host):
+a connection silent for `timeout` is pinged, and one still silent after another
+`timeout` is dropped and reconnected, like a connection Redis closed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024  # per read of the connection
 CONNECT_TIMEOUT_SECONDS = 5.0  # connect and log in, when the client sets no connect timeout
+SILENCE_TIMEOUT_SECONDS = 5.0  # default `timeout`: silence before a ping, then before a reconnect
+_PING = b"*1\r\n$4\r\nPING\r\n"
 
 Message = TypeVar("Message")
 Message_contra = TypeVar("Message_contra", contravariant=True)
@@ -105,8 +111,16 @@ class PubSubConnection(Generic[Message]):
     its listener told it missed something. `listen` runs the connection until `close`.
     """
 
-    def __init__(self, endpoint: Endpoint, anchor: bytes, parse: Callable[[bytes], Message]):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        anchor: bytes,
+        parse: Callable[[bytes], Message],
+        *,
+        timeout: float = SILENCE_TIMEOUT_SECONDS,
+    ):
         self.endpoint = endpoint
+        self.timeout = timeout
         self._anchor = anchor
         self._parse = parse
         self._listeners: dict[bytes, Listener[Message]] = {}
@@ -120,6 +134,8 @@ class PubSubConnection(Generic[Message]):
         self._confirmed_by: dict[bytes, int] = {}
         self._failures = 0
         self._closing = False
+        self._last_read = 0.0  # loop time of the connection's last bytes (or of connecting)
+        self._silenced = False  # the keep-alive dropped the connection
 
     def retry_delay(self) -> float:
         """A pause before trying Redis again, growing while the connection keeps failing."""
@@ -167,21 +183,30 @@ class PubSubConnection(Generic[Message]):
     async def listen(self) -> None:
         """Connect, subscribe and dispatch every reply of each read at once, until `close`.
 
-        A lost connection, or bytes hiredis cannot parse (nothing after them can be
-        trusted), cost a warning and a reconnect after a backoff.
+        A lost connection, a silent one (see `_keep_alive`), or bytes hiredis cannot
+        parse (nothing after them can be trusted), cost a warning and a reconnect
+        after a backoff.
         """
         loop = asyncio.get_running_loop()
         try:
             while not self._closing:
+                keep_alive: asyncio.Task[None] | None = None
                 try:
                     stream = await self._connect()
+                    self._last_read = loop.time()
+                    keep_alive = asyncio.create_task(self._keep_alive(loop))
                     while True:
                         data = await stream.read(READ_SIZE)
                         if not data:
                             if self._closing:
                                 return
+                            if self._silenced:
+                                raise ConnectionError(
+                                    f"no reply to a ping within {self.timeout:g} s"
+                                )
                             raise ConnectionError("closed by the server")
-                        self.received(data, loop.time())
+                        now = self._last_read = loop.time()
+                        self.received(data, now)
                         if self._failures:
                             self._failures = 0
                 except (OSError, hiredis.ProtocolError) as exc:
@@ -191,8 +216,26 @@ class PubSubConnection(Generic[Message]):
                     self._failures += 1
                     logger.warning("pub/sub connection lost, reconnecting: %s", exc)
                     await asyncio.sleep(self.retry_delay())
+                finally:
+                    if keep_alive is not None:
+                        keep_alive.cancel()
         finally:
             self._disconnect()
+
+    async def _keep_alive(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ping the connection once it has been silent for `timeout`; drop it once silent
+        for twice that. Costs nothing per message: reads only stamp `_last_read`."""
+        self._silenced = False
+        while True:
+            await asyncio.sleep(self.timeout / 2)
+            silent = loop.time() - self._last_read
+            if silent >= 2 * self.timeout:
+                self._silenced = True
+                self._disconnect()  # ends the read in `listen`, which reconnects
+                return
+            writer = self._command_writer()
+            if silent >= self.timeout and writer is not None:
+                writer.write(_PING)
 
     async def _connect(self) -> asyncio.StreamReader:
         """(Re)connect, log in and subscribe every channel, the anchor last; counts start over."""
