@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from asyncio import Future
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,13 +54,15 @@ class Outcome(enum.Enum):
     FAILED = "failed"  # Redis kept failing; the job is left for a takeover
 
 
-def retrying(settings: Settings) -> AsyncRetrying:
-    """Bounded retries of a Redis call that is safe to repeat (an append is idempotent)."""
+def retrying(settings: Settings, *, abandoned: Callable[[], bool] = bool) -> AsyncRetrying:
+    """Bounded retries of a Redis call that is safe to repeat (an append is idempotent);
+    none after a failed attempt once `abandoned()` is true."""
+    # Past a lease, another worker may have taken over: stop and let fencing decide.
+    past_a_lease = stop_after_delay(settings.lease_seconds)
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
         wait=wait_random_exponential(multiplier=0.02, max=1.0),
-        # Past a lease, another worker may have taken over: stop and let fencing decide.
-        stop=stop_after_delay(settings.lease_seconds),
+        stop=lambda attempts: past_a_lease(attempts) or abandoned(),
         before_sleep=before_sleep_log(logger, logging.WARNING),
         reraise=True,
     )
@@ -112,6 +114,9 @@ class Appender:
     @property
     def accepting(self) -> bool:
         return not self._closed
+
+    def _fenced(self) -> bool:
+        return self._closed and self._stop_outcome is Outcome.FENCED
 
     async def put(self, event: Event) -> bool:
         """Queue an event; False once the appender takes no more (stop the producer)."""
@@ -214,8 +219,11 @@ class Appender:
             logger.exception("%s: the log disagrees with our seq", self.lease.generation_id)
             self.outcome = Outcome.FAILED
         except RedisError as exc:
-            logger.error("%s: append kept failing: %s", self.lease.generation_id, exc)
-            self.outcome = Outcome.FAILED
+            if self._stop_outcome is Outcome.FENCED:
+                self.outcome = Outcome.FENCED  # the lease was given up while retrying
+            else:
+                logger.error("%s: append kept failing: %s", self.lease.generation_id, exc)
+                self.outcome = Outcome.FAILED
         finally:
             self._closed = True
             self._task_turn = True
@@ -244,7 +252,8 @@ class Appender:
 
     async def _retry(self, batch: Sequence[Event], began: float | None) -> None:
         # Only now the retry loop: tenacity costs more CPU per call than the append.
-        async for attempt in retrying(self.log.settings):
+        # A lease given up meanwhile (`stop(FENCED)`) ends it: nothing more is appended.
+        async for attempt in retrying(self.log.settings, abandoned=self._fenced):
             with attempt:
                 last = await self.log.append(self.lease, self.next_seq, batch)
         self._done(last, began)

@@ -98,13 +98,14 @@ class _GenerationRun:
 
     async def execute(self) -> Outcome:
         log = self.worker.log
+        asked = asyncio.get_running_loop().time()
         lease = await log.acquire(self.generation_id, self.worker.worker_id)
         if lease is None:
             state = await log.state(self.generation_id)
             return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
         self.lease = lease
         keeper = self.worker.keeper
-        keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
+        keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose, renewed_at=asked))
         try:
             return await self._execute(lease)
         finally:
