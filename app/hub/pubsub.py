@@ -241,16 +241,21 @@ class PubSubConnection(Generic[Message]):
         """(Re)connect, log in and subscribe every channel, the anchor last; counts start over."""
         self._disconnect()
         endpoint = self.endpoint
-        async with asyncio.timeout(endpoint.connect_timeout):
-            if endpoint.path is not None:
-                stream, writer = await asyncio.open_unix_connection(endpoint.path)
-            else:
-                stream, writer = await asyncio.open_connection(
-                    endpoint.host, endpoint.port, ssl=endpoint.tls
-                )
-            self._writer = writer  # from here `close` can end a log-in that hangs
-            replies = hiredis.Reader()
-            await self._log_in(stream, writer, replies)
+        try:
+            async with asyncio.timeout(endpoint.connect_timeout):
+                if endpoint.path is not None:
+                    stream, writer = await asyncio.open_unix_connection(endpoint.path)
+                else:
+                    stream, writer = await asyncio.open_connection(
+                        endpoint.host, endpoint.port, ssl=endpoint.tls
+                    )
+                self._writer = writer  # from here `close` can end a log-in that hangs
+                replies = hiredis.Reader()
+                await self._log_in(stream, writer, replies)
+        except TimeoutError:
+            raise ConnectionError(
+                f"no answer within {endpoint.connect_timeout:g} s while connecting"
+            ) from None
         if self._closing:  # closed while connecting, before the writer was there to close
             raise ConnectionError("pub/sub connection closed while connecting")
         # No await from here on: a channel subscribed meanwhile is in this SUBSCRIBE.
