@@ -30,6 +30,7 @@ from app.store.scripts import (
     CANCEL,
     CREATE,
     RENEW,
+    RESET,
     AcquireArgs,
     AnnotateArgs,
     AppendArgs,
@@ -41,6 +42,8 @@ from app.store.scripts import (
     NoArgs,
     RenewArgs,
     Reply,
+    ResetArgs,
+    ResetKeys,
     UnexpectedReply,
 )
 from app.store.state import (
@@ -383,6 +386,32 @@ class GenerationLog:
         if code is Reply.FENCED:
             raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
         return bool(reply[1] == b"1")
+
+    async def reset(self, lease: Lease, confirmed_to: int, sent_to: int) -> tuple[int, int] | None:
+        """Record that the log went back, if it did (see `lua/reset.lua`), for a writer to
+        which the log confirmed seqs up to `confirmed_to` and that sent up to `sent_to`.
+
+        Returns (the reset's seq, the first void seq), or None when the log holds what the
+        writer appended (or has ended, or is gone). Fences every writer.
+        """
+        k = self.keys
+        generation_id = lease.generation_id
+        reply = await self._commands.run_script(
+            RESET,
+            ResetKeys(
+                meta=k.meta(generation_id), log=k.log(generation_id), lease=k.lease(generation_id)
+            ),
+            ResetArgs(
+                epoch=lease.epoch,
+                confirmed_to=confirmed_to,
+                sent_to=max(sent_to, confirmed_to),
+                maxlen=self._maxlen,
+                channel=k.live_channel(generation_id),
+            ),
+        )
+        if RESET.reply(reply[0]) is not Reply.RESET:
+            return None
+        return int(reply[1]), int(reply[2])
 
     async def mark_watched(self, generation_ids: Sequence[str]) -> None:
         """Readers stream these generations now (the unwatched-cancel policy reads it)."""

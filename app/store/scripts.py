@@ -35,6 +35,8 @@ class Reply(enum.Enum):
     UNKNOWN = b"unknown"  # no such generation (never created, or expired)
     ACTIVE = b"active"  # a conditional close found the generation active
     HELD = b"held"  # another worker holds the lease
+    RESET = b"reset"  # the log went back: a reset entry now says so
+    INTACT = b"intact"  # the log holds what the writer appended
 
 
 class UnexpectedReply(RuntimeError):
@@ -214,6 +216,28 @@ class RenewArgs(NamedTuple):
 
 RENEW = Script(
     "renew", LeaseKeys, RenewArgs, replies=(Reply.OK, Reply.FENCED, Reply.ALREADY_FINISHED)
+)
+
+
+class ResetKeys(NamedTuple):
+    meta: str
+    log: str
+    lease: str
+
+
+class ResetArgs(NamedTuple):
+    epoch: int  # the writer's lease epoch
+    confirmed_to: int  # the last seq the log confirmed to the writer
+    sent_to: int  # the last seq the writer sent, confirmed or not
+    maxlen: bytes
+    channel: str
+
+
+RESET = Script(
+    "reset",
+    ResetKeys,
+    ResetArgs,
+    replies=(Reply.RESET, Reply.INTACT, Reply.ALREADY_FINISHED, Reply.UNKNOWN),
 )
 
 

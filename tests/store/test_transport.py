@@ -325,7 +325,7 @@ async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips
     leases = await asyncio.gather(*(log.acquire(g, "worker-a") for g in generation_ids))
     requests = await asyncio.gather(*(log.request(g) for g in generation_ids))
     assert len(round_trips) == 2
-    assert [(lease.generation_id, lease.epoch) for lease in leases if lease] == [
+    assert [(lease.generation_id, lease.attempt) for lease in leases if lease] == [
         (g, 1) for g in generation_ids
     ]
     assert requests == [REQUEST] * 20
