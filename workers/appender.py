@@ -52,6 +52,9 @@ class Outcome(enum.Enum):
     FENCED = "fenced"  # we lost the lease: the new holder owns the job
     HANDED_OFF = "handed_off"  # draining: stopped without a terminal event
     FAILED = "failed"  # Redis kept failing; the job is left for a takeover
+    # The log lost what we appended (Redis came back with an older copy): a reset entry
+    # says so, and the job is handed over to continue from the log.
+    WENT_BACK = "went_back"
 
 
 def retrying(settings: Settings, *, abandoned: Callable[[], bool] = bool) -> AsyncRetrying:
@@ -97,7 +100,9 @@ class Appender:
         # about as much CPU as packing the append.
         self._latency_sample_every = max(1, latency_sample_every)
         self._appends = 0
-        self.next_seq = lease.last_seq + 1
+        self.next_seq = lease.last_seq + 1  # the log confirmed every seq before it
+        # The last seq an append was sent for, applied or not: clients may hold up to it.
+        self.sent_to = lease.last_seq
         self.outcome: Outcome | None = None
         self._pending: list[Event] = []
         self._closed = False  # no more events are taken (a terminal was put, or stop)
@@ -161,6 +166,7 @@ class Appender:
         self._room.set()
         began = self._began()
         self._in_flight = True
+        self.sent_to = max(self.sent_to, self.next_seq + len(batch) - 1)
         reply = self.log.append_soon(self.lease, self.next_seq, batch)
         reply.add_done_callback(functools.partial(self._appended, batch, began))
 
@@ -215,8 +221,11 @@ class Appender:
             self.outcome = Outcome.FENCED
         except (AlreadyFinished, NotFound):
             self.outcome = Outcome.ALREADY_ENDED
-        except SeqConflict:
-            logger.exception("%s: the log disagrees with our seq", self.lease.generation_id)
+        except SeqConflict as conflict:
+            # The log went back under us, most likely (the run checks it).
+            logger.warning(
+                "%s: the log disagrees with our seq: %s", self.lease.generation_id, conflict
+            )
             self.outcome = Outcome.FAILED
         except RedisError as exc:
             if self._stop_outcome is Outcome.FENCED:
@@ -243,6 +252,7 @@ class Appender:
 
     async def _append(self, batch: Sequence[Event]) -> None:
         began = self._began()
+        self.sent_to = max(self.sent_to, self.next_seq + len(batch) - 1)
         try:
             last = await self.log.append(self.lease, self.next_seq, batch)
         except TRANSIENT_ERRORS:
