@@ -6,6 +6,8 @@ prefix and deletes exactly those keys afterwards.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -83,6 +85,19 @@ async def roll_back(log: GenerationLog, generation_id: str, to_seq: int) -> None
     a replica behind its primary)."""
     keys = (log.keys.log(generation_id), log.keys.meta(generation_id))
     await call(log._redis, b"EVAL", _ROLL_BACK, 2, *keys, to_seq)
+
+
+class Awaited(logging.Handler):
+    """Sets `seen` when a warning containing `text` is logged (add it to a logger)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 class FakeClock:

@@ -4,6 +4,10 @@
 id here; every worker hears it and the one running the generation stops it. A
 message missed (pub/sub is at-most-once, e.g. during a reconnect) is not lost:
 the flag is read back by the holder's next lease renewal.
+
+A Redis that stops answering can keep the subscription's socket open (frozen, a
+stalled host): a subscription silent for `timeout` is pinged, and one still silent
+after another `timeout` is dropped and subscribed again.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ class CancelRequests:
     next read); a new `async for` continues on the same subscription.
     """
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, timeout: float) -> None:
         self._redis = dedicated(redis)
         self._pubsub = self._redis.pubsub()
         self._channel = keys.cancel_channel
+        self.timeout = timeout
 
     async def __aenter__(self) -> CancelRequests:
         try:
@@ -64,14 +69,28 @@ class CancelRequests:
         await self._redis.aclose()
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # anything from Redis: a message, a pong, a confirmation
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                # The bound covers a reconnect, whose log-in redis-py does not time.
+                async with asyncio.timeout(2 * self.timeout):
+                    message = await self._pubsub.get_message(timeout=self.timeout)
+                    if message is None and loop.time() - heard < 2 * self.timeout:
+                        await self._pubsub.ping()  # its pong is a message too
+                        continue
+                if message is None:
+                    raise RedisTimeoutError(f"no reply to a ping within {self.timeout:g} s")
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("cancel subscription failed: %s; reconnecting", exc)
+                if self._pubsub.connection is not None:
+                    # A read cut short leaves the socket mid-reply: the next one is new.
+                    await self._pubsub.connection.disconnect()
                 await asyncio.sleep(RECONNECT_SECONDS)
+                heard = loop.time()
                 continue
-            if message is None or message["type"] != "message":
+            heard = loop.time()
+            if message["type"] != "message":
                 continue
             try:
                 generation_id = message["data"].decode()

@@ -458,7 +458,7 @@ class GenerationLog:
 
     def cancel_requests(self) -> CancelRequests:
         """The cancel requests published to every worker (`async with`, then `async for`)."""
-        return CancelRequests(self._redis, self.keys)
+        return CancelRequests(self._redis, self.keys, self.settings.redis_timeout_seconds)
 
 
 def _refusal(code: Reply, generation_id: str, last: int) -> Exception:

@@ -23,7 +23,7 @@ from app.hub import Feed, Hub
 from app.hub.pubsub import Endpoint, PubSubConnection
 from app.settings import Settings
 from app.store import GenerationLog
-from tests.conftest import REDIS_URL, free_port, leased_generation
+from tests.conftest import REDIS_URL, Awaited, free_port, leased_generation
 from tests.hub.conftest import read_seqs
 
 
@@ -431,19 +431,6 @@ async def test_a_refused_login_is_warned_about_and_tried_again(
             logger.removeHandler(counting)
             await hub.stop()
     assert not hub.running
-
-
-class Awaited(logging.Handler):
-    """Sets `seen` when a record containing `text` is logged."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(logging.WARNING)
-        self.text = text
-        self.seen = asyncio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage():
-            self.seen.set()
 
 
 class Signals:
