@@ -207,6 +207,7 @@ class _GenerationRun:
         if reset is None:
             return outcome
         seq, from_seq = reset
+        self.worker.telemetry.metrics.log_resets.add(1)
         logger.warning(
             "%s: the log went back: it lost seqs this run appended (up to %d); seqs %d..%d "
             "are void, as the reset at %d says; handing the generation over",

@@ -21,7 +21,7 @@ from tests.workers.conftest import (
 async def test_the_worker_records_the_loss_and_the_generation_continues_from_the_log(
     start_worker: StartWorker, log: GenerationLog, settings: Settings
 ) -> None:
-    await start_worker(settings.replace(lease_seconds=2.0))
+    running = await start_worker(settings.replace(lease_seconds=2.0))
     request = sim_request(tokens=300, rate=150)
     generation_id = await submit(log, request)
     await until_log(log, generation_id, at_least(60))
@@ -41,3 +41,9 @@ async def test_the_worker_records_the_loss_and_the_generation_continues_from_the
     assert [e for e in answer if not isinstance(e, Started)] == expected_events(request)
     assert [e.attempt for e in answer if isinstance(e, Started)] == [1, 2]
     assert isinstance(answer[-1], events.Done)
+    (counted,) = [
+        line
+        for line in running.worker.telemetry.render_prometheus().splitlines()
+        if line.startswith(b"tokentape_log_resets_total")
+    ]
+    assert counted.endswith(b" 1.0")
