@@ -97,9 +97,6 @@ class Subscription:
         self._live_hint = max(self._live_hint, frames[-1].seq)
         if self.finished:
             return
-        if self._ahead:
-            self._switch_to_log()
-            return
         if self._read_log:
             # Kept (bounded) while the log is read: when they continue the page just
             # read, live delivery takes over without another read. Otherwise, under
@@ -276,10 +273,11 @@ class Subscription:
                 if restart is not None:
                     return restart
             if self._ahead:
-                # Nothing yet: a live batch or a recheck wakes it to read the log again.
+                # Nothing yet: wait. Below every seq, so that any live batch (`offer`)
+                # or recheck sends it back to the log, where what follows is looked at.
                 self._pending = []
                 self._read_log = False
-                self._queued_until = self.delivered
+                self._queued_until = -1
                 return None
             self._continue_live(self.delivered, caught_up=True)
             if self._read_log:
