@@ -27,6 +27,7 @@ from app.errors import Expired, InvalidRequest, NotFound, TokentapeError, Unavai
 from app.sse import Parser, ReceivedEvent
 
 _gap_decoder = msgspec.json.Decoder(events.Gap)
+_reset_decoder = msgspec.json.Decoder(events.Reset)
 
 
 class Renderer(Protocol):
@@ -285,6 +286,16 @@ class Follower:
             return "progress" if progressed else "the stream ended with no event"
 
     def _on_message(self, message: ReceivedEvent) -> events.TerminalEvent | None:
+        if message.event == "reset":
+            # Printed text cannot be taken back: say which of it is void, and go on from
+            # the reset's id (0: everything is printed again).
+            reset = _reset_decoder.decode(message.data)
+            self.last_seq = int(message.id or 0)
+            self.notice(
+                f"⚠ Redis lost events: what was printed from seq {reset.from_seq} on is void; "
+                f"continuing after seq {self.last_seq}"
+            )
+            return None
         if message.event == "gap":
             try:
                 gap = _gap_decoder.decode(message.data)
