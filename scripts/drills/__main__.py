@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = args.dir / name if args.dir else Path(tempfile.mkdtemp(prefix=f"drill-{name}-"))
         directory.mkdir(parents=True, exist_ok=True)
         drill, _ = scenarios.DRILLS[name]
-        print(f"== drill {name}: {(inspect.getdoc(drill) or '').splitlines()[0]}", flush=True)
+        print(f"== drill {name}: {' '.join((inspect.getdoc(drill) or '').split())}", flush=True)
         report = asyncio.run(scenarios.run(name, directory, lambda line: print(line, flush=True)))
         if report.passed:
             print(f"== {name}: every check passed", flush=True)
