@@ -19,6 +19,8 @@ one step:
                          finish {finishReason: "error"}
     started              nothing of its own
     a retention gap      data-gap {data: {requested, first_available}, transient: true}
+    a reset voiding      error {errorText: "log_reset: ..."} with no id, then the
+    what was sent        response ends (no [DONE]): read the message again from the start
 
 The chunks of one event go out together and only the last carries `id: <seq>`: a
 connection cut between them resumes before the event, never in the middle of it.
@@ -154,6 +156,10 @@ class UIMessageStream:
         self._text_id: str | None = None
         self._tool_inputs: dict[int, _ToolInput] = {}
         self._parser = sse.Parser()
+        self._last_seq = 0  # of the last event framed (or primed)
+        # A reset voided events this connection already sent: the SDK cannot take text
+        # back, so the response ends after an error that says to read the message again.
+        self.voided = False
 
     def prime(self, entries: Iterable[LogEntry]) -> None:
         """Take in the events a resuming client has had (and their `start`), writing nothing."""
@@ -178,6 +184,9 @@ class UIMessageStream:
         chunks = self.chunks(seq, event)
         if not chunks:
             return b""
+        if isinstance(event, events.Reset):
+            # No id: a client that reconnects must not resume past what the reset voids.
+            return b"".join([sse.message_frame(_encode(c)) for c in chunks])
         *leading, last = chunks
         framed = b"".join([sse.message_frame(_encode(c)) for c in leading])
         framed += sse.message_frame(_encode(last), seq)
@@ -186,6 +195,19 @@ class UIMessageStream:
     def chunks(self, seq: int, event: Event) -> list[Chunk]:
         """The chunks of one event, moving the state on."""
         chunks: list[Chunk] = []
+        if isinstance(event, events.Reset):
+            # Nothing to say to a reader that holds nothing it voids (the log has no
+            # event in the void seqs, so a read from the start never met them).
+            if event.from_seq <= self._last_seq:
+                self.voided = True
+                chunks.append(
+                    ErrorChunk(
+                        error_text=f"log_reset: Redis lost this answer's events from seq "
+                        f"{event.from_seq}; read the message again from the start"
+                    )
+                )
+            return chunks
+        self._last_seq = seq
         if not self._started:
             self._started = True
             chunks += [Start(message_id=self.message_id), StartStep()]

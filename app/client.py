@@ -5,6 +5,8 @@
         async for item in client.events(generation.id):
             if isinstance(item, Gap):
                 ...  # retention removed events item.requested .. item.first_available - 1
+            elif isinstance(item, Reset):
+                ...  # Redis lost writes: drop what you hold from item.from_seq on
             else:
                 ...  # item.seq, item.event (an app.events type)
 
@@ -46,11 +48,11 @@ from app.errors import (
     TokentapeError,
     Unavailable,
 )
-from app.events import Gap
+from app.events import Gap, Reset
 from app.generations import GenerationStatus
 from app.sse import Parser, ReceivedEvent
 
-__all__ = ["Client", "Entry", "Gap", "Generation", "Item", "SyncClient"]
+__all__ = ["Client", "Entry", "Gap", "Generation", "Item", "Reset", "SyncClient"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ _ERRORS_BY_STATUS: Mapping[int, type[TokentapeError]] = {
 _RETRIED_STATUSES = frozenset({408, 429})
 
 _gap_decoder = msgspec.json.Decoder(Gap)
+_reset_decoder = msgspec.json.Decoder(Reset)
 
 
 class Generation(msgspec.Struct, frozen=True):
@@ -84,7 +87,8 @@ class Entry:
     event: events.Event
 
 
-Item = Entry | Gap
+# A Reset says the log went back: drop every item held from its `from_seq` on.
+Item = Entry | Gap | Reset
 
 
 class _Retry(Exception):
@@ -177,7 +181,8 @@ class Client:
         token: str | None = None,
         token_in_query: bool = False,
     ) -> AsyncIterator[Item]:
-        """Every event after seq `after`, once and in order, and each gap retention left.
+        """Every event after seq `after`, once and in order, each gap retention left, and
+        each reset (the log went back: drop what you hold from its `from_seq` on).
 
         A read `token` (default: the generation's own) replaces the API key for the
         stream, sent as `Authorization: Bearer`, or as the `token` query parameter.
@@ -210,9 +215,12 @@ class Client:
         Raises `GenerationFailed` if it ended with an error and `Expired` if retention
         removed part of it (`events()` still reads what is left).
         """
-        parts: list[str] = []
+        parts: list[tuple[int, str]] = []  # (seq, text)
         generation_id = generation.id if isinstance(generation, Generation) else generation
         async for item in self.events(generation, token=token):
+            if isinstance(item, Reset):
+                parts = [(seq, text) for seq, text in parts if seq < item.from_seq]
+                continue
             if isinstance(item, Gap):
                 raise Expired(
                     "history_lost",
@@ -222,12 +230,13 @@ class Client:
                 )
             event = item.event
             if isinstance(event, events.Token):
-                parts.append(event.text)
+                parts.append((item.seq, event.text))
             elif isinstance(event, events.Error):
+                text = "".join(text for _, text in parts)
                 raise GenerationFailed(
-                    event.code, event.message, retryable=event.retryable, text="".join(parts)
+                    event.code, event.message, retryable=event.retryable, text=text
                 )
-        return "".join(parts)
+        return "".join(text for _, text in parts)
 
     def _headers(self, token: str | None = None) -> dict[str, str]:
         bearer = token or self.api_key
@@ -370,6 +379,13 @@ class EventStream:
         """What `messages` hold that was not handed out yet; sets `finished` at the terminal."""
         items: list[Item] = []
         for message in messages:
+            if message.event == "reset":
+                # Its id is where the stream goes on from: past the seqs it declares void,
+                # or back before the first (0) when the client must read everything again.
+                reset = _reset_decoder.decode(message.data)
+                items.append(reset)
+                self.last_seq = self._resume_after = int(message.id or 0)
+                continue
             if message.event == "gap":
                 gap = _gap_decoder.decode(message.data)
                 if gap.first_available - 1 > self._resume_after:

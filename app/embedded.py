@@ -198,7 +198,8 @@ class RedisProcess:
     """A `redis-server`/`valkey-server` child on 127.0.0.1, with its files in `directory`.
 
     Persistence is off unless `config` turns it on (`PERSISTENCE`). It can be
-    stopped (SIGTERM: Redis writes its AOF and exits), killed (SIGKILL: a crash) and
+    stopped (SIGTERM: Redis writes its AOF and exits), killed (SIGKILL: a crash),
+    frozen (SIGSTOP: its connections stay open and nothing answers) and thawed, and
     started again on the same port and files.
     """
 
@@ -292,10 +293,21 @@ class RedisProcess:
         self.kill()
         return False
 
+    def freeze(self) -> None:
+        """SIGSTOP: the server stops answering, its sockets stay open (a stalled host)."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen server answers again, what it was sent meanwhile first."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM and wait: a clean shutdown that writes what the AOF has pending."""
         if self._process is not None:
             if self._process.poll() is None:
+                self.thaw()  # a frozen server would hold SIGTERM until then
                 self._process.terminate()
                 try:
                     self._process.wait(timeout=10)

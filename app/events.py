@@ -70,6 +70,18 @@ class Error(_Event, tag="error", frozen=True):
     retryable: bool = False
 
 
+class Reset(_Event, tag="reset", frozen=True):
+    """The log went back (Redis came back with an older copy of it): every event from
+    `from_seq` on that a client holds is void; the log continues after this event.
+
+    Written into the log by the worker that finds it behind what it appended, at a seq
+    no client can hold, so no seq ever names two different events. A reader sends one
+    of its own (from 1, with `id: 0`) to a client whose position the log cannot vouch for.
+    """
+
+    from_seq: int
+
+
 class Gap(msgspec.Struct, frozen=True):
     """Sent (without an SSE id) when retention removed part of what a client asked for."""
 
@@ -77,12 +89,12 @@ class Gap(msgspec.Struct, frozen=True):
     first_available: int
 
 
-Event = Started | Token | ToolCallDelta | ToolCall | Done | Error
+Event = Started | Token | ToolCallDelta | ToolCall | Done | Error | Reset
 TerminalEvent = Done | Error
 
 EVENT_TYPES: tuple[str, ...] = tuple(
     t.__struct_config__.tag  # type: ignore[misc]
-    for t in (Started, Token, ToolCallDelta, ToolCall, Done, Error)
+    for t in (Started, Token, ToolCallDelta, ToolCall, Done, Error, Reset)
 )
 TERMINAL_TYPES = frozenset({"done", "error"})
 

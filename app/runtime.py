@@ -62,10 +62,11 @@ def connect(
     """
     assert settings.redis_url is not None
     # socket_timeout=None: redis-py's default 5 s socket timeout would cut blocking
-    # reads (XREADGROUP BLOCK, pub/sub) short.
+    # reads (XREADGROUP BLOCK, pub/sub) short, and costs a timer per reply. The store
+    # bounds each round trip itself (`redis_timeout_seconds`, app/store/transport.py).
     options: dict[str, Any] = {
         "socket_timeout": None,
-        "socket_connect_timeout": 5,
+        "socket_connect_timeout": settings.redis_timeout_seconds,
         "client_name": f"tokentape-{role}-{os.getpid()}",
     }
     if settings.redis_cluster:

@@ -34,6 +34,13 @@ class Settings:
     # workers consume every shard. 0: one of each, named as ever, on one Redis;
     # CLUSTER_SHARDS on a cluster. Every reader and worker must use the same number.
     shards: int = 0
+    # The longest any Redis call may go unanswered (connecting included) before it
+    # counts as failed: its connection is dropped and the call retried where that is
+    # safe. A Redis that stops answering with its connections open (frozen, a stalled
+    # host) is then a fault like any other, not a hang. Blocking reads wait this long
+    # beyond their block time; the hub's pub/sub connection is pinged after this long
+    # silent and reconnected when the ping goes unanswered as long.
+    redis_timeout_seconds: float = 5.0
     # Where that embedded server keeps its data (and where the tools look for it).
     data_dir: str = ".tokentape"
     key_prefix: str = DEFAULT_PREFIX

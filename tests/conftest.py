@@ -12,6 +12,8 @@ whole run from the redis-server binary. The store and the app are built on
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -133,6 +135,37 @@ async def leased_generation(log: GenerationLog, worker_id: str = "worker-a") -> 
     lease = await log.acquire(generation_id, worker_id)
     assert lease is not None
     return generation_id, lease
+
+
+# What a copy of the log taken at seq ARGV[1] holds, made in place in one step (its
+# writer may be appending): the entries after it gone, the stream's last id and the
+# metadata's last seq back there.
+_ROLL_BACK = """
+local rows = redis.call('XRANGE', KEYS[1], (ARGV[1] + 1) .. '-0', '+')
+for _, row in ipairs(rows) do redis.call('XDEL', KEYS[1], row[1]) end
+if #rows > 0 then redis.call('XSETID', KEYS[1], ARGV[1] .. '-0') end
+redis.call('HSET', KEYS[2], 'last_seq', ARGV[1])
+"""
+
+
+async def roll_back(log: GenerationLog, generation_id: str, to_seq: int) -> None:
+    """Make the log what Redis would give back from a copy taken at `to_seq` (a snapshot,
+    a replica behind its primary)."""
+    keys = (log.keys.log(generation_id), log.keys.meta(generation_id))
+    await log._redis.eval(_ROLL_BACK, 2, *keys, to_seq)
+
+
+class Awaited(logging.Handler):
+    """Sets `seen` when a warning containing `text` is logged (add it to a logger)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(logging.WARNING)
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
 class FakeClock:

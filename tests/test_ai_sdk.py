@@ -152,3 +152,28 @@ def test_a_tool_call_that_never_streamed_its_arguments_is_available_at_once() ->
         b'id: 7\ndata: {"type":"tool-input-available","toolCallId":"call_0","toolName":"lookup",'
         b'"input":{"q":1}}\n\n'
     )
+
+
+def test_a_reset_that_voids_what_was_sent_ends_the_response_with_an_error() -> None:
+    stream = UIMessageStream(GENERATION)
+    written = entries([events.Started(), events.Token(text="kept "), events.Token(text="lost")])
+    framed(stream, written)
+    reset = events.Reset(from_seq=3)
+    assert stream.reframe(sse.event_frame(5, "reset", events.encode(reset))) == (
+        b'data: {"type":"error","errorText":"log_reset: Redis lost this answer\'s events from '
+        b'seq 3; read the message again from the start"}\n\n'
+    )
+    assert stream.voided
+
+
+def test_a_reset_of_nothing_a_reader_holds_is_passed_over() -> None:
+    stream = UIMessageStream(GENERATION)
+    framed(stream, entries([events.Started(), events.Token(text="kept ")]))
+    # Read from the start after the loss: the void seqs are not in the log.
+    after = sse.event_frame(5, "reset", events.encode(events.Reset(from_seq=3)))
+    after += sse.event_frame(6, "token", events.encode(events.Token(text="again")))
+    assert (
+        stream.reframe(after)
+        == b'id: 6\ndata: {"type":"text-delta","id":"text-2","delta":"again"}\n\n'
+    )
+    assert not stream.voided

@@ -20,6 +20,7 @@ ALL = [
     events.Done(reason="stop", usage=events.Usage(prompt_tokens=3, completion_tokens=5)),
     events.Done(reason="cancelled"),
     events.Error(code="worker_lost", message="the worker died", retryable=True),
+    events.Reset(from_seq=91),
 ]
 
 
@@ -69,6 +70,7 @@ BAREST = [
     events.ToolCall(index=0, id="call_0", name="f", arguments={}),
     events.Done(reason="cancelled"),
     events.Error(code="internal", message="m"),
+    events.Reset(from_seq=1),
 ]
 
 
@@ -102,7 +104,7 @@ def test_unknown_type_and_bad_reason_are_rejected() -> None:
 
 def test_terminal_events_and_statuses() -> None:
     assert set(events.EVENT_TYPES) == {
-        "started", "token", "tool_call_delta", "tool_call", "done", "error"
+        "started", "token", "tool_call_delta", "tool_call", "done", "error", "reset"
     }  # fmt: skip
     assert {"done", "error"} == events.TERMINAL_TYPES
     assert events.status_of(events.Done(reason="stop")) == "done"

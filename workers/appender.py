@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from asyncio import Future
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -52,15 +52,20 @@ class Outcome(enum.Enum):
     FENCED = "fenced"  # we lost the lease: the new holder owns the job
     HANDED_OFF = "handed_off"  # draining: stopped without a terminal event
     FAILED = "failed"  # Redis kept failing; the job is left for a takeover
+    # The log lost what we appended (Redis came back with an older copy): a reset entry
+    # says so, and the job is handed over to continue from the log.
+    WENT_BACK = "went_back"
 
 
-def retrying(settings: Settings) -> AsyncRetrying:
-    """Bounded retries of a Redis call that is safe to repeat (an append is idempotent)."""
+def retrying(settings: Settings, *, abandoned: Callable[[], bool] = bool) -> AsyncRetrying:
+    """Bounded retries of a Redis call that is safe to repeat (an append is idempotent);
+    none after a failed attempt once `abandoned()` is true."""
+    # Past a lease, another worker may have taken over: stop and let fencing decide.
+    past_a_lease = stop_after_delay(settings.lease_seconds)
     return AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT_ERRORS),
         wait=wait_random_exponential(multiplier=0.02, max=1.0),
-        # Past a lease, another worker may have taken over: stop and let fencing decide.
-        stop=stop_after_delay(settings.lease_seconds),
+        stop=lambda attempts: past_a_lease(attempts) or abandoned(),
         before_sleep=before_sleep_log(logger, logging.WARNING),
         reraise=True,
     )
@@ -95,7 +100,9 @@ class Appender:
         # about as much CPU as packing the append.
         self._latency_sample_every = max(1, latency_sample_every)
         self._appends = 0
-        self.next_seq = lease.last_seq + 1
+        self.next_seq = lease.last_seq + 1  # the log confirmed every seq before it
+        # The last seq an append was sent for, applied or not: clients may hold up to it.
+        self.sent_to = lease.last_seq
         self.outcome: Outcome | None = None
         self._pending: list[Event] = []
         self._closed = False  # no more events are taken (a terminal was put, or stop)
@@ -112,6 +119,9 @@ class Appender:
     @property
     def accepting(self) -> bool:
         return not self._closed
+
+    def _fenced(self) -> bool:
+        return self._closed and self._stop_outcome is Outcome.FENCED
 
     async def put(self, event: Event) -> bool:
         """Queue an event; False once the appender takes no more (stop the producer)."""
@@ -156,6 +166,7 @@ class Appender:
         self._room.set()
         began = self._began()
         self._in_flight = True
+        self.sent_to = max(self.sent_to, self.next_seq + len(batch) - 1)
         reply = self.log.append_soon(self.lease, self.next_seq, batch)
         reply.add_done_callback(functools.partial(self._appended, batch, began))
 
@@ -210,12 +221,18 @@ class Appender:
             self.outcome = Outcome.FENCED
         except (AlreadyFinished, NotFound):
             self.outcome = Outcome.ALREADY_ENDED
-        except SeqConflict:
-            logger.exception("%s: the log disagrees with our seq", self.lease.generation_id)
+        except SeqConflict as conflict:
+            # The log went back under us, most likely (the run checks it).
+            logger.warning(
+                "%s: the log disagrees with our seq: %s", self.lease.generation_id, conflict
+            )
             self.outcome = Outcome.FAILED
         except RedisError as exc:
-            logger.error("%s: append kept failing: %s", self.lease.generation_id, exc)
-            self.outcome = Outcome.FAILED
+            if self._stop_outcome is Outcome.FENCED:
+                self.outcome = Outcome.FENCED  # the lease was given up while retrying
+            else:
+                logger.error("%s: append kept failing: %s", self.lease.generation_id, exc)
+                self.outcome = Outcome.FAILED
         finally:
             self._closed = True
             self._task_turn = True
@@ -235,6 +252,7 @@ class Appender:
 
     async def _append(self, batch: Sequence[Event]) -> None:
         began = self._began()
+        self.sent_to = max(self.sent_to, self.next_seq + len(batch) - 1)
         try:
             last = await self.log.append(self.lease, self.next_seq, batch)
         except TRANSIENT_ERRORS:
@@ -244,7 +262,8 @@ class Appender:
 
     async def _retry(self, batch: Sequence[Event], began: float | None) -> None:
         # Only now the retry loop: tenacity costs more CPU per call than the append.
-        async for attempt in retrying(self.log.settings):
+        # A lease given up meanwhile (`stop(FENCED)`) ends it: nothing more is appended.
+        async for attempt in retrying(self.log.settings, abandoned=self._fenced):
             with attempt:
                 last = await self.log.append(self.lease, self.next_seq, batch)
         self._done(last, began)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 
 from app import events, loops
 from app.errors import AlreadyFinished, Fenced
-from app.events import Done, Error, Event, Started, Token, ToolCall
+from app.events import Done, Error, Event, Reset, Started, Token, ToolCall
 from app.generations import GenerationRequest
 from app.settings import Settings
 from app.store import CancelRequests, GenerationLog, Job, JobReader, Lease
@@ -99,13 +99,14 @@ class _GenerationRun:
 
     async def execute(self) -> Outcome:
         log = self.worker.log
+        asked = asyncio.get_running_loop().time()
         lease = await log.acquire(self.generation_id, self.worker.worker_id)
         if lease is None:
             state = await log.state(self.generation_id)
             return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
         self.lease = lease
         keeper = self.worker.keeper
-        keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose))
+        keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose, renewed_at=asked))
         try:
             return await self._execute(lease)
         finally:
@@ -185,7 +186,39 @@ class _GenerationRun:
             for task in (self.producer, self._cancelling, appender.task):
                 if task is not None:
                     task.cancel()
-        return appender.outcome or Outcome.FAILED
+        return await self._check_log(appender)
+
+    async def _check_log(self, appender: Appender) -> Outcome:
+        """A run stopped by a refusal or by Redis failing may have met a log that went
+        back (Redis lost writes): this run alone knows what it appended, so it looks,
+        and records it in the log if so (`GenerationLog.reset`)."""
+        outcome = appender.outcome or Outcome.FAILED
+        if outcome not in (Outcome.FENCED, Outcome.FAILED):
+            return outcome
+        confirmed_to = appender.next_seq - 1
+        try:
+            async for attempt in retrying(self.worker.settings):
+                with attempt:
+                    reset = await self.worker.log.reset(
+                        appender.lease, confirmed_to, appender.sent_to
+                    )
+        except RedisError as exc:
+            logger.warning("%s: could not check the log after the run: %s", self.generation_id, exc)
+            return outcome
+        if reset is None:
+            return outcome
+        seq, from_seq = reset
+        self.worker.telemetry.metrics.log_resets.add(1)
+        logger.warning(
+            "%s: the log went back: it lost seqs this run appended (up to %d); seqs %d..%d "
+            "are void, as the reset at %d says; handing the generation over",
+            self.generation_id,
+            confirmed_to,
+            from_seq,
+            seq - 1,
+            seq,
+        )
+        return Outcome.WENT_BACK
 
     async def end_after_failure(self, failure: Exception) -> Outcome:
         """The run failed unexpectedly: end the generation with an internal error.
@@ -243,18 +276,31 @@ class _GenerationRun:
         await self.put(terminal)
 
     async def _read_prior(self, lease: Lease) -> list[Event]:
-        """What the log already holds (a takeover): every event, in pages."""
-        prior: list[Event] = []
+        """What the log already holds (a takeover): every event, in pages, less what a
+        reset declared void (the log went back; see `GenerationLog.reset`)."""
+        prior: list[tuple[int, Event]] = []
+        expected = 1  # every seq before it is an entry, or void
         if lease.last_seq == 0:
-            return prior
+            return []
         async for page in self.worker.log.pages(self.generation_id):
-            # Our own `started` may already follow what the lease saw.
-            page = [entry for entry in page if entry.seq <= lease.last_seq]
-            if not page or page[0].seq != len(prior) + 1:
+            for entry in page:
+                # Our own `started` may already follow what the lease saw.
+                if entry.seq > lease.last_seq:
+                    break
+                event = entry.event()
+                if isinstance(event, Reset):
+                    if event.from_seq > expected:
+                        break  # the entries before it were trimmed
+                    prior = [(seq, held) for seq, held in prior if seq < event.from_seq]
+                elif entry.seq != expected:
+                    break
+                else:
+                    prior.append((entry.seq, event))
+                expected = entry.seq + 1
+            if expected > lease.last_seq:
+                return [event for _, event in prior]
+            if expected <= page[-1].seq:
                 break
-            prior.extend(entry.event() for entry in page)
-            if len(prior) == lease.last_seq:
-                return prior
         raise ProviderError(
             "worker_lost",
             "the worker died and retention already trimmed the start of the log",
@@ -438,7 +484,7 @@ class Worker:
         """Acknowledge, leave or hand over the job according to how the run ended."""
         if outcome in (Outcome.APPENDED_TERMINAL, Outcome.ALREADY_ENDED):
             await self.jobs.ack(run.job)
-        elif outcome is Outcome.HANDED_OFF:
+        elif outcome in (Outcome.HANDED_OFF, Outcome.WENT_BACK):
             # Release the lease and hand the job back: a live worker takes it over at
             # once, instead of after the takeover delay.
             lease = run.appender.lease if run.appender is not None else None

@@ -108,8 +108,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     state = auth.owned(key_holder, state, generation_id)
     if state.terminal and not log_exists:
         raise Expired("generation_expired", f"the events of {generation_id} are past retention")
-    if state.terminal and after_seq >= state.last_seq:
+    if state.terminal and after_seq == state.last_seq:
         return web.Response(status=204)
+    # A position past the log's end is served too: past a running generation's end the
+    # stream waits; either way, if the log went back below it, the client is sent a
+    # reset (app/hub/subscription.py), never a 204 that would leave it holding events
+    # the log does not have.
     link_to = state.traceparent
     del state  # this frame lives as long as the stream: it keeps only what it uses
     ui_message_stream = (

@@ -62,6 +62,8 @@ def reframed(subscription: Subscription, stream: UIMessageStream) -> NextChunk:
     """`subscription.next_chunk`, in this format: b"" still means nothing came (a heartbeat)."""
 
     async def next_chunk(wait_seconds: float) -> bytes | None:
+        if stream.voided:
+            return None  # ends the response: the client reads the message again
         chunk = await subscription.next_chunk(wait_seconds)
         return stream.reframe(chunk) if chunk else chunk
 

@@ -100,11 +100,12 @@ class Hub:
         self.recheck_seconds = recheck_seconds
         self.linger_seconds = linger_seconds
         self.pubsub: PubSubConnection[list[Frame]] | ShardedPubSub[list[Frame]]
+        timeout = log.settings.redis_timeout_seconds
         if isinstance(redis, RedisCluster):
-            self.pubsub = ShardedPubSub(redis, live_frames)
+            self.pubsub = ShardedPubSub(redis, live_frames, timeout=timeout)
         else:
             self.pubsub = PubSubConnection(
-                Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames
+                Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames, timeout=timeout
             )
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []

@@ -21,6 +21,10 @@ primary, and needs no anchor, since each channel's own confirmation tells its
 listener that it may have missed messages. A channel its node lets go of (its
 slot moved, the node became a replica) or refuses is subscribed again where the
 cluster's slot map now puts it.
+
+A Redis that stops answering can keep its sockets open (SIGSTOP, a stalled host):
+a connection silent for `timeout` is pinged, and one still silent after another
+`timeout` is dropped and reconnected, like a connection Redis closed.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ READ_SIZE = 64 * 1024  # per read of the connection
 # node that let it go (see ShardedPubSub).
 STALE_MAP_TRIES = 8
 CONNECT_TIMEOUT_SECONDS = 5.0  # connect and log in, when the client sets no connect timeout
+SILENCE_TIMEOUT_SECONDS = 5.0  # default `timeout`: silence before a ping, then before a reconnect
+_PING = b"*1\r\n$4\r\nPING\r\n"
 
 Message = TypeVar("Message")
 Message_contra = TypeVar("Message_contra", contravariant=True)
@@ -147,8 +153,10 @@ class PubSubConnection(Generic[Message]):
         *,
         lost: Callable[[bytes], None] | None = None,
         failed: Callable[[], None] | None = None,
+        timeout: float = SILENCE_TIMEOUT_SECONDS,
     ):
         self.endpoint = endpoint
+        self.timeout = timeout
         self._anchor = anchor
         self._parse = parse
         self._sharded = anchor is None
@@ -173,6 +181,8 @@ class PubSubConnection(Generic[Message]):
         self._watch_confirmed_by: dict[bytes, int] = {}  # and a watcher
         self._failures = 0
         self._closing = False
+        self._last_read = 0.0  # loop time of the connection's last bytes (or of connecting)
+        self._silenced = False  # the keep-alive dropped the connection
 
     def retry_delay(self) -> float:
         """A pause before trying Redis again, growing while the connection keeps failing."""
@@ -255,21 +265,30 @@ class PubSubConnection(Generic[Message]):
     async def listen(self) -> None:
         """Connect, subscribe and dispatch every reply of each read at once, until `close`.
 
-        A lost connection, or bytes hiredis cannot parse (nothing after them can be
-        trusted), cost a warning and a reconnect after a backoff.
+        A lost connection, a silent one (see `_keep_alive`), or bytes hiredis cannot
+        parse (nothing after them can be trusted), cost a warning and a reconnect
+        after a backoff.
         """
         loop = asyncio.get_running_loop()
         try:
             while not self._closing:
+                keep_alive: asyncio.Task[None] | None = None
                 try:
                     stream = await self._connect()
+                    self._last_read = loop.time()
+                    keep_alive = asyncio.create_task(self._keep_alive(loop))
                     while True:
                         data = await stream.read(READ_SIZE)
                         if not data:
                             if self._closing:
                                 return
+                            if self._silenced:
+                                raise ConnectionError(
+                                    f"no reply to a ping within {self.timeout:g} s"
+                                )
                             raise ConnectionError("closed by the server")
-                        self.received(data, loop.time())
+                        now = self._last_read = loop.time()
+                        self.received(data, now)
                         if self._failures:
                             self._failures = 0
                 except (OSError, hiredis.ProtocolError) as exc:
@@ -281,23 +300,46 @@ class PubSubConnection(Generic[Message]):
                     if self._failed is not None:
                         self._failed()
                     await asyncio.sleep(self.retry_delay())
+                finally:
+                    if keep_alive is not None:
+                        keep_alive.cancel()
         finally:
             self._disconnect()
+
+    async def _keep_alive(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ping the connection once it has been silent for `timeout`; drop it once silent
+        for twice that. Costs nothing per message: reads only stamp `_last_read`."""
+        self._silenced = False
+        while True:
+            await asyncio.sleep(self.timeout / 2)
+            silent = loop.time() - self._last_read
+            if silent >= 2 * self.timeout:
+                self._silenced = True
+                self._disconnect()  # ends the read in `listen`, which reconnects
+                return
+            writer = self._command_writer()
+            if silent >= self.timeout and writer is not None:
+                writer.write(_PING)
 
     async def _connect(self) -> asyncio.StreamReader:
         """(Re)connect, log in and subscribe every channel, the anchor last; counts start over."""
         self._disconnect()
         endpoint = self.endpoint
-        async with asyncio.timeout(endpoint.connect_timeout):
-            if endpoint.path is not None:
-                stream, writer = await asyncio.open_unix_connection(endpoint.path)
-            else:
-                stream, writer = await asyncio.open_connection(
-                    endpoint.host, endpoint.port, ssl=endpoint.tls
-                )
-            self._writer = writer  # from here `close` can end a log-in that hangs
-            replies = hiredis.Reader()
-            await self._log_in(stream, writer, replies)
+        try:
+            async with asyncio.timeout(endpoint.connect_timeout):
+                if endpoint.path is not None:
+                    stream, writer = await asyncio.open_unix_connection(endpoint.path)
+                else:
+                    stream, writer = await asyncio.open_connection(
+                        endpoint.host, endpoint.port, ssl=endpoint.tls
+                    )
+                self._writer = writer  # from here `close` can end a log-in that hangs
+                replies = hiredis.Reader()
+                await self._log_in(stream, writer, replies)
+        except TimeoutError:
+            raise ConnectionError(
+                f"no answer within {endpoint.connect_timeout:g} s while connecting"
+            ) from None
         if self._closing:  # closed while connecting, before the writer was there to close
             raise ConnectionError("pub/sub connection closed while connecting")
         # No await from here on: a channel subscribed meanwhile is in this SUBSCRIBE.
@@ -458,9 +500,16 @@ class ShardedPubSub(Generic[Message]):
     that let it go until the map has said so for `STALE_MAP_TRIES` reads.
     """
 
-    def __init__(self, cluster: RedisCluster, parse: Callable[[bytes], Message]) -> None:
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        parse: Callable[[bytes], Message],
+        *,
+        timeout: float = SILENCE_TIMEOUT_SECONDS,
+    ) -> None:
         self._cluster = cluster
         self._parse = parse
+        self._timeout = timeout
         self._listeners: dict[bytes, Listener[Message]] = {}
         self._node_of: dict[bytes, str] = {}  # channel -> name of the node it is subscribed on
         # Channels a node let go of or refused: that node's name, and maps read since.
@@ -544,6 +593,7 @@ class ShardedPubSub(Generic[Message]):
                 self._parse,
                 lost=self._lost,
                 failed=self._moving.set,
+                timeout=self._timeout,
             )
             self._connections[node.name] = connection
             if self._started:

@@ -1,4 +1,5 @@
-"""One client's position in one generation's log: catch-up, live, back-fill, slow clients."""
+"""One client's position in one generation's log: catch-up, live, back-fill, slow clients,
+and a log that went back below it."""
 
 from __future__ import annotations
 
@@ -6,16 +7,23 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+import msgspec
 from redis.exceptions import RedisError
 
 from app import sse
-from app.events import TERMINAL_TYPES, Gap, encode
+from app.events import TERMINAL_TYPES, Gap, Reset, encode
 from app.sse import Frame
+from app.store import RawEntry
 
 if TYPE_CHECKING:
     from app.hub.fanout import Feed, Hub
 
 logger = logging.getLogger(__name__)
+
+_reset_decoder = msgspec.json.Decoder(Reset)
+# What a client is sent when the log cannot vouch for the events it holds: drop them all
+# and read again from the start (`id: 0` is its position after this event).
+RESTART = sse.event_frame(0, "reset", encode(Reset(from_seq=1)))
 
 
 class Subscription:
@@ -23,6 +31,7 @@ class Subscription:
 
     # Thousands of these live at once in one process: no per-instance __dict__.
     __slots__ = (
+        "_ahead",
         "_deadline",
         "_first_read",
         "_hub",
@@ -32,6 +41,7 @@ class Subscription:
         "_queued_until",
         "_read_log",
         "_timer",
+        "_verify",
         "_waiter",
         "closed",
         "delivered",
@@ -64,6 +74,12 @@ class Subscription:
         self.fell_behind = 0  # times the client's buffer overflowed
         self.gap: Gap | None = None
         self.last_appended_ms: int | None = None  # of the last event handed out
+        # Look at the log's end the next time a read finds nothing after `delivered`: a
+        # resumed client, or Redis may have come back with an older copy of the log.
+        self._verify = after_seq > 0
+        # `delivered` is past the log's end (the log went back): what follows it must be
+        # the log's own reset, read from the log, or the client is sent `RESTART`.
+        self._ahead = False
 
     @property
     def generation_id(self) -> str:
@@ -133,11 +149,17 @@ class Subscription:
     def recheck(self, last_seq: int | None = None) -> None:
         """Live batches may have been missed: read the log, where they are.
 
-        With `last_seq` (the log's, read a moment ago), only if it is past what was queued.
+        With `last_seq` (the log's, read a moment ago), only if it is past what was queued,
+        or below what was handed out. Without it (the pub/sub connection came back, Redis
+        perhaps with an older copy of the log) the log's end is looked at too.
         """
-        if self.finished or self._read_log:
+        if self.finished:
             return
-        if last_seq is None or last_seq > self._queued_until:
+        if last_seq is None or last_seq < self.delivered:
+            self._verify = True
+        if self._read_log:
+            return
+        if last_seq is None or last_seq > self._queued_until or self._verify:
             self._switch_to_log()
 
     def close(self) -> None:
@@ -245,6 +267,18 @@ class Subscription:
             return None
         if not rows:
             self._first_read = False
+            if self._verify:
+                self._verify = False
+                restart = await self._look_at_the_end(budget)
+                if restart is not None:
+                    return restart
+            if self._ahead:
+                # Nothing yet: wait. Below every seq, so that any live batch (`offer`)
+                # or recheck sends it back to the log, where what follows is looked at.
+                self._pending = []
+                self._read_log = False
+                self._queued_until = -1
+                return None
             self._continue_live(self.delivered, caught_up=True)
             if self._read_log:
                 # Announced live but not in the log: only a trimmed or expired log does
@@ -253,6 +287,11 @@ class Subscription:
                 self._read_log = False
                 self._queued_until = self.delivered
             return None
+        self._verify = False
+        if self._ahead:
+            self._ahead = False
+            if not _announces_reset(rows[0], self.delivered):
+                return self._restart("the log grew back past it with no reset")
         # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
         # b"t", ms]): no object per event on the catch-up path.
         chunk = sse.event_frames((entry_id[:-2], fields[1], fields[3]) for entry_id, fields in rows)
@@ -261,10 +300,57 @@ class Subscription:
         if self._first_read:
             self._first_read = False
             first_seq = int(rows[0][0][:-2])
-            if first_seq > self.delivered + 1:
+            if first_seq > self.delivered + 1 and not _announces_reset(rows[0], self.delivered):
                 self.gap = Gap(requested=self.delivered + 1, first_available=first_seq)
                 self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
         # A full page: more to read. A short one: caught up, live takes over if it can.
         self._continue_live(last_seq, caught_up=len(rows) < self._hub.page_size)
         terminal = last_fields[1].decode() in TERMINAL_TYPES
         return self._deliver(chunk, last_seq, int(last_fields[5]), terminal)
+
+    async def _look_at_the_end(self, budget: float) -> bytes | None:
+        """Nothing follows `delivered` in the log: is the log's end below it? Then the log
+        went back (Redis lost writes) and this client holds seqs it does not. While the
+        generation runs, its writer records that in the log (a reset past every seq it
+        sent), so the client waits for it; a log that ended there never will: `RESTART`."""
+        try:
+            async with asyncio.timeout(budget):
+                state = await self._hub.log.state(self.generation_id)
+        except (TimeoutError, RedisError):
+            self._verify = True  # the next empty read looks again
+            return None
+        if state is None or state.last_seq >= self.delivered:
+            return None
+        if state.terminal:
+            return self._restart(f"the log ended at seq {state.last_seq}")
+        logger.warning(
+            "%s: a client holds seq %d, past the log's end at %d: the log went back; "
+            "waiting for its reset",
+            self.generation_id,
+            self.delivered,
+            state.last_seq,
+        )
+        self._ahead = True
+        return None
+
+    def _restart(self, why: str) -> bytes:
+        """Tell the client to drop every event it holds (`RESTART`), and read the log again
+        from its start: nothing in the log says which of its events are still true."""
+        logger.warning(
+            "%s: a client holds seq %d, which %s: sending it a reset from seq 1",
+            self.generation_id,
+            self.delivered,
+            why,
+        )
+        self.delivered = self._queued_until = 0
+        self._pending = []
+        self._read_log = True
+        self._first_read = True
+        self._ahead = False
+        return RESTART
+
+
+def _announces_reset(row: RawEntry, delivered: int) -> bool:
+    """Whether `row` is a reset that voids every seq between `delivered` and it."""
+    _, fields = row
+    return fields[1] == b"reset" and _reset_decoder.decode(fields[3]).from_seq <= delivered + 1

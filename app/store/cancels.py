@@ -10,6 +10,10 @@ On a cluster the channels are sharded (SSUBSCRIBE): redis-py's `ClusterPubSub`
 keeps a connection to each node that serves one and moves a channel when its slot
 moves; each such connection is read by a task of its own, so a request is heard as
 soon as it is published, whichever node it comes from.
+
+A Redis that stops answering can keep the subscription's socket open (frozen, a
+stalled host): on one Redis, a subscription silent for `timeout` is pinged, and one
+still silent after another `timeout` is dropped and subscribed again.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ class CancelRequests:
     next read); a new `async for` continues on the same subscription.
     """
 
-    def __init__(self, redis: Redis | RedisCluster, shards: Sequence[Shard]) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, shards: Sequence[Shard], timeout: float
+    ) -> None:
         self._channels = [shard.cancel_channel.encode() for shard in shards]
+        self.timeout = timeout
         self._redis: Redis | None = None
         self._pubsub: PubSub
         self._sharded: ClusterPubSub | None = None
@@ -128,14 +135,32 @@ class CancelRequests:
             await self._redis.aclose()
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        heard = loop.time()  # anything from Redis: a message, a pong, a confirmation
         while True:
             try:
-                message = await self._next()
+                if self._sharded is not None:
+                    message = await self._arrived.get()
+                else:
+                    # The bound covers a reconnect, whose log-in redis-py does not time.
+                    async with asyncio.timeout(2 * self.timeout):
+                        received = await self._pubsub.get_message(timeout=self.timeout)
+                        if received is None and loop.time() - heard < 2 * self.timeout:
+                            await self._pubsub.ping()  # its pong is a message too
+                            continue
+                    if received is None:
+                        raise RedisTimeoutError(f"no reply to a ping within {self.timeout:g} s")
+                    message = received
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("cancel subscription failed: %s; reconnecting", exc)
+                if self._sharded is None and self._pubsub.connection is not None:
+                    # A read cut short leaves the socket mid-reply: the next one is new.
+                    await self._pubsub.connection.disconnect()
                 await asyncio.sleep(RECONNECT_SECONDS)
+                heard = loop.time()
                 continue
-            if message is None or message["type"] not in ("message", "smessage"):
+            heard = loop.time()
+            if message["type"] not in ("message", "smessage"):
                 continue
             try:
                 generation_id = message["data"].decode()

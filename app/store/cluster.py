@@ -83,19 +83,21 @@ def node_of(cluster: RedisCluster, key: Arg) -> ClusterNode:
 class ClusterRoutes:
     """The primaries of a cluster as the store's calls reach them: see the module docstring."""
 
-    def __init__(self, cluster: RedisCluster) -> None:
+    def __init__(self, cluster: RedisCluster, *, timeout: float | None = None) -> None:
         self.cluster = cluster
+        self.timeout = timeout  # of each round trip to a node
         self._in_use: dict[str, asyncio.Semaphore] = {}
 
-    async def call(self, *command: Arg, key: Arg) -> Any:
-        """One command on the node that serves `key` (a blocking read holds its connection)."""
+    async def call(self, *command: Arg, key: Arg, extra_seconds: float = 0.0) -> Any:
+        """One command on the node that serves `key` (a blocking read holds its connection,
+        and gives the time it blocks as `extra_seconds` beyond the timeout)."""
         call: Queued = (transport.pack(*command), None, _unused(), key)
-        (reply,) = await self.execute([call])
+        (reply,) = await self.execute([call], extra_seconds)
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    async def execute(self, calls: Sequence[Queued]) -> list[Any]:
+    async def execute(self, calls: Sequence[Queued], extra_seconds: float = 0.0) -> list[Any]:
         """Each call's reply, or its error as the exception, in order."""
         await self.cluster.initialize()
         results: list[Any] = [None] * len(calls)
@@ -118,7 +120,8 @@ class ClusterRoutes:
             outcomes = await asyncio.gather(
                 *(
                     transport.send_loading_scripts(
-                        functools.partial(self._send, node, asking), [calls[i] for i in indices]
+                        functools.partial(self._send, node, asking, extra_seconds),
+                        [calls[i] for i in indices],
                     )
                     for (node, asking), indices in groups.items()
                 ),
@@ -177,8 +180,17 @@ class ClusterRoutes:
             return cluster.get_default_node()
         return node_of(cluster, key)
 
-    async def _send(self, node: ClusterNode, asking: bool, commands: Sequence[bytes]) -> list[Any]:
-        """One round trip to `node`; with `asking`, each command after ASKING."""
+    async def _send(
+        self, node: ClusterNode, asking: bool, extra_seconds: float, commands: Sequence[bytes]
+    ) -> list[Any]:
+        """One round trip to `node` (bounded by `timeout` + `extra_seconds`); with
+        `asking`, each command after ASKING."""
+        seconds = None if self.timeout is None else self.timeout + extra_seconds
+        return await transport.within(seconds, self._exchange(node, asking, commands))
+
+    async def _exchange(
+        self, node: ClusterNode, asking: bool, commands: Sequence[bytes]
+    ) -> list[Any]:
         in_use = self._in_use.get(node.name)
         if in_use is None:
             in_use = self._in_use[node.name] = asyncio.Semaphore(max(1, node.max_connections - 1))

@@ -81,6 +81,7 @@ class JobQueue:
         self._commands = commands
         # A job idle this long lost its worker: its lease expired (see workers.lease).
         self.takeover_idle_ms = int(settings.lease_seconds * 1000)
+        self.timeout = settings.redis_timeout_seconds  # beyond a blocking read's block
         self._claim_cursors = [b"0-0"] * len(keys.shards)
         self._claim_from = 0  # the shard a claim pass starts with, in turn
 
@@ -252,9 +253,9 @@ class JobReader:
         redis = self._redis
         try:
             if isinstance(redis, Redis):
-                reply = await call(redis, *command)
+                reply = await call(redis, *command, seconds=block_ms / 1000 + self._queue.timeout)
             else:
-                reply = await redis.call(*command, key=shard.jobs)
+                reply = await redis.call(*command, key=shard.jobs, extra_seconds=block_ms / 1000)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise

@@ -36,6 +36,8 @@ from app.store.scripts import (
     CREATE,
     INDEX,
     RENEW,
+    RESET,
+    RESET_SHARDED,
     AcquireArgs,
     AnnotateArgs,
     AppendArgs,
@@ -49,6 +51,8 @@ from app.store.scripts import (
     NoArgs,
     RenewArgs,
     Reply,
+    ResetArgs,
+    ResetKeys,
     UnexpectedReply,
 )
 from app.store.state import (
@@ -82,23 +86,29 @@ class GenerationLog:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.key_shards)
         self.ttls = Ttls.of(settings)
-        routes = ClusterRoutes(redis) if isinstance(redis, RedisCluster) else redis
+        routes = (
+            ClusterRoutes(redis, timeout=settings.redis_timeout_seconds)
+            if isinstance(redis, RedisCluster)
+            else redis
+        )
         self.cluster = isinstance(routes, ClusterRoutes)
         # Live batches and cancel requests: sharded pub/sub on a cluster, delivered by
         # the node that holds the generation (or the shard) only.
         self._append_script = APPEND_SHARDED if self.cluster else APPEND
+        self._reset_script = RESET_SHARDED if self.cluster else RESET
         self._publish = b"SPUBLISH" if self.cluster else b"PUBLISH"
         # A pipeline per kind of call, each with its own bound. A reader's requests share
         # its few connections: one batch of creates and one of commands out at a time.
-        self._creates = Pipeline(routes, in_flight=1)
-        self._commands = Pipeline(routes, in_flight=1)
-        self._appends = Pipeline(routes)
+        timeout = settings.redis_timeout_seconds
+        self._creates = Pipeline(routes, in_flight=1, timeout=timeout)
+        self._commands = Pipeline(routes, in_flight=1, timeout=timeout)
+        self._appends = Pipeline(routes, timeout=timeout)
         # A burst of jobs (a thousand clients starting at once) acquires in a few round trips.
-        self._acquires = Pipeline(routes)
+        self._acquires = Pipeline(routes, timeout=timeout)
         # The lease keeper renews every held lease at once: one pipeline, not a call each.
-        self._renewals = Pipeline(routes)
+        self._renewals = Pipeline(routes, timeout=timeout)
         # The watched marks of every stream go in one pipeline.
-        self._annotations = Pipeline(routes)
+        self._annotations = Pipeline(routes, timeout=timeout)
         # append.lua's limits, the same for every append: encoded once.
         self._maxlen = b"%d" % settings.max_events_per_generation
         self._open_ttl = b"%d" % self.ttls.open_ms
@@ -430,6 +440,32 @@ class GenerationLog:
             raise Fenced(message=f"lease on {lease.generation_id} epoch {lease.epoch} was lost")
         return bool(reply[1] == b"1")
 
+    async def reset(self, lease: Lease, confirmed_to: int, sent_to: int) -> tuple[int, int] | None:
+        """Record that the log went back, if it did (see `lua/reset.lua`), for a writer to
+        which the log confirmed seqs up to `confirmed_to` and that sent up to `sent_to`.
+
+        Returns (the reset's seq, the first void seq), or None when the log holds what the
+        writer appended (or has ended, or is gone). Fences every writer.
+        """
+        k = self.keys
+        generation_id = lease.generation_id
+        reply = await self._commands.run_script(
+            self._reset_script,
+            ResetKeys(
+                meta=k.meta(generation_id), log=k.log(generation_id), lease=k.lease(generation_id)
+            ),
+            ResetArgs(
+                epoch=lease.epoch,
+                confirmed_to=confirmed_to,
+                sent_to=max(sent_to, confirmed_to),
+                maxlen=self._maxlen,
+                channel=k.live_channel(generation_id),
+            ),
+        )
+        if self._reset_script.reply(reply[0]) is not Reply.RESET:
+            return None
+        return int(reply[1]), int(reply[2])
+
     async def mark_watched(self, generation_ids: Sequence[str]) -> None:
         """Readers stream these generations now (the unwatched-cancel policy reads it)."""
         stamp = now_ms()
@@ -476,7 +512,7 @@ class GenerationLog:
 
     def cancel_requests(self) -> CancelRequests:
         """The cancel requests published to every worker (`async with`, then `async for`)."""
-        return CancelRequests(self._redis, self.keys.shards)
+        return CancelRequests(self._redis, self.keys.shards, self.settings.redis_timeout_seconds)
 
 
 def _by_score(reply: list[Any]) -> list[tuple[float, str]]:

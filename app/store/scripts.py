@@ -57,6 +57,8 @@ class Reply(enum.Enum):
     STREAM_SEQ_REGRESSION = b"stream_seq_regression"  # Stream-Seq does not sort after the last
     BEYOND = b"beyond"  # an offset past the tail
     TRIMMED = b"trimmed"  # the length cap trimmed entries after the offset
+    RESET = b"reset"  # the log went back: a reset entry now says so
+    INTACT = b"intact"  # the log holds what the writer appended
 
 
 class UnexpectedReply(RuntimeError):
@@ -264,6 +266,34 @@ class RenewArgs(NamedTuple):
 RENEW = Script(
     "renew", LeaseKeys, RenewArgs, replies=(Reply.OK, Reply.FENCED, Reply.ALREADY_FINISHED)
 )
+
+
+class ResetKeys(NamedTuple):
+    meta: str
+    log: str
+    lease: str
+
+
+class ResetArgs(NamedTuple):
+    epoch: int  # the writer's lease epoch
+    confirmed_to: int  # the last seq the log confirmed to the writer
+    sent_to: int  # the last seq the writer sent, confirmed or not
+    maxlen: bytes
+    channel: str
+
+
+def _reset(publish: str) -> Script[ResetKeys, ResetArgs]:
+    return Script(
+        "reset",
+        ResetKeys,
+        ResetArgs,
+        replies=(Reply.RESET, Reply.INTACT, Reply.ALREADY_FINISHED, Reply.UNKNOWN),
+        constants={"PUBLISH": publish},
+    )
+
+
+RESET = _reset("PUBLISH")
+RESET_SHARDED = _reset("SPUBLISH")  # as APPEND_SHARDED
 
 
 class AnnotateArgs(NamedTuple):

@@ -7,6 +7,12 @@ client's pool, replies read with `read_response` as Redis sent them (no redis-py
 reply callbacks). `Pipeline` batches the calls made in one event-loop tick into
 one round trip; a blocking read goes alone on a client of its own (`dedicated`).
 On a Redis Cluster a batch goes as one round trip per primary (`app.store.cluster`).
+
+Every round trip is bounded as a whole (`within`): a Redis that stops answering
+with its connections open (SIGSTOP, a stalled host) fails the call with redis-py's
+TimeoutError instead of hanging it. One timer per round trip, not per command:
+redis-py's own `socket_timeout` would arm one per reply and one task per send, so
+the clients tokentape builds leave it unset.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.store.scripts import A, K, Script
 
@@ -27,6 +34,7 @@ if TYPE_CHECKING:
     from app.store.cluster import ClusterRoutes
 
 Arg = bytes | str | int | float
+T = TypeVar("T")
 # A call waiting for its round trip: the packed command, the script it runs (to load
 # on NOSCRIPT), its caller's future, and the key that routes it on a cluster (None: any node).
 Queued = tuple[bytes, Script[Any, Any] | None, asyncio.Future[Any], Arg | None]
@@ -41,8 +49,30 @@ def pack(*command: Arg) -> bytes:
     return packed
 
 
-async def round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
-    """Each command's reply, or its error reply as the exception, in order."""
+async def within(seconds: float | None, work: Awaitable[T]) -> T:
+    """`work`, or redis-py's TimeoutError once it has taken `seconds` (None: unbounded)."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():
+            raise  # a deadline of the caller's
+        raise RedisTimeoutError(f"Redis did not answer within {seconds:g} s") from None
+
+
+async def round_trip(
+    redis: Redis, commands: Sequence[bytes], seconds: float | None = None
+) -> list[Any]:
+    """Each command's reply, or its error reply as the exception, in order.
+
+    Raises redis-py's TimeoutError when the whole round trip (a free connection,
+    connecting, sending, every reply) takes longer than `seconds`.
+    """
+    return await within(seconds, _round_trip(redis, commands))
+
+
+async def _round_trip(redis: Redis, commands: Sequence[bytes]) -> list[Any]:
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
@@ -63,16 +93,16 @@ async def exchange(connection: AbstractConnection, commands: Sequence[bytes]) ->
                 replies.append(error)
         return replies
     except BaseException:
-        # Replies may be left unread (a lost connection, a cancellation): the
-        # socket must not serve another call.
+        # Replies may be left unread (a lost connection, a cancellation, the
+        # timeout): the socket must not serve another call.
         await connection.disconnect(nowait=True)
         raise
 
 
-async def call(redis: Redis, *command: Arg) -> Any:
+async def call(redis: Redis, *command: Arg, seconds: float | None = None) -> Any:
     """One command in its own round trip, on the caller's task: a cancelled caller
     disconnects it (a blocking read must not outlive its reader)."""
-    (reply,) = await round_trip(redis, [pack(*command)])
+    (reply,) = await round_trip(redis, [pack(*command)], seconds)
     if isinstance(reply, Exception):
         raise reply
     return reply
@@ -109,9 +139,16 @@ class Pipeline:
     only its calls are sent again.
     """
 
-    def __init__(self, redis: Redis | ClusterRoutes, *, in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis | ClusterRoutes,
+        *,
+        in_flight: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
         self._redis = redis
         self._routed = not isinstance(redis, Redis)  # a call's key is looked at only then
+        self._timeout = timeout  # of each round trip (on a cluster: the routes' own)
         self._queued: list[Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._sender_waiting = False  # a sender exists that has not taken the queue yet
@@ -203,7 +240,8 @@ class Pipeline:
     async def _execute(self, queued: Sequence[Queued]) -> list[Any]:
         redis = self._redis
         if isinstance(redis, Redis):
-            return await send_loading_scripts(functools.partial(round_trip, redis), queued)
+            send = functools.partial(round_trip, redis, seconds=self._timeout)
+            return await send_loading_scripts(send, queued)
         return await redis.execute(queued)
 
 

@@ -60,6 +60,11 @@ class Metrics:
         self.cancellations = counter(
             "cancellations", "{generation}", "Generations that ended cancelled."
         )
+        self.log_resets = counter(
+            "log_resets",
+            "{reset}",
+            "Resets a worker recorded: Redis came back without events it had appended.",
+        )
 
         # Reader side.
         self.delivery_latency = histogram(
@@ -86,6 +91,7 @@ class Metrics:
         for zero_first in (
             self.lease_takeovers,
             self.cancellations,
+            self.log_resets,
             self.active_streams,
             self.resumes,
             self.gaps,

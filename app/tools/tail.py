@@ -22,7 +22,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from app import events
-from app.client import Client, Entry, Gap
+from app.client import Client, Entry, Gap, Reset
 from app.errors import StreamLost, Unavailable
 
 
@@ -207,7 +207,13 @@ async def follow(
         try:
             async for batch in stream:
                 for item in batch:
-                    if isinstance(item, Gap):
+                    if isinstance(item, Reset):
+                        # Printed text cannot be taken back: say which of it is void.
+                        notice(
+                            f"⚠ Redis lost events: what was printed from seq {item.from_seq} "
+                            "on is void; reading on"
+                        )
+                    elif isinstance(item, Gap):
                         notice(
                             f"⚠ gap: events {item.requested}..{item.first_available - 1} were "
                             f"removed by retention; continuing at {item.first_available}"

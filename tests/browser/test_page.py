@@ -256,3 +256,43 @@ def test_cancel_ends_the_generation_with_cancelled(
     assert_exact_stream(page, [*prefix, everything[-1]], "done: cancelled", "cancelled")
     expect(page.locator("#cancel")).to_be_disabled()
     screenshot(page, "cancelled", tmp_path)
+
+
+def test_a_reset_drops_what_it_voids_and_the_page_reads_on(page: Page, service: Service) -> None:
+    """Redis lost writes: the log's reset voids seqs 4-8, the answer goes on at 10; then a
+    reader's own reset from 1 (`id: 0`) makes the page drop everything and read again."""
+    generation_id = "ResetResetResetReset22"
+
+    def frame(seq: int, kind: str, data: dict[str, Any]) -> str:
+        return f"id: {seq}\nevent: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+    bodies = iter(
+        [
+            "retry: 50\n\n"
+            + "".join(frame(i, "token", {"text": t}) for i, t in enumerate("abcde", 1)),
+            frame(9, "reset", {"from_seq": 4}) + frame(10, "token", {"text": "X"}),
+            frame(0, "reset", {"from_seq": 1})
+            + frame(1, "token", {"text": "p"})
+            + frame(2, "token", {"text": "q"})
+            + frame(3, "done", {"reason": "stop", "usage": {}}),
+        ]
+    )
+    positions: list[int] = []
+    texts: list[str] = []
+
+    def serve(route: Any) -> None:
+        # The page's position (Chromium adds Last-Event-ID past where a route sees it).
+        positions.append(page.evaluate("lastId"))
+        if len(positions) == 3:  # what the page showed after the first reset
+            texts.append(page.evaluate("text"))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=next(bodies))
+
+    page.route(f"**/v1/generations/{generation_id}/events*", serve)
+    page.goto(f"{service.url}/#{generation_id}:0")
+
+    expect(page.locator("#end")).to_have_text("done: stop")
+    assert positions == [0, 5, 10]
+    assert texts == ["abcX"]
+    assert page.evaluate("text") == "pq"
+    assert (number(page, "lastid"), number(page, "count"), number(page, "dups")) == (3, 3, 0)
+    assert "reset from 1" in (page.text_content("#log") or "")

@@ -234,3 +234,45 @@ async def test_the_api_key_or_a_read_token_is_sent(script: Script, client: Clien
         Seen(None, "Bearer read-1", None),
         Seen(None, None, "read-2"),
     ]
+
+
+def reset_frame(position: int, from_seq: int) -> bytes:
+    return event_frame(position, "reset", events.encode(events.Reset(from_seq=from_seq)))
+
+
+async def test_a_reset_is_handed_out_and_the_stream_reads_on_from_its_id(
+    script: Script, client: Client
+) -> None:
+    """The log went back: seqs 3.. are void, as the log's reset at 9 says; later a
+    reader's own reset (id 0) voids everything and the stream starts over."""
+    script.replies.extend(
+        [
+            Reply(body=retry_frame(10) + frames(1, 4)),  # then the connection drops
+            Reply(body=reset_frame(9, 3) + frames(3, 3).replace(b"id: 3", b"id: 10")),
+            Reply(body=reset_frame(0, 1) + frames(1, 5)),
+        ]
+    )
+
+    items = await read(client)
+
+    assert items == [
+        *EVERY_EVENT[:4],
+        events.Reset(from_seq=3),
+        Entry(10, EVENTS[2]),  # no gap reported across the void seqs
+        events.Reset(from_seq=1),
+        *EVERY_EVENT,
+    ]
+    assert [seen.last_event_id for seen in script.requests] == [None, "4", "10"]
+
+
+async def test_text_drops_what_a_reset_voids(script: Script, client: Client) -> None:
+    script.replies.append(
+        Reply(
+            body=frames(1, 3)  # "Hello", ", "
+            + reset_frame(7, 3)  # ", " is void
+            + event_frame(8, "token", events.encode(events.Token(text=" there")))
+            + event_frame(9, "done", events.encode(events.Done(reason="stop")))
+        )
+    )
+
+    assert await client.text(GENERATION) == "Hello there"

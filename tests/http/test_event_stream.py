@@ -5,6 +5,7 @@ The contract's core (`ON_EVERY_BACKEND`) runs on a Redis Cluster too."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Awaitable, Callable
 
@@ -122,16 +123,29 @@ async def test_malformed_position_is_400(
 
 
 @ON_EVERY_BACKEND
-async def test_204_at_or_after_the_terminal_event(
+async def test_204_at_the_terminal_event_and_a_reset_past_it(
     client: Client, writer_factory: WriterFactory
 ) -> None:
     writer = await writer_factory()
     await writer.tokens(2)  # seqs 1, 2 and done at 3
-    for position in ("3", "4", "1000"):
-        status, _ = await read_all(client, writer.events_url, headers={"Last-Event-ID": position})
-        assert status == 204
+    status, _ = await read_all(client, writer.events_url, headers={"Last-Event-ID": "3"})
+    assert status == 204
     status, messages = await read_all(client, writer.events_url, headers={"Last-Event-ID": "2"})
     assert (status, [m.event for m in messages]) == (200, ["done"])
+    # Past the end of a finished log, a client holds events the log never had (it went
+    # back): it must drop them all and read the log again, never stop holding them.
+    for position in ("4", "1000"):
+        status, messages = await read_all(
+            client, writer.events_url, headers={"Last-Event-ID": position}
+        )
+        assert status == 200
+        assert [(m.event, m.id) for m in messages] == [
+            ("reset", "0"),
+            ("token", "1"),
+            ("token", "2"),
+            ("done", "3"),
+        ]
+        assert json.loads(messages[0].data) == {"type": "reset", "from_seq": 1}
 
 
 @ON_EVERY_BACKEND

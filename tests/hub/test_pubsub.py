@@ -23,7 +23,7 @@ from app.hub import Feed, Hub
 from app.hub.pubsub import Endpoint, PubSubConnection
 from app.settings import Settings
 from app.store import GenerationLog
-from tests.conftest import REDIS_URL, free_port, leased_generation
+from tests.conftest import REDIS_URL, Awaited, free_port, leased_generation
 from tests.hub.conftest import read_seqs
 
 
@@ -497,3 +497,54 @@ async def test_a_refused_login_is_warned_about_and_tried_again(
             logger.removeHandler(counting)
             await hub.stop()
     assert not hub.running
+
+
+class Signals:
+    """A listener whose confirmations, misses and messages can be awaited."""
+
+    def __init__(self) -> None:
+        self.confirmed = asyncio.Event()
+        self.missed_some = asyncio.Event()
+        self.messages: asyncio.Queue[list[sse.Frame]] = asyncio.Queue()
+
+    def dispatch(self, message: list[sse.Frame], now: float) -> None:
+        self.messages.put_nowait(message)
+
+    def subscribed(self) -> None:
+        self.confirmed.set()
+
+    def missed(self) -> None:
+        self.missed_some.set()
+
+
+async def test_a_frozen_redis_costs_a_reconnect_not_a_silent_hang(
+    redis_server_factory: Callable[..., RedisProcess],
+) -> None:
+    server = redis_server_factory()
+    connection = PubSubConnection(
+        Endpoint(port=server.port), b"anchor", sse.live_frames, timeout=0.2
+    )
+    listener = Signals()
+    connection.subscribe(b"live", listener)
+    silent = Awaited("no reply to a ping")
+    logging.getLogger("app.hub.pubsub").addHandler(silent)
+    listening = asyncio.create_task(connection.listen())
+    try:
+        async with asyncio.timeout(10):
+            await listener.confirmed.wait()
+            listener.missed_some.clear()  # every (re)connect says so, the first one too
+            server.freeze()  # the socket stays open; nothing answers, nothing closes it
+            await silent.seen.wait()
+            server.thaw()
+            # Subscribed again on a new connection, and told to look for what it missed.
+            await listener.missed_some.wait()
+        async with Redis.from_url(server.url) as redis:
+            await redis.publish("live", b'1\n1700000000000\ntoken\n{"type":"token","text":"a"}')
+        async with asyncio.timeout(5):
+            (frame,) = await listener.messages.get()
+        assert frame.seq == 1
+    finally:
+        logging.getLogger("app.hub.pubsub").removeHandler(silent)
+        server.thaw()
+        connection.close()
+        await listening

@@ -22,6 +22,7 @@ from app.store.scripts import (
     CREATE,
     INDEX,
     RENEW,
+    RESET,
     Script,
     prelude,
 )
@@ -34,7 +35,17 @@ from app.store.stream_scripts import (
 )
 from tests.conftest import leased_generation
 
-SCRIPTS: list[Script[Any, Any]] = [ACQUIRE, ADMIT, ANNOTATE, APPEND, CANCEL, CREATE, INDEX, RENEW]
+SCRIPTS: list[Script[Any, Any]] = [
+    ACQUIRE,
+    ADMIT,
+    ANNOTATE,
+    APPEND,
+    CANCEL,
+    CREATE,
+    INDEX,
+    RENEW,
+    RESET,
+]
 STREAM_SCRIPTS: list[Script[Any, Any]] = [
     STREAM_ADD_FORK,
     STREAM_APPEND,

@@ -4,7 +4,7 @@ reaching only that caller, lost replies, NOSCRIPT, bounded batches and slices.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import events
 from app.embedded import RedisProcess
@@ -324,7 +325,7 @@ async def test_a_burst_of_jobs_acquires_and_reads_requests_in_shared_round_trips
     leases = await asyncio.gather(*(log.acquire(g, "worker-a") for g in generation_ids))
     requests = await asyncio.gather(*(log.request(g) for g in generation_ids))
     assert len(round_trips) == 2
-    assert [(lease.generation_id, lease.epoch) for lease in leases if lease] == [
+    assert [(lease.generation_id, lease.attempt) for lease in leases if lease] == [
         (g, 1) for g in generation_ids
     ]
     assert requests == [REQUEST] * 20
@@ -389,3 +390,59 @@ async def test_calls_over_many_generations_go_in_slices_and_answer_each_in_order
     for generation_id in generation_ids:
         assert await redis.hget(log.keys.meta(generation_id), "watched_ms") is not None
     assert not await redis.exists(log.keys.meta(gone))  # never re-created
+
+
+@pytest.fixture
+def frozen(redis_server_factory: Callable[..., RedisProcess]) -> Iterator[RedisProcess]:
+    """A Redis of the test's own, frozen (SIGSTOP) once the test calls `freeze()`; thawed after."""
+    server = redis_server_factory()
+    yield server
+    server.thaw()
+
+
+async def test_a_frozen_redis_fails_a_call_within_its_timeout_instead_of_hanging(
+    frozen: RedisProcess, settings: Settings
+) -> None:
+    settings = settings.replace(redis_timeout_seconds=0.3)
+    async with Redis.from_url(frozen.url, socket_timeout=None) as redis:
+        log = GenerationLog(redis, settings)
+        generation_id, lease = await leased_generation(log)
+        frozen.freeze()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(RedisTimeoutError):
+            # Not the test's own timeout: the store's.
+            async with asyncio.timeout(5):
+                await log.append(lease, 1, [events.Token(text="x")])
+        assert 0.3 <= loop.time() - began < 2
+        # A connection nobody answers on is not the only trap: new ones connect (the
+        # kernel accepts them) and wait as long.
+        with pytest.raises(RedisTimeoutError):
+            async with asyncio.timeout(5):
+                await log.state(generation_id)
+        frozen.thaw()
+        # The connection that timed out was dropped: the next call reads its own reply.
+        assert await log.append(lease, 1, [events.Token(text="x")]) == 1
+        state = await log.state(generation_id)
+        assert state is not None
+        assert state.last_seq == 1
+
+
+async def test_a_blocking_job_read_on_a_frozen_redis_fails_after_its_block_and_timeout(
+    frozen: RedisProcess, settings: Settings
+) -> None:
+    settings = settings.replace(redis_timeout_seconds=0.3)
+    async with Redis.from_url(frozen.url, socket_timeout=None) as redis:
+        log = GenerationLog(redis, settings)
+        await log.jobs.ensure_group()
+        reader = log.jobs.reader("worker-a")
+        try:
+            assert await reader.read(10, 100) == []  # blocked 0.1 s: well within the bound
+            frozen.freeze()
+            began = asyncio.get_running_loop().time()
+            with pytest.raises(RedisTimeoutError):
+                async with asyncio.timeout(5):
+                    await reader.read(10, 100)
+            assert asyncio.get_running_loop().time() - began >= 0.4
+        finally:
+            await reader.aclose()

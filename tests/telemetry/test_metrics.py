@@ -101,6 +101,7 @@ def test_render_prometheus_parses_and_names_every_instrument(recorded: Recorded)
         "slow_client_disconnects",
         "lease_takeovers",
         "cancellations",
+        "log_resets",
         "events_sent",
     ):
         assert families[f"tokentape_{counter}"] == "counter"

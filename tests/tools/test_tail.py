@@ -15,8 +15,9 @@ from app.client import Client
 from app.errors import NotFound, Unavailable
 from app.keys import new_generation_id
 from app.settings import Settings
-from app.store import GenerationLog
+from app.store import GenerationLog, Lease
 from app.tools.tail import MarkdownRenderer, RawRenderer, follow
+from tests.conftest import roll_back
 from tests.tools.builders import REQUEST, tokens, write_generation
 from tests.tools.reader_server import ReaderServer
 from tests.tools.screen import as_text, plain_console, printed
@@ -261,3 +262,21 @@ def test_raw_puts_a_tool_call_on_its_own_line() -> None:
     renderer.text("Let me check")
     renderer.tool_call("lookup", {"q": "x"})
     assert out.getvalue() == 'Let me check\n⚙ lookup({"q": "x"})\n'
+
+
+async def test_tail_says_what_a_reset_voids_and_goes_on(log: GenerationLog, client: Client) -> None:
+    generation_id = await write_generation(
+        log, [[events.Token(text="kept ")], [events.Token(text="lost ")]]
+    )
+    await roll_back(log, generation_id, 1)
+    state = await log.state(generation_id)
+    assert state is not None
+    lease = Lease(generation_id, "w", state.epoch, 1, 1, False)
+    assert await log.reset(lease, confirmed_to=2, sent_to=2) == (3, 2)
+    taken = await log.acquire(generation_id, "w2")
+    assert taken is not None
+    await log.append(taken, 4, [events.Token(text="again"), events.Done(reason="stop")])
+    out, notices = Capture(), list[str]()
+    await follow(client, generation_id, RawRenderer(out), notice=notices.append)
+    assert out.getvalue() == "kept again"
+    assert notices == ["⚠ Redis lost events: what was printed from seq 2 on is void; reading on"]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from redis.asyncio import Redis
 
 from app import events
+from app.embedded import RedisProcess
 from app.generations import parse_request
+from app.settings import Settings
 from app.store import GenerationLog
 from app.telemetry import Telemetry
 from tests.conftest import leased_generation
@@ -86,3 +90,21 @@ async def test_append_latency_is_recorded_for_one_append_in_n(
     assert point.count == 3  # appends 1, 4 and 7 of 8
     assert [e.seq for e in await log.read(generation_id, 0, 10)] == list(range(1, 9))
     telemetry.shutdown()
+
+
+async def test_a_lease_given_up_while_appends_are_retried_ends_the_retries(
+    redis_server_factory: Callable[..., RedisProcess], key_prefix: str
+) -> None:
+    server = redis_server_factory()
+    # Retries could go on for the whole lease: giving the lease up must end them sooner.
+    settings = Settings(redis_url=server.url, key_prefix=key_prefix, lease_seconds=30)
+    async with Redis.from_url(server.url, socket_timeout=None) as redis:
+        log = GenerationLog(redis, settings)
+        _, lease = await leased_generation(log)
+        appender = Appender(log, lease)
+        server.kill()
+        assert await appender.put(events.Token(text="never confirmed"))
+        appender.stop(Outcome.FENCED)
+        async with asyncio.timeout(5):
+            await appender.task
+    assert appender.outcome is Outcome.FENCED
