@@ -15,6 +15,7 @@ import re
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import sse
@@ -77,9 +78,10 @@ SSE_HEADERS = {
 }
 
 
-def create_app(settings: Settings, redis: Redis, hub: Hub) -> web.Application:
-    """The sub-application to mount at PREFIX; `redis` and `hub` are owned by the caller
-    (the hub's pub/sub connection wakes the requests that wait for a write)."""
+def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web.Application:
+    """The sub-application to mount at PREFIX; `redis` (one Redis, or a `RedisCluster`) and
+    `hub` are owned by the caller (the hub's pub/sub connection wakes the requests that
+    wait for a write)."""
     app = web.Application(middlewares=[_refusals])
     app[SETTINGS] = settings
     app[STORE] = StreamStore(redis, settings)

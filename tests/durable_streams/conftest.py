@@ -1,4 +1,5 @@
-"""The service on the real Redis, under the test's own key prefix."""
+"""The service on the real Redis (or the session's cluster, for a test marked
+`ON_EVERY_BACKEND`), under the test's own key prefix."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.http import create_app, durable_streams
 from app.http.durable_streams import NOTIFIER
@@ -14,8 +16,8 @@ from app.settings import Settings
 
 
 @pytest.fixture
-def app(settings: Settings, redis: Redis) -> web.Application:
-    return create_app(settings.replace(stream_long_poll_seconds=5.0), redis)
+def app(settings: Settings, store_redis: Redis | RedisCluster) -> web.Application:
+    return create_app(settings.replace(stream_long_poll_seconds=5.0), store_redis)
 
 
 def streams_app(app: web.Application) -> web.Application:
