@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -40,11 +39,6 @@ GENERATIONS = "generations/"
 SETTINGS = web.AppKey("stream_settings", Settings)
 STORE = web.AppKey("stream_store", StreamStore)
 NOTIFIER = web.AppKey("stream_notifier", StreamNotifier)
-
-# Path segments of URL-safe characters; no empty, `.` or `..` segment.
-_SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+"
-_NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
-MAX_NAME_LENGTH = 512
 
 # Offset-addressed chunks never change, so reads may be cached; `private`: a stream
 # may hold a user's data, and shared caches must not serve it to another.
@@ -103,7 +97,7 @@ def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if len(name) > MAX_NAME_LENGTH or _NAME_RE.fullmatch(name) is None:
+    if not protocol.is_stream_name(name):
         raise InvalidRequest(
             "invalid_stream_name",
             "a stream name is path segments of letters, digits and -._~!$'()*+,;=:@",
@@ -357,7 +351,7 @@ def _fork(request: web.Request) -> Fork | None:
             "invalid_fork", f"{protocol.FORKED_FROM} is the path of a stream, {PREFIX}/<name>"
         )
     source_name = source[len(PREFIX) + 1 :]
-    if _NAME_RE.fullmatch(source_name) is None or source_name.startswith(GENERATIONS):
+    if not protocol.is_stream_name(source_name) or source_name.startswith(GENERATIONS):
         raise InvalidRequest("invalid_fork", f"{source} is not a stream that can be forked")
     return Fork(
         source=source_name,
