@@ -105,6 +105,24 @@ class ClusterRoutes:
             raise reply
         return reply
 
+    async def scan(self, match: str) -> list[bytes]:
+        """Every key matching the glob `match` on every primary, by SCAN. A slot that moves
+        meanwhile may have its keys found twice or missed."""
+        await self.cluster.initialize()
+        found: list[bytes] = []
+        for node in self.cluster.get_primaries():
+            cursor = b"0"
+            while True:
+                command = transport.pack(b"SCAN", cursor, b"MATCH", match, b"COUNT", 1000)
+                (reply,) = await self._send(node, False, 0.0, [command])
+                if isinstance(reply, Exception):
+                    raise reply
+                cursor, keys = reply
+                found.extend(keys)
+                if cursor == b"0":
+                    break
+        return found
+
     async def execute(self, calls: Sequence[Queued], extra_seconds: float = 0.0) -> list[Any]:
         """Each call's reply, or its error as the exception, in order."""
         await self.cluster.initialize()

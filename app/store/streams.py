@@ -41,6 +41,7 @@ from app.durable_streams.protocol import Position, Producer
 from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.keys import Keys
 from app.settings import Settings
+from app.store import transport
 from app.store.cluster import ClusterRoutes
 from app.store.scripts import Reply, UnexpectedReply
 from app.store.stream_scripts import (
@@ -135,6 +136,8 @@ class StreamStore:
         self.keys = Keys(settings.key_prefix, settings.key_shards)
         timeout = settings.redis_timeout_seconds
         routes = ClusterRoutes(redis, timeout=timeout) if isinstance(redis, RedisCluster) else redis
+        self._routes = routes
+        self._timeout = timeout
         sharded = isinstance(routes, ClusterRoutes)
         self._append_script = STREAM_APPEND_SHARDED if sharded else STREAM_APPEND
         self._delete_script = STREAM_DELETE_SHARDED if sharded else STREAM_DELETE
@@ -405,6 +408,36 @@ class StreamStore:
             ttl_seconds=int(reply[4]) if reply[4] else None,
             expires_ms=int(reply[5]) if reply[5] else None,
         )
+
+    async def tails(self, names: Sequence[str]) -> list[int | None]:
+        """Each stream's tail (the seq of its last append), None for one that does not
+        exist (or is a tombstone); looked up together, a round trip per node."""
+        replies: list[list[bytes | None]] = await asyncio.gather(
+            *(
+                self._commands.submit(b"HMGET", self._keys(name).meta, "last_seq", "deleted")
+                for name in names
+            )
+        )
+        return [
+            None if last is None or deleted is not None else int(last) for last, deleted in replies
+        ]
+
+    async def names(self, prefix: str) -> list[str]:
+        """Every stream whose name starts with `prefix` (tombstones too), found by SCAN over
+        all the keys (on every primary of a cluster): for a rare caller, never per request."""
+        match = self.keys.stream_metas(prefix)
+        if isinstance(self._routes, ClusterRoutes):
+            found = await self._routes.scan(match)
+        else:
+            found = []
+            cursor = b"0"
+            while True:
+                command = (b"SCAN", cursor, b"MATCH", match, b"COUNT", 1000)
+                cursor, keys = await transport.call(self._routes, *command, seconds=self._timeout)
+                found.extend(keys)
+                if cursor == b"0":
+                    break
+        return sorted({self.keys.stream_of(key.decode()) for key in found})
 
     # -- delete -------------------------------------------------------------
 

@@ -250,3 +250,19 @@ async def test_an_unknown_reply_code_raises_instead_of_passing_for_another(
         await store.append("s", content_type="text/plain", data=b"x")
     with pytest.raises(UnexpectedReply, match=r"stream_read\.lua answered b'no_such_code'"):
         await store.read("s", START)
+
+
+@ON_EVERY_BACKEND
+async def test_streams_are_found_by_prefix_with_their_tails(store: StreamStore) -> None:
+    # Enough names that a cluster spreads them over every primary.
+    names = [f"events/{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        await store.create(name, TEXT, [b"x"] * (i % 3))
+    await store.create("other/0", TEXT, [])
+    found = await store.names("events/")
+    assert found == sorted(names)
+    assert await store.tails(["events/1", "events/2", "missing"]) == [1, 2, None]
+    await store.create("events/src", TEXT, [b"x"])
+    await store.create("fork", StreamConfig(content_type="", fork=Fork("events/src", None)), [])
+    await store.delete("events/src")  # a tombstone has no tail
+    assert await store.tails(["events/src"]) == [None]
