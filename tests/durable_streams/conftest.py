@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -34,3 +37,35 @@ async def until_waiting(app: web.Application, channel: str, count: int = 1) -> N
     """Until `count` requests of `app` wait for a write on `channel`."""
     async with asyncio.timeout(10):
         await streams_app(app)[NOTIFIER].until_watchers(channel, count)
+
+
+class Receiver:
+    """A webhook receiver on loopback: keeps every delivery, answers each with the next of
+    `answers` (status, JSON body), the last one for good."""
+
+    def __init__(self, *answers: tuple[int, object]) -> None:
+        self.answers = list(answers) or [(200, {})]
+        self.deliveries: asyncio.Queue[Delivery] = asyncio.Queue()
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self._receive)
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.deliveries.put_nowait(Delivery(body, request.headers.get("Webhook-Signature", "")))
+        status, answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return web.json_response(answer, status=status)
+
+    async def next(self, seconds: float = 10) -> Delivery:
+        async with asyncio.timeout(seconds):
+            return await self.deliveries.get()
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    signature: str
+
+    @property
+    def json(self) -> dict[str, Any]:
+        decoded: dict[str, Any] = json.loads(self.body)
+        return decoded
