@@ -92,6 +92,8 @@ def tokentape(
         **os.environ,
         "TOKENTAPE_KEY_PREFIX": prefix,
         "TOKENTAPE_STREAM_LONG_POLL_SECONDS": str(long_poll_seconds),
+        # The suite's webhook receivers listen on loopback, over http.
+        "TOKENTAPE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "TOKENTAPE_LOG_LEVEL": "WARNING",
     }
     with open(log, "wb") as output:
