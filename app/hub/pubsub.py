@@ -494,10 +494,10 @@ class ShardedPubSub(Generic[Message]):
     slot in redis-py's slot map. When a node lets a channel go or refuses it, or its
     connection fails, the slot map is read again and every channel whose primary changed
     is subscribed on the new one (its listener and watcher are told they may have missed
-    messages once that is confirmed). A connection
-    left with no channel is closed. A primary that a failover made a replica may keep
-    its channels (whether Redis lets them go then varies): it still delivers them, since
-    Redis passes a shard's messages on to the shard's replicas.
+    messages once that is confirmed). A connection left with no channel is closed. A
+    primary that a failover made a replica may keep its channels (whether Redis lets them
+    go then varies): it still delivers them, since Redis passes a shard's messages on to
+    the shard's replicas.
 
     Trap: right after a failover or a migration, the node the map is read from may not
     know yet, and a replica accepts SSUBSCRIBE: a channel is not put back on the node
