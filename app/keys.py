@@ -29,6 +29,11 @@ def new_generation_id() -> str:
     return secrets.token_urlsafe(_ID_BYTES)
 
 
+def _glob_escape(text: str) -> str:
+    """`text` matched literally in a SCAN MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def check_generation_id(generation_id: str) -> str:
     if not _ID_RE.match(generation_id):
         raise InvalidRequest("invalid_id", "generation id must be 16-64 URL-safe characters")
@@ -117,9 +122,60 @@ class Keys:
         tag = self._stream_tag(name)
         return [f"{tag}:meta", f"{tag}:log", f"{tag}:producers", f"{tag}:forks"]
 
+    def stream_metas(self, name_prefix: str) -> str:
+        """A SCAN pattern of the meta keys of every stream whose name starts with
+        `name_prefix`."""
+        return _glob_escape(f"{self.prefix}:{{ds:{name_prefix}") + "*}:meta"
+
+    def stream_of(self, meta_key: str) -> str:
+        """The stream a meta key (as `stream_metas` finds them) belongs to."""
+        return meta_key[len(self.prefix) + len(":{ds:") : -len("}:meta")]
+
     def stream_channel(self, name: str) -> str:
         """Pub/sub channel on which every write to the stream wakes its live readers."""
         return f"{self._stream_tag(name)}:live"
+
+    # -- Durable Streams' subscriptions (app.durable_streams.subscriptions) ----------
+    # The keys of one subscription share the hash tag `{dssub:<id>}` (ids never contain
+    # braces), so every script over it touches one Cluster slot. What spans them (the
+    # registry every reader matches writes against, the deliveries due, the signing
+    # seed) shares `{dssubs}`.
+
+    def _subscription_tag(self, subscription_id: str) -> str:
+        return f"{self.prefix}:{{dssub:{subscription_id}}}"
+
+    def subscription_keys(self, subscription_id: str) -> list[str]:
+        """A subscription's keys in the order its scripts expect them: meta (hash: its
+        configuration and its wake's state), links (hash: stream path -> how it is linked),
+        acked (hash: path -> the last seq processed), tails (hash: path -> the last seq
+        heard of), snapshot (hash: path -> the tail shown to the wake in flight)."""
+        tag = self._subscription_tag(subscription_id)
+        return [f"{tag}:{name}" for name in ("meta", "links", "acked", "tails", "snapshot")]
+
+    @property
+    def subscription_registry(self) -> str:
+        """Hash: subscription id -> what writes it hears (its pattern and explicit streams)."""
+        return f"{self.prefix}:{{dssubs}}:registry"
+
+    @property
+    def subscription_registry_channel(self) -> str:
+        """Pub/sub: the registry changed (readers read it again)."""
+        return f"{self.prefix}:{{dssubs}}:changed"
+
+    @property
+    def subscriptions_due(self) -> str:
+        """Sorted set: subscription id -> when (epoch ms) a delivery or a lease is due."""
+        return f"{self.prefix}:{{dssubs}}:due"
+
+    @property
+    def subscription_sweep(self) -> str:
+        """String with a TTL: the reader whose turn it is to sweep every subscription."""
+        return f"{self.prefix}:{{dssubs}}:sweep"
+
+    @property
+    def webhook_signing_seed(self) -> str:
+        """The random seed webhooks' signing key derives from when there is no secret."""
+        return f"{self.prefix}:{{dssubs}}:signing-seed"
 
     # -- API key owners (app.access) ---------------------------------------------
     # The quotas of one key share the hash tag `{owner:<owner hash>}` (base64url, never

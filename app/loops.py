@@ -1,7 +1,8 @@
 """Background loops that never die silently.
 
 Every long-lived task of a reader or a worker (the lease keeper, the job claimer,
-the sweeper, the cancel listener, the hub's listen and recheck loops) runs under
+the sweeper, the cancel listener, the hub's listen and recheck loops, the Durable
+Streams subscriptions' registry, delivery and sweep loops) runs under
 `supervise`: when its body fails unexpectedly, the failure is logged with its
 traceback and the body starts again after a backoff that grows with consecutive
 failures. A loop that must not be restarted names what to do instead

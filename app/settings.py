@@ -81,6 +81,18 @@ class Settings:
     stream_sse_seconds: float = 60.0
     stream_retention_seconds: float = 7 * 24 * HOUR
     max_entries_per_stream: int = 100_000
+    # Durable Streams' subscriptions (docs/durable-streams.md#subscriptions). A webhook
+    # goes over https to public addresses only, except to these hosts (comma-separated
+    # names or IP addresses, matched as the URL writes them), which it may reach over
+    # http at any address: `127.0.0.1,localhost` for development, or a trusted internal
+    # receiver. One delivery attempt may take this long; one reader makes at most this
+    # many at once.
+    webhook_allowed_hosts: str = ""
+    webhook_timeout_seconds: float = 10.0
+    webhook_concurrency: int = 32
+    # How often one reader (whichever takes the turn) looks at every subscription: the
+    # tails of its streams, a lease run out, a delivery whose reader went away.
+    subscription_sweep_seconds: float = 30.0
 
     # Workers
     lease_seconds: float = 10.0
@@ -165,6 +177,12 @@ class Settings:
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def webhook_allowed_host_list(self) -> list[str]:
+        return [
+            host.strip().lower() for host in self.webhook_allowed_hosts.split(",") if host.strip()
+        ]
 
     @property
     def key_shards(self) -> int:

@@ -65,3 +65,79 @@ class StreamDeleted(Expired):
     """The stream was deleted but forks still hold it (410); its name cannot be reused yet."""
 
     code = "stream_deleted"
+
+
+# -- subscriptions (app.durable_streams.subscriptions) ---------------------------------
+# Their codes are the protocol's own (upper case), which its clients match on.
+
+
+class SubscriptionRefused(TokentapeError):
+    """A refusal of the subscription API, with the protocol's code."""
+
+
+class InvalidSubscriptionRequest(SubscriptionRefused):
+    status = 400
+    code = "INVALID_REQUEST"
+
+
+class SubscriptionNotFound(SubscriptionRefused):
+    status = 404
+    code = "SUBSCRIPTION_NOT_FOUND"
+
+
+class SubscriptionExists(SubscriptionRefused):
+    """The id is taken by a subscription of another configuration."""
+
+    status = 409
+    code = "SUBSCRIPTION_ALREADY_EXISTS"
+
+
+class WebhookUrlRejected(SubscriptionRefused):
+    """A webhook URL the server will not call (`app.durable_streams.webhooks.WebhookPolicy`)."""
+
+    status = 400
+    code = "WEBHOOK_URL_REJECTED"
+
+
+class CallbackTokenInvalid(SubscriptionRefused):
+    status = 401
+    code = "TOKEN_INVALID"
+
+
+class CallbackTokenExpired(SubscriptionRefused):
+    status = 401
+    code = "TOKEN_EXPIRED"
+
+
+class WakeFenced(SubscriptionRefused):
+    """The request is for a wake that is no longer the subscription's current one."""
+
+    status = 409
+    code = "FENCED"
+
+
+class AlreadyClaimed(SubscriptionRefused):
+    """Another worker holds the subscription's lease (`current_holder`)."""
+
+    status = 409
+    code = "ALREADY_CLAIMED"
+
+    def __init__(self, holder: str, generation: int) -> None:
+        super().__init__(
+            message=f"worker {holder} holds the lease of generation {generation}",
+            current_holder=holder,
+            generation=generation,
+        )
+
+
+class NoPendingWork(SubscriptionRefused):
+    status = 409
+    code = "NO_PENDING_WORK"
+
+
+class InvalidAckOffset(SubscriptionRefused):
+    """An ack for a stream the subscription does not link, before its acked offset, or
+    past its tail."""
+
+    status = 409
+    code = "INVALID_OFFSET"

@@ -41,6 +41,26 @@ PRODUCER_RECEIVED_SEQ = "Producer-Received-Seq"
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 JSON = "application/json"
 
+# -- stream names --------------------------------------------------------------
+
+# Path segments of URL-safe characters; no empty, `.` or `..` segment. Never a brace:
+# a name is part of its keys' hash tag.
+SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+"
+_NAME_RE = re.compile(rf"{SEGMENT}(/{SEGMENT})*")
+MAX_NAME_LENGTH = 512
+# The first segment of the protocol's control paths (subscriptions, the JWKS): no
+# stream has it.
+RESERVED = "__ds"
+
+
+def is_stream_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and _NAME_RE.fullmatch(name) is not None
+
+
+def is_reserved(name: str) -> bool:
+    return name == RESERVED or name.startswith(RESERVED + "/")
+
+
 # -- offsets -------------------------------------------------------------------
 
 _OFFSET_RE = re.compile(r"([0-9]{16})_0{16}")

@@ -4,26 +4,38 @@ A sub-application: its middleware turns the protocol's refusals into responses w
 the headers a client acts on (`Stream-Closed`, `Producer-Epoch`, ...), and every
 response, errors included, carries the browser security and CORS headers.
 `/v1/stream/generations/<id>` serves a generation's events, read-only
-(`app.durable_streams.sources.GenerationStream`).
+(`app.durable_streams.sources.GenerationStream`). Under `/v1/stream/__ds/` are the
+protocol's subscriptions and the JWKS their webhooks are signed with
+(`app.durable_streams.delivery.Subscriptions`); every write to a stream tells them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import time
+import urllib.parse
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import sse
-from app.durable_streams import protocol
-from app.durable_streams.errors import StreamDeleted, StreamError
+from app.durable_streams import protocol, subscriptions
+from app.durable_streams.delivery import Subscriptions
+from app.durable_streams.errors import (
+    CallbackTokenInvalid,
+    StreamDeleted,
+    StreamError,
+    SubscriptionNotFound,
+)
 from app.durable_streams.protocol import Position
 from app.durable_streams.sources import GenerationStream, Source, StoredStream
 from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http import auth
+from app.http.checks import read_body
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.hub import Hub, StreamNotifier, Watch
@@ -39,11 +51,9 @@ GENERATIONS = "generations/"
 SETTINGS = web.AppKey("stream_settings", Settings)
 STORE = web.AppKey("stream_store", StreamStore)
 NOTIFIER = web.AppKey("stream_notifier", StreamNotifier)
-
-# Path segments of URL-safe characters; no empty, `.` or `..` segment.
-_SEGMENT = r"(?!\.\.?(/|$))[A-Za-z0-9._~!$'()*+,;=:@-]+"
-_NAME_RE = re.compile(rf"{_SEGMENT}(/{_SEGMENT})*")
-MAX_NAME_LENGTH = 512
+SUBSCRIPTIONS = web.AppKey("stream_subscriptions", Subscriptions)
+CONTROL = f"/{protocol.RESERVED}"
+SUBSCRIPTION = CONTROL + "/subscriptions/{id}"
 
 # Offset-addressed chunks never change, so reads may be cached; `private`: a stream
 # may hold a user's data, and shared caches must not serve it to another.
@@ -77,13 +87,26 @@ SSE_HEADERS = {
 }
 
 
-def create_app(settings: Settings, redis: Redis, hub: Hub) -> web.Application:
-    """The sub-application to mount at PREFIX; `redis` and `hub` are owned by the caller
-    (the hub's pub/sub connection wakes the requests that wait for a write)."""
+def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web.Application:
+    """The sub-application to mount at PREFIX; `redis` (one Redis, or a `RedisCluster`) and
+    `hub` are owned by the caller (the hub's pub/sub connection wakes the requests that
+    wait for a write)."""
     app = web.Application(middlewares=[_refusals])
     app[SETTINGS] = settings
     app[STORE] = StreamStore(redis, settings)
     app[NOTIFIER] = StreamNotifier(hub)
+    app[SUBSCRIPTIONS] = Subscriptions(redis, app[STORE], app[NOTIFIER], settings)
+    # The control routes first: the protocol reserves `__ds/` before any stream name.
+    app.router.add_get(CONTROL + "/jwks.json", jwks)
+    app.router.add_put(SUBSCRIPTION, put_subscription)
+    app.router.add_get(SUBSCRIPTION, get_subscription, allow_head=False)
+    app.router.add_delete(SUBSCRIPTION, delete_subscription)
+    app.router.add_post(SUBSCRIPTION + "/streams", add_subscription_streams)
+    app.router.add_delete(SUBSCRIPTION + "/streams/{path:.+}", remove_subscription_stream)
+    app.router.add_post(SUBSCRIPTION + "/callback", webhook_callback)
+    app.router.add_post(SUBSCRIPTION + "/claim", claim_wake)
+    app.router.add_post(SUBSCRIPTION + "/ack", ack_wake)
+    app.router.add_post(SUBSCRIPTION + "/release", release_wake)
     app.router.add_get("/{name:.+}", read_stream, allow_head=False)
     app.router.add_head("/{name:.+}", stream_metadata)
     app.router.add_put("/{name:.+}", create_stream)
@@ -92,16 +115,23 @@ def create_app(settings: Settings, redis: Redis, hub: Hub) -> web.Application:
     app.router.add_route("OPTIONS", "/{name:.+}", preflight)
     app.on_response_prepare.append(_browser_headers)
 
-    async def stop_notifier(app: web.Application) -> None:
+    async def start_subscriptions(app: web.Application) -> None:
+        await app[SUBSCRIPTIONS].start()
+
+    async def stop_streams(app: web.Application) -> None:
+        await app[SUBSCRIPTIONS].stop()
         app[NOTIFIER].stop()
 
-    app.on_shutdown.append(stop_notifier)
+    app.on_startup.append(start_subscriptions)
+    app.on_shutdown.append(stop_streams)
     return app
 
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    if len(name) > MAX_NAME_LENGTH or _NAME_RE.fullmatch(name) is None:
+    if protocol.is_reserved(name):
+        raise SubscriptionNotFound(message=f"no route {CONTROL}/... like {request.path}")
+    if not protocol.is_stream_name(name):
         raise InvalidRequest(
             "invalid_stream_name",
             "a stream name is path segments of letters, digits and -._~!$'()*+,;=:@",
@@ -355,7 +385,7 @@ def _fork(request: web.Request) -> Fork | None:
             "invalid_fork", f"{protocol.FORKED_FROM} is the path of a stream, {PREFIX}/<name>"
         )
     source_name = source[len(PREFIX) + 1 :]
-    if _NAME_RE.fullmatch(source_name) is None or source_name.startswith(GENERATIONS):
+    if not protocol.is_stream_name(source_name) or source_name.startswith(GENERATIONS):
         raise InvalidRequest("invalid_fork", f"{source} is not a stream that can be forked")
     return Fork(
         source=source_name,
@@ -405,6 +435,8 @@ async def create_stream(request: web.Request) -> web.Response:
     created = await request.app[STORE].create(
         name, config, _entries(content_type, body, allow_empty=True)
     )
+    if created.created and created.tail_seq:
+        await request.app[SUBSCRIPTIONS].stream_written(name, created.tail_seq)
     response_headers = {
         "Content-Type": created.content_type,
         protocol.NEXT_OFFSET: protocol.format_offset(created.tail_seq),
@@ -447,6 +479,8 @@ async def append_to_stream(request: web.Request) -> web.Response:
         producer=producer,
         stream_seq=headers.get(protocol.SEQ),
     )
+    if entries and not appended.duplicate:
+        await request.app[SUBSCRIPTIONS].stream_written(name, appended.tail_seq)
     response_headers = {protocol.NEXT_OFFSET: protocol.format_offset(appended.tail_seq)}
     if appended.closed:
         response_headers[protocol.CLOSED] = "true"
@@ -462,7 +496,129 @@ async def append_to_stream(request: web.Request) -> web.Response:
 
 
 async def delete_stream(request: web.Request) -> web.Response:
-    await request.app[STORE].delete(_writable(request))
+    name = _writable(request)
+    await request.app[STORE].delete(name)
+    await request.app[SUBSCRIPTIONS].stream_deleted(name)
+    return web.Response(status=204)
+
+
+# -- subscriptions (`__ds/`) ---------------------------------------------------
+
+
+def _base(request: web.Request) -> str:
+    """The service's URL as receivers are to call it: TOKENTAPE_PUBLIC_URL, else the one
+    the request came to."""
+    return request.app[SETTINGS].public_url.rstrip("/") or str(request.url.origin())
+
+
+def _subscription_id(request: web.Request) -> str:
+    return subscriptions.check_id(request.match_info["id"])
+
+
+def _wake_token(request: web.Request) -> str:
+    """The callback or claim token a receiver or worker sends as `Authorization: Bearer`."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise CallbackTokenInvalid(
+            message="send the wake's token: Authorization: Bearer <callback_token or token>"
+        )
+    return token.strip()
+
+
+async def jwks(request: web.Request) -> web.Response:
+    """The public keys webhooks are signed with (`kid` in each signature picks one)."""
+    signer = await request.app[SUBSCRIPTIONS].signer()
+    return web.json_response(
+        signer.jwks(),
+        content_type="application/jwk-set+json",
+        headers={"Cache-Control": "public, max-age=300"},
+    )
+
+
+async def _view(request: web.Request, subscription: subscriptions.Subscription) -> dict[str, Any]:
+    signing = None
+    if subscription.config.webhook_url is not None:
+        signer = await request.app[SUBSCRIPTIONS].signer()
+        signing = {
+            "alg": "ed25519",
+            "kid": signer.kid,
+            "jwks_url": subscriptions.control_url(_base(request), "jwks.json"),
+        }
+    return subscriptions.view(subscription, signing)
+
+
+async def put_subscription(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    subscription_id = _subscription_id(request)
+    config = subscriptions.parse_config(await read_body(request))
+    created, subscription = await request.app[SUBSCRIPTIONS].create(
+        subscription_id, config, _base(request)
+    )
+    return web.json_response(await _view(request, subscription), status=201 if created else 200)
+
+
+async def get_subscription(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    subscription = await request.app[SUBSCRIPTIONS].get(_subscription_id(request))
+    return web.json_response(await _view(request, subscription))
+
+
+async def delete_subscription(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    await request.app[SUBSCRIPTIONS].delete(_subscription_id(request))
+    return web.Response(status=204)
+
+
+async def add_subscription_streams(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    subscription_id = _subscription_id(request)
+    paths = subscriptions.parse_stream_list(await read_body(request))
+    await request.app[SUBSCRIPTIONS].add_streams(subscription_id, paths)
+    return web.Response(status=204)
+
+
+async def remove_subscription_stream(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    subscription_id = _subscription_id(request)
+    # The path is one URL-encoded segment (`manual%2Fb`); stream names hold no `%`.
+    path = subscriptions.stream_path(urllib.parse.unquote(request.match_info["path"]))
+    await request.app[SUBSCRIPTIONS].remove_stream(subscription_id, path)
+    return web.Response(status=204)
+
+
+async def _acknowledge(request: web.Request, *, webhook: bool) -> web.Response:
+    subscription_id = _subscription_id(request)
+    token = _wake_token(request)
+    wake = subscriptions.parse_wake_request(await read_body(request))
+    next_wake = await request.app[SUBSCRIPTIONS].acknowledge(
+        subscription_id, token, wake, webhook=webhook
+    )
+    return web.json_response({"ok": True, "next_wake": next_wake})
+
+
+async def webhook_callback(request: web.Request) -> web.Response:
+    """A webhook receiver acks its wake (and with `done`, ends it)."""
+    return await _acknowledge(request, webhook=True)
+
+
+async def claim_wake(request: web.Request) -> web.Response:
+    auth.require_key(request)
+    subscription_id = _subscription_id(request)
+    worker = subscriptions.parse_claim(await read_body(request))
+    wake = await request.app[SUBSCRIPTIONS].claim(subscription_id, worker)
+    return web.json_response(subscriptions.claim_view(wake, time.time()))
+
+
+async def ack_wake(request: web.Request) -> web.Response:
+    """A pull-wake worker acks its claim (a heartbeat too; with `done`, ends it)."""
+    return await _acknowledge(request, webhook=False)
+
+
+async def release_wake(request: web.Request) -> web.Response:
+    subscription_id = _subscription_id(request)
+    token = _wake_token(request)
+    wake = subscriptions.parse_wake_request(await read_body(request))
+    await request.app[SUBSCRIPTIONS].release(subscription_id, token, wake)
     return web.Response(status=204)
 
 

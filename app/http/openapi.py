@@ -259,7 +259,10 @@ def build(settings: Settings, *, secured: bool) -> dict[str, Any]:
             "description": "The Durable Streams protocol (docs/durable-streams.md): create "
             "(PUT), append (POST), read (GET: catch-up, ?live=long-poll, ?live=sse), HEAD, "
             "DELETE. generations/{id} reads a generation's events as a JSON stream, with "
-            "its read token or owning API key; other names need an API key.",
+            "its read token or owning API key; other names need an API key. Under "
+            "__ds/ are the protocol's subscriptions (__ds/subscriptions/{id}, with "
+            "/streams, /callback, /claim, /ack, /release) and the JWKS of their webhooks "
+            "(__ds/jwks.json).",
             "parameters": [
                 {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
             ],

@@ -2,13 +2,15 @@
 long-poll and SSE reads).
 
 The channels requests here wait on ride the hub's pub/sub connection, beside the
-generations' live batches: one connection per process for everything. A request
+generations' live batches: one connection per process for everything (on a Redis
+Cluster, one per primary, each channel on the primary of its slot, sharded). A request
 watches a channel, reads, then waits: subscribed (confirmed by Redis) before it
 reads, it cannot miss a write made between its read and its wait. Every write script
 publishes on the stream's channel; a wake-up means "read again", nothing more, so
 the payload is not parsed. Pub/sub is at-most-once: once the connection is back
 after a loss, every watch is woken to read again, so a lost message costs a read,
-never an append.
+never an append. On a cluster a channel whose slot moves is subscribed again on its new
+primary, and its watches are woken to read again once that is confirmed.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class StreamNotifier:
         record = self._channels.get(key)
         if record is None:
             record = self._channels[key] = _Channel()
-            self._hub.watch(key, record)
+            self._hub.pubsub.watch(key, record)
         elif record.linger is not None:
             record.linger.cancel()
             record.linger = None
@@ -161,7 +163,7 @@ class StreamNotifier:
         if not self._unwatched(record) or self._channels.get(key) is not record:
             return
         del self._channels[key]
-        self._hub.unwatch(key)
+        self._hub.pubsub.unwatch(key)
 
     def stop(self) -> None:
         """Let go of every channel; the watches still open are woken to read once more."""
@@ -169,5 +171,5 @@ class StreamNotifier:
             if record.linger is not None:
                 record.linger.cancel()
             record.wake()
-            self._hub.unwatch(key)
+            self._hub.pubsub.unwatch(key)
         self._channels.clear()

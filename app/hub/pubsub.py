@@ -18,9 +18,9 @@ listener and watcher is told it may have missed messages.
 On a Redis Cluster (`ShardedPubSub`) channels are sharded (SSUBSCRIBE): each is
 subscribed on the primary that serves its slot, over one connection per such
 primary, and needs no anchor, since each channel's own confirmation tells its
-listener that it may have missed messages. A channel its node lets go of (its
-slot moved, the node became a replica) or refuses is subscribed again where the
-cluster's slot map now puts it.
+listener and its watcher that they may have missed messages. A channel its node lets
+go of (its slot moved, the node became a replica) or refuses is subscribed again
+where the cluster's slot map now puts it.
 
 A Redis that stops answering can keep its sockets open (SIGSTOP, a stalled host):
 a connection silent for `timeout` is pinged, and one still silent after another
@@ -232,8 +232,11 @@ class PubSubConnection(Generic[Message]):
 
     @property
     def channels(self) -> list[bytes]:
-        """The channels of its listeners."""
-        return list(self._listeners)
+        """The channels of its listeners and watchers."""
+        return [*dict.fromkeys([*self._listeners, *self._watchers])]
+
+    def _heard(self, channel: bytes) -> bool:
+        return channel in self._listeners or channel in self._watchers
 
     def _write(self, writer: asyncio.StreamWriter, command: bytes, channel: bytes) -> None:
         if self._sharded:
@@ -445,14 +448,14 @@ class PubSubConnection(Generic[Message]):
         if not self._unanswered:
             return
         command, channel = self._unanswered.popleft()
-        if command == b"SSUBSCRIBE" and channel in self._listeners and self._lost is not None:
+        if command == b"SSUBSCRIBE" and self._heard(channel) and self._lost is not None:
             self._lost(channel)  # not served here (MOVED): subscribed where it is
 
     def _sunsubscribed(self, channel: bytes) -> None:
         """Our SUNSUBSCRIBE answered, or the node let the channel go (its slot left it)."""
         if self._unanswered and self._unanswered[0] == (b"SUNSUBSCRIBE", channel):
             self._unanswered.popleft()
-        elif channel in self._listeners and self._lost is not None:
+        elif self._heard(channel) and self._lost is not None:
             self._lost(channel)
 
     def _confirmed(self, channel: bytes) -> None:
@@ -487,13 +490,14 @@ class ShardedPubSub(Generic[Message]):
     """The hub's pub/sub on a Redis Cluster: one sharded `PubSubConnection` per primary
     that serves a subscribed channel (see the module docstring).
 
-    A channel goes to the primary that serves its slot in redis-py's slot map. When a
-    node lets a channel go or refuses it, or its connection fails, the slot map is read
-    again and every channel whose primary changed is subscribed on the new one (its
-    listener is told it may have missed messages once that is confirmed). A connection
-    left with no channel is closed. A primary that a failover made a replica may keep
-    its channels (whether Redis lets them go then varies): it still delivers them, since
-    Redis passes a shard's messages on to the shard's replicas.
+    A channel (its listener, its watcher, or both) goes to the primary that serves its
+    slot in redis-py's slot map. When a node lets a channel go or refuses it, or its
+    connection fails, the slot map is read again and every channel whose primary changed
+    is subscribed on the new one (its listener and watcher are told they may have missed
+    messages once that is confirmed). A connection left with no channel is closed. A
+    primary that a failover made a replica may keep its channels (whether Redis lets them
+    go then varies): it still delivers them, since Redis passes a shard's messages on to
+    the shard's replicas.
 
     Trap: right after a failover or a migration, the node the map is read from may not
     know yet, and a replica accepts SSUBSCRIBE: a channel is not put back on the node
@@ -511,6 +515,7 @@ class ShardedPubSub(Generic[Message]):
         self._parse = parse
         self._timeout = timeout
         self._listeners: dict[bytes, Listener[Message]] = {}
+        self._watchers: dict[bytes, Listener[bytes]] = {}
         self._node_of: dict[bytes, str] = {}  # channel -> name of the node it is subscribed on
         # Channels a node let go of or refused: that node's name, and maps read since.
         self._left: dict[bytes, tuple[str, int]] = {}
@@ -533,14 +538,51 @@ class ShardedPubSub(Generic[Message]):
 
     def subscribe(self, channel: bytes, listener: Listener[Message]) -> None:
         self._listeners[channel] = listener
-        self._place(channel)
+        name = self._node_of.get(channel)
+        if name is None:
+            self._place(channel)
+        else:  # its watcher placed it
+            self._connections[name].subscribe(channel, listener)
 
     def unsubscribe(self, channel: bytes) -> None:
         del self._listeners[channel]
-        self._left.pop(channel, None)
-        name = self._node_of.pop(channel, None)
+        name = self._let_go(channel)
         if name is not None:
             self._connections[name].unsubscribe(channel)
+
+    def watch(self, channel: bytes, watcher: Listener[bytes]) -> None:
+        """As `PubSubConnection.watch`, on the node that serves `channel`."""
+        self._watchers[channel] = watcher
+        name = self._node_of.get(channel)
+        if name is None:
+            self._place(channel)
+        else:  # its listener placed it
+            self._connections[name].watch(channel, watcher)
+
+    def unwatch(self, channel: bytes) -> None:
+        del self._watchers[channel]
+        name = self._let_go(channel)
+        if name is not None:
+            self._connections[name].unwatch(channel)
+
+    def _let_go(self, channel: bytes) -> str | None:
+        """The node `channel` is subscribed on; forgotten here once nothing hears it."""
+        if channel in self._listeners or channel in self._watchers:
+            return self._node_of.get(channel)
+        self._left.pop(channel, None)
+        return self._node_of.pop(channel, None)
+
+    def _channels(self) -> list[bytes]:
+        """Every channel a listener or a watcher hears."""
+        return [*dict.fromkeys([*self._listeners, *self._watchers])]
+
+    def _detach(self, name: str, channel: bytes) -> None:
+        """Take `channel`'s listener and watcher off the connection to node `name`."""
+        connection = self._connections[name]
+        if channel in self._listeners:
+            connection.unsubscribe(channel)
+        if channel in self._watchers:
+            connection.unwatch(channel)
 
     def close(self) -> None:
         """End `listen` and every node's connection."""
@@ -599,7 +641,12 @@ class ShardedPubSub(Generic[Message]):
             if self._started:
                 self._start(connection)
         self._node_of[channel] = node.name
-        connection.subscribe(channel, self._listeners[channel])
+        listener = self._listeners.get(channel)
+        if listener is not None:
+            connection.subscribe(channel, listener)
+        watcher = self._watchers.get(channel)
+        if watcher is not None:
+            connection.watch(channel, watcher)
         if left is not None:
             logger.info("live channel %r moved from %s to %s", channel, left[0], node.name)
         return True
@@ -615,15 +662,15 @@ class ShardedPubSub(Generic[Message]):
     def _lost(self, channel: bytes) -> None:
         """A node let `channel` go, or refused it: drop it there, place it again."""
         name = self._node_of.pop(channel, None)
-        if name is not None and channel in self._listeners:
-            self._connections[name].unsubscribe(channel)
+        if name is not None and (channel in self._listeners or channel in self._watchers):
+            self._detach(name, channel)
             self._left[channel] = (name, 0)
         self._moving.set()
 
     def _replace(self) -> bool:
         """Every channel on the node the (fresh) slot map names; whether all found one."""
         placed = True
-        for channel in list(self._listeners):
+        for channel in self._channels():
             name = self._node_of.get(channel)
             try:
                 if name is not None and node_of(self._cluster, channel).name == name:
@@ -633,7 +680,7 @@ class ShardedPubSub(Generic[Message]):
                 continue
             if name is not None:
                 del self._node_of[channel]
-                self._connections[name].unsubscribe(channel)
+                self._detach(name, channel)
             placed = self._place(channel) and placed
         for name, connection in list(self._connections.items()):
             if not connection.channels:

@@ -11,6 +11,8 @@ code that talks to it.
 - `state`: what the store hands out (`GenerationState`, `Lease`, raw entries).
 - `streams` and `stream_scripts`: the Durable Streams (`StreamStore`), kept beside
   generations under a hash tag of their own.
+- `subscriptions` and `subscription_scripts`: their subscriptions (`SubscriptionStore`):
+  cursors, wakes, the registry readers match writes against, the deliveries due.
 """
 
 from app.store.cancels import CancelRequests

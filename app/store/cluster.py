@@ -4,8 +4,9 @@ A batch of calls (`app.store.transport.Pipeline`) goes as one round trip per pri
 routed by redis-py's slot map (`RedisCluster.get_node_from_key`) over the connections
 redis-py keeps for each node (`ClusterNode.acquire_connection`): at most the client's
 `max_connections` less one per node at once, the one left to redis-py's own cluster
-pub/sub on the same client (a worker's cancel subscription). What a reshard or a
-failover answers is handled here and never reaches a caller:
+pub/sub on the same client (a worker's cancel subscription). The bound is the client's:
+every `ClusterRoutes` on one client (the generation log's, the Durable Streams') shares
+it. What a reshard or a failover answers is handled here and never reaches a caller:
 
 - MOVED: the slot has a new owner. redis-py's slot map is patched as its own client
   does (`NodesManager.move_slot`) and the call is sent there.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,6 +56,12 @@ FIRST_PAUSE_SECONDS = 0.01
 LONGEST_PAUSE_SECONDS = 0.2
 _ASKING = transport.pack(b"ASKING")
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# The connections each node of a client may lend at once, by node name: shared by every
+# `ClusterRoutes` on that client, or two of them would ask a node for more than its pool
+# holds (redis-py raises MaxConnectionsError then).
+_NODE_BOUNDS: weakref.WeakKeyDictionary[RedisCluster, dict[str, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ClusterUnsettled(RedisConnectionError):
@@ -86,7 +94,7 @@ class ClusterRoutes:
     def __init__(self, cluster: RedisCluster, *, timeout: float | None = None) -> None:
         self.cluster = cluster
         self.timeout = timeout  # of each round trip to a node
-        self._in_use: dict[str, asyncio.Semaphore] = {}
+        self._in_use = _NODE_BOUNDS.setdefault(cluster, {})
 
     async def call(self, *command: Arg, key: Arg, extra_seconds: float = 0.0) -> Any:
         """One command on the node that serves `key` (a blocking read holds its connection,
@@ -96,6 +104,24 @@ class ClusterRoutes:
         if isinstance(reply, Exception):
             raise reply
         return reply
+
+    async def scan(self, match: str) -> list[bytes]:
+        """Every key matching the glob `match` on every primary, by SCAN. A slot that moves
+        meanwhile may have its keys found twice or missed."""
+        await self.cluster.initialize()
+        found: list[bytes] = []
+        for node in self.cluster.get_primaries():
+            cursor = b"0"
+            while True:
+                command = transport.pack(b"SCAN", cursor, b"MATCH", match, b"COUNT", 1000)
+                (reply,) = await self._send(node, False, 0.0, [command])
+                if isinstance(reply, Exception):
+                    raise reply
+                cursor, keys = reply
+                found.extend(keys)
+                if cursor == b"0":
+                    break
+        return found
 
     async def execute(self, calls: Sequence[Queued], extra_seconds: float = 0.0) -> list[Any]:
         """Each call's reply, or its error as the exception, in order."""

@@ -63,6 +63,7 @@ from app.store.state import (
     now_ms,
     parse_entry,
     parse_state,
+    scored_reply,
 )
 from app.store.transport import Pipeline
 
@@ -281,7 +282,7 @@ class GenerationLog:
                 for shard in shards
             )
         )
-        newest = heapq.merge(*(_by_score(reply) for reply in replies), reverse=True)
+        newest = heapq.merge(*(scored_reply(reply) for reply in replies), reverse=True)
         return [generation_id for _, generation_id in list(newest)[offset : offset + count]]
 
     # -- append -------------------------------------------------------------
@@ -513,13 +514,6 @@ class GenerationLog:
     def cancel_requests(self) -> CancelRequests:
         """The cancel requests published to every worker (`async with`, then `async for`)."""
         return CancelRequests(self._redis, self.keys.shards, self.settings.redis_timeout_seconds)
-
-
-def _by_score(reply: list[Any]) -> list[tuple[float, str]]:
-    """(score, member) pairs of a WITHSCORES reply: RESP3 pairs or a RESP2 flat list."""
-    if reply and isinstance(reply[0], list):
-        return [(float(score), member.decode()) for member, score in reply]
-    return [(float(reply[i + 1]), reply[i].decode()) for i in range(0, len(reply), 2)]
 
 
 def _refusal(code: Reply, generation_id: str, last: int) -> Exception:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from app import events
 from app.keys import Shard
 from app.settings import Settings
-from app.store.state import now_ms
+from app.store.state import map_reply, now_ms
 from app.store.transport import Pipeline
 
 if TYPE_CHECKING:
@@ -53,13 +53,6 @@ class Ttls:
 def _stream_id(raw: bytes) -> tuple[int, int]:
     ms, _, seq = raw.decode().partition("-")
     return int(ms), int(seq or 0)
-
-
-def _fields(reply: Any) -> dict[bytes, Any]:
-    """A map reply in either protocol's shape (RESP3 map, RESP2 flat list)."""
-    if isinstance(reply, dict):
-        return reply
-    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 class Retention:
@@ -129,7 +122,9 @@ class Retention:
 
     async def _trim_shard(self, jobs: str) -> int:
         group_name = self.keys.worker_group
-        groups = [_fields(g) for g in await self._commands.run(b"XINFO", b"GROUPS", jobs, key=jobs)]
+        groups = [
+            map_reply(g) for g in await self._commands.run(b"XINFO", b"GROUPS", jobs, key=jobs)
+        ]
         group = next((g for g in groups if g[b"name"] == group_name.encode()), None)
         if group is None:
             return 0

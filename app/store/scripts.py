@@ -4,7 +4,9 @@ A script's KEYS and ARGV are two NamedTuples: callers fill them by name, and
 loading binds each entry to a Lua local of the same name, after the shared
 prelude (`lua/prelude.lua`), so a script in `lua/` reads `meta` and `first_seq`,
 never `KEYS[1]` or `ARGV[2]`, and still runs as one EVALSHA. A script that takes
-a variable tail (`rest`) finds its first entry at `<rest>_from`.
+a variable tail (`rest`) finds its first entry at `<rest>_from`. Scripts over the same
+KEYS may share functions of their own (`library`: a file of `lua/` loaded after the
+names are bound, so its functions see them).
 
 Every script touches the keys of one generation (one hash tag, one Cluster slot),
 except `index`, which touches those of one shard (`app.keys.Shard`, one slot too), and
@@ -59,6 +61,17 @@ class Reply(enum.Enum):
     TRIMMED = b"trimmed"  # the length cap trimmed entries after the offset
     RESET = b"reset"  # the log went back: a reset entry now says so
     INTACT = b"intact"  # the log holds what the writer appended
+    # Subscriptions' scripts (`app.store.subscription_scripts`)
+    WOKEN = b"woken"  # a new wake was issued
+    QUIET = b"quiet"  # no new wake
+    DELIVER = b"deliver"  # a wake's delivery is this caller's to make now
+    WAIT = b"wait"  # nothing to deliver now
+    STALE = b"stale"  # the wake is no longer the subscription's current one
+    RETRY = b"retry"  # a failed delivery is scheduled again
+    CLAIMED = b"claimed"  # another worker holds the lease
+    IDLE = b"idle"  # no pending work
+    WRONG_TYPE = b"wrong_type"  # not a call for this type of subscription
+    INVALID_OFFSET = b"invalid_offset"  # an ack the cursors refuse
 
 
 class UnexpectedReply(RuntimeError):
@@ -96,10 +109,11 @@ class Script(Generic[K, A]):
         rest: str | None = None,
         replies: Iterable[Reply] = (),
         constants: Mapping[str, str] = {},  # read, never changed
+        library: str | None = None,
     ) -> None:
         self.name = name
         key_names = _names(keys)
-        self.source = _source(name, key_names, _names(args), rest, constants)
+        self.source = _source(name, key_names, _names(args), rest, constants, library)
         sha = hashlib.sha1(self.source.encode()).hexdigest().encode()
         self.evalsha: tuple[bytes, bytes, int] = (b"EVALSHA", sha, len(key_names))
         self._replies = {reply.value: reply for reply in replies}
@@ -127,6 +141,7 @@ def _source(
     args: Sequence[str],
     rest: str | None,
     constants: Mapping[str, str],
+    library: str | None = None,
 ) -> str:
     lines = [prelude()]
     lines.extend(f"local {constant} = '{value}'" for constant, value in constants.items())
@@ -137,6 +152,8 @@ def _source(
             lines.append(f"local {', '.join(names)} = {values}")
     if rest is not None:
         lines.append(f"local {rest}_from = {len(args) + 1}")
+    if library is not None:
+        lines.append(_LUA.joinpath(f"{library}.lua").read_text())
     lines.append(_LUA.joinpath(f"{name}.lua").read_text())
     return "\n".join(lines)
 

@@ -1,10 +1,12 @@
-"""What the store hands out: a generation's state, a lease, and log entries as Redis holds them."""
+"""What the store hands out: a generation's state, a lease, and log entries as Redis holds them,
+and the shapes of replies that differ between RESP2 and RESP3."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from app.events import LogEntry
 from app.generations import TERMINAL_STATUSES
@@ -16,6 +18,20 @@ RawEntry = tuple[bytes, list[bytes]]
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def map_reply(reply: Any) -> dict[bytes, Any]:
+    """A map reply (HGETALL, XINFO) in either protocol's shape: RESP3 map, RESP2 flat list."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def scored_reply(reply: list[Any]) -> list[tuple[float, str]]:
+    """(score, member) pairs of a WITHSCORES reply: RESP3 pairs or a RESP2 flat list."""
+    if reply and isinstance(reply[0], list):
+        return [(float(score), member.decode()) for member, score in reply]
+    return [(float(reply[i + 1]), reply[i].decode()) for i in range(0, len(reply), 2)]
 
 
 @dataclasses.dataclass(frozen=True)

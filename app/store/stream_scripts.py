@@ -3,7 +3,9 @@ declares the generation scripts: KEYS and ARGV by name, the shared prelude, and 
 reply codes each answers (from `Reply`; any other raises `UnexpectedReply`).
 
 Every script touches the keys of one stream (the hash tag `{ds:<name>}`, one Cluster
-slot); `add_fork` touches its source's.
+slot); `add_fork` touches its source's. The scripts that wake live readers publish with
+PUBLISH on one Redis and SPUBLISH on a cluster (the `_SHARDED` twins), as the generation
+scripts do.
 """
 
 from __future__ import annotations
@@ -60,25 +62,32 @@ class AppendStreamArgs(NamedTuple):
     has_data: str  # '1' when there is a body
 
 
-STREAM_APPEND = Script(
-    "stream_append",
-    StreamKeys,
-    AppendStreamArgs,
-    replies=(
-        Reply.OK,
-        Reply.DUPLICATE,
-        Reply.CLOSED,
-        Reply.CLOSED_AGAIN,
-        Reply.CLOSED_DUPLICATE,
-        Reply.MISSING,
-        Reply.DELETED,
-        Reply.CONTENT_TYPE_MISMATCH,
-        Reply.STALE_EPOCH,
-        Reply.EPOCH_SEQ,
-        Reply.SEQ_GAP,
-        Reply.STREAM_SEQ_REGRESSION,
-    ),
-)
+def _stream_append(publish: str) -> Script[StreamKeys, AppendStreamArgs]:
+    return Script(
+        "stream_append",
+        StreamKeys,
+        AppendStreamArgs,
+        replies=(
+            Reply.OK,
+            Reply.DUPLICATE,
+            Reply.CLOSED,
+            Reply.CLOSED_AGAIN,
+            Reply.CLOSED_DUPLICATE,
+            Reply.MISSING,
+            Reply.DELETED,
+            Reply.CONTENT_TYPE_MISMATCH,
+            Reply.STALE_EPOCH,
+            Reply.EPOCH_SEQ,
+            Reply.SEQ_GAP,
+            Reply.STREAM_SEQ_REGRESSION,
+        ),
+        constants={"PUBLISH": publish},
+    )
+
+
+STREAM_APPEND = _stream_append("PUBLISH")
+# On a cluster: sharded pub/sub, so only the stream's own node carries its wake-ups.
+STREAM_APPEND_SHARDED = _stream_append("SPUBLISH")
 
 
 class ReadStreamArgs(NamedTuple):
@@ -103,12 +112,18 @@ class DeleteStreamArgs(NamedTuple):
     purge: str  # '1': only collect a tombstone no fork holds any more
 
 
-STREAM_DELETE = Script(
-    "stream_delete",
-    StreamKeys,
-    DeleteStreamArgs,
-    replies=(Reply.REMOVED, Reply.TOMBSTONE, Reply.MISSING, Reply.DELETED, Reply.KEPT),
-)
+def _stream_delete(publish: str) -> Script[StreamKeys, DeleteStreamArgs]:
+    return Script(
+        "stream_delete",
+        StreamKeys,
+        DeleteStreamArgs,
+        replies=(Reply.REMOVED, Reply.TOMBSTONE, Reply.MISSING, Reply.DELETED, Reply.KEPT),
+        constants={"PUBLISH": publish},
+    )
+
+
+STREAM_DELETE = _stream_delete("PUBLISH")
+STREAM_DELETE_SHARDED = _stream_delete("SPUBLISH")  # as STREAM_APPEND_SHARDED
 
 
 class ForkKeys(NamedTuple):

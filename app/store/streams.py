@@ -2,7 +2,9 @@
 
 Every key of a stream carries its hash tag (`app.keys.Keys.stream_keys`) and every
 atomic write is one Lua script (`app.store.stream_scripts`) over those keys, sent
-through the store's transport like every other command. An entry of the log is one
+through the store's transport like every other command: on a Redis Cluster each call
+goes to the primary that holds its stream, and live readers are woken by sharded pub/sub
+from that primary alone. An entry of the log is one
 append, with id `<seq>-0`; a JSON-mode entry holds the messages of its append,
 comma-separated, so a read frames them as one array without parsing them.
 
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.durable_streams import protocol
 from app.durable_streams.errors import (
@@ -38,12 +41,16 @@ from app.durable_streams.protocol import Position, Producer
 from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.keys import Keys
 from app.settings import Settings
+from app.store import transport
+from app.store.cluster import ClusterRoutes
 from app.store.scripts import Reply, UnexpectedReply
 from app.store.stream_scripts import (
     STREAM_ADD_FORK,
     STREAM_APPEND,
+    STREAM_APPEND_SHARDED,
     STREAM_CREATE,
     STREAM_DELETE,
+    STREAM_DELETE_SHARDED,
     STREAM_READ,
     AddForkArgs,
     AppendStreamArgs,
@@ -121,15 +128,22 @@ class Appended:
 class StreamStore:
     """All reads and writes of Durable Streams go through here.
 
-    Built on a Redis client its caller owns; nothing outside `app.store` sends
-    commands on that client.
+    Built on a Redis client its caller owns (a `RedisCluster` for a cluster); nothing
+    outside `app.store` sends commands on that client.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
-        self.keys = Keys(settings.key_prefix)
+    def __init__(self, redis: Redis | RedisCluster, settings: Settings) -> None:
+        self.keys = Keys(settings.key_prefix, settings.key_shards)
+        timeout = settings.redis_timeout_seconds
+        routes = ClusterRoutes(redis, timeout=timeout) if isinstance(redis, RedisCluster) else redis
+        self._routes = routes
+        self._timeout = timeout
+        sharded = isinstance(routes, ClusterRoutes)
+        self._append_script = STREAM_APPEND_SHARDED if sharded else STREAM_APPEND
+        self._delete_script = STREAM_DELETE_SHARDED if sharded else STREAM_DELETE
         # One batch out at a time, as the log's plain commands: a reader's requests
         # share its few connections.
-        self._commands = Pipeline(redis, in_flight=1)
+        self._commands = Pipeline(routes, in_flight=1, timeout=timeout)
         self._retention_ms = str(int(settings.stream_retention_seconds * 1000))
         self._maxlen = str(settings.max_entries_per_stream)
 
@@ -281,7 +295,7 @@ class StreamStore:
     ) -> Appended:
         """Append `data` (one entry) and/or close the stream. Raises the protocol's refusals."""
         reply = await self._commands.run_script(
-            STREAM_APPEND,
+            self._append_script,
             self._keys(name),
             AppendStreamArgs(
                 body_type=protocol.media_type(content_type) if data is not None else "",
@@ -395,6 +409,36 @@ class StreamStore:
             expires_ms=int(reply[5]) if reply[5] else None,
         )
 
+    async def tails(self, names: Sequence[str]) -> list[int | None]:
+        """Each stream's tail (the seq of its last append), None for one that does not
+        exist (or is a tombstone); looked up together, a round trip per node."""
+        replies: list[list[bytes | None]] = await asyncio.gather(
+            *(
+                self._commands.submit(b"HMGET", self._keys(name).meta, "last_seq", "deleted")
+                for name in names
+            )
+        )
+        return [
+            None if last is None or deleted is not None else int(last) for last, deleted in replies
+        ]
+
+    async def names(self, prefix: str) -> list[str]:
+        """Every stream whose name starts with `prefix` (tombstones too), found by SCAN over
+        all the keys (on every primary of a cluster): for a rare caller, never per request."""
+        match = self.keys.stream_metas(prefix)
+        if isinstance(self._routes, ClusterRoutes):
+            found = await self._routes.scan(match)
+        else:
+            found = []
+            cursor = b"0"
+            while True:
+                command = (b"SCAN", cursor, b"MATCH", match, b"COUNT", 1000)
+                cursor, keys = await transport.call(self._routes, *command, seconds=self._timeout)
+                found.extend(keys)
+                if cursor == b"0":
+                    break
+        return sorted({self.keys.stream_of(key.decode()) for key in found})
+
     # -- delete -------------------------------------------------------------
 
     async def delete(self, name: str) -> None:
@@ -421,7 +465,7 @@ class StreamStore:
     async def _delete(self, name: str, *, purge: bool) -> tuple[Reply, str]:
         """stream_delete.lua's code, and the stream `name` forked if it removed a fork."""
         reply = await self._commands.run_script(
-            STREAM_DELETE,
+            self._delete_script,
             self._keys(name),
             DeleteStreamArgs(channel=self.keys.stream_channel(name), purge="1" if purge else ""),
         )

@@ -5,8 +5,10 @@
 `tokentape serve` on a real Redis under a key prefix of its own (the Redis given,
 else one answering on 127.0.0.1:6379, else a redis-server of its own), runs the suite
 with a short long-poll timeout, prints the passed, failed and skipped counts, and
-deletes its keys. It exits 1 when fewer tests pass than `recorded.json` says, 2 when
-node or npm is missing; `--record` writes the counts of this run there.
+deletes its keys. With `--cluster` it runs on a Redis Cluster: the one a node of which
+`--redis` names, else one of its own (3 primaries, a replica each). It exits 1 when
+fewer tests pass than `recorded.json` says, 2 when node or npm is missing; `--record`
+writes the counts of this run there.
 """
 
 from __future__ import annotations
@@ -27,8 +29,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+import redis.cluster
 
-from app.embedded import RedisProcess, answers_ping, find_server, free_port
+from app.embedded import (
+    RedisClusterProcesses,
+    RedisProcess,
+    answers_ping,
+    find_server,
+    free_port,
+)
 
 SUITE_DIR = Path(__file__).resolve().parent
 REPO = SUITE_DIR.parent.parent
@@ -45,17 +54,26 @@ def suite_version() -> str:
 
 
 @contextlib.contextmanager
-def redis_url(given: str | None, scratch: Path) -> Iterator[str]:
-    """The Redis to run on: the one given, one on 127.0.0.1:6379, or our own."""
+def redis_url(given: str | None, scratch: Path, *, cluster: bool) -> Iterator[str]:
+    """The Redis to run on: the one given, one on 127.0.0.1:6379, or our own (a
+    cluster's node with `cluster`)."""
     if given:
         yield given
         return
-    if answers_ping(6379):
+    if not cluster and answers_ping(6379):
         yield "redis://127.0.0.1:6379/0"
         return
     binary = find_server()
     if binary is None:
         raise SystemExit("no Redis answers on 127.0.0.1:6379 and no redis-server is on PATH")
+    if cluster:
+        nodes = RedisClusterProcesses(binary, scratch / "cluster")
+        nodes.start()
+        try:
+            yield nodes.url
+        finally:
+            nodes.kill()
+        return
     server = RedisProcess(binary, scratch / "redis")
     server.start()
     try:
@@ -65,18 +83,26 @@ def redis_url(given: str | None, scratch: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def tokentape(url: str, prefix: str, long_poll_seconds: float, log: Path) -> Iterator[str]:
+def tokentape(
+    url: str, prefix: str, long_poll_seconds: float, log: Path, *, cluster: bool
+) -> Iterator[str]:
     """`tokentape serve` on a free port; its base URL once it answers."""
     port = free_port()
     env = {
         **os.environ,
         "TOKENTAPE_KEY_PREFIX": prefix,
         "TOKENTAPE_STREAM_LONG_POLL_SECONDS": str(long_poll_seconds),
+        # The suite's webhook receivers listen on loopback, over http.
+        "TOKENTAPE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         "TOKENTAPE_LOG_LEVEL": "WARNING",
     }
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve", "--redis", url, "--port", str(port)],
+            [
+                sys.executable,
+                *("-m", "app", "serve", "--redis", url, "--port", str(port)),
+                *(["--cluster"] if cluster else []),
+            ],
             cwd=REPO,
             env=env,
             stdout=output,
@@ -106,14 +132,23 @@ def tokentape(url: str, prefix: str, long_poll_seconds: float, log: Path) -> Ite
             process.wait()
 
 
-def delete_keys(url: str, prefix: str) -> None:
-    client = redis.Redis.from_url(url)
+def delete_keys(url: str, prefix: str, *, cluster: bool) -> None:
+    if not cluster:
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        finally:
+            client.close()
+        return
+    nodes = redis.cluster.RedisCluster.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+        for node in nodes.get_primaries():  # type: ignore[no-untyped-call]
+            for key in nodes.scan_iter(match=f"{prefix}:*", count=1000, target_nodes=node):
+                nodes.delete(key)
     finally:
-        client.close()
+        nodes.close()
 
 
 def counts(results: Path) -> dict[str, int]:
@@ -129,6 +164,9 @@ def counts(results: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/conformance", description=__doc__)
     parser.add_argument("--redis", metavar="URL", help="Redis to run on (default: see above)")
+    parser.add_argument(
+        "--cluster", action="store_true", help="run on a Redis Cluster (--redis names a node)"
+    )
     parser.add_argument(
         "--long-poll-seconds",
         type=float,
@@ -151,9 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=work, check=True
         )
         prefix = f"ttconformance:{uuid.uuid4().hex[:12]}"
-        with redis_url(args.redis or os.environ.get("TOKENTAPE_TEST_REDIS_URL"), work) as url:
+        given = args.redis or (None if args.cluster else os.environ.get("TOKENTAPE_TEST_REDIS_URL"))
+        with redis_url(given, work, cluster=args.cluster) as url:
             try:
-                with tokentape(url, prefix, args.long_poll_seconds, work / "tokentape.log") as base:
+                with tokentape(
+                    url,
+                    prefix,
+                    args.long_poll_seconds,
+                    work / "tokentape.log",
+                    cluster=args.cluster,
+                ) as base:
                     env = {
                         **os.environ,
                         "CONFORMANCE_BASE_URL": base,
@@ -173,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         check=False,
                     )
             finally:
-                delete_keys(url, prefix)
+                delete_keys(url, prefix, cluster=args.cluster)
         result = counts(work / "results.json")
     print(
         f"{SUITE_PACKAGE} {version}: {result['passed']} passed, "

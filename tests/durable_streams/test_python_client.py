@@ -9,20 +9,21 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from durable_streams import AsyncDurableStream, astream
-from redis.asyncio import Redis
 
 from app import events
 from app.keys import Keys
 from app.settings import Settings
 from app.store import GenerationLog
+from tests.conftest import ON_EVERY_BACKEND
 from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Writer
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
+@ON_EVERY_BACKEND
 async def test_the_client_creates_appends_and_reads_live(
-    aiohttp_server: ServerFactory, app: web.Application, redis: Redis, settings: Settings
+    aiohttp_server: ServerFactory, app: web.Application, settings: Settings
 ) -> None:
     server = await aiohttp_server(app)
     url = f"http://127.0.0.1:{server.port}/v1/stream/chat/42"
@@ -56,6 +57,7 @@ async def test_the_client_creates_appends_and_reads_live(
         await handle.aclose()
 
 
+@ON_EVERY_BACKEND
 async def test_the_client_reads_a_generation_as_it_is_written(
     aiohttp_server: ServerFactory, app: web.Application, log: GenerationLog
 ) -> None:

@@ -1,5 +1,6 @@
 """/v1/stream/ beyond what the conformance suite checks: generations read through the
-protocol, Last-Event-ID, SSE heartbeats and lifetime, and headers on every response."""
+protocol, Last-Event-ID, SSE heartbeats and lifetime, and headers on every response. The
+reads, live wake-ups and deletes run on a Redis Cluster too (`ON_EVERY_BACKEND`)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from collections.abc import Awaitable, Callable
 import pytest
 from aiohttp import ClientPayloadError, web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.durable_streams import protocol
 from app.http import create_app
 from app.keys import Keys
 from app.settings import Settings
+from tests.conftest import ON_EVERY_BACKEND
 from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Client, ClientFactory, Writer
 
@@ -24,12 +27,14 @@ WriterFactory = Callable[..., Awaitable[Writer]]
 
 
 @pytest.fixture
-async def quick(aiohttp_client: ClientFactory, settings: Settings, redis: Redis) -> Client:
+async def quick(
+    aiohttp_client: ClientFactory, settings: Settings, store_redis: Redis | RedisCluster
+) -> Client:
     """A service whose long-polls, SSE responses and heartbeats are short."""
     fast = settings.replace(
         stream_long_poll_seconds=5.0, stream_sse_seconds=0.5, heartbeat_seconds=0.1
     )
-    app: web.Application = create_app(fast, redis)
+    app: web.Application = create_app(fast, store_redis)
     return await aiohttp_client(app)
 
 
@@ -41,6 +46,7 @@ def control_events(body: bytes) -> list[dict[str, object]]:
     ]
 
 
+@ON_EVERY_BACKEND
 async def test_a_generation_reads_as_a_closed_json_stream(
     client: Client, writer_factory: WriterFactory
 ) -> None:
@@ -77,8 +83,9 @@ async def test_a_generation_is_read_only(client: Client, writer_factory: WriterF
         assert response.status == 404
 
 
+@ON_EVERY_BACKEND
 async def test_a_live_read_of_a_generation_wakes_on_its_next_event(
-    quick: Client, writer_factory: WriterFactory, redis: Redis, settings: Settings
+    quick: Client, writer_factory: WriterFactory, settings: Settings
 ) -> None:
     writer = await writer_factory()
     await writer.append(events.Started(model="sim"))
@@ -107,6 +114,7 @@ async def test_a_live_read_of_a_generation_wakes_on_its_next_event(
     }
 
 
+@ON_EVERY_BACKEND
 async def test_sse_resumes_from_last_event_id(quick: Client) -> None:
     await quick.put("/v1/stream/s", headers={"Content-Type": "text/plain"}, data=b"one")
     await quick.post("/v1/stream/s", headers={"Content-Type": "text/plain"}, data=b"two")
@@ -143,9 +151,8 @@ async def test_idle_sse_sends_heartbeats_then_ends_for_the_client_to_reconnect(
     ]
 
 
-async def test_deleting_a_stream_ends_its_live_readers(
-    quick: Client, redis: Redis, settings: Settings
-) -> None:
+@ON_EVERY_BACKEND
+async def test_deleting_a_stream_ends_its_live_readers(quick: Client, settings: Settings) -> None:
     await quick.put("/v1/stream/s", headers={"Content-Type": "text/plain"})
 
     async def delete_once_waited_on() -> None:

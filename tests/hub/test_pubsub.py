@@ -138,6 +138,14 @@ def test_a_watcher_takes_its_channels_messages_as_published_beside_the_listener(
     assert beside.messages[-1] == batch  # the channel stays for its watcher
 
 
+def test_a_sharded_channel_its_node_lets_go_of_is_handed_back_for_its_watcher_too() -> None:
+    lost: list[bytes] = []
+    connection = PubSubConnection(Endpoint(), None, sse.live_frames, lost=lost.append)
+    connection.watch(b"{ds:s}:live", Watching())
+    connection.received(_resp(b"sunsubscribe", b"{ds:s}:live", 0), 0.0)  # its slot moved
+    assert lost == [b"{ds:s}:live"]
+
+
 def test_sharded_messages_reach_their_listeners_and_a_channel_let_go_is_reported() -> None:
     lost: list[bytes] = []
     connection = PubSubConnection(Endpoint(), None, sse.live_frames, lost=lost.append)

@@ -15,6 +15,7 @@ from app import events
 from app.embedded import RedisClusterProcesses, RedisProcess
 from app.generations import parse_request
 from app.keys import new_generation_id
+from app.settings import Settings
 from app.store import GenerationLog, cluster
 from tests.conftest import leased_generation
 
@@ -83,3 +84,21 @@ async def test_a_call_the_cluster_keeps_redirecting_fails_as_a_lost_connection(
     # Retried, as after a lost connection: it lands on the slot's new primary.
     assert await log.append(lease, 2, [events.Token(text="x")]) == 2
     assert [e.seq for e in await log.read(generation_id, 0, 10)] == [1, 2]
+
+
+async def test_routes_on_one_client_share_its_connections_to_a_node(
+    settings: Settings, key_prefix: str
+) -> None:
+    # A reader's generation log and Durable Streams each route calls on the one client.
+    assert settings.redis_url is not None
+    client = RedisCluster.from_url(settings.redis_url, max_connections=3)
+    try:
+        await client.initialize()
+        first, second = cluster.ClusterRoutes(client), cluster.ClusterRoutes(client)
+        key = f"{key_prefix}:shared"
+        replies = await asyncio.gather(
+            *(routes.call(b"EXISTS", key, key=key) for routes in (first, second) for _ in range(20))
+        )
+        assert replies == [0] * 40
+    finally:
+        await client.aclose()

@@ -29,9 +29,24 @@ from app.store.scripts import (
 from app.store.stream_scripts import (
     STREAM_ADD_FORK,
     STREAM_APPEND,
+    STREAM_APPEND_SHARDED,
     STREAM_CREATE,
     STREAM_DELETE,
+    STREAM_DELETE_SHARDED,
     STREAM_READ,
+)
+from app.store.subscription_scripts import (
+    SUB_ACK,
+    SUB_ATTEMPT,
+    SUB_CLAIM,
+    SUB_CREATE,
+    SUB_DELIVER,
+    SUB_DELIVERED,
+    SUB_FAILED,
+    SUB_READ,
+    SUB_RELEASE,
+    SUB_STREAMS,
+    SUB_TOUCH,
 )
 from tests.conftest import leased_generation
 
@@ -53,32 +68,67 @@ STREAM_SCRIPTS: list[Script[Any, Any]] = [
     STREAM_DELETE,
     STREAM_READ,
 ]
+SUBSCRIPTION_SCRIPTS: list[Script[Any, Any]] = [
+    SUB_ACK,
+    SUB_ATTEMPT,
+    SUB_CLAIM,
+    SUB_CREATE,
+    SUB_DELIVER,
+    SUB_DELIVERED,
+    SUB_FAILED,
+    SUB_READ,
+    SUB_RELEASE,
+    SUB_STREAMS,
+    SUB_TOUCH,
+]
 
 
-@pytest.mark.parametrize("script", SCRIPTS + STREAM_SCRIPTS, ids=lambda script: script.name)
+def _body(script: Script[Any, Any]) -> str:
+    """The script's own file, and the library it shares with others."""
+    lua = resources.files("app.store").joinpath("lua")
+    body = lua.joinpath(f"{script.name}.lua").read_text()
+    if script.name.startswith("sub_"):
+        body += lua.joinpath("subscription.lua").read_text()
+    return body
+
+
+@pytest.mark.parametrize(
+    "script", SCRIPTS + STREAM_SCRIPTS + SUBSCRIPTION_SCRIPTS, ids=lambda script: script.name
+)
 def test_a_script_reads_its_keys_and_arguments_by_name(script: Script[Any, Any]) -> None:
-    body = resources.files("app.store").joinpath("lua", f"{script.name}.lua").read_text()
+    body = _body(script)
     assert "KEYS[" not in body
     # Only a variable tail is indexed, from where its declaration says it starts.
     assert re.findall(r"ARGV\[([^\]]*)\]", body) == re.findall(r"ARGV\[(\w+_from[^\]]*)\]", body)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.name)
+@pytest.mark.parametrize("script", SCRIPTS + SUBSCRIPTION_SCRIPTS, ids=lambda script: script.name)
 def test_every_key_a_script_touches_is_one_it_declares(script: Script[Any, Any]) -> None:
     # Redis Cluster runs a script only on the node of its declared keys (app.keys puts
     # each script's keys in one slot), and refuses a key it was not given.
     declared = re.search(r"^local ([\w, ]+) = KEYS\[1\]", script.source, re.MULTILINE)
     assert declared is not None
     names = set(declared.group(1).split(", "))
-    body = resources.files("app.store").joinpath("lua", f"{script.name}.lua").read_text()
+    body = _body(script)
     for command, key in re.findall(r"redis\.call\('(\w+)',\s*(\w+)", body):
         assert command == "TIME" or key in names, f"{script.name}.lua: {command} {key}"
 
 
-def test_on_a_cluster_live_batches_go_by_sharded_pub_sub() -> None:
-    assert "local PUBLISH = 'PUBLISH'" in APPEND.source
-    assert "local PUBLISH = 'SPUBLISH'" in APPEND_SHARDED.source
-    assert APPEND.evalsha[1] != APPEND_SHARDED.evalsha[1]
+@pytest.mark.parametrize(
+    ("one_redis", "cluster"),
+    [
+        (APPEND, APPEND_SHARDED),
+        (STREAM_APPEND, STREAM_APPEND_SHARDED),
+        (STREAM_DELETE, STREAM_DELETE_SHARDED),
+    ],
+    ids=["append", "stream_append", "stream_delete"],
+)
+def test_on_a_cluster_live_messages_go_by_sharded_pub_sub(
+    one_redis: Script[Any, Any], cluster: Script[Any, Any]
+) -> None:
+    assert "local PUBLISH = 'PUBLISH'" in one_redis.source
+    assert "local PUBLISH = 'SPUBLISH'" in cluster.source
+    assert one_redis.evalsha[1] != cluster.evalsha[1]
 
 
 @pytest.mark.parametrize("status", get_args(Status))

@@ -2,7 +2,9 @@
 
 Producer and closure refusals in their precedence, byte-wise Stream-Seq order,
 retention (length cap, TTLs), snapshots, fork tombstones with their collection, and
-the transport every call goes through.
+the transport every call goes through. What crosses streams (forks, tombstones) and the
+core of each write runs on a Redis Cluster too (`ON_EVERY_BACKEND`), where a fork and its
+source live in different slots.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app.durable_streams import protocol
 from app.durable_streams.errors import (
@@ -27,6 +30,7 @@ from app.settings import Settings
 from app.store import UnexpectedReply
 from app.store.streams import Fork, StreamConfig, StreamStore
 from app.store.transport import Pipeline
+from tests.conftest import ON_EVERY_BACKEND
 from tests.store.conftest import count_round_trips
 
 TEXT = StreamConfig(content_type="text/plain")
@@ -34,8 +38,8 @@ START = Position(start=True)
 
 
 @pytest.fixture
-def store(redis: Redis, settings: Settings) -> StreamStore:
-    return StreamStore(redis, settings)
+def store(store_redis: Redis | RedisCluster, settings: Settings) -> StreamStore:
+    return StreamStore(store_redis, settings)
 
 
 async def append(store: StreamStore, name: str, data: bytes, **options: object) -> int:
@@ -43,6 +47,7 @@ async def append(store: StreamStore, name: str, data: bytes, **options: object) 
     return appended.tail_seq
 
 
+@ON_EVERY_BACKEND
 async def test_create_is_idempotent_on_the_same_configuration(store: StreamStore) -> None:
     created = await store.create("s", TEXT, [b"first"])
     assert (created.created, created.tail_seq, created.closed) == (True, 1, False)
@@ -57,6 +62,7 @@ async def test_create_is_idempotent_on_the_same_configuration(store: StreamStore
             await store.create("s", other, [])
 
 
+@ON_EVERY_BACKEND
 async def test_producer_sequence_epochs_and_duplicates(store: StreamStore) -> None:
     await store.create("s", TEXT, [])
     p = "writer"
@@ -82,6 +88,7 @@ async def test_producer_sequence_epochs_and_duplicates(store: StreamStore) -> No
     assert page.entries == [b"a", b"b", b"c"]
 
 
+@ON_EVERY_BACKEND
 async def test_a_closed_stream_refuses_appends_but_repeats_of_its_close_succeed(
     store: StreamStore,
 ) -> None:
@@ -136,30 +143,31 @@ async def test_retention_trims_the_log_and_an_offset_before_it_is_gone(
     assert (await store.read("s", Position(seq=349))).entries == [b"349,"]
 
 
+@ON_EVERY_BACKEND
 async def test_every_stream_has_a_lifetime(
-    store: StreamStore, redis: Redis, settings: Settings
+    store: StreamStore, store_redis: Redis | RedisCluster, settings: Settings
 ) -> None:
     keys = store.keys.stream_keys
     await store.create("kept", TEXT, [b"x"])
     retention_ms = settings.stream_retention_seconds * 1000
-    assert retention_ms - 5000 < await redis.pttl(keys("kept")[1]) <= retention_ms
+    assert retention_ms - 5000 < await store_redis.pttl(keys("kept")[1]) <= retention_ms
 
     await store.create("ttl", StreamConfig(content_type="text/plain", ttl_seconds=60), [b"x"])
     await append(store, "ttl", b"y", producer=Producer("p", 0, 0))
     for key in keys("ttl")[:3]:
-        assert 55_000 < await redis.pttl(key) <= 60_000
+        assert 55_000 < await store_redis.pttl(key) <= 60_000
     for key in keys("ttl")[:3]:
-        await redis.pexpire(key, 10_000)
+        await store_redis.pexpire(key, 10_000)
     await store.metadata("ttl")  # HEAD does not slide the TTL
-    assert await redis.pttl(keys("ttl")[0]) <= 10_000
+    assert await store_redis.pttl(keys("ttl")[0]) <= 10_000
     await store.read("ttl", START)  # a read does
-    assert await redis.pttl(keys("ttl")[0]) > 55_000
+    assert await store_redis.pttl(keys("ttl")[0]) > 55_000
 
     expires_ms = int(time.time() * 1000) + 3_600_000
     await store.create("until", StreamConfig(content_type="text/plain", expires_ms=expires_ms), [])
     await append(store, "until", b"x")
     for key in keys("until")[:2]:
-        assert await redis.pexpiretime(key) == expires_ms
+        assert await store_redis.pexpiretime(key) == expires_ms
 
 
 async def test_a_read_snapshot_says_closed_only_at_the_tail(store: StreamStore) -> None:
@@ -173,6 +181,7 @@ async def test_a_read_snapshot_says_closed_only_at_the_tail(store: StreamStore) 
         await store.read("s", Position(seq=3))
 
 
+@ON_EVERY_BACKEND
 async def test_forks_copy_what_they_inherit(store: StreamStore) -> None:
     await store.create("src", TEXT, [b"a", b"b", b"cdef"])
     fork = Fork("src", Position(seq=2), sub_offset=2)
@@ -185,6 +194,7 @@ async def test_forks_copy_what_they_inherit(store: StreamStore) -> None:
     assert (await store.read("f", START)).entries == [b"a", b"b", b"cd", b"!"]
 
 
+@ON_EVERY_BACKEND
 async def test_a_tombstone_goes_with_its_last_fork_up_the_chain(store: StreamStore) -> None:
     await store.create("l0", TEXT, [b"x"])
     await store.create("l1", StreamConfig(content_type="", fork=Fork("l0", None)), [])
@@ -199,13 +209,14 @@ async def test_a_tombstone_goes_with_its_last_fork_up_the_chain(store: StreamSto
             await store.metadata(name)
 
 
+@ON_EVERY_BACKEND
 async def test_a_fork_that_expired_frees_its_source_when_the_source_is_next_looked_at(
-    store: StreamStore, redis: Redis
+    store: StreamStore, store_redis: Redis | RedisCluster
 ) -> None:
     await store.create("src", TEXT, [b"x"])
     await store.create("f", StreamConfig(content_type="", fork=Fork("src", None)), [])
     await store.delete("src")
-    await redis.delete(*store.keys.stream_keys("f"))  # as its TTL would
+    await store_redis.delete(*store.keys.stream_keys("f"))  # as its TTL would
     assert await store.collect("src")
     with pytest.raises(NotFound):
         await store.metadata("src")
@@ -239,3 +250,19 @@ async def test_an_unknown_reply_code_raises_instead_of_passing_for_another(
         await store.append("s", content_type="text/plain", data=b"x")
     with pytest.raises(UnexpectedReply, match=r"stream_read\.lua answered b'no_such_code'"):
         await store.read("s", START)
+
+
+@ON_EVERY_BACKEND
+async def test_streams_are_found_by_prefix_with_their_tails(store: StreamStore) -> None:
+    # Enough names that a cluster spreads them over every primary.
+    names = [f"events/{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        await store.create(name, TEXT, [b"x"] * (i % 3))
+    await store.create("other/0", TEXT, [])
+    found = await store.names("events/")
+    assert found == sorted(names)
+    assert await store.tails(["events/1", "events/2", "missing"]) == [1, 2, None]
+    await store.create("events/src", TEXT, [b"x"])
+    await store.create("fork", StreamConfig(content_type="", fork=Fork("events/src", None)), [])
+    await store.delete("events/src")  # a tombstone has no tail
+    assert await store.tails(["events/src"]) == [None]

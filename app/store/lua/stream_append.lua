@@ -1,7 +1,8 @@
 -- Append to a Durable Stream and/or close it, atomically, with the protocol's checks in
 -- its order: closed, content type, producer (so a producer's retry is a duplicate before
 -- any Stream-Seq check), Stream-Seq. `body_type` is the media type of the body ('' with
--- none); `stream_seq` must sort after the last one ('' for none).
+-- none); `stream_seq` must sort after the last one ('' for none). Live readers hear of
+-- the write on `channel`, by PUBLISH (SPUBLISH on a cluster).
 --
 -- Returns {code, last_seq, extra}: 'ok' (extra: '1' when the stream is now closed) |
 -- 'duplicate' (a producer's retry; extra: its highest accepted seq) | 'closed' |
@@ -75,5 +76,5 @@ end
 
 -- Every write slides the stream's lifetime (an absolute expiry stays where it is).
 keep_stream({meta, log, producers, forks}, m[7], m[6], retention_ms)
-redis.call('PUBLISH', channel, last)
+redis.call(PUBLISH, channel, last)
 return {'ok', last, close == '1' and '1' or ''}

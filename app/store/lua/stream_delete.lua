@@ -1,6 +1,6 @@
 -- Delete a Durable Stream; one that forks still hold becomes a tombstone (410) until they
--- are gone. Live readers hear of it on `channel` (they end their responses). With `purge`
--- '1' it only collects a tombstone no fork holds any more.
+-- are gone. Live readers hear of it on `channel`, by PUBLISH (SPUBLISH on a cluster), and
+-- end their responses. With `purge` '1' it only collects a tombstone no fork holds any more.
 --
 -- Returns {'removed', fork_of} (its keys are gone; fork_of: the stream it forked, '' if
 -- none) | {'tombstone'} | {'missing'} | {'deleted'} (a tombstone already) | {'kept'}
@@ -16,9 +16,9 @@ elseif held then
   -- Forks keep copies of what they inherited: the tombstone keeps only the name taken.
   redis.call('HSET', meta, 'deleted', '1')
   redis.call('DEL', log, producers)
-  redis.call('PUBLISH', channel, 'deleted')
+  redis.call(PUBLISH, channel, 'deleted')
   return {'tombstone'}
 end
 redis.call('DEL', meta, log, producers, forks)
-redis.call('PUBLISH', channel, 'deleted')
+redis.call(PUBLISH, channel, 'deleted')
 return {'removed', m[3] or ''}
