@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import loops
-from app.hub.pubsub import Endpoint, Listener, PubSubConnection, ShardedPubSub
+from app.hub.pubsub import Endpoint, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Subscription
 from app.sse import Frame, live_frames
 from app.store import GenerationLog
@@ -169,20 +169,6 @@ class Hub:
         _, stuck = await asyncio.wait(self._loops, timeout=STOP_TIMEOUT_SECONDS)
         for task in stuck:
             logger.warning("hub task %s did not stop in time", task.get_name())
-
-    # -- watchers ------------------------------------------------------------
-
-    def watch(self, channel: bytes, watcher: Listener[bytes]) -> None:
-        """Hand every message on `channel` to `watcher` as published, on the hub's pub/sub
-        connection; `watcher` hears when that is confirmed, and when messages may have
-        been missed. A generation's channel may be watched beside its feed."""
-        if isinstance(self.pubsub, ShardedPubSub):
-            raise NotImplementedError("watching a channel on a Redis Cluster")
-        self.pubsub.watch(channel, watcher)
-
-    def unwatch(self, channel: bytes) -> None:
-        if not isinstance(self.pubsub, ShardedPubSub):
-            self.pubsub.unwatch(channel)
 
     # -- subscriptions -------------------------------------------------------
 
