@@ -79,3 +79,41 @@ async def periodic(name: str, every: float, step: Body) -> None:
 def start(name: str, body: Body, *, on_failure: OnFailure | None = None) -> asyncio.Task[None]:
     """`supervise(name, body)` as a task named `name`."""
     return asyncio.create_task(supervise(name, body, on_failure=on_failure), name=name)
+
+
+class LoopLag:
+    """How late this event loop runs: a timer every `interval` seconds notes how late it fired.
+
+    A saturated CPU shows here first: every task waits its turn that much longer.
+    `run` is the probe (start it with `start`); `calm` waits until the latest reading
+    is at most `limit`.
+    """
+
+    def __init__(self, limit: float, interval: float = 0.05) -> None:
+        self.limit = limit
+        self.interval = interval
+        self.seconds = 0.0
+        self._calm = asyncio.Event()
+        self._calm.set()
+
+    @property
+    def busy(self) -> bool:
+        return not self._calm.is_set()
+
+    def note(self, seconds: float) -> None:
+        """Record one reading."""
+        self.seconds = seconds
+        if self.limit and seconds > self.limit:
+            self._calm.clear()
+        else:
+            self._calm.set()
+
+    async def calm(self) -> None:
+        await self._calm.wait()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            self.note(max(0.0, loop.time() - due))

@@ -98,7 +98,18 @@ class Settings:
     lease_seconds: float = 10.0
     # On SIGTERM: how long in-flight generations may finish before they are handed off.
     shutdown_grace_seconds: float = 10.0
-    worker_concurrency: int = 256
+    # The most generations one worker runs at once: a bound on its memory (about 30 KiB
+    # each with the sim model), not a throughput knob. A generation mostly waits on its
+    # provider, so a worker takes every job it can until one of the two limits below
+    # says otherwise (docs/operations.md#sizing-workers).
+    worker_concurrency: int = 4096
+    # Streams one worker keeps open to one provider (openai, anthropic) at once; a
+    # generation past it waits for a stream to end before its request is sent. Size it
+    # to the provider account's concurrency divided by the number of workers.
+    provider_concurrency: int = 512
+    # A worker whose event loop runs this late (its CPU is saturated) takes no new job
+    # until it catches up, leaving them to other workers; 0: off.
+    worker_max_loop_lag_seconds: float = 0.1
     # Cancel a generation no reader has watched for this long (0: off). Readers mark
     # what they stream every reader_recheck_seconds, so keep this well above that.
     cancel_unwatched_seconds: float = 0.0

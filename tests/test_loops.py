@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -96,3 +97,47 @@ def test_backoff_grows_then_caps() -> None:
     assert loops.FIRST_DELAY_SECONDS / 2 <= delays[0] <= loops.FIRST_DELAY_SECONDS
     assert max(delays) <= loops.MAX_DELAY_SECONDS
     assert delays[-1] >= loops.MAX_DELAY_SECONDS / 2
+
+
+async def test_loop_lag_is_busy_above_its_limit_and_calm_again_below() -> None:
+    lag = loops.LoopLag(limit=0.1)
+    lag.note(0.25)
+    assert lag.busy
+    calm = asyncio.create_task(lag.calm())
+    await asyncio.sleep(0)
+    assert not calm.done()
+    lag.note(0.02)
+    await asyncio.wait_for(calm, 1.0)
+    assert not lag.busy
+
+
+async def test_loop_lag_with_no_limit_is_never_busy() -> None:
+    lag = loops.LoopLag(limit=0.0)
+    lag.note(10.0)
+    assert not lag.busy
+
+
+class RecordedLag(loops.LoopLag):
+    """Every reading the probe takes, in order."""
+
+    def __init__(self, limit: float, interval: float) -> None:
+        super().__init__(limit, interval)
+        self.readings: asyncio.Queue[float] = asyncio.Queue()
+
+    def note(self, seconds: float) -> None:
+        super().note(seconds)
+        self.readings.put_nowait(seconds)
+
+
+async def test_the_loop_lag_probe_sees_a_blocked_loop() -> None:
+    lag = RecordedLag(limit=0.05, interval=0.01)
+    probe = asyncio.create_task(lag.run())
+    try:
+        await asyncio.sleep(0)  # the probe's timer is set
+        time.sleep(0.2)  # noqa: ASYNC251 -- the loop blocked, as by a saturated CPU
+        assert await asyncio.wait_for(lag.readings.get(), 5.0) >= 0.15
+        assert lag.busy
+        assert await asyncio.wait_for(lag.readings.get(), 5.0) < 0.05
+        assert not lag.busy
+    finally:
+        probe.cancel()

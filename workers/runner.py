@@ -3,10 +3,11 @@
 A `Worker` reads jobs from the consumer group, takes each generation's lease,
 appends `started` and then the adapter's events in group-committed batches
 (`workers.appender`), and ends every generation with exactly one terminal
-event. Besides that it runs four loops under `app.loops`: the lease keeper
+event. Besides that it runs five loops under `app.loops`: the lease keeper
 (`workers.lease`), a claimer that takes over jobs whose worker died, the
-retention sweeper, and the listener of cancel requests (pushed, one subscription
-per process).
+retention sweeper, the listener of cancel requests (pushed, one subscription
+per process), and the probe of its event loop's lag, which holds new jobs back
+while the worker's CPU is saturated.
 
 The worker talks to Redis only through `app.store`: commands go through the
 client the caller passes in (give it a bounded pool, as `tokentape worker` does);
@@ -355,6 +356,8 @@ class Worker:
         self._runs: dict[str, _GenerationRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
+        # New jobs wait while this worker's CPU is saturated; running ones go on.
+        self.lag = loops.LoopLag(settings.worker_max_loop_lag_seconds)
         self._halt = asyncio.Event()  # stop was set, or a loop the worker needs failed
         self._failure: BaseException | None = None
 
@@ -409,6 +412,7 @@ class Worker:
             # pass missed, the next one (or another worker's) catches up.
             loops.start("job claimer", self._claim_loop),
             loops.start("sweeper", self._sweep_loop),
+            loops.start("loop lag probe", self.lag.run),
             # Not restarted: a pass handles Redis errors itself, so a failure is a bug
             # that would likely recur, and meanwhile every lease held here lapses and
             # is taken over mid-generation. Stopping hands the generations off at once
@@ -437,6 +441,9 @@ class Worker:
             if free <= 0:
                 self._slot_free.clear()
                 await _first(self._slot_free.wait(), halt.wait())
+                continue
+            if self.lag.busy:
+                await _first(self.lag.calm(), halt.wait())
                 continue
             try:
                 jobs = await reader.read(free, READ_BLOCK_MS)
@@ -542,7 +549,7 @@ class Worker:
     async def _claim(self) -> None:
         """Take over jobs whose worker stopped renewing (died) for a full lease."""
         free = self.settings.worker_concurrency - len(self._tasks)
-        if self._halt.is_set() or free <= 0:
+        if self._halt.is_set() or free <= 0 or self.lag.busy:
             return
         try:
             await self.claim(free)

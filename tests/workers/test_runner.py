@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from app import events
+from app import events, loops
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
 from app.settings import Settings
@@ -34,7 +34,7 @@ from tests.workers.conftest import (
 )
 from workers.models import PROVIDERS
 from workers.models.base import GenerationContext, ProviderError
-from workers.runner import MAX_ATTEMPTS, WorkerFailed, _GenerationRun
+from workers.runner import MAX_ATTEMPTS, Worker, WorkerFailed, _GenerationRun
 
 
 def assert_well_formed(entries: Sequence[LogEntry]) -> None:
@@ -573,3 +573,28 @@ async def test_an_append_answered_with_an_unknown_code_ends_the_generation(
     assert (error.code, error.message.split(":")[0]) == ("internal", "UnexpectedReply")
     assert len(failures_logged(caplog, f"{generation_id}: the run failed")) == 1
     assert await pending_jobs(redis, log) == 0
+
+
+async def test_a_worker_whose_loop_lags_takes_no_new_job_until_it_catches_up(
+    log: GenerationLog, store_redis: Redis, settings: Settings
+) -> None:
+    worker = Worker(store_redis, settings)
+    # A probe that never reads: the test says when the loop lags.
+    worker.lag = loops.LoopLag(limit=0.1, interval=3600)
+    worker.lag.note(0.5)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 5.0)
+        generation_id = await submit(log, sim_request(tokens=5))
+        # Nothing to await for a job that must not be taken: give it time to be.
+        await asyncio.sleep(0.5)
+        state = await log.state(generation_id)
+        assert state is not None
+        assert state.status == "queued"
+        worker.lag.note(0.01)
+        entries = await until_log(log, generation_id, ended)
+        assert_well_formed(entries)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 15.0)

@@ -18,9 +18,13 @@ AdapterFactory = Callable[[Settings | None], ModelAdapter]
 # every model of that provider, so they share one HTTP connection pool.
 PROVIDERS: dict[str, AdapterFactory] = {
     "sim": lambda _settings: SimModel(),
-    "openai": lambda _settings: OpenAIAdapter(),
-    "anthropic": lambda _settings: AnthropicAdapter(),
+    "openai": lambda settings: OpenAIAdapter(max_streams=_max_streams(settings)),
+    "anthropic": lambda settings: AnthropicAdapter(max_streams=_max_streams(settings)),
 }
+
+
+def _max_streams(settings: Settings | None) -> int:
+    return (settings or Settings()).provider_concurrency
 
 
 class Adapters:

@@ -80,15 +80,23 @@ class Upstream:
 
 
 class Session:
-    """The caller's aiohttp session, or one made on first use and closed by `close()`."""
+    """The caller's aiohttp session, or one made on first use and closed by `close()`.
 
-    def __init__(self, given: aiohttp.ClientSession | None) -> None:
+    The one it makes keeps at most `max_streams` connections to the provider open;
+    a request past that waits for one (with no timeout: a long answer ends when it
+    ends). aiohttp's default of 100 would cap a worker's generations of one provider
+    at 100 without saying so.
+    """
+
+    def __init__(self, given: aiohttp.ClientSession | None, max_streams: int) -> None:
         self._session = given
         self._owned = given is None
+        self._max_streams = max_streams
 
     def get(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(limit=self._max_streams, limit_per_host=0)
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def close(self) -> None:

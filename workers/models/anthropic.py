@@ -21,6 +21,7 @@ import msgspec
 from app import sse
 from app.events import Done, Error, Event, FinishReason, Token, Usage
 from app.generations import Message
+from app.settings import Settings
 from workers.models._resume import resume_from
 from workers.models._upstream import RetryPolicy, Session, Transient, Upstream, stream_events
 from workers.models.base import GenerationContext, ProviderError
@@ -106,8 +107,10 @@ class AnthropicAdapter:
         base_url: str | None = None,
         api_key: str | None = None,
         retry: RetryPolicy | None = None,
+        max_streams: int = Settings.provider_concurrency,
     ) -> None:
-        self._session = Session(session)
+        self._session = Session(session, max_streams)
+        self.max_streams = max_streams
         base = base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
         key = api_key if api_key is not None else os.environ.get("ANTHROPIC_API_KEY", "")
         headers = {"anthropic-version": API_VERSION}

@@ -21,6 +21,7 @@ import msgspec
 
 from app import sse
 from app.events import Done, Error, Event, FinishReason, Token, ToolCall, Usage
+from app.settings import Settings
 from workers.models._resume import resume_from
 from workers.models._upstream import RetryPolicy, Session, Transient, Upstream, stream_events
 from workers.models.base import GenerationContext
@@ -93,9 +94,11 @@ class OpenAIAdapter:
         base_url: str | None = None,
         api_key: str | None = None,
         retry: RetryPolicy | None = None,
+        max_streams: int = Settings.provider_concurrency,
         continuation_options: Mapping[str, Any] | None = None,
     ) -> None:
-        self._session = Session(session)
+        self._session = Session(session, max_streams)
+        self.max_streams = max_streams
         base = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self._upstream = Upstream(
