@@ -542,6 +542,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--idle-connections", type=int, default=10_000, help="(e) connections, one generation each")
     add("--idle-hold", type=float, default=5.0, help="(e) seconds to hold them once all are open")
     add("--workers", type=int, default=2, help="tokentape worker processes (the producers)")
+    add(
+        "--worker-concurrency",
+        type=int,
+        help="TOKENTAPE_WORKER_CONCURRENCY of each worker; default: tokentape's own default",
+    )
     add("--client-processes", type=int, default=2, help="load-generating processes")
     add("--connect-concurrency", type=int, default=256, help="opening connections per client")
     add("--create-concurrency", type=int, default=64, help="POSTs in flight per client")
@@ -646,6 +651,13 @@ async def delete_keys(redis_url: str, key_prefix: str) -> int:
     return deleted
 
 
+def worker_env(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """The workers' environment: tokentape's default concurrency unless one was asked for."""
+    if args.worker_concurrency is not None:
+        return {**env, "TOKENTAPE_WORKER_CONCURRENCY": str(args.worker_concurrency)}
+    return env
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -691,9 +703,7 @@ async def run(args: argparse.Namespace) -> list[Figures]:
         )
         stack.callback(bench.clients.close)
         if "tokentape" in implementations or args.naive_producer == "worker":
-            concurrency = max((s.streams for s in scenarios if s.kind == "generate"), default=1)
-            env = bench.env(key_prefix)
-            env["TOKENTAPE_WORKER_CONCURRENCY"] = str(concurrency // args.workers + 16)
+            env = worker_env(args, bench.env(key_prefix))
             for index in range(args.workers):
                 fields = {"python": sys.executable, "redis": redis_url}
                 worker = start_process(

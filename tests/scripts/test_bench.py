@@ -1,11 +1,11 @@
-"""The benchmark's coordinator: the table.
+"""The benchmark's coordinator: the workers' settings, the table.
 
 Nothing here times anything.
 """
 
 from __future__ import annotations
 
-from scripts.bench import COLUMNS, Figures, percentile, render_table
+from scripts.bench import COLUMNS, Figures, parse_args, percentile, render_table, worker_env
 
 
 def figures(implementation: str, drift: list[float]) -> Figures:
@@ -37,3 +37,10 @@ def test_drift_max_is_a_column_after_drift_p99_with_its_advantage() -> None:
 
 def test_no_live_token_no_drift_max() -> None:
     assert figures("tokentape", []).drift_max is None
+
+
+def test_workers_keep_tokentape_default_concurrency_unless_asked() -> None:
+    env = {"TOKENTAPE_KEY_PREFIX": "ttbench-x"}
+    assert worker_env(parse_args(["--scenarios", "a"]), env) == env
+    asked = worker_env(parse_args(["--worker-concurrency", "2000"]), env)
+    assert asked == {**env, "TOKENTAPE_WORKER_CONCURRENCY": "2000"}
