@@ -8,6 +8,7 @@ processes with the `sim` model, and are measured through the public HTTP API onl
   (c) fanout   one generation read by many readers at once
   (d) catchup  a finished generation read from the start
   (e) idle     many connections waiting on generations that never start
+  (f) first    one generation at a time, nothing else running, many in a row
 
 It prints one table with ratios (and `--json FILE` writes the raw figures). What
 each column means, and the exact command of the recorded run: docs/benchmarks.md.
@@ -16,6 +17,7 @@ each column means, and the exact command of the recorded run: docs/benchmarks.md
     python scripts/bench.py                         # the full run (minutes)
     python scripts/bench.py --impl naive --naive-producer inprocess --quick
     python scripts/bench.py --quick --cluster        # tokentape on a Redis Cluster of its own
+    python scripts/bench.py --scenarios f            # time to first token, one at a time
 """
 
 from __future__ import annotations
@@ -154,9 +156,14 @@ class Scenario:
     key: str
     name: str
     kind: JobKind
-    streams: int  # SSE connections
+    streams: int  # SSE connections open at once
     tokens: int  # per generation
     rate: float  # tokens per second
+    # Streams one after another on each connection's task: (d) the same finished
+    # generation read again, (f) a new generation created and read each time.
+    reads: int = 1
+    # One client task runs them all (they must be in a row), not split over processes.
+    in_a_row: bool = False
 
     @property
     def label(self) -> str:
@@ -164,7 +171,13 @@ class Scenario:
 
     @property
     def seconds(self) -> float:
-        return 0.0 if self.rate >= AS_FAST_AS_POSSIBLE else self.tokens / self.rate
+        """Nominal duration: the sim's pacing of one generation, times the reads in a row."""
+        return 0.0 if self.rate >= AS_FAST_AS_POSSIBLE else self.reads * self.tokens / self.rate
+
+    @property
+    def attempts(self) -> int:
+        """Streams read in all."""
+        return self.streams * self.reads
 
 
 def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
@@ -176,6 +189,11 @@ def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
     def tokens(n: int) -> int:
         return max(5, round(n * scale))
 
+    def in_a_row(n: int) -> int:
+        # Percentiles of fewer than 20 say little: scaled like any count, but not
+        # below 20 (nor below what was asked, when that is less).
+        return max(min(n, 20), round(n * scale))
+
     every = [
         Scenario("a", "live", "generate", count(args.live_generations), tokens(args.live_tokens),
                  args.live_rate),
@@ -185,8 +203,12 @@ def scenarios_from(args: argparse.Namespace) -> list[Scenario]:
                  args.fanout_rate),
         # started + tokens + done = catchup_events
         Scenario("d", "catchup", "read", args.catchup_readers,
-                 max(1, count(args.catchup_events) - 2), AS_FAST_AS_POSSIBLE),
+                 max(1, count(args.catchup_events) - 2), AS_FAST_AS_POSSIBLE,
+                 reads=args.catchup_reads),
         Scenario("e", "idle", "idle", count(args.idle_connections), 1, 1.0),
+        # Short generations, not scaled: only the first token is timed.
+        Scenario("f", "first", "generate", 1, args.first_tokens, args.first_rate,
+                 reads=in_a_row(args.first_generations), in_a_row=True),
     ]  # fmt: skip
     wanted = set(args.scenarios.split(","))
     return [s for s in every if s.key in wanted or s.name in wanted]
@@ -327,7 +349,12 @@ class Bench:
             complete=report.complete,
             failures=dict(report.failures),
             events=report.events,
-            events_per_second=report.events / window if report.events > 1 and window > 0 else None,
+            # (f) is one short generation at a time: its pace, not a throughput.
+            events_per_second=(
+                report.events / window
+                if report.events > 1 and window > 0 and not scenario.in_a_row
+                else None
+            ),
             ttft_p50=percentile(report.ttft, 50),
             ttft_p99=percentile(report.ttft, 99),
             created=percentiles(report.created),
@@ -358,16 +385,14 @@ class Bench:
         probe: ReaderProbe,
     ) -> ClientReport:
         args = self.args
-        shares = split(scenario.streams, self.clients.size)
-        seeds = [sum(shares[:i]) for i in range(len(shares))]
-        now = time.monotonic()
         job = ClientJob(
             kind=scenario.kind,
             base_url=base_url,
             streams=0,
-            deadline=now + 3 * scenario.seconds + 30 + scenario.streams * 0.01,
+            deadline=time.monotonic() + 3 * scenario.seconds + 30 + scenario.attempts * 0.01,
             tokens=scenario.tokens,
             rate=scenario.rate,
+            reads=scenario.reads,
             connect_concurrency=args.connect_concurrency,
             create_concurrency=args.create_concurrency,
         )
@@ -378,13 +403,9 @@ class Bench:
             if scenario.rate >= AS_FAST_AS_POSSIBLE:
                 # Catch-up: read it through once so it is finished; TTFT counts from each GET.
                 await read_all(session, base_url + events_url)
-                job.reads = args.catchup_reads
             else:
                 job.requested_at = requested_at
-        jobs = [
-            dataclasses.replace(job, streams=share, seed=seed)
-            for share, seed in zip(shares, seeds, strict=True)
-        ]
+        jobs = client_jobs(scenario, job, self.clients.size)
 
         async def hold() -> None:
             await asyncio.to_thread(probe.sample)
@@ -392,6 +413,19 @@ class Bench:
             await asyncio.to_thread(probe.sample)
 
         return await self.clients.run(jobs, while_connected=hold)
+
+
+def client_jobs(scenario: Scenario, job: ClientJob, processes: int) -> list[ClientJob]:
+    """The scenario's streams split between the client processes (one job each).
+
+    A scenario run in a row is one job: its streams must not overlap.
+    """
+    shares = [scenario.streams] if scenario.in_a_row else split(scenario.streams, processes)
+    seeds = [sum(shares[:i]) for i in range(len(shares))]
+    return [
+        dataclasses.replace(job, streams=share, seed=seed)
+        for share, seed in zip(shares, seeds, strict=True)
+    ]
 
 
 async def wait_ready(
@@ -523,7 +557,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tokentape alone on a private Redis Cluster (3 primaries, a replica each)",
     )
     add("--impl", default="naive,tokentape", help="readers to measure, comma-separated")
-    add("--scenarios", default="a,b,c,d,e", help="scenarios to run, by letter or name")
+    add("--scenarios", default="a,b,c,d,e,f", help="scenarios to run, by letter or name")
     add("--scale", type=float, default=1.0, help="multiplies every count and token count")
     add("--quick", action="store_true", help="smoke-check sizes (--scale 0.05, short idle hold)")
     add("--json", type=Path, help="write the raw figures here")
@@ -541,6 +575,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--catchup-reads", type=int, default=5, help="(d) reads one after another per reader")
     add("--idle-connections", type=int, default=10_000, help="(e) connections, one generation each")
     add("--idle-hold", type=float, default=5.0, help="(e) seconds to hold them once all are open")
+    add(
+        "--first-generations",
+        type=int,
+        default=100,
+        help="(f) generations one after another (scaled, but not below 20)",
+    )
+    add("--first-tokens", type=int, default=20, help="(f) tokens of each (not scaled)")
+    add("--first-rate", type=float, default=200.0, help="(f) tokens/s of each")
     add("--workers", type=int, default=2, help="tokentape worker processes (the producers)")
     add(
         "--worker-concurrency",
@@ -651,6 +693,13 @@ async def delete_keys(redis_url: str, key_prefix: str) -> int:
     return deleted
 
 
+def describe(scenario: Scenario) -> str:
+    if scenario.in_a_row:
+        return f"{scenario.reads} generations in a row, one at a time"
+    reads = f", {scenario.reads} reads each" if scenario.reads > 1 else ""
+    return f"{scenario.streams} streams{reads}"
+
+
 def worker_env(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
     """The workers' environment: tokentape's default concurrency unless one was asked for."""
     if args.worker_concurrency is not None:
@@ -715,7 +764,7 @@ async def run(args: argparse.Namespace) -> list[Figures]:
                 bench.worker_pids.append(worker.pid)
         for scenario in scenarios:
             for implementation in implementations:
-                log(f"{scenario.label}: {implementation}, {scenario.streams} streams …")
+                log(f"{scenario.label}: {implementation}, {describe(scenario)} …")
                 try:
                     figures = await bench.measure(scenario, implementation)
                 except (RuntimeError, TimeoutError, aiohttp.ClientError, OSError) as exc:

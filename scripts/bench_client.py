@@ -81,7 +81,9 @@ class ClientJob:
     events_url: str = ""  # kind "read": the shared generation
     requested_at: float = 0.0  # kind "read": when its POST was sent
     seed: int = 0
-    reads: int = 1  # kind "read": sequential reads per stream (catch-up repeats)
+    # Streams one after another per task: "read", the same generation again (catch-up
+    # repeats); "generate", a new generation each time (first tokens, in a row).
+    reads: int = 1
     connect_concurrency: int = 256
     create_concurrency: int = 64
 

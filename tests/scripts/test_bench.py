@@ -1,11 +1,86 @@
-"""The benchmark's coordinator: the workers' settings, the table.
+"""The benchmark's coordinator: scenarios, client jobs, the workers' settings, the table.
 
-Nothing here times anything.
+Nothing here times anything: the scenarios' sizes, how their streams are split
+between client processes, and that a run in a row checks every stream it makes.
 """
 
 from __future__ import annotations
 
-from scripts.bench import COLUMNS, Figures, parse_args, percentile, render_table, worker_env
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from app.store import GenerationLog
+from scripts.bench import (
+    COLUMNS,
+    Figures,
+    Scenario,
+    client_jobs,
+    parse_args,
+    percentile,
+    render_table,
+    scenarios_from,
+    worker_env,
+)
+from scripts.bench_client import ClientJob, ClientRun
+from scripts.naive_server import build_app
+from tests.conftest import REDIS_URL
+
+Client = TestClient[Any, web.Application]
+
+
+def scenario(key: str, *argv: str) -> Scenario:
+    (found,) = scenarios_from(parse_args(["--scenarios", key, *argv]))
+    return found
+
+
+def test_first_tokens_are_one_stream_of_many_generations_in_a_row() -> None:
+    first = scenario("f")
+    assert (first.label, first.kind, first.in_a_row) == ("(f) first", "generate", True)
+    assert (first.streams, first.reads, first.attempts) == (1, 100, 100)
+    assert (first.tokens, first.rate) == (20, 200.0)
+
+
+def test_scaling_leaves_at_least_20_first_generations_and_their_tokens() -> None:
+    assert scenario("first", "--quick").reads == 20
+    assert scenario("f", "--quick").tokens == 20
+    assert scenario("f", "--scale", "2").reads == 200
+    # Fewer than 20 asked for: what was asked.
+    assert scenario("f", "--quick", "--first-generations", "5").reads == 5
+
+
+def test_a_run_in_a_row_is_one_job_and_others_are_split_between_processes() -> None:
+    template = ClientJob(kind="generate", base_url="http://127.0.0.1:1", streams=0, deadline=0.0)
+    first = scenario("f", "--first-generations", "7")
+    (only,) = client_jobs(first, dataclasses.replace(template, reads=first.reads), processes=4)
+    assert (only.streams, only.reads) == (1, 7)
+    live = scenario("a", "--live-generations", "10")
+    jobs = client_jobs(live, template, processes=4)
+    assert [(j.streams, j.seed, j.reads) for j in jobs] == [
+        (3, 0, 1),
+        (3, 3, 1),
+        (2, 6, 1),
+        (2, 8, 1),
+    ]
+
+
+def test_catch_up_reads_are_reads_in_a_row_of_each_reader() -> None:
+    catchup = scenario("d", "--catchup-reads", "3")
+    assert (catchup.streams, catchup.reads, catchup.in_a_row) == (1, 3, False)
+
+
+def test_workers_keep_tokentape_default_concurrency_unless_asked() -> None:
+    env = {"TOKENTAPE_KEY_PREFIX": "ttbench-x"}
+    assert worker_env(parse_args(["--scenarios", "a"]), env) == env
+    asked = worker_env(parse_args(["--worker-concurrency", "2000"]), env)
+    assert asked == {**env, "TOKENTAPE_WORKER_CONCURRENCY": "2000"}
 
 
 def figures(implementation: str, drift: list[float]) -> Figures:
@@ -39,8 +114,35 @@ def test_no_live_token_no_drift_max() -> None:
     assert figures("tokentape", []).drift_max is None
 
 
-def test_workers_keep_tokentape_default_concurrency_unless_asked() -> None:
-    env = {"TOKENTAPE_KEY_PREFIX": "ttbench-x"}
-    assert worker_env(parse_args(["--scenarios", "a"]), env) == env
-    asked = worker_env(parse_args(["--worker-concurrency", "2000"]), env)
-    assert asked == {**env, "TOKENTAPE_WORKER_CONCURRENCY": "2000"}
+@pytest.fixture
+async def naive_inprocess(
+    log: GenerationLog, aiohttp_client: Callable[[web.Application], Awaitable[Client]]
+) -> AsyncIterator[Client]:
+    """The naive reader with its own producer: a generation streams with no worker."""
+    blocking_redis = Redis.from_url(REDIS_URL, socket_timeout=None)
+    yield await aiohttp_client(build_app(log, blocking_redis, "inprocess"))
+    await blocking_redis.aclose()
+
+
+async def test_first_generations_in_a_row_are_each_created_read_and_checked(
+    naive_inprocess: Client,
+) -> None:
+    first = scenario("f", "--first-generations", "3", "--first-tokens", "4", "--first-rate", "1000")
+    template = ClientJob(
+        kind=first.kind,
+        base_url=str(naive_inprocess.make_url("")).rstrip("/"),
+        streams=0,
+        deadline=time.monotonic() + 60,
+        tokens=first.tokens,
+        rate=first.rate,
+        reads=first.reads,
+    )
+    (job,) = client_jobs(first, template, processes=2)
+    async with aiohttp.ClientSession() as session:
+        run = ClientRun(job, session)
+        await run.run()
+    report = run.report
+    assert (report.streams, report.complete, dict(report.failures)) == (3, 3, {})
+    # Three generations, each started, 4 tokens, done: ids 1..6 checked on each.
+    assert report.events == 3 * 6
+    assert len(report.ttft) == len(report.created) == len(report.connected) == 3
