@@ -76,6 +76,18 @@ def test_catch_up_reads_are_reads_in_a_row_of_each_reader() -> None:
     assert (catchup.streams, catchup.reads, catchup.in_a_row) == (1, 3, False)
 
 
+def test_issue_16_rows_are_expressed_by_flags() -> None:
+    fanout = scenario("c", "--fanout-readers", "2000", "--fanout-rate", "100")
+    assert (fanout.streams, fanout.rate, fanout.tokens) == (2000, 100.0, 1500)
+    fast = scenario(
+        "c", "--fanout-readers", "500", "--fanout-rate", "300", "--fanout-tokens", "4500"
+    )
+    assert (fast.streams, fast.rate, fast.tokens, fast.seconds) == (500, 300.0, 4500, 15.0)
+    assert scenario("e", "--idle-connections", "5000").streams == 5000
+    live = scenario("a", "--live-tokens", "60")
+    assert (live.streams, live.tokens, live.rate) == (1000, 60, 20.0)
+
+
 def test_workers_keep_tokentape_default_concurrency_unless_asked() -> None:
     env = {"TOKENTAPE_KEY_PREFIX": "ttbench-x"}
     assert worker_env(parse_args(["--scenarios", "a"]), env) == env
