@@ -101,22 +101,31 @@ class _GenerationRun:
     async def execute(self) -> Outcome:
         log = self.worker.log
         asked = asyncio.get_running_loop().time()
-        lease = await log.acquire(self.generation_id, self.worker.worker_id)
+        # The request is read beside the acquire, not after it: one round trip sooner
+        # to the first token, and a read wasted only when the lease is held elsewhere.
+        reading = asyncio.ensure_future(log.request(self.generation_id))
+        reading.add_done_callback(_seen)  # its failure is raised below, or of no interest
+        try:
+            lease = await log.acquire(self.generation_id, self.worker.worker_id)
+        except BaseException:
+            reading.cancel()
+            raise
         if lease is None:
+            reading.cancel()
             state = await log.state(self.generation_id)
             return Outcome.ALREADY_ENDED if state is None or state.terminal else Outcome.HELD
         self.lease = lease
         keeper = self.worker.keeper
         keeper.hold(HeldLease(lease, self.job.id, self.cancel, self.lose, renewed_at=asked))
         try:
-            return await self._execute(lease)
+            # Its failure (a request that does not decode) is the run's, with the lease held.
+            return await self._execute(lease, await reading)
         finally:
             keeper.drop(self.generation_id)
 
-    async def _execute(self, lease: Lease) -> Outcome:
+    async def _execute(self, lease: Lease, request: GenerationRequest | None) -> Outcome:
         log = self.worker.log
         telemetry = self.worker.telemetry
-        request = await log.request(self.generation_id)
         model = request.model if request else "unknown"
         previous_attempt = None
         if lease.attempt > 1 and telemetry.tracing:
@@ -563,6 +572,12 @@ class Worker:
             logger.info("taking over job %s", job.id)
             self._start(job)
         return len(jobs)
+
+
+def _seen(task: asyncio.Future[Any]) -> None:
+    """Mark a task's failure as retrieved, for a task whose result may go unused."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _first(*awaitables: Awaitable[Any]) -> None:
