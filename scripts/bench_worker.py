@@ -6,7 +6,8 @@ Creates the generations and enqueues their jobs first (not measured), then runs
 one `workers.runner.Worker` with room for all of them, on the loop `tokentape worker`
 runs on (`app.runtime.run_loop`: uvloop unless `--event-loop asyncio`), until every generation
 has ended, and prints the events appended, events/s, and this process's CPU
-(getrusage) and Redis's (`INFO cpu`) per 10k events. Keys live under a private
+(getrusage) and Redis's (`INFO cpu`) per 10k events, and the growth of its resident
+memory per generation running at once. Keys live under a private
 prefix and are deleted at the end; nothing is flushed. Run it against two source
 trees (`PYTHONPATH=<tree>`) back to back for an A/B comparison.
 """
@@ -44,6 +45,14 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _rss() -> int:
+    """This process's resident memory in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
 async def _redis_cpu(redis: Redis) -> float:
     info = await redis.info("cpu")
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
@@ -77,9 +86,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
         worker = Worker(redis, settings, telemetry=Telemetry.from_env("tokentape-worker"))
         stop = asyncio.Event()
         cpu0, redis0, wall0 = _cpu(), await _redis_cpu(redis), time.perf_counter()
+        rss_before = rss_peak = _rss()
         task = asyncio.create_task(worker.run(stop))
         # Every generation ends by leaving the open set; polling it is cheap.
-        while await redis.zcard(log.keys.open_generations):  # noqa: ASYNC110
+        while await redis.zcard(log.keys.open_generations):
+            rss_peak = max(rss_peak, _rss())
             await asyncio.sleep(0.2)
         wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
         redis_cpu = await _redis_cpu(redis) - redis0
@@ -93,6 +104,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> dict[str, float]:
             "events_per_s": round(events / wall),
             "worker_cpu_s_per_10k": round(cpu / events * 10_000, 3),
             "redis_cpu_s_per_10k": round(redis_cpu / events * 10_000, 3),
+            "rss_kib_per_generation": round((rss_peak - rss_before) / 1024 / args.generations, 1),
         }
     finally:
         keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
