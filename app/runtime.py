@@ -28,7 +28,7 @@ def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] 
     """uvloop's loop unless `event_loop` is "asyncio" or uvloop is not installed.
 
     Every event costs a reader a socket write and a worker a few task switches; on
-    uvloop those run in C (about 10 % less CPU per event in scripts/bench.py (a)).
+    uvloop those run in C (docs/benchmarks.md: what the per-event budget buys).
     """
     if settings.event_loop == "asyncio":
         return None
@@ -42,8 +42,8 @@ def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] 
 def run_loop(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run(main)` on the loop `settings.event_loop` names."""
     # What is loaded by now (modules, classes, functions) lives as long as the process:
-    # keep it out of the collector's full passes, each of which walked all of it, a
-    # 25-70 ms stall of every stream on a busy reader or worker.
+    # keep it out of the collector's full passes, each of which would walk all of it
+    # and stall every stream of a busy reader or worker (docs/benchmarks.md).
     gc.freeze()
     with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
         return runner.run(main)

@@ -1,7 +1,7 @@
 """The hub's pub/sub connection: one socket per process, read in bulk.
 
 Not redis-py's PubSub: its get_message costs a coroutine chain, a dict and
-observability hooks per message, ~19% of a busy reader's CPU. The connection is
+observability hooks per message, a large share of a busy reader's CPU. The connection is
 opened here, to the server a redis-py client points at (address, TLS, credentials
 and client name read from the client's settings), and speaks RESP through hiredis:
 commands packed with `pack_command`, replies parsed many to a read.

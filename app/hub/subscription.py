@@ -207,9 +207,9 @@ class Subscription:
         """Wake the coming wait at `deadline`, keeping the timer armed by an earlier wait.
 
         Not a timeout per wait: under load every wait ends with an event well before
-        its deadline, and arming and cancelling a timer each time was ~9% of a busy
-        reader's CPU. One timer per subscription fires at most once per `wait_seconds`
-        of events and moves itself on to the latest deadline.
+        its deadline, and arming and cancelling a timer each time would cost a busy
+        reader a noticeable share of its CPU. One timer per subscription fires at most
+        once per `wait_seconds` of events and moves itself on to the latest deadline.
         """
         self._deadline = deadline
         timer = self._timer

@@ -32,8 +32,9 @@ log = logging.getLogger("tokentape.telemetry")
 
 _INSTRUMENTATION_SCOPE = "tokentape"
 # What `from_env` processes record of the inter-token gaps and of each appender's
-# append latencies: one in this many. A record costs ~4 µs; recording every gap
-# was ~10 % of a worker's CPU per token, and every append ~10 % more.
+# append latencies: one in this many. A record costs a few µs, as much as the rest
+# of a token's path through the worker: recording every gap and every append would
+# add a noticeable share to a worker's CPU per token.
 GAP_SAMPLE_EVERY = 10
 _OTLP_PACKAGE = "opentelemetry-exporter-otlp-proto-http"
 
@@ -86,8 +87,7 @@ class Telemetry(Spans):
         resource; `service_name` is the default. `OTEL_SDK_DISABLED=true` turns
         the SDK off: no exporter, and /metrics has only the process metrics.
         `gap_sample_every=N` records one inter-token gap in N and one append latency
-        in N (a record costs ~4 µs); token counts and every other instrument are not
-        sampled.
+        in N; token counts and every other instrument are not sampled.
         """
         # os.environ, not a mapping passed in: the OTLP exporters read their endpoint,
         # headers and timeouts from it themselves.

@@ -139,7 +139,7 @@ class GenerationSpan:
         else:
             now = self._now()
             self._gaps_seen += 1
-            # Per token, so no attributes (they double the ~4 µs a record costs) and
+            # Per token, so no attributes (they double what a record costs) and
             # optionally only every Nth gap.
             if self._gaps_seen % self._gap_sample_every == 0:
                 self._metrics.inter_token_gap.record(now - self._last_token)
