@@ -57,6 +57,7 @@ from scripts.bench_client import (
     ClientReport,
     EventReader,
     JobKind,
+    authorization,
     client_process_main,
     raise_fd_limit,
     sim_body,
@@ -280,14 +281,25 @@ class Bench:
     def workers_cpu(self) -> float:
         return sum(cpu_seconds(pid) for worker in self.worker_pids for pid in process_tree(worker))
 
+    api_key: str = ""
+
     def env(self, key_prefix: str) -> dict[str, str]:
-        return {
+        env = {
             **os.environ,
             "TOKENTAPE_REDIS_URL": self.redis_url,
             "TOKENTAPE_REDIS_CLUSTER": "true" if self.args.cluster else "false",
             "TOKENTAPE_KEY_PREFIX": key_prefix,
             "PYTHONUNBUFFERED": "1",
         }
+        if self.api_key:
+            # Access control on, its quotas off: the scenarios are one key's bursts.
+            env |= {
+                "TOKENTAPE_API_KEYS": self.api_key,
+                "TOKENTAPE_SECRET": secrets.token_urlsafe(32),
+                "TOKENTAPE_MAX_RUNNING_PER_KEY": "0",
+                "TOKENTAPE_MAX_CREATIONS_PER_MINUTE": "0",
+            }
+        return env
 
     def start_reader(
         self, implementation: Implementation, port: int, key_prefix: str, idle: bool
@@ -315,7 +327,9 @@ class Bench:
         base_url = f"http://{HOST}:{port}"
         try:
             async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+                connector=aiohttp.TCPConnector(limit=0),
+                auto_decompress=False,
+                headers=authorization(self.api_key),
             ) as session:
                 await wait_ready(session, base_url, reader)
                 if not idle:
@@ -395,6 +409,7 @@ class Bench:
             reads=scenario.reads,
             connect_concurrency=args.connect_concurrency,
             create_concurrency=args.create_concurrency,
+            api_key=self.api_key,
         )
         if scenario.kind == "read":
             requested_at = time.monotonic()
@@ -556,6 +571,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="tokentape alone on a private Redis Cluster (3 primaries, a replica each)",
     )
+    add("--api-keys", action="store_true",
+        help="the reader requires an API key (POSTs send it, events use read tokens)")  # fmt: skip
     add("--impl", default="naive,tokentape", help="readers to measure, comma-separated")
     add("--scenarios", default="a,b,c,d,e,f", help="scenarios to run, by letter or name")
     add("--scale", type=float, default=1.0, help="multiplies every count and token count")
@@ -749,6 +766,7 @@ async def run(args: argparse.Namespace) -> list[Figures]:
             naive_redis_connections=(
                 0 if args.cluster else await naive_pool_size(redis_url, largest)
             ),
+            api_key=f"ttk_bench_{secrets.token_hex(16)}" if args.api_keys else "",
         )
         stack.callback(bench.clients.close)
         if "tokentape" in implementations or args.naive_producer == "worker":

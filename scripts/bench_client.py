@@ -86,6 +86,8 @@ class ClientJob:
     reads: int = 1
     connect_concurrency: int = 256
     create_concurrency: int = 64
+    # Sent as `Authorization: Bearer` with every request (the reader then has API keys).
+    api_key: str = ""
 
 
 @dataclasses.dataclass
@@ -290,7 +292,10 @@ async def run_client_job(job: ClientJob, conn: Connection) -> ClientReport:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        headers=authorization(job.api_key),
     ) as session:
         client = ClientRun(job, session)
         if job.kind != "idle":
@@ -310,6 +315,10 @@ async def run_client_job(job: ClientJob, conn: Connection) -> ClientReport:
         client.release.set()
         await running
         return client.report
+
+
+def authorization(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def client_process_main(conn: Connection) -> None:
