@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 
 from app import loops
 from app.hub.pubsub import Endpoint, PubSubConnection, ShardedPubSub
-from app.hub.subscription import Subscription
+from app.hub.subscription import Page, Subscription, read_page
 from app.sse import Frame, live_frames
 from app.store import GenerationLog
 
@@ -28,6 +28,7 @@ class Feed:
 
     __slots__ = (
         "_confirming",
+        "_reading",
         "channel",
         "confirmed",
         "generation_id",
@@ -45,6 +46,8 @@ class Feed:
         self._confirming: asyncio.Future[None] | None = None
         self.silent_since = now
         self.linger: asyncio.TimerHandle | None = None
+        # Catch-up pages being read, by the seq they follow; made only while one is.
+        self._reading: dict[int, asyncio.Future[Page]] | None = None
 
     async def until_confirmed(self, seconds: float) -> bool:
         """Wait up to `seconds` for the live channel to be subscribed; whether it is."""
@@ -55,6 +58,30 @@ class Feed:
             # other subscriptions waiting on the same feed.
             await asyncio.wait([self._confirming], timeout=seconds)
         return self.confirmed
+
+    def read_page(self, log: GenerationLog, after_seq: int, count: int) -> asyncio.Future[Page]:
+        """The log's page after `after_seq`, read and framed once for every subscription of
+        this feed that asks while it is read: clients joining a generation together start
+        from the same seq, and pages keep them on the same seqs until they are caught up.
+
+        Await it shielded: a subscription that gives up must not cancel the others' read.
+        """
+        if self._reading is None:
+            self._reading = {}
+        reading = self._reading.get(after_seq)
+        if reading is None:
+            reading = asyncio.ensure_future(read_page(log, self.generation_id, after_seq, count))
+            self._reading[after_seq] = reading
+            reading.add_done_callback(functools.partial(self._page_read, after_seq))
+        return reading
+
+    def _page_read(self, after_seq: int, reading: asyncio.Future[Page]) -> None:
+        if self._reading is not None and self._reading.get(after_seq) is reading:
+            del self._reading[after_seq]
+            if not self._reading:
+                self._reading = None
+        if not reading.cancelled():
+            reading.exception()  # retrieved: every subscription that asked may have left
 
     def recheck(self, last_seq: int | None = None) -> None:
         """Every subscription looks at the log (with `last_seq`, those behind it)."""

@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from app import sse
 from app.events import TERMINAL_TYPES, Gap, Reset, encode
 from app.sse import Frame
-from app.store import RawEntry
+from app.store import GenerationLog, RawEntry
 
 if TYPE_CHECKING:
     from app.hub.fanout import Feed, Hub
@@ -24,6 +24,18 @@ _reset_decoder = msgspec.json.Decoder(Reset)
 # What a client is sent when the log cannot vouch for the events it holds: drop them all
 # and read again from the start (`id: 0` is its position after this event).
 RESTART = sse.event_frame(0, "reset", encode(Reset(from_seq=1)))
+
+# A catch-up page: the log's rows and their SSE frames.
+Page = tuple[list[RawEntry], bytes]
+
+
+async def read_page(log: GenerationLog, generation_id: str, after_seq: int, count: int) -> Page:
+    """Up to `count` rows after `after_seq`, and their frames."""
+    rows = await log.read_rows(generation_id, after_seq, count)
+    # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
+    # b"t", ms]): no object per event on the catch-up path.
+    frames = sse.event_frames((entry_id[:-2], fields[1], fields[3]) for entry_id, fields in rows)
+    return rows, frames
 
 
 class Subscription:
@@ -254,8 +266,8 @@ class Subscription:
             return None
         try:
             async with asyncio.timeout(budget):
-                rows = await self._hub.log.read_rows(
-                    self.generation_id, self.delivered, self._hub.page_size
+                rows, chunk = await asyncio.shield(
+                    self.feed.read_page(self._hub.log, self.delivered, self._hub.page_size)
                 )
         except TimeoutError:
             return None
@@ -292,9 +304,6 @@ class Subscription:
             self._ahead = False
             if not _announces_reset(rows[0], self.delivered):
                 return self._restart("the log grew back past it with no reset")
-        # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
-        # b"t", ms]): no object per event on the catch-up path.
-        chunk = sse.event_frames((entry_id[:-2], fields[1], fields[3]) for entry_id, fields in rows)
         last_id, last_fields = rows[-1]
         last_seq = int(last_id[:-2])
         if self._first_read:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from app import events, sse
 from app.events import LogEntry
-from app.hub import Hub
+from app.hub import Hub, Subscription
 from app.settings import Settings
-from app.store import GenerationLog
+from app.store import GenerationLog, RawEntry
 from tests.conftest import leased_generation
 from tests.live import frame_of
 
@@ -98,3 +99,39 @@ async def test_heartbeat_wait_ends_at_its_own_deadline(hub: Hub) -> None:
         assert await subscription.next_chunk(0.05) == b""
     hub.unsubscribe(subscription)
     assert subscription._timer is None  # closing cancels it: no timer outlives the stream
+
+
+async def test_clients_joining_one_generation_together_share_each_page_read(
+    redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = GenerationLog(redis, settings)
+    hub = Hub(log, redis, page_size=100)
+    await hub.start()
+    try:
+        generation_id, lease = await leased_generation(log, "w")
+        await log.append(lease, 1, [events.Token(text=str(i)) for i in range(250)])
+        reads: list[int] = []
+        read_rows = log.read_rows
+
+        async def counted(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+            reads.append(after_seq)
+            return await read_rows(generation_id, after_seq, count)
+
+        monkeypatch.setattr(log, "read_rows", counted)
+        subscriptions = [await hub.subscribe(generation_id, 0) for _ in range(20)]
+
+        async def read_through(subscription: Subscription) -> list[int]:
+            parser = sse.Parser()
+            seqs: list[int] = []
+            while len(seqs) < 250:
+                chunk = await subscription.next_chunk(1.0)
+                assert chunk
+                seqs.extend(int(m.id or 0) for m in parser.feed(chunk))
+            return seqs
+
+        seen = await asyncio.gather(*map(read_through, subscriptions))
+        assert all(seqs == list(range(1, 251)) for seqs in seen)
+        # Three pages (after 0, 100 and 200), each read once for all twenty clients.
+        assert sorted(reads) == [0, 100, 200]
+    finally:
+        await hub.stop()
