@@ -1,0 +1,36 @@
+"""The profiling helpers: py-spy's collapsed stacks summed, and a first token split in stages."""
+
+from __future__ import annotations
+
+from app import events
+from app.store import GenerationLog
+from scripts.bench_ttft import STAGES, Timing, stages
+from scripts.pyspy_top import summarize
+from tests.conftest import leased_generation
+
+
+def test_samples_count_once_per_function_however_deep_it_recurses() -> None:
+    lines = [
+        "run (app/a.py:1);step (app/b.py:2);step (app/b.py:9) 3",
+        "run (app/a.py:1);write (aiohttp/w.py:5) 1",
+        "",
+    ]
+    total, own, anywhere = summarize(lines)
+    assert total == 4
+    assert own == {"step (app/b.py:9)": 3, "write (aiohttp/w.py:5)": 1}
+    assert anywhere == {"run (a.py)": 4, "step (b.py)": 3, "write (w.py)": 1}
+
+
+async def test_the_stages_of_a_first_token_add_up_to_its_time(log: GenerationLog) -> None:
+    generation_id, lease = await leased_generation(log, "w")
+    await log.append(lease, 1, [events.Started(model="sim"), events.Token(text="hi")])
+    state = await log.state(generation_id)
+    assert state is not None
+    first_token = (await log.read(generation_id, 1, 1))[0]
+    timing = Timing(generation_id, posted_ms=state.created_ms - 3.0)
+    timing.first_token_ms = first_token.appended_ms + 2.0
+    measured = dict(zip(STAGES, await stages(log, timing), strict=True))
+    assert measured["created"] == 3.0
+    assert measured["delivered"] == 2.0
+    assert all(ms >= 0 for ms in measured.values())
+    assert measured["total"] == sum(ms for stage, ms in measured.items() if stage != "total")
