@@ -76,7 +76,7 @@ def test_catch_up_reads_are_reads_in_a_row_of_each_reader() -> None:
     assert (catchup.streams, catchup.reads, catchup.in_a_row) == (1, 3, False)
 
 
-def test_issue_16_rows_are_expressed_by_flags() -> None:
+def test_the_target_rows_are_expressed_by_flags() -> None:
     fanout = scenario("c", "--fanout-readers", "2000", "--fanout-rate", "100")
     assert (fanout.streams, fanout.rate, fanout.tokens) == (2000, 100.0, 1500)
     fast = scenario(
