@@ -101,7 +101,7 @@ class Settings:
     # The most generations one worker runs at once: a bound on its memory (about 30 KiB
     # each with the sim model), not a throughput knob. A generation mostly waits on its
     # provider, so a worker takes every job it can until one of the two limits below
-    # says otherwise (docs/operations.md#sizing-workers).
+    # says otherwise (docs/operations.md#capacity-planning).
     worker_concurrency: int = 4096
     # Streams one worker keeps open to one provider (openai, anthropic) at once; a
     # generation past it waits for a stream to end before its request is sent. Size it
