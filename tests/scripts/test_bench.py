@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
 
-from app.store import GenerationLog
 from scripts.bench import (
     COLUMNS,
     Figures,
@@ -30,10 +24,7 @@ from scripts.bench import (
     worker_env,
 )
 from scripts.bench_client import ClientJob, ClientRun
-from scripts.naive_server import build_app
-from tests.conftest import REDIS_URL
-
-Client = TestClient[Any, web.Application]
+from tests.scripts.conftest import Client, StartNaive
 
 
 def scenario(key: str, *argv: str) -> Scenario:
@@ -127,13 +118,9 @@ def test_no_live_token_no_drift_max() -> None:
 
 
 @pytest.fixture
-async def naive_inprocess(
-    log: GenerationLog, aiohttp_client: Callable[[web.Application], Awaitable[Client]]
-) -> AsyncIterator[Client]:
+async def naive_inprocess(start_naive: StartNaive) -> Client:
     """The naive reader with its own producer: a generation streams with no worker."""
-    blocking_redis = Redis.from_url(REDIS_URL, socket_timeout=None)
-    yield await aiohttp_client(build_app(log, blocking_redis, "inprocess"))
-    await blocking_redis.aclose()
+    return await start_naive("inprocess")
 
 
 async def test_first_generations_in_a_row_are_each_created_read_and_checked(

@@ -6,30 +6,17 @@ only the read path differs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
 
 from app import events
 from app.sse import event_frame
 from app.store import GenerationLog
-from scripts.naive_server import build_app
-from tests.conftest import REDIS_URL
-
-Client = TestClient[Any, web.Application]
+from tests.scripts.conftest import Client, StartNaive
 
 
 @pytest.fixture
-async def naive(
-    log: GenerationLog, aiohttp_client: Callable[[web.Application], Awaitable[Client]]
-) -> AsyncIterator[Client]:
-    blocking_redis = Redis.from_url(REDIS_URL, socket_timeout=None)
-    yield await aiohttp_client(build_app(log, blocking_redis, "worker"))
-    await blocking_redis.aclose()
+async def naive(start_naive: StartNaive) -> Client:
+    return await start_naive("worker")
 
 
 async def finished_generation(naive: Client, log: GenerationLog) -> str:
