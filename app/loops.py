@@ -86,13 +86,19 @@ class LoopLag:
 
     A saturated CPU shows here first: every task waits its turn that much longer.
     `run` is the probe (start it with `start`); `calm` waits until the latest reading
-    is at most `limit`.
+    is at most `limit`; `on_busy` is called each time a reading goes above it.
     """
 
-    def __init__(self, limit: float, interval: float = 0.05) -> None:
+    def __init__(
+        self,
+        limit: float,
+        interval: float = 0.05,
+        on_busy: Callable[[float], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.interval = interval
         self.seconds = 0.0
+        self._on_busy = on_busy
         self._calm = asyncio.Event()
         self._calm.set()
 
@@ -104,6 +110,8 @@ class LoopLag:
         """Record one reading."""
         self.seconds = seconds
         if self.limit and seconds > self.limit:
+            if self._on_busy is not None and not self.busy:
+                self._on_busy(seconds)
             self._calm.clear()
         else:
             self._calm.set()

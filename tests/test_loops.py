@@ -111,6 +111,14 @@ async def test_loop_lag_is_busy_above_its_limit_and_calm_again_below() -> None:
     assert not lag.busy
 
 
+async def test_loop_lag_tells_each_time_it_turns_busy() -> None:
+    turned: list[float] = []
+    lag = loops.LoopLag(limit=0.1, on_busy=turned.append)
+    for reading in (0.05, 0.2, 0.3, 0.01, 0.15):
+        lag.note(reading)
+    assert turned == [0.2, 0.15]
+
+
 async def test_loop_lag_with_no_limit_is_never_busy() -> None:
     lag = loops.LoopLag(limit=0.0)
     lag.note(10.0)

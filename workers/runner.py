@@ -366,7 +366,10 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         # New jobs wait while this worker's CPU is saturated; running ones go on.
-        self.lag = loops.LoopLag(settings.worker_max_loop_lag_seconds)
+        self.lag = loops.LoopLag(
+            settings.worker_max_loop_lag_seconds,
+            on_busy=lambda _seconds: self.telemetry.metrics.worker_busy.add(1),
+        )
         self._halt = asyncio.Event()  # stop was set, or a loop the worker needs failed
         self._failure: BaseException | None = None
 

@@ -65,6 +65,11 @@ class Metrics:
             "{reset}",
             "Resets a worker recorded: Redis came back without events it had appended.",
         )
+        self.worker_busy = counter(
+            "worker_busy",
+            "{pause}",
+            "Times a worker stopped taking jobs because its event loop lagged (CPU saturated).",
+        )
 
         # Reader side.
         self.delivery_latency = histogram(

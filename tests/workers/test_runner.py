@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
-from app import events, loops
+from app import events
 from app.events import Done, Error, Event, LogEntry, Started, Token
 from app.keys import new_generation_id
 from app.settings import Settings
@@ -578,10 +578,14 @@ async def test_an_append_answered_with_an_unknown_code_ends_the_generation(
 async def test_a_worker_whose_loop_lags_takes_no_new_job_until_it_catches_up(
     log: GenerationLog, store_redis: Redis, settings: Settings
 ) -> None:
-    worker = Worker(store_redis, settings)
+    metrics = InMemoryMetricReader()
+    worker = Worker(store_redis, settings, telemetry=Telemetry(metric_readers=[metrics]))
     # A probe that never reads: the test says when the loop lags.
-    worker.lag = loops.LoopLag(limit=0.1, interval=3600)
+    worker.lag.interval = 3600
     worker.lag.note(0.5)
+    worker.lag.note(0.4)  # still busy: one pause
+    (pauses,) = metric_points(metrics, "tokentape.worker_busy")
+    assert pauses.value == 1
     stop = asyncio.Event()
     running = asyncio.create_task(worker.run(stop))
     try:
