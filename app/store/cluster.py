@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import (
     AskError,
@@ -86,6 +87,11 @@ def node_of(cluster: RedisCluster, key: Arg) -> ClusterNode:
     node = cluster.get_node_from_key(name)
     assert node is not None  # a primary is asked for, never a replica
     return node
+
+
+def routes_for(redis: Redis | RedisCluster, timeout: float) -> Redis | ClusterRoutes:
+    """What the store's pipelines send through: a cluster's routes, or the one Redis itself."""
+    return ClusterRoutes(redis, timeout=timeout) if isinstance(redis, RedisCluster) else redis
 
 
 class ClusterRoutes:

@@ -23,7 +23,7 @@ from app.generations import GenerationRequest
 from app.keys import Keys
 from app.settings import Settings
 from app.store.cancels import CancelRequests
-from app.store.cluster import ClusterRoutes
+from app.store.cluster import ClusterRoutes, routes_for
 from app.store.jobs import JobQueue, entry_fields
 from app.store.quotas import Quotas
 from app.store.retention import Retention, Ttls
@@ -87,11 +87,7 @@ class GenerationLog:
         self.settings = settings
         self.keys = Keys(settings.key_prefix, settings.key_shards)
         self.ttls = Ttls.of(settings)
-        routes = (
-            ClusterRoutes(redis, timeout=settings.redis_timeout_seconds)
-            if isinstance(redis, RedisCluster)
-            else redis
-        )
+        routes = routes_for(redis, settings.redis_timeout_seconds)
         self.cluster = isinstance(routes, ClusterRoutes)
         # Live batches and cancel requests: sharded pub/sub on a cluster, delivered by
         # the node that holds the generation (or the shard) only.

@@ -42,7 +42,7 @@ from app.errors import Conflict, Expired, InvalidRequest, NotFound
 from app.keys import Keys
 from app.settings import Settings
 from app.store import transport
-from app.store.cluster import ClusterRoutes
+from app.store.cluster import ClusterRoutes, routes_for
 from app.store.scripts import Reply, UnexpectedReply
 from app.store.stream_scripts import (
     STREAM_ADD_FORK,
@@ -135,7 +135,7 @@ class StreamStore:
     def __init__(self, redis: Redis | RedisCluster, settings: Settings) -> None:
         self.keys = Keys(settings.key_prefix, settings.key_shards)
         timeout = settings.redis_timeout_seconds
-        routes = ClusterRoutes(redis, timeout=timeout) if isinstance(redis, RedisCluster) else redis
+        routes = routes_for(redis, timeout)
         self._routes = routes
         self._timeout = timeout
         sharded = isinstance(routes, ClusterRoutes)

@@ -47,7 +47,7 @@ from app.durable_streams.subscriptions import (
 )
 from app.keys import Keys
 from app.settings import Settings
-from app.store.cluster import ClusterRoutes
+from app.store.cluster import ClusterRoutes, routes_for
 from app.store.scripts import A, Reply, Script, UnexpectedReply
 from app.store.state import map_reply, scored_reply
 from app.store.subscription_scripts import (
@@ -111,7 +111,7 @@ class SubscriptionStore:
     def __init__(self, redis: Redis | RedisCluster, settings: Settings) -> None:
         self.keys = Keys(settings.key_prefix, settings.key_shards)
         timeout = settings.redis_timeout_seconds
-        routes = ClusterRoutes(redis, timeout=timeout) if isinstance(redis, RedisCluster) else redis
+        routes = routes_for(redis, timeout)
         self.sharded = isinstance(routes, ClusterRoutes)
         self._publish = b"SPUBLISH" if self.sharded else b"PUBLISH"
         self._commands = Pipeline(routes, in_flight=1, timeout=timeout)
