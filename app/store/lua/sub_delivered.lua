@@ -7,7 +7,7 @@ local s = load()
 if not s then return {'missing'} end
 local now = clock_ms()
 expire(s, now)
-if s.wake_id == '' or s.wake_id ~= wake_id or s.generation ~= tonumber(generation) then
+if not is_wake(s, wake_id, generation) then
   save(s)
   return {'stale', next_due(s)}
 end

@@ -7,7 +7,7 @@ if not s or s.incarnation ~= incarnation then return {'missing'} end
 if s.type ~= 'pull-wake' then return {'wrong_type'} end
 local now = clock_ms()
 expire(s, now)
-if s.wake_id == '' or s.wake_id ~= wake_id or s.generation ~= tonumber(generation) then
+if not is_wake(s, wake_id, generation) then
   save(s)
   return {'fenced'}
 end

@@ -96,6 +96,11 @@ local function end_wake(s)
   redis.call('DEL', snapshot)
 end
 
+-- Whether `wake_id` of `generation` (as a caller holds them) is the wake in flight.
+local function is_wake(s, wake_id, generation)
+  return s.wake_id ~= '' and s.wake_id == wake_id and s.generation == tonumber(generation)
+end
+
 local function expire(s, now)
   if s.lease_until > 0 and s.lease_until <= now then end_wake(s) end
 end
