@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import loops
-from app.hub.pubsub import Endpoint, PubSubConnection, ShardedPubSub
+from app.hub.pubsub import Confirmable, Endpoint, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Page, Subscription, read_page
 from app.sse import Frame, live_frames
 from app.store import GenerationLog
@@ -23,14 +23,12 @@ logger = logging.getLogger(__name__)
 STOP_TIMEOUT_SECONDS = 5.0
 
 
-class Feed:
+class Feed(Confirmable):
     """All subscriptions of one generation in this process: the listener of its live channel."""
 
     __slots__ = (
-        "_confirming",
         "_reading",
         "channel",
-        "confirmed",
         "generation_id",
         "linger",
         "silent_since",
@@ -38,26 +36,14 @@ class Feed:
     )
 
     def __init__(self, generation_id: str, channel: bytes, now: float) -> None:
+        super().__init__()
         self.generation_id = generation_id
         self.channel = channel
         self.subscriptions: set[Subscription] = set()
-        self.confirmed = False  # the live channel is subscribed: what is published arrives
-        # Made only while someone waits: a feed lives as long as its streams.
-        self._confirming: asyncio.Future[None] | None = None
         self.silent_since = now
         self.linger: asyncio.TimerHandle | None = None
         # Catch-up pages being read, by the seq they follow; made only while one is.
         self._reading: dict[int, asyncio.Future[Page]] | None = None
-
-    async def until_confirmed(self, seconds: float) -> bool:
-        """Wait up to `seconds` for the live channel to be subscribed; whether it is."""
-        if not self.confirmed:
-            if self._confirming is None:
-                self._confirming = asyncio.get_running_loop().create_future()
-            # asyncio.wait, not a timeout around the future: that would cancel it for the
-            # other subscriptions waiting on the same feed.
-            await asyncio.wait([self._confirming], timeout=seconds)
-        return self.confirmed
 
     def read_page(self, log: GenerationLog, after_seq: int, count: int) -> asyncio.Future[Page]:
         """The log's page after `after_seq`, read and framed once for every subscription of
@@ -94,13 +80,6 @@ class Feed:
         self.silent_since = now
         for subscription in list(self.subscriptions):
             subscription.offer(frames)
-
-    def subscribed(self) -> None:
-        if not self.confirmed:
-            self.confirmed = True
-            if self._confirming is not None:
-                self._confirming.set_result(None)
-                self._confirming = None
 
     def missed(self) -> None:
         self.recheck()

@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from app.hub.fanout import Hub
+from app.hub.pubsub import Confirmable
 
 # A channel nobody waits on stays subscribed this long: a reader that long-polls in a
 # loop comes back within it, and SUBSCRIBE/UNSUBSCRIBE do not churn.
@@ -56,25 +57,17 @@ class Watch:
             self._future.set_result(None)
 
 
-class _Channel:
+class _Channel(Confirmable):
     """Every watch of one channel here: the channel's watcher on the hub."""
 
-    __slots__ = ("_confirming", "confirmed", "joining", "linger", "watches")
+    __slots__ = ("joining", "linger", "watches")
 
     def __init__(self) -> None:
+        super().__init__()
         self.watches: set[Watch] = set()
         # Watches waiting for the confirmation: they have not read yet, nothing to wake.
         self.joining: set[Watch] = set()
-        self.confirmed = False  # subscribed: what is published from now on arrives
-        self._confirming: asyncio.Future[None] | None = None
         self.linger: asyncio.TimerHandle | None = None
-
-    async def until_confirmed(self) -> None:
-        if not self.confirmed:
-            if self._confirming is None:
-                self._confirming = asyncio.get_running_loop().create_future()
-            # Shielded: one request that goes away must not cancel it for the others.
-            await asyncio.shield(self._confirming)
 
     def wake(self) -> None:
         for watch in self.watches:
@@ -84,13 +77,6 @@ class _Channel:
 
     def dispatch(self, message: bytes, now: float) -> None:
         self.wake()
-
-    def subscribed(self) -> None:
-        if not self.confirmed:
-            self.confirmed = True
-            if self._confirming is not None:
-                self._confirming.set_result(None)
-                self._confirming = None
 
     def missed(self) -> None:
         self.wake()

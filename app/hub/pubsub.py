@@ -79,6 +79,34 @@ class Listener(Protocol[Message_contra]):
         """Messages published on the channel may have been lost (reconnect, malformed message)."""
 
 
+class Confirmable:
+    """A listener whose channel's confirmation any number of tasks may wait for."""
+
+    __slots__ = ("_confirming", "confirmed")
+
+    def __init__(self) -> None:
+        self.confirmed = False  # subscribed: what is published from now on arrives
+        # Made only while someone waits: listeners live as long as their streams.
+        self._confirming: asyncio.Future[None] | None = None
+
+    async def until_confirmed(self, seconds: float | None = None) -> bool:
+        """Wait (up to `seconds`) for the channel to be subscribed; whether it is."""
+        if not self.confirmed:
+            if self._confirming is None:
+                self._confirming = asyncio.get_running_loop().create_future()
+            # asyncio.wait, not a timeout around the future: that would cancel it for the
+            # others waiting on the same channel.
+            await asyncio.wait([self._confirming], timeout=seconds)
+        return self.confirmed
+
+    def subscribed(self) -> None:
+        if not self.confirmed:
+            self.confirmed = True
+            if self._confirming is not None:
+                self._confirming.set_result(None)
+                self._confirming = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     """A Redis server and how to log in to it."""
