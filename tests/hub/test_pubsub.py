@@ -23,6 +23,7 @@ from app.hub import Feed, Hub
 from app.hub.pubsub import Endpoint, PubSubConnection
 from app.settings import Settings
 from app.store import GenerationLog
+from scripts.bench_hub import resp
 from tests.conftest import REDIS_URL, Awaited, free_port, leased_generation
 from tests.hub.conftest import read_seqs
 
@@ -45,17 +46,6 @@ class Recorder:
         self.misses += 1
 
 
-def _resp(*items: bytes | int) -> bytes:
-    """One RESP2 array, as Redis sends pub/sub replies."""
-    out = [b"*%d\r\n" % len(items)]
-    for item in items:
-        if isinstance(item, int):
-            out.append(b":%d\r\n" % item)
-        else:
-            out.append(b"$%d\r\n%b\r\n" % (len(item), item))
-    return b"".join(out)
-
-
 @given(
     batches=st.lists(
         st.tuples(st.integers(0, 3), st.integers(1, 4)), max_size=30
@@ -69,7 +59,7 @@ def test_replies_split_anywhere_reach_their_listeners_whole_and_in_order(
     listeners = [Recorder() for _ in range(3)]
     for i, listener in enumerate(listeners):
         connection.subscribe(b"live:%d" % i, listener)
-    stream = [_resp(b"subscribe", b"live:%d" % i, 1) for i in range(3)]
+    stream = [resp(b"subscribe", b"live:%d" % i, 1) for i in range(3)]
     next_seq = [1, 1, 1, 1]
     expected: list[list[bytes]] = [[], [], []]
     for channel, n in batches:
@@ -81,7 +71,7 @@ def test_replies_split_anywhere_reach_their_listeners_whole_and_in_order(
             if channel < 3:
                 expected[channel].append(sse.event_frame(seq + i, "token", data))
         next_seq[channel] += n
-        stream.append(_resp(b"message", b"live:%d" % channel, b"\n".join(fields)))
+        stream.append(resp(b"message", b"live:%d" % channel, b"\n".join(fields)))
     data = b"".join(stream)
     start = 0
     for cut in sorted({c % (len(data) + 1) for c in cuts} | {len(data)}):
@@ -119,11 +109,11 @@ def test_a_watcher_takes_its_channels_messages_as_published_beside_the_listener(
     connection.watch(b"stream:1", alone)
     batch = b'1\n1700000000000\ntoken\n{"type":"token","text":"1"}'
     connection.received(
-        _resp(b"subscribe", b"live:1", 1)
-        + _resp(b"subscribe", b"stream:1", 2)
-        + _resp(b"message", b"live:1", batch)
-        + _resp(b"message", b"stream:1", b"7")
-        + _resp(b"message", b"live:1", b"not a live message"),
+        resp(b"subscribe", b"live:1", 1)
+        + resp(b"subscribe", b"stream:1", 2)
+        + resp(b"message", b"live:1", batch)
+        + resp(b"message", b"stream:1", b"7")
+        + resp(b"message", b"live:1", b"not a live message"),
         0.0,
     )
     assert [len(message) for message in listener.messages] == [1]
@@ -131,10 +121,10 @@ def test_a_watcher_takes_its_channels_messages_as_published_beside_the_listener(
     assert beside.messages == [batch, b"not a live message"]
     assert alone.messages == [b"7"]
     assert (listener.confirmations, beside.confirmations, alone.confirmations) == (1, 1, 1)
-    connection.received(_resp(b"subscribe", b"anchor", 3), 0.0)  # (re)connected
+    connection.received(resp(b"subscribe", b"anchor", 3), 0.0)  # (re)connected
     assert (listener.misses, beside.misses, alone.misses) == (2, 1, 1)
     connection.unsubscribe(b"live:1")
-    connection.received(_resp(b"message", b"live:1", batch), 0.0)
+    connection.received(resp(b"message", b"live:1", batch), 0.0)
     assert beside.messages[-1] == batch  # the channel stays for its watcher
 
 
@@ -142,7 +132,7 @@ def test_a_sharded_channel_its_node_lets_go_of_is_handed_back_for_its_watcher_to
     lost: list[bytes] = []
     connection = PubSubConnection(Endpoint(), None, sse.live_frames, lost=lost.append)
     connection.watch(b"{ds:s}:live", Watching())
-    connection.received(_resp(b"sunsubscribe", b"{ds:s}:live", 0), 0.0)  # its slot moved
+    connection.received(resp(b"sunsubscribe", b"{ds:s}:live", 0), 0.0)  # its slot moved
     assert lost == [b"{ds:s}:live"]
 
 
@@ -153,8 +143,8 @@ def test_sharded_messages_reach_their_listeners_and_a_channel_let_go_is_reported
     connection.subscribe(b"live:0", listener)
     data = b'{"type":"token","text":"a"}'
     connection.received(
-        _resp(b"ssubscribe", b"live:0", 1)
-        + _resp(b"smessage", b"live:0", b"1\n1700000000000\ntoken\n" + data),
+        resp(b"ssubscribe", b"live:0", 1)
+        + resp(b"smessage", b"live:0", b"1\n1700000000000\ntoken\n" + data),
         0.0,
     )
     # No anchor when sharded: each channel's confirmation says "look at the log".
@@ -163,7 +153,7 @@ def test_sharded_messages_reach_their_listeners_and_a_channel_let_go_is_reported
         sse.event_frame(1, "token", data)
     ]
     # The node let the channel go (its slot moved): not our SUNSUBSCRIBE.
-    connection.received(_resp(b"sunsubscribe", b"live:0", 0), 0.0)
+    connection.received(resp(b"sunsubscribe", b"live:0", 0), 0.0)
     assert lost == [b"live:0"]
 
 
