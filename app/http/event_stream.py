@@ -17,9 +17,11 @@ import re
 import sys
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
 from app import ai_sdk, sse
+from app.ai_sdk import UIMessageStream
 from app.errors import Expired, InvalidRequest
 from app.http import auth
 from app.http.state import HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
@@ -31,6 +33,7 @@ from app.http.ui_message_stream import (
 )
 from app.hub import Subscription
 from app.keys import check_generation_id
+from app.settings import Settings
 from app.telemetry.tracing import ReaderSpan
 
 logger = logging.getLogger(__name__)
@@ -85,7 +88,7 @@ class OpenStreams:
 
 @routes.get("/v1/generations/{id}/events")
 async def stream_events(request: web.Request) -> web.StreamResponse:
-    settings, log, hub = request.app[SETTINGS], request.app[LOG], request.app[HUB]
+    settings, log = request.app[SETTINGS], request.app[LOG]
     generation_id = check_generation_id(request.match_info["id"])
     after_seq = parse_position(request)
     ui_messages = asks_for_ui_messages(request)
@@ -115,49 +118,79 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     # reset (app/hub/subscription.py), never a 204 that would leave it holding events
     # the log does not have.
     link_to = state.traceparent
-    del state  # this frame lives as long as the stream: it keeps only what it uses
     ui_message_stream = (
         await resumed_stream(log, generation_id, after_seq, settings.catch_up_page_size)
         if ui_messages
         else None
     )
+    return EventStream(request.app, generation_id, after_seq, link_to, ui_message_stream)
 
-    with request.app[TELEMETRY].reader_span(
-        generation_id,
-        position=after_seq,
-        resume=after_seq > 0,
-        link_to=link_to,
-        headers=request.headers,
-    ) as reader:
+
+class EventStream(web.StreamResponse):
+    """An open event stream, sent once its handler and the middlewares have returned.
+
+    aiohttp prepares the response a handler returns, as it sends a `FileResponse`: sent
+    from `prepare`, a stream that stays open for hours holds none of their frames (about
+    1.4 KiB of an idle connection). What could fail with a 4xx or 503 has been checked by
+    then; from here on the client gets a 200.
+    """
+
+    def __init__(
+        self,
+        app: web.Application,
+        generation_id: str,
+        after_seq: int,
+        link_to: str | None,
+        ui_message_stream: UIMessageStream | None,
+    ) -> None:
         headers = SSE_HEADERS if ui_message_stream is None else UI_MESSAGE_STREAM_HEADERS
-        response = web.StreamResponse(status=200, headers=headers)
-        await response.prepare(request)
-        # Flush headers and a first chunk at once: proxies and clients see a live
-        # stream before the first event exists.
-        await response.write(sse.retry_frame(settings.retry_milliseconds))
-        subscription = await hub.subscribe(generation_id, after_seq)
-        next_chunk: NextChunk = subscription.next_chunk
-        if ui_message_stream is not None:
-            next_chunk = reframed(subscription, ui_message_stream)
-        streams.count += 1
-        try:
-            await _pump(request, response, subscription, next_chunk, reader)
-        finally:
-            hub.unsubscribe(subscription)
-            streams.count -= 1
-    return response
+        super().__init__(status=200, headers=headers)
+        self._app = app
+        self._generation_id = generation_id
+        self._after_seq = after_seq
+        self._link_to = link_to
+        self._ui_message_stream = ui_message_stream
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
+        app, after_seq = self._app, self._after_seq
+        settings, hub, streams = app[SETTINGS], app[HUB], app[OPEN_STREAMS]
+        with app[TELEMETRY].reader_span(
+            self._generation_id,
+            position=after_seq,
+            resume=after_seq > 0,
+            link_to=self._link_to,
+            headers=request.headers,
+        ) as reader:
+            writer = await super().prepare(request)
+            # Flush headers and a first chunk at once: proxies and clients see a live
+            # stream before the first event exists.
+            await self.write(sse.retry_frame(settings.retry_milliseconds))
+            subscription = await hub.subscribe(self._generation_id, after_seq)
+            next_chunk: NextChunk = subscription.next_chunk
+            if self._ui_message_stream is not None:
+                next_chunk = reframed(subscription, self._ui_message_stream)
+                self._ui_message_stream = None
+            streams.count += 1
+            try:
+                await _pump(request, self, settings, subscription, next_chunk, reader)
+            finally:
+                hub.unsubscribe(subscription)
+                streams.count -= 1
+        return writer
 
 
 async def _pump(
-    request: web.Request,
+    request: web.BaseRequest,
     response: web.StreamResponse,
+    settings: Settings,
     subscription: Subscription,
     next_chunk: NextChunk,
     reader: ReaderSpan,
 ) -> None:
     """Write what `next_chunk` hands out (the subscription's chunks, in the format asked for)
     until the terminal event, a drain or a stuck client."""
-    settings = request.app[SETTINGS]
     transport = request.transport
     while True:
         before = subscription.delivered
