@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import loops
+from app.hub.alarms import Alarms
 from app.hub.pubsub import Confirmable, Endpoint, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Page, Subscription, read_page
 from app.sse import Frame, live_frames
@@ -113,6 +114,7 @@ class Hub:
             self.pubsub = PubSubConnection(
                 Endpoint.of(redis), log.keys.hub_channel.encode(), live_frames, timeout=timeout
             )
+        self.alarms = Alarms()
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -170,6 +172,7 @@ class Hub:
         # swallowed (a known class of bugs in libraries it calls) sees its stream end
         # and, closing, returns instead of waiting forever.
         self.pubsub.close()
+        self.alarms.close()
         if not self._loops:
             return
         _, stuck = await asyncio.wait(self._loops, timeout=STOP_TIMEOUT_SECONDS)

@@ -44,6 +44,7 @@ class Subscription:
     # Thousands of these live at once in one process: no per-instance __dict__.
     __slots__ = (
         "_ahead",
+        "_alarm",
         "_deadline",
         "_first_read",
         "_hub",
@@ -52,7 +53,6 @@ class Subscription:
         "_pending_gap",
         "_queued_until",
         "_read_log",
-        "_timer",
         "_verify",
         "_waiter",
         "closed",
@@ -79,7 +79,7 @@ class Subscription:
         self._first_read = True
         self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._alarm = 0.0  # when the hub's alarms wake this subscription; 0: not set
         self._deadline = 0.0  # of the current wait in `next_chunk`
         self.finished = False  # the terminal event was handed out
         self.closed = False  # unsubscribed, or the server is draining
@@ -177,9 +177,9 @@ class Subscription:
     def close(self) -> None:
         """Unsubscribed, or the server is draining: `next_chunk` returns None from now on."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._alarm:
+            self._hub.alarms.cancel(self, self._alarm)
+            self._alarm = 0.0
         self._wake()
 
     # -- called by the client's handler ----------------------------------------
@@ -208,35 +208,37 @@ class Subscription:
                 return b""
             if self._read_log or self._pending or self.closed:
                 continue
-            self._wait_until(loop, deadline)
+            self._wait_until(deadline, wait_seconds)
             self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
 
-    def _wait_until(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        """Wake the coming wait at `deadline`, keeping the timer armed by an earlier wait.
+    def _wait_until(self, deadline: float, wait_seconds: float) -> None:
+        """Wake the coming wait at `deadline`, keeping the alarm set by an earlier wait.
 
-        Not a timeout per wait: under load every wait ends with an event well before
-        its deadline, and arming and cancelling a timer each time would cost a busy
-        reader a noticeable share of its CPU. One timer per subscription fires at most
-        once per `wait_seconds` of events and moves itself on to the latest deadline.
+        Not an alarm per wait: under load every wait ends with an event well before its
+        deadline, and setting and cancelling one each time would cost a busy reader a
+        noticeable share of its CPU. One alarm per subscription rings at most once per
+        `wait_seconds` of events and moves itself on to the latest deadline.
         """
         self._deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._timer_fired)
+        if self._alarm and self._alarm <= deadline:
+            return
+        alarms = self._hub.alarms
+        if self._alarm:
+            alarms.cancel(self, self._alarm)
+        self._alarm = alarms.rounded(deadline, wait_seconds)
+        alarms.set(self, self._alarm)
 
-    def _timer_fired(self) -> None:
-        self._timer = None
+    def alarm_rang(self) -> None:
+        self._alarm = 0.0
         if self._waiter is None:
-            return  # not waiting: the next wait arms a timer
-        loop = self._waiter.get_loop()
-        if loop.time() < self._deadline:
-            self._timer = loop.call_at(self._deadline, self._timer_fired)
+            return  # not waiting: the next wait sets an alarm
+        remaining = self._deadline - self._waiter.get_loop().time()
+        if remaining > 0:
+            self._wait_until(self._deadline, remaining)
         else:
             self._wake()
 

@@ -90,7 +90,7 @@ async def test_heartbeat_wait_ends_at_its_own_deadline(hub: Hub) -> None:
     began = loop.time()
     assert await subscription.next_chunk(0.05) == b""
     assert loop.time() - began >= 0.05
-    # A long wait ended by an event leaves its timer; a shorter wait still ends in time.
+    # A long wait ended by an event leaves its alarm; a shorter wait still ends in time.
     waiting = asyncio.create_task(subscription.next_chunk(30.0))
     await hub.log.append(lease, 1, [events.Token(text="x")])
     async with asyncio.timeout(5):
@@ -98,7 +98,7 @@ async def test_heartbeat_wait_ends_at_its_own_deadline(hub: Hub) -> None:
     async with asyncio.timeout(1):
         assert await subscription.next_chunk(0.05) == b""
     hub.unsubscribe(subscription)
-    assert subscription._timer is None  # closing cancels it: no timer outlives the stream
+    assert len(hub.alarms) == 0  # closing cancels it: no alarm outlives the stream
 
 
 async def test_clients_joining_one_generation_together_share_each_page_read(
