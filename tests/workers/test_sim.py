@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Sequence
@@ -131,3 +132,40 @@ async def test_the_grid_clock_sleeps_at_least_as_asked() -> None:
     before = clock.now()
     await clock.sleep(0.002)
     assert clock.now() - before >= 0.002
+
+
+async def test_sleepers_due_at_one_grid_point_wake_together_and_a_cancelled_one_alone() -> None:
+    clock = GridClock()
+    woken = 0
+    seen_by_the_first: list[int] = []
+
+    async def sleeper(seconds: float) -> None:
+        nonlocal woken
+        await clock.sleep(seconds)
+        woken += 1
+        if woken == 1:
+            await asyncio.sleep(0)  # one turn of the loop: the others woke with it
+            seen_by_the_first.append(woken)
+
+    await clock.sleep(0)  # on a grid point: the sleeps below all end at the next but one
+    sleepers = [asyncio.create_task(sleeper(WAKE_GRID * 1.5 + i * 1e-4)) for i in range(5)]
+    cancelled = asyncio.create_task(clock.sleep(WAKE_GRID * 1.5))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    async with asyncio.timeout(5):
+        await asyncio.gather(*sleepers)
+    assert cancelled.cancelled()
+    assert seen_by_the_first == [5]
+
+
+def test_a_grid_clock_outlives_its_event_loop() -> None:
+    clock = GridClock()
+    for _ in range(2):
+        # The first loop closes with a sleep pending; the second's sleep still ends.
+        runner = asyncio.Runner()
+        with runner:
+            pending = runner.get_loop().create_task(clock.sleep(WAKE_GRID * 3))
+            runner.run(asyncio.sleep(0))
+            assert not pending.done()
+            runner.run(asyncio.wait_for(clock.sleep(WAKE_GRID), 5))
+        pending.cancel()

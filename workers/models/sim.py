@@ -57,10 +57,28 @@ class GridClock(MonotonicClock):
     a loop iteration, a pipeline and two syscalls of its own. Woken together on
     the grid, every token due in the same few milliseconds goes out in one
     pipeline (see `app.store.transport`). A token is never early and at most one grid step late.
+    The sleepers of one grid point share one loop timer, not one each.
     """
 
+    def __init__(self) -> None:
+        self._due: dict[int, list[asyncio.Future[None]]] = {}
+
     async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(until_grid(asyncio.get_running_loop().time(), seconds))
+        loop = asyncio.get_running_loop()
+        point = math.ceil((loop.time() + seconds) / WAKE_GRID)
+        sleepers = self._due.get(point)
+        # A list left by a loop that closed before its point came is not this loop's.
+        if sleepers is None or sleepers[0].get_loop() is not loop:
+            sleepers = self._due[point] = []
+            loop.call_at(point * WAKE_GRID, self._wake, point)
+        future = loop.create_future()
+        sleepers.append(future)
+        await future
+
+    def _wake(self, point: int) -> None:
+        for future in self._due.pop(point, ()):
+            if not future.done():  # a cancelled sleep
+                future.set_result(None)
 
 
 def until_grid(now: float, seconds: float) -> float:
