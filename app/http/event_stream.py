@@ -221,6 +221,11 @@ async def _pump(
         if subscription.delivered > before:
             reader.first_event(before + 1)
             reader.sent(subscription.delivered - before, len(chunk), subscription.last_appended_ms)
+        if subscription.finished:
+            # Every reader of the generation was handed its last batch in this turn of
+            # the loop: let them all write it before any one ends its stream (log lines,
+            # span, close), which would hold the last events of the others back.
+            await asyncio.sleep(0)
     reader.ended("terminal" if subscription.finished else "server_drain")
     await response.write_eof()
 

@@ -347,3 +347,42 @@ async def test_a_stuck_client_is_disconnected_and_counted(
     samples = samples_by_name(await (await client.get("/metrics")).read())
     assert samples["tokentape_slow_client_disconnects_total"][0].value == 1
     assert samples["tokentape_active_streams"][0].value == 0
+
+
+async def test_every_reader_gets_the_last_events_before_any_stream_ends(
+    client: Client,
+    writer_factory: WriterFactory,
+    app: web.Application,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Ending a stream costs log lines, a span and a close: done for one reader before the
+    # others wrote the last batch, it would hold their last events back.
+    order: list[str] = []
+    ended: set[int] = set()
+    write, write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
+
+    async def recording_write(self: web.StreamResponse, data: bytes) -> None:
+        if b"event: done" in data:
+            order.append("last batch")
+        await write(self, data)
+
+    async def recording_write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        if self.content_type == "text/event-stream" and id(self) not in ended:
+            ended.add(id(self))  # aiohttp ends a response a second time: once is the end
+            order.append("end")
+        await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", recording_write)
+    monkeypatch.setattr(web.StreamResponse, "write_eof", recording_write_eof)
+    writer = await writer_factory()
+    readers = 5
+    responses = [await client.get(writer.events_url) for _ in range(readers)]
+    try:
+        await until_subscriptions(app, readers)
+        await writer.tokens(2)
+        for response in responses:
+            assert b"event: done" in await response.read()
+    finally:
+        for response in responses:
+            response.release()
+    assert order == ["last batch"] * readers + ["end"] * readers
