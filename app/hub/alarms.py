@@ -32,9 +32,14 @@ class Alarms:
         self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
+    def lateness(wait_seconds: float) -> float:
+        """How long after its deadline the alarm of a wait may ring."""
+        return min(MAX_STEP, wait_seconds / 4)
+
+    @staticmethod
     def rounded(deadline: float, wait_seconds: float) -> float:
-        """When an alarm for `deadline` rings: at it, or a little after."""
-        step = min(MAX_STEP, wait_seconds / 4)
+        """When an alarm for `deadline` rings: at it, or up to `lateness` after."""
+        step = Alarms.lateness(wait_seconds)
         return math.ceil(deadline / step) * step if step > 0 else deadline
 
     def set(self, sleeper: Sleeper, when: float) -> None:

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from app import sse
 from app.events import TERMINAL_TYPES, Gap, Reset, encode
+from app.hub.alarms import Alarms
 from app.sse import Frame
 from app.store import GenerationLog, RawEntry
 
@@ -224,8 +225,8 @@ class Subscription:
         `wait_seconds` of events and moves itself on to the latest deadline.
         """
         self._deadline = deadline
-        if self._alarm and self._alarm <= deadline:
-            return
+        if self._alarm and self._alarm <= deadline + Alarms.lateness(wait_seconds):
+            return  # an alarm set for an earlier wait rings in time for this one too
         alarms = self._hub.alarms
         if self._alarm:
             alarms.cancel(self, self._alarm)
