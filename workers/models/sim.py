@@ -65,7 +65,7 @@ class GridClock(MonotonicClock):
 
     async def sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
-        point = math.ceil((loop.time() + seconds) / WAKE_GRID)
+        point = grid_point(loop.time(), seconds)
         sleepers = self._due.get(point)
         # A list left by a loop that closed before its point came is not this loop's.
         if sleepers is None or sleepers[0].get_loop() is not loop:
@@ -81,9 +81,9 @@ class GridClock(MonotonicClock):
                 future.set_result(None)
 
 
-def until_grid(now: float, seconds: float) -> float:
-    """How long to sleep from `now` to the first grid point at least `seconds` away."""
-    return math.ceil((now + seconds) / WAKE_GRID) * WAKE_GRID - now
+def grid_point(now: float, seconds: float) -> int:
+    """The first grid point at least `seconds` from `now`, counted in `WAKE_GRID` steps."""
+    return math.ceil((now + seconds) / WAKE_GRID)
 
 
 def prompt_tokens(request: GenerationRequest) -> int:
