@@ -46,6 +46,7 @@ from scripts.bench import private_redis
 from scripts.bench_client import raise_fd_limit, sim_body
 from scripts.bench_procs import HOST, free_port
 
+_ROOT = f"{Path(__file__).resolve().parent.parent}/"
 WARM_STREAMS = 50  # opened before the first snapshot: caches and pools are filled by then
 _OWNERS = (
     ("/app/telemetry/", "telemetry"),
@@ -62,7 +63,7 @@ def owner(traceback: tracemalloc.Traceback) -> tuple[str, str]:
     for frame in reversed(traceback):
         for part, name in _OWNERS:
             if part in frame.filename:
-                where = frame.filename.rsplit("site-packages/", 1)[-1].rsplit("/main/", 1)[-1]
+                where = frame.filename.rsplit("site-packages/", 1)[-1].removeprefix(_ROOT)
                 return name, f"{where}:{frame.lineno}"
     return "event loop (C)", "-"
 
