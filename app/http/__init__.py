@@ -62,6 +62,7 @@ def create_app(
         app[health.READINESS].drain()
         # Ends every open event stream cleanly: clients reconnect to another reader.
         await app[HUB].stop()
+        await app[OPEN_STREAMS].ended(settings.stream_drain_seconds)
 
     app.on_startup.append(start_hub)
     app.on_shutdown.append(stop_hub)

@@ -15,8 +15,10 @@ import logging
 import random
 import re
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from redis.exceptions import RedisError
 
@@ -24,6 +26,7 @@ from app import ai_sdk, sse
 from app.ai_sdk import UIMessageStream
 from app.errors import Expired, InvalidRequest
 from app.http import auth
+from app.http.connection import StreamConnection
 from app.http.state import HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
 from app.http.ui_message_stream import (
     NextChunk,
@@ -41,9 +44,6 @@ logger = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 _POSITION_RE = re.compile(r"^[0-9]{1,18}$")
-
-# asyncio pauses a transport above 64 KiB buffered; a write that stays below never waits.
-WRITE_CANNOT_BLOCK_BYTES = 64 * 1024
 
 _MAX_STREAMS = {"limit": "max_streams"}
 
@@ -77,13 +77,39 @@ def parse_position(request: web.Request) -> int:
 
 
 class OpenStreams:
-    """The event streams this reader process holds open, and how many it may."""
+    """The event streams this reader process holds open (each a task of its own once its
+    connection is taken over), and how many it may."""
 
-    __slots__ = ("count", "limit")
+    __slots__ = ("_tasks", "limit")
 
     def __init__(self, limit: int) -> None:
-        self.count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self.limit = limit or sys.maxsize  # 0: no limit
+
+    @property
+    def count(self) -> int:
+        return len(self._tasks)
+
+    def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(stream)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        connection.stream = task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("an event stream failed", exc_info=exc)
+
+    async def ended(self, within_seconds: float) -> None:
+        """Wait for every stream to end, `within_seconds` at most; then end the rest at once."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=within_seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
 
 @routes.get("/v1/generations/{id}/events")
@@ -117,6 +143,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     # stream waits; either way, if the log went back below it, the client is sent a
     # reset (app/hub/subscription.py), never a 204 that would leave it holding events
     # the log does not have.
+    if request.method == hdrs.METH_HEAD:
+        # What a GET would answer, without a body: HEAD has none.
+        return web.Response(headers=UI_MESSAGE_STREAM_HEADERS if ui_messages else SSE_HEADERS)
     link_to = state.traceparent
     ui_message_stream = (
         await resumed_stream(log, generation_id, after_seq, settings.catch_up_page_size)
@@ -127,12 +156,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 
 class EventStream(web.StreamResponse):
-    """An open event stream, sent once its handler and the middlewares have returned.
+    """An open event stream, started once its handler and the middlewares have returned.
 
-    aiohttp prepares the response a handler returns, as it sends a `FileResponse`: sent
-    from `prepare`, a stream that stays open for hours holds none of their frames (0.5
-    KiB less per idle connection). What could fail with a 4xx or 503 has been checked
-    by then; from here on the client gets a 200.
+    aiohttp prepares the response a handler returns, as it sends a `FileResponse`. What
+    could fail with a 4xx or 503 has been checked by then; from here on the client gets
+    a 200. `prepare` sends the head and a first chunk, then takes the connection over
+    from aiohttp (app/http/connection.py) and goes on in a task of its own that holds
+    neither the request nor this response: an idle stream is its subscription, its span
+    and its connection.
     """
 
     def __init__(
@@ -150,40 +181,69 @@ class EventStream(web.StreamResponse):
         self._after_seq = after_seq
         self._link_to = link_to
         self._ui_message_stream = ui_message_stream
+        self._taken_over = False
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return await super().prepare(request)
         app, after_seq = self._app, self._after_seq
-        settings, hub, streams = app[SETTINGS], app[HUB], app[OPEN_STREAMS]
-        with app[TELEMETRY].reader_span(
+        settings = app[SETTINGS]
+        reader = app[TELEMETRY].reader_span(
             self._generation_id,
             position=after_seq,
             resume=after_seq > 0,
             link_to=self._link_to,
             headers=request.headers,
-        ) as reader:
+        )
+        try:
             writer = await super().prepare(request)
             # Flush headers and a first chunk at once: proxies and clients see a live
             # stream before the first event exists.
             await self.write(sse.retry_frame(settings.retry_milliseconds))
-            subscription = await hub.subscribe(self._generation_id, after_seq)
+            connection = StreamConnection.take_over(request, self)
+        except BaseException:
+            with reader:  # ends the span as a stream ends: client_gone, or the error
+                raise
+        self._taken_over = True
+        stream = _stream(
+            app, connection, reader, self._generation_id, after_seq, self._ui_message_stream
+        )
+        self._ui_message_stream = None
+        app[OPEN_STREAMS].start(connection, stream)
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self._taken_over:  # the stream's task ends its body
+            await super().write_eof(data)
+
+
+async def _stream(
+    app: web.Application,
+    connection: StreamConnection,
+    reader: ReaderSpan,
+    generation_id: str,
+    after_seq: int,
+    ui_message_stream: UIMessageStream | None,
+) -> None:
+    settings, hub = app[SETTINGS], app[HUB]
+    try:
+        with reader:
+            subscription = await hub.subscribe(generation_id, after_seq)
             next_chunk: NextChunk = subscription.next_chunk
-            if self._ui_message_stream is not None:
-                next_chunk = reframed(subscription, self._ui_message_stream)
-                self._ui_message_stream = None
-            streams.count += 1
+            if ui_message_stream is not None:
+                next_chunk = reframed(subscription, ui_message_stream)
             try:
-                await _pump(request, self, settings, subscription, next_chunk, reader)
+                await _pump(connection, settings, subscription, next_chunk, reader)
             finally:
                 hub.unsubscribe(subscription)
-                streams.count -= 1
-        return writer
+    except ConnectionResetError:
+        pass  # the client went away: `reader` logged it
+    finally:
+        connection.close()  # unless it ended, or the client closed it
 
 
 async def _pump(
-    request: web.BaseRequest,
-    response: web.StreamResponse,
+    connection: StreamConnection,
     settings: Settings,
     subscription: Subscription,
     next_chunk: NextChunk,
@@ -191,7 +251,6 @@ async def _pump(
 ) -> None:
     """Write what `next_chunk` hands out (the subscription's chunks, in the format asked for)
     until the terminal event, a drain or a stuck client."""
-    transport = request.transport
     while True:
         before = subscription.delivered
         chunk = await next_chunk(settings.heartbeat_seconds)
@@ -199,25 +258,16 @@ async def _pump(
             break
         if subscription.gap is not None and before == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
-        data = chunk or sse.comment_frame("keep-alive")
-        try:
-            if (
-                transport is not None
-                and transport.get_write_buffer_size() + len(data) <= WRITE_CANNOT_BLOCK_BYTES
-            ):
-                # Below the transport's high-water mark this write cannot block: no timer.
-                await response.write(data)
-            else:
+        connection.write(chunk or sse.comment_frame("keep-alive"))
+        if connection.writing_paused:
+            # The transport holds more than its high-water mark: the client is behind.
+            try:
                 async with asyncio.timeout(settings.write_timeout_seconds):
-                    await response.write(data)
-        except TimeoutError:
-            reader.ended("slow_client")
-            if transport is not None:
-                transport.abort()
-            return
-        except ConnectionResetError:
-            reader.ended("client_gone")  # one info line, no traceback
-            return
+                    await connection.drain()
+            except TimeoutError:
+                reader.ended("slow_client")
+                connection.abort()
+                return
         if subscription.delivered > before:
             reader.first_event(before + 1)
             reader.sent(subscription.delivered - before, len(chunk), subscription.last_appended_ms)
@@ -227,7 +277,8 @@ async def _pump(
             # span, close), which would hold the last events of the others back.
             await asyncio.sleep(0)
     reader.ended("terminal" if subscription.finished else "server_drain")
-    await response.write_eof()
+    # Drained: the client comes back to another reader on a new connection.
+    connection.end(keep_alive=subscription.finished)
 
 
 async def _come_back_later(request: web.Request, retry_ms: int, reason: str) -> web.StreamResponse:

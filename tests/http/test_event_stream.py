@@ -16,6 +16,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from app import events
 from app.http import HUB
+from app.http.connection import StreamConnection
 from app.settings import Settings
 from app.store import GenerationLog
 from tests.conftest import ON_EVERY_BACKEND
@@ -358,30 +359,31 @@ async def test_every_reader_gets_the_last_events_before_any_stream_ends(
     # Ending a stream costs log lines, a span and a close: done for one reader before the
     # others wrote the last batch, it would hold their last events back.
     order: list[str] = []
-    ended: set[int] = set()
-    write, write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
+    write, end = StreamConnection.write, StreamConnection.end
 
-    async def recording_write(self: web.StreamResponse, data: bytes) -> None:
+    def recording_write(self: StreamConnection, data: bytes) -> None:
         if b"event: done" in data:
             order.append("last batch")
-        await write(self, data)
+        write(self, data)
 
-    async def recording_write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
-        if self.content_type == "text/event-stream" and id(self) not in ended:
-            ended.add(id(self))  # aiohttp ends a response a second time: once is the end
-            order.append("end")
-        await write_eof(self, data)
+    def recording_end(self: StreamConnection, *, keep_alive: bool) -> None:
+        order.append("end")
+        end(self, keep_alive=keep_alive)
 
-    monkeypatch.setattr(web.StreamResponse, "write", recording_write)
-    monkeypatch.setattr(web.StreamResponse, "write_eof", recording_write_eof)
+    monkeypatch.setattr(StreamConnection, "write", recording_write)
+    monkeypatch.setattr(StreamConnection, "end", recording_end)
     writer = await writer_factory()
     readers = 5
     responses = [await client.get(writer.events_url) for _ in range(readers)]
     try:
-        await until_subscriptions(app, readers)
+        # A stream that got the first token reads live: the last batch reaches all at once.
+        await writer.append(events.Token(text="first"))
+        streams = [Stream(response) for response in responses]
+        for stream in streams:
+            assert [m.event for m in await stream.take(1)] == ["token"]
         await writer.tokens(2)
-        for response in responses:
-            assert b"event: done" in await response.read()
+        for stream in streams:
+            assert [m.event for m in await stream.rest()][-1] == "done"
     finally:
         for response in responses:
             response.release()

@@ -1,0 +1,126 @@
+"""An event stream's connection, taken over from aiohttp once the stream's head is out.
+
+For each connection aiohttp keeps a request handler (its parser, message queue,
+keep-alive timer and task), the request, the task of its handler and the response: 10
+of the 15.5 KiB an idle event stream held (scripts/bench_memory.py). Once an event
+stream's head and first chunk are sent, aiohttp has nothing left to do on its
+connection until the stream ends, so the stream takes the transport over
+(`set_protocol`) and aiohttp's handler finishes as it does after any response on a
+connection it no longer has. When the stream ends, the connection goes to a new aiohttp
+handler for the client's next request, as keep-alive would have it, or is closed.
+
+The private parts of aiohttp this relies on, beside those app/http/server.py names:
+`RequestHandler._manager` (the server that makes handlers, and counts them),
+`RequestHandler._messages` (requests pipelined behind the stream's) and
+`BaseProtocol._drain_helper`. tests/http/test_connection.py fails when they change;
+pyproject.toml bounds aiohttp from above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import hdrs, web
+from aiohttp.base_protocol import BaseProtocol
+
+# What a client may send while its stream is open (requests pipelined behind it) and
+# still have the connection back for them; past this, the stream's end closes it.
+MAX_PIPELINED_BYTES = 64 * 1024
+
+
+class StreamConnection(BaseProtocol):
+    """The connection of one event stream: chunks out, the client's going away in."""
+
+    __slots__ = ("_chunked", "_received", "_reusable", "_server", "stream")
+
+    def __init__(self, server: web.Server, *, chunked: bool, reusable: bool) -> None:
+        super().__init__(asyncio.get_running_loop())
+        self._server = server
+        self._chunked = chunked
+        self._reusable = reusable
+        self._received = b""
+        # Cancelled when the client goes away, as aiohttp does with a request's handler.
+        self.stream: asyncio.Task[None] | None = None
+
+    @classmethod
+    def take_over(cls, request: web.BaseRequest, response: web.StreamResponse) -> StreamConnection:
+        """The connection of `response`, whose head is sent: aiohttp's handler lets go of
+        it once `response` is returned. Raises ConnectionResetError if it is closing."""
+        handler, transport = request.protocol, request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        server = handler._manager
+        assert server is not None  # None only after connection_lost, which clears transport
+        connection = cls(
+            server,
+            chunked=response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked",
+            # Whatever the client sent behind this request would be lost with aiohttp's
+            # handler: then the connection closes when the stream ends, and the client
+            # sends it again (RFC 9112, 9.3.2).
+            reusable=bool(response.keep_alive)
+            and request.content.is_eof()
+            and not handler._messages,
+        )
+        transport.set_protocol(connection)
+        connection.transport = transport
+        handler.keep_alive(False)  # cancels its keep-alive timer
+        handler.transport = None  # so that it does not close what is no longer its own
+        handler.force_close()  # its loop ends after this response
+        server.connection_lost(handler)  # a server that shuts down waits for it no more
+        return connection
+
+    def write(self, data: bytes) -> None:
+        """Send `data` as the body's next chunk; `drain` waits while the client is behind."""
+        if self.transport is None:
+            raise ConnectionResetError("the client went away")
+        if self._chunked:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Return once the transport takes writes again (at once unless it is paused)."""
+        await self._drain_helper()
+
+    def end(self, *, keep_alive: bool) -> None:
+        """End the body; with `keep_alive`, the client's next request goes to aiohttp."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.transport, self.stream = None, None
+        if self._chunked:
+            transport.write(b"0\r\n\r\n")
+        # A paused transport would tell a handler that never paused it to resume.
+        if not (keep_alive and self._reusable and not self.writing_paused):
+            transport.close()
+            return
+        handler = self._server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._received:
+            handler.data_received(self._received)
+
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered (a client that stopped reading)."""
+        if self.transport is not None:
+            self.stream = None
+            self.transport.abort()
+
+    def close(self) -> None:
+        """Close after what is buffered, if `end` or the client have not closed it."""
+        if self.transport is not None:
+            self.stream = None
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reusable:
+            return
+        self._received += data
+        if len(self._received) > MAX_PIPELINED_BYTES:
+            self._reusable = False
+            self._received = b""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.stream is not None:
+            self.stream.cancel()

@@ -1,0 +1,198 @@
+"""An event stream's connection (app.http.connection) over raw sockets, as `serve` runs
+it: aiohttp lets go of it while the stream is open, and gets it back for the client's
+next request when the stream ends, unless that request could have been lost."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
+from redis.asyncio import Redis
+
+from app.http import create_app
+from app.http.server import ServiceRunner
+from app.settings import Settings
+from app.store import GenerationLog
+from tests.http.conftest import Writer, until_subscriptions
+
+
+class Reader:
+    """A reader on a free port, and a raw client connection to it."""
+
+    def __init__(self, app: web.Application, runner: ServiceRunner, port: int) -> None:
+        self.app, self.runner, self.port = app, runner, port
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+    @property
+    def aiohttp_connections(self) -> int:
+        server = self.runner.server
+        assert server is not None
+        return len(server.connections)
+
+
+@pytest.fixture
+async def served(settings: Settings, redis: Redis) -> AsyncIterator[Reader]:
+    app = create_app(settings, redis)
+    runner = ServiceRunner(app, settings)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield Reader(app, runner, runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split()[1]), headers
+
+
+async def read_chunk(reader: asyncio.StreamReader) -> bytes:
+    size = int(await reader.readuntil(b"\r\n"), 16)
+    data = await reader.readexactly(size + 2)
+    return data[:-2]
+
+
+async def read_chunked_body(reader: asyncio.StreamReader) -> bytes:
+    body = b""
+    while chunk := await read_chunk(reader):
+        body += chunk
+    return body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    status, headers = await read_head(reader)
+    if headers.get("Transfer-Encoding") == "chunked":
+        return status, await read_chunked_body(reader)
+    return status, await reader.readexactly(int(headers["Content-Length"]))
+
+
+def get(path: str, *headers: str, version: str = "HTTP/1.1") -> bytes:
+    return "\r\n".join([f"GET {path} {version}", "Host: t", *headers, "", ""]).encode()
+
+
+async def test_aiohttp_lets_go_of_a_live_stream_and_serves_the_next_request_after_it(
+    served: Reader, log: GenerationLog
+) -> None:
+    writer = await Writer.start(log)
+    reader, client = await served.connect()
+    try:
+        async with asyncio.timeout(10):
+            client.write(get(writer.events_url))
+            status, headers = await read_head(reader)
+            assert (status, headers["Transfer-Encoding"]) == (200, "chunked")
+            assert await read_chunk(reader) == b"retry: 1000\n\n"
+            await until_subscriptions(served.app, 1)
+            assert served.aiohttp_connections == 0
+            # A request sent while the stream is open waits for its end, as aiohttp has it.
+            client.write(get("/healthz"))
+            await writer.tokens(2)
+            body = await read_chunked_body(reader)
+            assert body.count(b"\nevent: token\n") == 2
+            assert b"\nevent: done\n" in body
+            assert await read_response(reader) == (200, b'{"status":"ok"}')
+            assert served.aiohttp_connections == 1
+            client.write(get("/healthz"))  # and the connection goes on as any other
+            assert await read_response(reader) == (200, b'{"status":"ok"}')
+    finally:
+        client.close()
+
+
+async def test_requests_pipelined_with_the_streams_own_are_sent_again_on_a_new_connection(
+    served: Reader, log: GenerationLog
+) -> None:
+    # Those aiohttp had parsed when the stream took the connection are lost with its
+    # handler: the connection closes after the stream, so the client sends them again.
+    writer = await Writer.start(log)
+    await writer.tokens(1)
+    reader, client = await served.connect()
+    try:
+        async with asyncio.timeout(10):
+            client.write(get(writer.events_url) + get("/healthz"))
+            status, body = await read_response(reader)
+            assert status == 200
+            assert b"\nevent: done\n" in body
+            assert await reader.read() == b""
+    finally:
+        client.close()
+
+
+async def test_head_is_the_streams_head_without_a_body(served: Reader, log: GenerationLog) -> None:
+    writer = await Writer.start(log)
+    reader, client = await served.connect()
+    try:
+        async with asyncio.timeout(10):
+            client.write(get(writer.events_url).replace(b"GET", b"HEAD", 1) + get("/healthz"))
+            status, headers = await read_head(reader)
+            assert (status, headers["Content-Type"]) == (200, "text/event-stream")
+            assert await read_response(reader) == (200, b'{"status":"ok"}')  # no body between
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "chunked"),
+    [("HTTP/1.1", ["Connection: close"], True), ("HTTP/1.0", [], False)],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_a_connection_the_client_does_not_keep_closes_when_its_stream_ends(
+    served: Reader, log: GenerationLog, version: str, headers: list[str], chunked: bool
+) -> None:
+    writer = await Writer.start(log)
+    await writer.tokens(1)
+    reader, client = await served.connect()
+    try:
+        async with asyncio.timeout(10):
+            client.write(get(writer.events_url, *headers, version=version))
+            status, response_headers = await read_head(reader)
+            assert status == 200
+            assert ("Transfer-Encoding" in response_headers) == chunked
+            body = await read_chunked_body(reader) if chunked else await reader.read()
+            assert body.startswith(b"retry: 1000\n\n")
+            assert b'\nevent: done\ndata: {"type":"done"' in body
+            assert await reader.read() == b""
+    finally:
+        client.close()
+
+
+async def test_a_reader_that_stops_ends_its_streams_and_closes_their_connections(
+    settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    app = create_app(settings, redis)
+    runner = ServiceRunner(app, settings)
+    await runner.setup()
+    writer = await Writer.start(log)
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        reader, client = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        client.write(get(writer.events_url))
+        async with asyncio.timeout(10):
+            assert (await read_head(reader))[0] == 200
+            await until_subscriptions(app, 1)
+    finally:
+        await runner.cleanup()
+    try:
+        async with asyncio.timeout(10):
+            assert await read_chunked_body(reader) == b"retry: 1000\n\n"  # ended, not cut
+            assert await reader.read() == b""
+    finally:
+        client.close()
+
+
+def test_aiohttp_still_has_what_a_stream_connection_relies_on() -> None:
+    """app.http.connection uses these private parts of aiohttp."""
+    assert {"_manager", "_messages"} <= set(web.RequestHandler.__slots__)
+    assert inspect.iscoroutinefunction(BaseProtocol._drain_helper)
+    assert list(inspect.signature(web.Server.connection_lost).parameters) == [
+        "self",
+        "handler",
+        "exc",
+    ]
