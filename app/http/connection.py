@@ -11,9 +11,10 @@ handler for the client's next request, as keep-alive would have it, or is closed
 
 The private parts of aiohttp this relies on, beside those app/http/server.py names:
 `RequestHandler._manager` (the server that makes handlers, and counts them),
-`RequestHandler._messages` (requests pipelined behind the stream's) and
-`BaseProtocol._drain_helper`. tests/http/test_connection.py fails when they change;
-pyproject.toml bounds aiohttp from above.
+`RequestHandler._messages` (requests pipelined behind the stream's),
+`RequestHandler._parser` and `BaseProtocol._drain_helper`.
+tests/http/test_connection.py fails when they change; pyproject.toml bounds aiohttp
+from above.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class StreamConnection(BaseProtocol):
         handler.transport = None  # so that it does not close what is no longer its own
         handler.force_close()  # its loop ends after this response
         server.connection_lost(handler)  # a server that shuts down waits for it no more
+        # As aiohttp's connection_lost does: without it, the parser's reference back to
+        # the handler would keep both for the cycle collector instead of freeing them now.
+        handler._parser = None
         return connection
 
     def write(self, data: bytes) -> None:

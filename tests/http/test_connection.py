@@ -5,6 +5,7 @@ next request when the stream ends, unless that request could have been lost."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 from collections.abc import AsyncIterator
 
@@ -106,6 +107,32 @@ async def test_aiohttp_lets_go_of_a_live_stream_and_serves_the_next_request_afte
         client.close()
 
 
+async def test_the_aiohttp_handler_a_stream_let_go_of_is_freed_at_once(
+    served: Reader, log: GenerationLog
+) -> None:
+    # Not left to the cycle collector, which runs seldom in serve (app/runtime.py).
+    def handlers() -> int:
+        return sum(isinstance(o, web.RequestHandler) for o in gc.get_objects())
+
+    writer = await Writer.start(log)
+    await writer.tokens(1)
+    reader, client = await served.connect()
+    gc.collect()
+    gc.disable()
+    try:
+        before = handlers()
+        async with asyncio.timeout(10):
+            for _ in range(5):
+                client.write(get(writer.events_url))
+                status, body = await read_response(reader)
+                assert status == 200
+                assert b"\nevent: done\n" in body
+        assert handlers() == before  # one for the connection, a new one after each stream
+    finally:
+        gc.enable()
+        client.close()
+
+
 async def test_requests_pipelined_with_the_streams_own_are_sent_again_on_a_new_connection(
     served: Reader, log: GenerationLog
 ) -> None:
@@ -190,6 +217,7 @@ async def test_a_reader_that_stops_ends_its_streams_and_closes_their_connections
 def test_aiohttp_still_has_what_a_stream_connection_relies_on() -> None:
     """app.http.connection uses these private parts of aiohttp."""
     assert {"_manager", "_messages"} <= set(web.RequestHandler.__slots__)
+    assert "_parser" in BaseProtocol.__slots__
     assert inspect.iscoroutinefunction(BaseProtocol._drain_helper)
     assert list(inspect.signature(web.Server.connection_lost).parameters) == [
         "self",
