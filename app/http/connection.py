@@ -32,12 +32,13 @@ MAX_PIPELINED_BYTES = 64 * 1024
 class StreamConnection(BaseProtocol):
     """The connection of one event stream: chunks out, the client's going away in."""
 
-    __slots__ = ("_chunked", "_received", "_reusable", "_server", "stream")
+    __slots__ = ("_chunked", "_ended_body", "_received", "_reusable", "_server", "stream")
 
     def __init__(self, server: web.Server, *, chunked: bool, reusable: bool) -> None:
         super().__init__(asyncio.get_running_loop())
         self._server = server
         self._chunked = chunked
+        self._ended_body = False
         self._reusable = reusable
         self._received = b""
         # Cancelled when the client goes away, as aiohttp does with a request's handler.
@@ -73,14 +74,18 @@ class StreamConnection(BaseProtocol):
         handler._parser = None
         return connection
 
-    def write(self, data: bytes) -> None:
-        """Send `data` as the body's next chunk; `drain` waits while the client is behind."""
+    def write(self, data: bytes, *, last: bool = False) -> None:
+        """Send `data` as the body's next chunk (`last`: and the body's end with it);
+        `drain` waits while the client is behind."""
         if self.transport is None:
             raise ConnectionResetError("the client went away")
-        if self._chunked:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
+        if not self._chunked:
             self.transport.write(data)
+        elif last:
+            self._ended_body = True
+            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
+        else:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     async def drain(self) -> None:
         """Return once the transport takes writes again (at once unless it is paused)."""
@@ -92,7 +97,7 @@ class StreamConnection(BaseProtocol):
         if transport is None:
             return
         self.transport, self.stream = None, None
-        if self._chunked:
+        if self._chunked and not self._ended_body:
             transport.write(b"0\r\n\r\n")
         # A paused transport would tell a handler that never paused it to resume.
         if not (keep_alive and self._reusable and not self.writing_paused):

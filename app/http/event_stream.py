@@ -258,7 +258,8 @@ async def _pump(
             break
         if subscription.gap is not None and before == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
-        connection.write(chunk or sse.comment_frame("keep-alive"))
+        # The terminal event's chunk carries the body's end: one write, not two.
+        connection.write(chunk or sse.comment_frame("keep-alive"), last=subscription.finished)
         if connection.writing_paused:
             # The transport holds more than its high-water mark: the client is behind.
             try:

@@ -361,10 +361,10 @@ async def test_every_reader_gets_the_last_events_before_any_stream_ends(
     order: list[str] = []
     write, end = StreamConnection.write, StreamConnection.end
 
-    def recording_write(self: StreamConnection, data: bytes) -> None:
+    def recording_write(self: StreamConnection, data: bytes, *, last: bool = False) -> None:
         if b"event: done" in data:
             order.append("last batch")
-        write(self, data)
+        write(self, data, last=last)
 
     def recording_end(self: StreamConnection, *, keep_alive: bool) -> None:
         order.append("end")
