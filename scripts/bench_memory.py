@@ -12,7 +12,7 @@ aiohttp (with multidict and yarl), tokentape, its telemetry (OpenTelemetry), and
 event loop's own C code. `--top` lists the largest allocation sites.
 
 tracemalloc counts Python allocations only, not what the allocator keeps around them:
-the reader's RSS per connection (scripts/bench.py, scenario (e)) is about 1 KiB more.
+the reader's RSS per connection (scripts/bench.py, scenario (e)) is about 2.5 KiB more.
 """
 
 from __future__ import annotations

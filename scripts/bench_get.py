@@ -1,0 +1,106 @@
+"""What one event stream costs the reader from request to end: CPU per GET.
+
+    python scripts/bench_get.py --requests 3000
+
+Starts a private redis-server and one `tokentape serve`, writes one finished
+generation of `--events` events (as a worker would: leased, appended, done), and
+reads its whole event stream `--requests` times, one after another on one kept-alive
+connection, after 200 reads to warm up. Prints the reader's CPU time (user + system,
+from /proc) and the wall time per read. Each read is what any stream pays once
+whatever its length: the request, the checks, the log's snapshot, a subscription,
+the catch-up read, the response's head and end, the access log line and the span.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Sequence
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from app import events
+from app.generations import parse_request
+from app.keys import new_generation_id
+from app.settings import Settings
+from app.store import GenerationLog
+from scripts.bench import private_redis, wait_ready
+from scripts.bench_client import cpu_seconds
+from scripts.bench_procs import HOST, free_port, start_process, stop_process
+
+WARM_UP_READS = 200
+
+
+async def finished_generation(log: GenerationLog, count: int) -> str:
+    generation_id = new_generation_id()
+    await log.create(
+        generation_id, parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
+    )
+    lease = await log.acquire(generation_id, "bench-get")
+    assert lease is not None
+    tokens: list[events.Event] = [events.Token(text=f"t{i} ") for i in range(count - 1)]
+    await log.append(lease, 1, [*tokens, events.Done(reason="stop")])
+    return generation_id
+
+
+async def run(args: argparse.Namespace) -> tuple[float, float]:
+    """CPU and wall seconds per read."""
+    run_dir = Path("/tmp") / f"tokentape-get-{secrets.token_hex(4)}"
+    run_dir.mkdir(parents=True)
+    prefix = f"getbench-{secrets.token_hex(4)}"
+    async with contextlib.AsyncExitStack() as stack:
+        server = private_redis(run_dir)
+        stack.callback(server.stop)
+        env = {**os.environ, "TOKENTAPE_REDIS_URL": server.url, "TOKENTAPE_KEY_PREFIX": prefix}
+        port = free_port()
+        serve = start_process(
+            [sys.executable, "-m", "app", "serve", "--port", str(port)], env, run_dir / "serve.log"
+        )
+        stack.callback(stop_process, serve)
+        redis: aioredis.Redis = aioredis.Redis.from_url(server.url)
+        stack.push_async_callback(redis.aclose)
+        log = GenerationLog(redis, Settings(redis_url=server.url, key_prefix=prefix))
+        generation_id = await finished_generation(log, args.events)
+        base_url = f"http://{HOST}:{port}"
+        url = f"{base_url}/v1/generations/{generation_id}/events"
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+        )
+        await wait_ready(session, base_url, serve)
+
+        async def read() -> None:
+            async with session.get(url) as response:
+                if b"event: done" not in await response.read():
+                    raise RuntimeError(f"{url} answered {response.status} without its events")
+
+        for _ in range(WARM_UP_READS):
+            await read()
+        cpu, wall = cpu_seconds(serve.pid), time.perf_counter()
+        for _ in range(args.requests):
+            await read()
+        cpu, wall = cpu_seconds(serve.pid) - cpu, time.perf_counter() - wall
+    return cpu / args.requests, wall / args.requests
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="reads measured")
+    parser.add_argument("--events", type=int, default=3, help="events of the generation")
+    args = parser.parse_args(argv)
+    cpu, wall = asyncio.run(run(args))
+    print(f"reader CPU per GET: {cpu * 1e6:.0f} µs; wall per GET: {wall * 1e6:.0f} µs")
+
+
+if __name__ == "__main__":
+    main()
