@@ -53,13 +53,16 @@ class StreamConnection(BaseProtocol):
             raise ConnectionResetError("the client went away")
         server = handler._manager
         assert server is not None  # None only after connection_lost, which clears transport
+        chunked = response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked"
         connection = cls(
             server,
-            chunked=response.headers.get(hdrs.TRANSFER_ENCODING) == "chunked",
-            # Whatever the client sent behind this request would be lost with aiohttp's
-            # handler: then the connection closes when the stream ends, and the client
-            # sends it again (RFC 9112, 9.3.2).
-            reusable=bool(response.keep_alive)
+            chunked=chunked,
+            # Only a chunked body's end is seen without the connection's. Whatever the
+            # client sent behind this request would be lost with aiohttp's handler: then
+            # the connection closes when the stream ends, and the client sends it again
+            # (RFC 9112, 9.3.2).
+            reusable=chunked
+            and bool(response.keep_alive)
             and request.content.is_eof()
             and not handler._messages,
         )
