@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Counter, Histogram, Meter, UpDownCounter
+from opentelemetry.metrics import Counter, Histogram, Meter, Observation, UpDownCounter
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 # What `generate_latest` writes by default. Not prometheus_client's CONTENT_TYPE_LATEST,
@@ -84,7 +84,15 @@ class Metrics:
         self.slow_client_disconnects = counter(
             "slow_client_disconnects", "{connection}", "Connections closed for falling behind."
         )
-        self.events_sent = counter("events_sent", "{event}", "Events written to SSE clients.")
+        # Added to on every write to every client: a plain int, read when metrics are
+        # collected, instead of an instrument call per write.
+        self.events_sent = 0
+        meter.create_observable_counter(
+            "tokentape.events_sent",
+            callbacks=[lambda _: [Observation(self.events_sent)]],
+            unit="{event}",
+            description="Events written to SSE clients.",
+        )
         self.limit_refusals = counter(
             "limit_refusals",
             "{request}",
@@ -101,7 +109,6 @@ class Metrics:
             self.resumes,
             self.gaps,
             self.slow_client_disconnects,
-            self.events_sent,
         ):
             zero_first.add(0)
         for limit in LIMITS:

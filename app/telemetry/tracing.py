@@ -180,8 +180,7 @@ class GenerationSpan:
 
 
 # Per-write bookkeeping is on the fan-out hot path (one write per client per event):
-# the events counter is added in steps, and delivery latency sampled.
-EVENTS_COUNTER_STEP = 64
+# delivery latency is sampled.
 DELIVERY_SAMPLE_EVERY = 16
 
 
@@ -198,7 +197,6 @@ class ReaderSpan:
         "_metrics",
         "_otel_token",
         "_position",
-        "_unreported",
         "_writes",
         "bytes_sent",
         "end_reason",
@@ -216,7 +214,6 @@ class ReaderSpan:
         self.events_sent = 0
         self.bytes_sent = 0
         self.end_reason: EndReason | None = None
-        self._unreported = 0  # events not yet added to the events_sent counter
         self._writes = 0
         self._log_context = generation_context(generation_id)
         self._otel_token: Token[Context] | None = None
@@ -254,10 +251,7 @@ class ReaderSpan:
         """
         self.events_sent += events
         self.bytes_sent += nbytes
-        self._unreported += events
-        if self._unreported >= EVENTS_COUNTER_STEP:
-            self._metrics.events_sent.add(self._unreported)
-            self._unreported = 0
+        self._metrics.events_sent += events
         if appended_ms is not None and self._writes % DELIVERY_SAMPLE_EVERY == 0:
             # Redis's clock against ours: clamp the skew rather than record a negative time.
             latency = max(0.0, time.time() - appended_ms / 1000)
@@ -297,9 +291,6 @@ class ReaderSpan:
         )
 
     def _close(self) -> None:
-        if self._unreported:
-            self._metrics.events_sent.add(self._unreported)
-            self._unreported = 0
         self.span.set_attribute(READ_EVENTS_SENT, self.events_sent)
         self.span.set_attribute(READ_BYTES_SENT, self.bytes_sent)
 
