@@ -278,8 +278,8 @@ async def _pump(
             # span, close), which would hold the last events of the others back.
             await asyncio.sleep(0)
     reader.ended("terminal" if subscription.finished else "server_drain")
-    # Drained: the client comes back to another reader on a new connection.
-    connection.end(keep_alive=subscription.finished)
+    # A reader that drains closes its connections: their clients come back to another.
+    connection.end(keep_alive=not subscription.closed)
 
 
 async def _come_back_later(request: web.Request, retry_ms: int, reason: str) -> web.StreamResponse:
