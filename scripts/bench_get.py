@@ -1,14 +1,16 @@
 """What one event stream costs the reader from request to end: CPU per GET.
 
     python scripts/bench_get.py --requests 3000
+    python scripts/bench_get.py --requests 6000 --concurrency 64    # 64 at a time, as in a burst
 
 Starts a private redis-server and one `tokentape serve`, writes one finished
 generation of `--events` events (as a worker would: leased, appended, done), and
 reads its whole event stream `--requests` times, one after another on one kept-alive
-connection, after 200 reads to warm up. Prints the reader's CPU time (user + system,
-from /proc) and the wall time per read. Each read is what any stream pays once
-whatever its length: the request, the checks, the log's snapshot, a subscription,
-the catch-up read, the response's head and end, the access log line and the span.
+connection (or on `--concurrency` connections at once), after 200 reads to warm up.
+Prints the reader's CPU time (user + system, from /proc) and the wall time per read.
+Each read is what any stream pays once whatever its length: the request, the checks,
+the log's snapshot, a subscription, the catch-up read, the response's head and end,
+the access log line and the span.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ async def run(args: argparse.Namespace) -> tuple[float, float]:
         base_url = f"http://{HOST}:{port}"
         url = f"{base_url}/v1/generations/{generation_id}/events"
         session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1))
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
         )
         await wait_ready(session, base_url, serve)
 
@@ -84,11 +86,18 @@ async def run(args: argparse.Namespace) -> tuple[float, float]:
                 if b"event: done" not in await response.read():
                     raise RuntimeError(f"{url} answered {response.status} without its events")
 
-        for _ in range(WARM_UP_READS):
-            await read()
+        async def reads(count: int) -> None:
+            for _ in range(count):
+                await read()
+
+        async def spread(count: int) -> None:
+            await asyncio.gather(
+                *(reads(count // args.concurrency) for _ in range(args.concurrency))
+            )
+
+        await spread(WARM_UP_READS)
         cpu, wall = cpu_seconds(serve.pid), time.perf_counter()
-        for _ in range(args.requests):
-            await read()
+        await spread(args.requests)
         cpu, wall = cpu_seconds(serve.pid) - cpu, time.perf_counter() - wall
     return cpu / args.requests, wall / args.requests
 
@@ -97,7 +106,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="reads measured")
     parser.add_argument("--events", type=int, default=3, help="events of the generation")
+    parser.add_argument("--concurrency", type=int, default=1, help="reads in flight")
     args = parser.parse_args(argv)
+    args.requests -= args.requests % args.concurrency
     cpu, wall = asyncio.run(run(args))
     print(f"reader CPU per GET: {cpu * 1e6:.0f} µs; wall per GET: {wall * 1e6:.0f} µs")
 
