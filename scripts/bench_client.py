@@ -147,6 +147,11 @@ class ClientRun:
         self.connected = 0
         self.all_connected = asyncio.Event()
         self.release = asyncio.Event()
+        # Each ended stream's (token offsets, connected_at), turned into drift once every
+        # stream has ended: the streams of one generation end together, and working
+        # out one's drift (thousands of tokens) before reading the others' last chunks
+        # would make theirs look late.
+        self.live: list[tuple[array[float], float]] = []
 
     async def run(self) -> None:
         job = self.job
@@ -160,6 +165,8 @@ class ClientRun:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for offsets, connected_at in self.live:
+                self.report.drift.extend(live_drift(offsets, job.rate, connected_at))
 
     async def _stream(self, seed: int) -> None:
         for _ in range(self.job.reads):
@@ -269,7 +276,7 @@ class ClientRun:
         if first_token_at is not None:
             report.ttft.append(first_token_at - requested_at)
         if offsets and rate < AS_FAST_AS_POSSIBLE:
-            report.drift.extend(live_drift(offsets, rate, connected_at))
+            self.live.append((offsets, connected_at))
 
 
 def live_drift(offsets: Sequence[float], rate: float, connected_at: float) -> Iterator[float]:
