@@ -113,16 +113,12 @@ class StreamConnection(BaseProtocol):
             handler.data_received(self._received)
 
     def abort(self) -> None:
-        """Close at once, dropping what is buffered (a client that stopped reading)."""
+        """Close at once, dropping what is buffered, unless `end` or the client closed it
+        already: a stream that cannot end its body (a client that stopped reading, a
+        failure, a drain that ran out of time) must not wait on its client."""
         if self.transport is not None:
             self.stream = None
             self.transport.abort()
-
-    def close(self) -> None:
-        """Close after what is buffered, if `end` or the client have not closed it."""
-        if self.transport is not None:
-            self.stream = None
-            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if not self._reusable:

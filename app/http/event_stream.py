@@ -239,7 +239,7 @@ async def _stream(
     except ConnectionResetError:
         pass  # the client went away: `reader` logged it
     finally:
-        connection.close()  # unless it ended, or the client closed it
+        connection.abort()  # unless it ended, or the client closed it
 
 
 async def _pump(

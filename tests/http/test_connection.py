@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,8 +15,10 @@ from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
 from redis.asyncio import Redis
 
+from app import events
 from app.http import create_app
 from app.http.server import ServiceRunner
+from app.http.state import OPEN_STREAMS
 from app.settings import Settings
 from app.store import GenerationLog
 from tests.http.conftest import Writer, until_subscriptions
@@ -212,6 +215,33 @@ async def test_a_reader_that_stops_ends_its_streams_and_closes_their_connections
             assert await reader.read() == b""
     finally:
         client.close()
+
+
+async def test_a_reader_that_stops_lets_go_of_a_stream_whose_client_reads_nothing(
+    settings: Settings, redis: Redis, log: GenerationLog
+) -> None:
+    # The drain ends the stream, but its last chunk cannot leave: the client's buffers
+    # are full. After TOKENTAPE_STREAM_DRAIN_SECONDS the stream is dropped, not waited on
+    # for the write timeout (an hour here) or for ever.
+    configured = settings.replace(stream_drain_seconds=0.5, write_timeout_seconds=3600)
+    app = create_app(configured, redis)
+    runner = ServiceRunner(app, configured)
+    await runner.setup()
+    writer = await Writer.start(log)
+    client = socket.socket()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", runner.addresses[0][1]))
+        client.sendall(get(writer.events_url))
+        await until_subscriptions(app, 1)
+        for _ in range(40):  # far more than both ends' socket buffers hold
+            await writer.append(*[events.Token(text="x" * 65536)] * 4)
+    finally:
+        async with asyncio.timeout(10):
+            await runner.cleanup()
+        client.close()
+    assert app[OPEN_STREAMS].count == 0
 
 
 def test_aiohttp_still_has_what_a_stream_connection_relies_on() -> None:
