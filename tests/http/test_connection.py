@@ -5,6 +5,7 @@ next request when the stream ends, unless that request could have been lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import socket
@@ -30,8 +31,15 @@ class Reader:
     def __init__(self, app: web.Application, runner: ServiceRunner, port: int) -> None:
         self.app, self.runner, self.port = app, runner, port
 
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.open_connection("127.0.0.1", self.port)
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A raw client connection, closed after; what runs in it has 10 s."""
+        reader, client = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            async with asyncio.timeout(10):
+                yield reader, client
+        finally:
+            client.close()
 
     @property
     def aiohttp_connections(self) -> int:
@@ -87,27 +95,23 @@ async def test_aiohttp_lets_go_of_a_live_stream_and_serves_the_next_request_afte
     served: Reader, log: GenerationLog
 ) -> None:
     writer = await Writer.start(log)
-    reader, client = await served.connect()
-    try:
-        async with asyncio.timeout(10):
-            client.write(get(writer.events_url))
-            status, headers = await read_head(reader)
-            assert (status, headers["Transfer-Encoding"]) == (200, "chunked")
-            assert await read_chunk(reader) == b"retry: 1000\n\n"
-            await until_subscriptions(served.app, 1)
-            assert served.aiohttp_connections == 0
-            # A request sent while the stream is open waits for its end, as aiohttp has it.
-            client.write(get("/healthz"))
-            await writer.tokens(2)
-            body = await read_chunked_body(reader)
-            assert body.count(b"\nevent: token\n") == 2
-            assert b"\nevent: done\n" in body
-            assert await read_response(reader) == (200, b'{"status":"ok"}')
-            assert served.aiohttp_connections == 1
-            client.write(get("/healthz"))  # and the connection goes on as any other
-            assert await read_response(reader) == (200, b'{"status":"ok"}')
-    finally:
-        client.close()
+    async with served.connection() as (reader, client):
+        client.write(get(writer.events_url))
+        status, headers = await read_head(reader)
+        assert (status, headers["Transfer-Encoding"]) == (200, "chunked")
+        assert await read_chunk(reader) == b"retry: 1000\n\n"
+        await until_subscriptions(served.app, 1)
+        assert served.aiohttp_connections == 0
+        # A request sent while the stream is open waits for its end, as aiohttp has it.
+        client.write(get("/healthz"))
+        await writer.tokens(2)
+        body = await read_chunked_body(reader)
+        assert body.count(b"\nevent: token\n") == 2
+        assert b"\nevent: done\n" in body
+        assert await read_response(reader) == (200, b'{"status":"ok"}')
+        assert served.aiohttp_connections == 1
+        client.write(get("/healthz"))  # and the connection goes on as any other
+        assert await read_response(reader) == (200, b'{"status":"ok"}')
 
 
 async def test_the_aiohttp_handler_a_stream_let_go_of_is_freed_at_once(
@@ -119,21 +123,19 @@ async def test_the_aiohttp_handler_a_stream_let_go_of_is_freed_at_once(
 
     writer = await Writer.start(log)
     await writer.tokens(1)
-    reader, client = await served.connect()
     gc.collect()
     gc.disable()
     try:
-        before = handlers()
-        async with asyncio.timeout(10):
+        async with served.connection() as (reader, client):
+            before = handlers()
             for _ in range(5):
                 client.write(get(writer.events_url))
                 status, body = await read_response(reader)
                 assert status == 200
                 assert b"\nevent: done\n" in body
-        assert handlers() == before  # one for the connection, a new one after each stream
+            assert handlers() == before  # one for the connection, a new one per stream
     finally:
         gc.enable()
-        client.close()
 
 
 async def test_requests_pipelined_with_the_streams_own_are_sent_again_on_a_new_connection(
@@ -143,29 +145,21 @@ async def test_requests_pipelined_with_the_streams_own_are_sent_again_on_a_new_c
     # handler: the connection closes after the stream, so the client sends them again.
     writer = await Writer.start(log)
     await writer.tokens(1)
-    reader, client = await served.connect()
-    try:
-        async with asyncio.timeout(10):
-            client.write(get(writer.events_url) + get("/healthz"))
-            status, body = await read_response(reader)
-            assert status == 200
-            assert b"\nevent: done\n" in body
-            assert await reader.read() == b""
-    finally:
-        client.close()
+    async with served.connection() as (reader, client):
+        client.write(get(writer.events_url) + get("/healthz"))
+        status, body = await read_response(reader)
+        assert status == 200
+        assert b"\nevent: done\n" in body
+        assert await reader.read() == b""
 
 
 async def test_head_is_the_streams_head_without_a_body(served: Reader, log: GenerationLog) -> None:
     writer = await Writer.start(log)
-    reader, client = await served.connect()
-    try:
-        async with asyncio.timeout(10):
-            client.write(get(writer.events_url).replace(b"GET", b"HEAD", 1) + get("/healthz"))
-            status, headers = await read_head(reader)
-            assert (status, headers["Content-Type"]) == (200, "text/event-stream")
-            assert await read_response(reader) == (200, b'{"status":"ok"}')  # no body between
-    finally:
-        client.close()
+    async with served.connection() as (reader, client):
+        client.write(get(writer.events_url).replace(b"GET", b"HEAD", 1) + get("/healthz"))
+        status, headers = await read_head(reader)
+        assert (status, headers["Content-Type"]) == (200, "text/event-stream")
+        assert await read_response(reader) == (200, b'{"status":"ok"}')  # no body between
 
 
 @pytest.mark.parametrize(
@@ -178,19 +172,15 @@ async def test_a_connection_the_client_does_not_keep_closes_when_its_stream_ends
 ) -> None:
     writer = await Writer.start(log)
     await writer.tokens(1)
-    reader, client = await served.connect()
-    try:
-        async with asyncio.timeout(10):
-            client.write(get(writer.events_url, *headers, version=version))
-            status, response_headers = await read_head(reader)
-            assert status == 200
-            assert ("Transfer-Encoding" in response_headers) == chunked
-            body = await read_chunked_body(reader) if chunked else await reader.read()
-            assert body.startswith(b"retry: 1000\n\n")
-            assert b'\nevent: done\ndata: {"type":"done"' in body
-            assert await reader.read() == b""
-    finally:
-        client.close()
+    async with served.connection() as (reader, client):
+        client.write(get(writer.events_url, *headers, version=version))
+        status, response_headers = await read_head(reader)
+        assert status == 200
+        assert ("Transfer-Encoding" in response_headers) == chunked
+        body = await read_chunked_body(reader) if chunked else await reader.read()
+        assert body.startswith(b"retry: 1000\n\n")
+        assert b'\nevent: done\ndata: {"type":"done"' in body
+        assert await reader.read() == b""
 
 
 async def test_a_reader_that_stops_ends_its_streams_and_closes_their_connections(
