@@ -1,10 +1,10 @@
 """An event stream's connection, taken over from aiohttp once the stream's head is out.
 
 For each connection aiohttp keeps a request handler (its parser, message queue,
-keep-alive timer and task), the request, the task of its handler and the response: 10
-of the 15.5 KiB an idle event stream held (scripts/bench_memory.py). Once an event
-stream's head and first chunk are sent, aiohttp has nothing left to do on its
-connection until the stream ends, so the stream takes the transport over
+keep-alive timer and task), the request, the task of its handler and the response:
+about 10 KiB, twice what an idle event stream needs of its own (scripts/bench_memory.py).
+Once an event stream's head and first chunk are sent, aiohttp has nothing left to do
+on its connection until the stream ends, so the stream takes the transport over
 (`set_protocol`) and aiohttp's handler finishes as it does after any response on a
 connection it no longer has. When the stream ends, the connection goes to a new aiohttp
 handler for the client's next request, as keep-alive would have it, or is closed.
