@@ -50,6 +50,8 @@ import aiohttp
 import redis.asyncio as aioredis
 
 from app.embedded import RedisClusterProcesses, RedisProcess, find_server
+from app.settings import Settings
+from app.store import GenerationLog
 from scripts.bench_client import (
     AS_FAST_AS_POSSIBLE,
     TERMINAL_TYPES,
@@ -456,6 +458,50 @@ async def wait_ready(
                 return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"the reader at {base_url} did not answer within 30 s")
+
+
+@dataclasses.dataclass
+class Service:
+    """What `start_service` started: the reader's URL and process, and the log they share."""
+
+    base_url: str
+    serve: subprocess.Popen[bytes]
+    log: GenerationLog
+
+
+async def start_service(
+    stack: contextlib.AsyncExitStack,
+    name: str,
+    session: aiohttp.ClientSession,
+    *,
+    workers: int = 0,
+) -> Service:
+    """A private redis-server with one `tokentape serve` and `workers` workers on it,
+    default settings, all stopped by `stack`; once the reader answers `session`. For the
+    scripts that measure one stage (scripts/bench_ttft.py, scripts/bench_get.py)."""
+    token = secrets.token_hex(4)
+    run_dir = Path("/tmp") / f"tokentape-{name}-{token}"
+    run_dir.mkdir(parents=True)
+    prefix = f"{name}bench-{token}"
+    server = private_redis(run_dir)
+    stack.callback(server.stop)
+    env = {**os.environ, "TOKENTAPE_REDIS_URL": server.url, "TOKENTAPE_KEY_PREFIX": prefix}
+    port = free_port()
+    serve = start_process(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)], env, run_dir / "serve.log"
+    )
+    stack.callback(stop_process, serve)
+    for index in range(workers):
+        worker = start_process(
+            [sys.executable, "-m", "app", "worker"], env, run_dir / f"w{index}.log"
+        )
+        stack.callback(stop_process, worker)
+    redis: aioredis.Redis = aioredis.Redis.from_url(server.url)
+    stack.push_async_callback(redis.aclose)
+    base_url = f"http://{HOST}:{port}"
+    await wait_ready(session, base_url, serve)
+    log = GenerationLog(redis, Settings(redis_url=server.url, key_prefix=prefix))
+    return Service(base_url, serve, log)
 
 
 async def create_generation(

@@ -24,22 +24,17 @@ if __package__ in (None, ""):
 import argparse
 import asyncio
 import contextlib
-import os
-import secrets
 import time
 from collections.abc import Sequence
 
 import aiohttp
-import redis.asyncio as aioredis
 
 from app import events
 from app.generations import parse_request
 from app.keys import new_generation_id
-from app.settings import Settings
 from app.store import GenerationLog
-from scripts.bench import private_redis, wait_ready
+from scripts.bench import start_service
 from scripts.bench_client import cpu_seconds
-from scripts.bench_procs import HOST, free_port, start_process, stop_process
 
 WARM_UP_READS = 200
 
@@ -58,28 +53,13 @@ async def finished_generation(log: GenerationLog, count: int) -> str:
 
 async def run(args: argparse.Namespace) -> tuple[float, float]:
     """CPU and wall seconds per read."""
-    run_dir = Path("/tmp") / f"tokentape-get-{secrets.token_hex(4)}"
-    run_dir.mkdir(parents=True)
-    prefix = f"getbench-{secrets.token_hex(4)}"
     async with contextlib.AsyncExitStack() as stack:
-        server = private_redis(run_dir)
-        stack.callback(server.stop)
-        env = {**os.environ, "TOKENTAPE_REDIS_URL": server.url, "TOKENTAPE_KEY_PREFIX": prefix}
-        port = free_port()
-        serve = start_process(
-            [sys.executable, "-m", "app", "serve", "--port", str(port)], env, run_dir / "serve.log"
-        )
-        stack.callback(stop_process, serve)
-        redis: aioredis.Redis = aioredis.Redis.from_url(server.url)
-        stack.push_async_callback(redis.aclose)
-        log = GenerationLog(redis, Settings(redis_url=server.url, key_prefix=prefix))
-        generation_id = await finished_generation(log, args.events)
-        base_url = f"http://{HOST}:{port}"
-        url = f"{base_url}/v1/generations/{generation_id}/events"
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency))
         )
-        await wait_ready(session, base_url, serve)
+        service = await start_service(stack, "get", session)
+        generation_id = await finished_generation(service.log, args.events)
+        url = f"{service.base_url}/v1/generations/{generation_id}/events"
 
         async def read() -> None:
             async with session.get(url) as response:
@@ -96,9 +76,9 @@ async def run(args: argparse.Namespace) -> tuple[float, float]:
             )
 
         await spread(WARM_UP_READS)
-        cpu, wall = cpu_seconds(serve.pid), time.perf_counter()
+        cpu, wall = cpu_seconds(service.serve.pid), time.perf_counter()
         await spread(args.requests)
-        cpu, wall = cpu_seconds(serve.pid) - cpu, time.perf_counter() - wall
+        cpu, wall = cpu_seconds(service.serve.pid) - cpu, time.perf_counter() - wall
     return cpu / args.requests, wall / args.requests
 
 

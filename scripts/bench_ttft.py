@@ -30,19 +30,14 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import os
-import secrets
 import time
 from collections.abc import Sequence
 
 import aiohttp
-import redis.asyncio as aioredis
 
-from app.settings import Settings
 from app.store import GenerationLog
-from scripts.bench import percentile, private_redis, wait_ready
+from scripts.bench import percentile, start_service
 from scripts.bench_client import TERMINAL_TYPES, EventReader, raise_fd_limit, sim_body
-from scripts.bench_procs import HOST, free_port, start_process, stop_process
 
 STAGES = ("created", "picked up", "started", "first token", "delivered", "total")
 
@@ -89,42 +84,20 @@ async def stages(log: GenerationLog, timing: Timing) -> list[float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, list[float]]:
-    run_dir = Path("/tmp") / f"tokentape-ttft-{secrets.token_hex(4)}"
-    run_dir.mkdir(parents=True)
-    prefix = f"ttbench-{secrets.token_hex(4)}"
     body = sim_body(args.tokens, args.rate, seed=0)
     by_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
     async with contextlib.AsyncExitStack() as stack:
-        server = private_redis(run_dir)
-        stack.callback(server.stop)
-        env = {
-            **os.environ,
-            "TOKENTAPE_REDIS_URL": server.url,
-            "TOKENTAPE_KEY_PREFIX": prefix,
-        }
-        port = free_port()
-        python = sys.executable
-        serve = start_process(
-            [python, "-m", "app", "serve", "--port", str(port)], env, run_dir / "serve.log"
-        )
-        stack.callback(stop_process, serve)
-        for index in range(args.workers):
-            worker = start_process([python, "-m", "app", "worker"], env, run_dir / f"w{index}.log")
-            stack.callback(stop_process, worker)
-        base_url = f"http://{HOST}:{port}"
-        redis: aioredis.Redis = aioredis.Redis.from_url(server.url)
-        stack.push_async_callback(redis.aclose)
-        log = GenerationLog(redis, Settings(redis_url=server.url, key_prefix=prefix))
         connector = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        await wait_ready(session, base_url, serve)
+        service = await start_service(stack, "ttft", session, workers=args.workers)
+        base_url = service.base_url
         await one(session, base_url, sim_body(3, 1e9, seed=0))  # warm-up
         for _ in range(args.repeat):
             timings = await asyncio.gather(
                 *(one(session, base_url, body) for _ in range(args.generations))
             )
             for timing in timings:
-                for stage, ms in zip(STAGES, await stages(log, timing), strict=True):
+                for stage, ms in zip(STAGES, await stages(service.log, timing), strict=True):
                     by_stage[stage].append(ms)
     return by_stage
 
