@@ -230,7 +230,9 @@ async def _stream(
         with reader:
             subscription = await hub.subscribe(generation_id, after_seq)
             next_chunk: NextChunk = subscription.next_chunk
-            if ui_message_stream is not None:
+            if ui_message_stream is None:
+                subscription.sink = _LiveWrites(connection, reader)
+            else:
                 next_chunk = reframed(subscription, ui_message_stream)
             try:
                 await _pump(connection, settings, subscription, next_chunk, reader)
@@ -252,14 +254,17 @@ async def _pump(
     """Write what `next_chunk` hands out (the subscription's chunks, in the format asked for)
     until the terminal event, a drain or a stuck client."""
     while True:
-        before = subscription.delivered
         chunk = await next_chunk(settings.heartbeat_seconds)
         if chunk is None:
             break
-        if subscription.gap is not None and before == subscription.requested_after:
+        after, last_seq = subscription.handed_after, subscription.delivered
+        if chunk and subscription.gap is not None and after == subscription.requested_after:
             reader.gap(subscription.gap.requested, subscription.gap.first_available)
         # The terminal event's chunk carries the body's end: one write, not two.
         connection.write(chunk or sse.comment_frame("keep-alive"), last=subscription.finished)
+        if chunk and last_seq > after:
+            reader.first_event(after + 1)
+            reader.sent(last_seq - after, len(chunk), subscription.last_appended_ms)
         if connection.writing_paused:
             # The transport holds more than its high-water mark: the client is behind.
             try:
@@ -269,9 +274,6 @@ async def _pump(
                 reader.ended("slow_client")
                 connection.abort()
                 return
-        if subscription.delivered > before:
-            reader.first_event(before + 1)
-            reader.sent(subscription.delivered - before, len(chunk), subscription.last_appended_ms)
         if subscription.finished:
             # Every reader of the generation was handed its last batch in this turn of
             # the loop: let them all write it before any one ends its stream (log lines,
@@ -280,6 +282,28 @@ async def _pump(
     reader.ended("terminal" if subscription.finished else "server_drain")
     # A reader that drains closes its connections: their clients come back to another.
     connection.end(keep_alive=not subscription.closed)
+
+
+class _LiveWrites:
+    """A subscription's `Sink` for a stream in the default format: the hub writes live
+    batches to the connection while the stream's task waits."""
+
+    __slots__ = ("_connection", "_reader")
+
+    def __init__(self, connection: StreamConnection, reader: ReaderSpan) -> None:
+        self._connection = connection
+        self._reader = reader
+
+    def ready(self) -> bool:
+        connection, transport = self._connection, self._connection.transport
+        return (
+            transport is not None and not transport.is_closing() and not connection.writing_paused
+        )
+
+    def send(self, chunk: bytes, first_seq: int, last_seq: int, appended_ms: int) -> None:
+        self._connection.write(chunk)
+        self._reader.first_event(first_seq)
+        self._reader.sent(last_seq - first_seq + 1, len(chunk), appended_ms)
 
 
 async def _come_back_later(request: web.Request, retry_ms: int, reason: str) -> web.StreamResponse:

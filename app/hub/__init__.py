@@ -24,6 +24,12 @@ Each live event is framed once, straight from the published message
 receives it; catch-up pages are framed straight from the XRANGE reply
 (`app.sse.event_frames`).
 
+A caught-up event stream does not wake its task for a live batch: its subscription
+holds a `Sink` (the stream's connection), and the hub writes every batch that came
+in one read of the pub/sub connection to it in one write (`Hub.flush_soon`). The task
+writes only what needs more than a write: catch-up pages, a client that is behind, a
+heartbeat, the terminal batch and the stream's end.
+
 The same connection wakes the requests that wait for a Durable Stream's next write
 (`notifier`): they watch its channel, and any message on it means "read again".
 """

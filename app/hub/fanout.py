@@ -120,6 +120,7 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self._changed = asyncio.Condition()
+        self._to_flush: list[Subscription] = []
 
     @property
     def subscription_count(self) -> int:
@@ -146,6 +147,23 @@ class Hub:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def flush_soon(self, subscription: Subscription) -> None:
+        """Call `subscription.flush()` once what runs now (a read's live batches) is done."""
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._to_flush.append(subscription)
+
+    def _flush(self) -> None:
+        subscriptions, self._to_flush = self._to_flush, []
+        for subscription in subscriptions:
+            try:
+                subscription.flush()
+            except Exception:
+                # Its client reconnects and resumes from its last event; the others
+                # still get theirs.
+                logger.exception("live write to a client failed; ending its stream")
+                subscription.close()
 
     def retry_delay(self) -> float:
         """A pause before a failed log read is tried again."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 from redis.exceptions import RedisError
@@ -28,6 +28,18 @@ RESTART = sse.event_frame(0, "reset", encode(Reset(from_seq=1)))
 
 # A catch-up page: the log's rows and their SSE frames.
 Page = tuple[list[RawEntry], bytes]
+
+
+class Sink(Protocol):
+    """Where a live subscription writes its batches itself while its client's task waits."""
+
+    def ready(self) -> bool:
+        """Whether a write now goes out at once (the client is not behind)."""
+        ...
+
+    def send(self, chunk: bytes, first_seq: int, last_seq: int, appended_ms: int) -> None:
+        """Write the events `first_seq`..`last_seq` (`chunk`, their SSE bytes)."""
+        ...
 
 
 async def read_page(log: GenerationLog, generation_id: str, after_seq: int, count: int) -> Page:
@@ -62,8 +74,10 @@ class Subscription:
         "fell_behind",
         "finished",
         "gap",
+        "handed_after",
         "last_appended_ms",
         "requested_after",
+        "sink",
     )
 
     def __init__(self, hub: Hub, feed: Feed, after_seq: int) -> None:
@@ -71,6 +85,7 @@ class Subscription:
         self.feed = feed
         self.requested_after = after_seq
         self.delivered = after_seq  # last seq handed to the client
+        self.handed_after = after_seq  # the seq the last chunk handed out follows
         self._queued_until = after_seq  # live: last seq handed out or in `_pending`
         # A list and a future made only while waiting, not a deque and an asyncio.Event:
         # an idle connection costs ~1.5 KiB less (each deque is 760 bytes).
@@ -93,6 +108,9 @@ class Subscription:
         # `delivered` is past the log's end (the log went back): what follows it must be
         # the log's own reset, read from the log, or the client is sent `RESTART`.
         self._ahead = False
+        # Set by a client whose chunks need no more than a write: while its task waits
+        # with nothing pending, live batches go straight to it (see `offer`).
+        self.sink: Sink | None = None
 
     @property
     def generation_id(self) -> str:
@@ -131,9 +149,35 @@ class Subscription:
             self.fell_behind += 1
             self._switch_to_log()
             return
+        if self.sink is not None and self._parked() and not fresh[-1].terminal:
+            # The hub writes it to the sink once this turn of the loop has taken every
+            # live batch at hand (`flush`): cheaper than waking the client's task, and
+            # batches that arrived together still go out in one write.
+            if not self._pending:
+                self._hub.flush_soon(self)
+            self._pending.extend(fresh)
+            self._queued_until = fresh[-1].seq
+            return
         self._pending.extend(fresh)
         self._queued_until = fresh[-1].seq
         self._wake()
+
+    def _parked(self) -> bool:
+        """Whether the client's task waits in `next_chunk` and nothing has woken it yet."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def flush(self) -> None:
+        """Write what is pending to the sink (the hub calls it after `offer` asked it to)."""
+        if not self._pending or not self._parked() or self._read_log or self.closed:
+            return  # the client's task has it, or it was dropped for the log
+        sink = self.sink
+        if sink is None or not sink.ready():
+            self._wake()  # the client is behind: its task writes, and waits for it
+            return
+        first_seq = self._pending[0].seq
+        last = self._pending[-1]
+        sink.send(self._take_pending(), first_seq, last.seq, last.appended_ms)
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -254,6 +298,7 @@ class Subscription:
         )
 
     def _deliver(self, chunk: bytes, last_seq: int, appended_ms: int, terminal: bool) -> bytes:
+        self.handed_after = self.delivered
         self.delivered = last_seq
         self.last_appended_ms = appended_ms
         self._queued_until = max(self._queued_until, last_seq)
@@ -354,7 +399,7 @@ class Subscription:
             self.delivered,
             why,
         )
-        self.delivered = self._queued_until = 0
+        self.delivered = self.handed_after = self._queued_until = 0
         self._pending = []
         self._read_log = True
         self._first_read = True

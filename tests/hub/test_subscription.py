@@ -135,3 +135,104 @@ async def test_clients_joining_one_generation_together_share_each_page_read(
         assert sorted(reads) == [0, 100, 200]
     finally:
         await hub.stop()
+
+
+class _Recorder:
+    """A sink that takes writes while `accepting`, and fails them with `failing`."""
+
+    def __init__(self) -> None:
+        self.accepting = True
+        self.failing = False
+        self.sent: list[tuple[bytes, int, int]] = []
+
+    def ready(self) -> bool:
+        return self.accepting
+
+    def send(self, chunk: bytes, first_seq: int, last_seq: int, appended_ms: int) -> None:
+        if self.failing:
+            raise ConnectionResetError("the client went away")
+        self.sent.append((chunk, first_seq, last_seq))
+
+
+def _live(seqs: range, *, terminal: bool = False) -> list[sse.Frame]:
+    entries = [LogEntry(seq=seq, type="token", data=b'{"text":"x"}', appended_ms=0) for seq in seqs]
+    if terminal:
+        entries.append(LogEntry(seq=seqs.stop, type="done", data=b"{}", appended_ms=0))
+    return [frame_of(entry) for entry in entries]
+
+
+async def _parked(subscription: Subscription) -> asyncio.Task[bytes | None]:
+    """The client's task, waiting in `next_chunk` with nothing pending."""
+    waiting = asyncio.create_task(subscription.next_chunk(30.0))
+    await asyncio.sleep(0)  # one turn of the loop: it runs until it waits
+    assert not waiting.done()
+    return waiting
+
+
+async def test_live_batches_go_to_a_waiting_subscriptions_sink_once_per_turn(hub: Hub) -> None:
+    """While its client's task waits, the batches of one turn of the loop go to the sink in
+    one write; the task never gets them again."""
+    generation_id, _ = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    assert await subscription.next_chunk(0.05) == b""  # caught up: live
+    sink = _Recorder()
+    subscription.sink = sink
+    parser = sse.Parser()
+    waiting = await _parked(subscription)
+    subscription.feed.dispatch(_live(range(1, 3)), 0.0)
+    subscription.feed.dispatch(_live(range(3, 4)), 0.0)  # read together with 1 and 2
+    assert sink.sent == []  # written once the read's batches are all in
+    await asyncio.sleep(0)
+    assert [(first, last) for _, first, last in sink.sent] == [(1, 3)]
+    assert [m.id for chunk, _, _ in sink.sent for m in parser.feed(chunk)] == ["1", "2", "3"]
+    assert (subscription.handed_after, subscription.delivered) == (0, 3)
+    subscription.feed.dispatch(_live(range(4, 5)), 0.0)
+    await asyncio.sleep(0)
+    assert [(first, last) for _, first, last in sink.sent] == [(1, 3), (4, 4)]
+    assert not waiting.done()
+    waiting.cancel()
+    hub.unsubscribe(subscription)
+
+
+async def test_the_task_writes_for_a_client_that_is_behind_and_ends_the_stream(hub: Hub) -> None:
+    generation_id, _ = await leased_generation(hub.log, "w")
+    subscription = await hub.subscribe(generation_id, 0)
+    assert await subscription.next_chunk(0.05) == b""
+    sink = _Recorder()
+    subscription.sink = sink
+    parser = sse.Parser()
+
+    sink.accepting = False  # the client is behind: its task writes, and drains
+    waiting = await _parked(subscription)
+    subscription.feed.dispatch(_live(range(1, 3)), 0.0)
+    async with asyncio.timeout(5):
+        assert [m.id for m in parser.feed(await waiting or b"")] == ["1", "2"]
+    assert (subscription.handed_after, subscription.delivered) == (0, 2)
+
+    sink.accepting = True  # the terminal batch: the task ends the stream
+    waiting = await _parked(subscription)
+    subscription.feed.dispatch(_live(range(3, 4), terminal=True), 0.0)
+    async with asyncio.timeout(5):
+        assert [m.id for m in parser.feed(await waiting or b"")] == ["3", "4"]
+    assert subscription.finished
+    assert sink.sent == []
+    hub.unsubscribe(subscription)
+
+
+async def test_a_sink_that_fails_ends_its_stream_alone(hub: Hub) -> None:
+    generation_id, _ = await leased_generation(hub.log, "w")
+    subscriptions = [await hub.subscribe(generation_id, 0) for _ in range(2)]
+    sinks = [_Recorder(), _Recorder()]
+    for subscription, sink in zip(subscriptions, sinks, strict=True):
+        assert await subscription.next_chunk(0.05) == b""
+        subscription.sink = sink
+    sinks[0].failing = True
+    waiting = [await _parked(subscription) for subscription in subscriptions]
+    subscriptions[0].feed.dispatch(_live(range(1, 2)), 0.0)
+    async with asyncio.timeout(5):
+        assert await waiting[0] is None  # closed: its client reconnects from its last event
+    assert [(first, last) for _, first, last in sinks[1].sent] == [(1, 1)]
+    assert not waiting[1].done()
+    waiting[1].cancel()
+    for subscription in subscriptions:
+        hub.unsubscribe(subscription)
