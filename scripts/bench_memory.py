@@ -1,15 +1,18 @@
 """What one idle event stream holds in the reader, by who allocated it.
 
     python scripts/bench_memory.py --connections 2000
+    python scripts/bench_memory.py --connections 2000 --durable-streams
 
 Starts a private redis-server and, in this process under `tracemalloc`, a reader
 (`serve`, no worker, so the generations stay queued); a client process then creates
 `--connections` generations and opens each one's event stream, as scenario (e) of
-scripts/bench.py does (POST, then GET on the same kept-alive connection). Once all
-are open, the Python heap's growth since 50 others were open is divided by their
-number and split by the package of the code that allocated it:
-aiohttp (with multidict and yarl), tokentape, its telemetry (OpenTelemetry), and the
-event loop's own C code. `--top` lists the largest allocation sites.
+scripts/bench.py does (POST, then GET on the same kept-alive connection); with
+`--durable-streams`, each one's Durable Streams SSE read instead
+(`/v1/stream/generations/<id>?live=sse&offset=-1`). Once all are open, the Python
+heap's growth since 50 others were open is divided by their number and split by the
+package of the code that allocated it: aiohttp (with multidict and yarl), tokentape,
+its telemetry (OpenTelemetry), and the event loop's own C code. `--top` lists the
+largest allocation sites.
 
 tracemalloc counts Python allocations only, not what the allocator keeps around them:
 the reader's RSS per connection (scripts/bench.py, scenario (e)) is about 2.5 KiB more.
@@ -68,21 +71,27 @@ def owner(traceback: tracemalloc.Traceback) -> tuple[str, str]:
     return "event loop (C)", "-"
 
 
-async def hold_streams(base_url: str, connections: int) -> None:
-    """The client: create a generation and open its events, `connections` times; hold."""
+async def hold_streams(base_url: str, connections: int, durable_streams: bool) -> None:
+    """The client: create a generation and open its events, `connections` times; say so
+    on stdout, and hold them."""
     limit = asyncio.Semaphore(64)
     held: list[aiohttp.ClientResponse] = []
 
     async def open_one(session: aiohttp.ClientSession, seed: int) -> None:
         async with limit:
             async with session.post(f"{base_url}/v1/generations", json=sim_body(1, 1, seed)) as r:
-                events_url = (await r.json())["events_url"]
-            response = await session.get(f"{base_url}{events_url}")
-            await response.content.readany()  # the retry frame: the stream is open
+                created = await r.json()
+            url = f"{base_url}{created['events_url']}"
+            if durable_streams:
+                url = f"{base_url}/v1/stream/generations/{created['id']}?live=sse&offset=-1"
+            response = await session.get(url)
+            # The first chunk (the retry frame; the first control event): the stream is open.
+            await response.content.readany()
             held.append(response)
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         await asyncio.gather(*(open_one(session, seed) for seed in range(connections)))
+        print("open", flush=True)
         await asyncio.Event().wait()
 
 
@@ -106,24 +115,28 @@ async def measure(settings: Settings, args: argparse.Namespace) -> None:
     )
     clients: list[asyncio.subprocess.Process] = []
 
-    async def open_streams(count: int) -> None:
+    async def open_streams(count: int, opened: int) -> None:
+        """Open `count` more, `opened` in all once they are."""
         base_url = f"http://{HOST}:{settings.port}"
-        clients.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--client", base_url, str(count)
-            )
-        )
+        command = [sys.executable, __file__, "--client", base_url, str(count)]
+        if args.durable_streams:
+            command.append("--durable-streams")
+        client = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+        clients.append(client)
+        assert client.stdout is not None
+        if await client.stdout.readline() != b"open\n":
+            raise RuntimeError("a client could not open its streams")
+        if not args.durable_streams:
+            # Open once subscribed: the stream's task subscribes after its first write.
+            await apps[0][HUB].until_subscriptions(opened)
 
     try:
         async with asyncio.timeout(120):
             await started.wait()
-            hub = apps[0][HUB]
-            await open_streams(WARM_STREAMS)
-            await hub.until_subscriptions(WARM_STREAMS)
+            await open_streams(WARM_STREAMS, WARM_STREAMS)
             gc.collect()
             before = tracemalloc.take_snapshot()
-            await open_streams(args.connections)
-            await hub.until_subscriptions(WARM_STREAMS + args.connections)
+            await open_streams(args.connections, WARM_STREAMS + args.connections)
         await asyncio.sleep(1.0)  # the last streams' first writes settle
         gc.collect()
         after = tracemalloc.take_snapshot()
@@ -133,10 +146,13 @@ async def measure(settings: Settings, args: argparse.Namespace) -> None:
             await client.wait()
         stop.set()
         await reader
-    report(after.compare_to(before, "traceback"), args.connections, args.top)
+    kind = "Durable Streams SSE reads" if args.durable_streams else "event streams"
+    report(after.compare_to(before, "traceback"), args.connections, args.top, kind)
 
 
-def report(diff: list[tracemalloc.StatisticDiff], streams: int, top: int) -> None:
+def report(
+    diff: list[tracemalloc.StatisticDiff], streams: int, top: int, kind: str = "event streams"
+) -> None:
     by_owner: collections.Counter[str] = collections.Counter()
     by_site: collections.Counter[tuple[str, str]] = collections.Counter()
     for stat in diff:
@@ -144,7 +160,7 @@ def report(diff: list[tracemalloc.StatisticDiff], streams: int, top: int) -> Non
         by_owner[name] += stat.size_diff
         by_site[(name, where)] += stat.size_diff
     total = sum(by_owner.values())
-    print(f"{streams} idle event streams: {total / streams / 1024:.2f} KiB each (tracemalloc)\n")
+    print(f"{streams} idle {kind}: {total / streams / 1024:.2f} KiB each (tracemalloc)\n")
     print("| allocated by | KiB per stream |\n| --- | --- |")
     for name, size in by_owner.most_common():
         print(f"| {name} | {size / streams / 1024:.2f} |")
@@ -159,11 +175,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--top", type=int, default=15, help="largest allocation sites listed")
     parser.add_argument("--frames", type=int, default=12, help="traceback depth kept")
+    parser.add_argument(
+        "--durable-streams",
+        action="store_true",
+        help="hold Durable Streams SSE reads of the generations instead of their event streams",
+    )
     parser.add_argument("--client", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     raise_fd_limit()
     if args.client:
-        uvloop.run(hold_streams(args.client[0], int(args.client[1])))
+        uvloop.run(hold_streams(args.client[0], int(args.client[1]), args.durable_streams))
         return
     with tempfile.TemporaryDirectory(prefix="tokentape-memory-") as directory:
         redis_server = private_redis(Path(directory))

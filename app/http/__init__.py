@@ -7,7 +7,16 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from app.access import Access
-from app.http import cors, durable_streams, event_stream, generations, health, openapi, pages
+from app.http import (
+    connection,
+    cors,
+    durable_streams,
+    event_stream,
+    generations,
+    health,
+    openapi,
+    pages,
+)
 from app.http.checks import checked_requests
 from app.http.errors import json_errors
 from app.http.state import ACCESS, HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
@@ -35,7 +44,7 @@ def create_app(
     app[SETTINGS] = settings
     app[ACCESS] = access = Access.from_settings(settings)
     app[openapi.DOCUMENT] = openapi.encoded(settings, secured=not access.open)
-    app[OPEN_STREAMS] = event_stream.OpenStreams(settings.max_streams)
+    app[OPEN_STREAMS] = connection.OpenStreams(settings.max_streams)
     app[health.READINESS] = health.Readiness()
     app[LOG] = log
     app[TELEMETRY] = telemetry if telemetry is not None else Telemetry()

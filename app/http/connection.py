@@ -1,13 +1,15 @@
-"""An event stream's connection, taken over from aiohttp once the stream's head is out.
+"""Streams that take their connection over from aiohttp once their head is out: the
+events endpoint's and the Durable Streams SSE reads.
 
 For each connection aiohttp keeps a request handler (its parser, message queue,
 keep-alive timer and task), the request, the task of its handler and the response:
 about 10 KiB, twice what an idle event stream needs of its own (scripts/bench_memory.py).
-Once an event stream's head and first chunk are sent, aiohttp has nothing left to do
-on its connection until the stream ends, so the stream takes the transport over
-(`set_protocol`) and aiohttp's handler finishes as it does after any response on a
-connection it no longer has. When the stream ends, the connection goes to a new aiohttp
-handler for the client's next request, as keep-alive would have it, or is closed.
+Once a stream's head and first chunk are sent (`TakenOverResponse.start`), aiohttp has
+nothing left to do on its connection until the stream ends, so the stream takes the
+transport over (`set_protocol`), aiohttp's handler finishes as it does after any
+response on a connection it no longer has, and the stream goes on in a task of its own
+(`OpenStreams`). When the stream ends, the connection goes to a new aiohttp handler
+for the client's next request, as keep-alive would have it, or is closed.
 
 The private parts of aiohttp this relies on, beside those app/http/server.py names:
 `RequestHandler._manager` (the server that makes handlers, and counts them),
@@ -20,9 +22,15 @@ from above.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
+
+logger = logging.getLogger(__name__)
 
 # What a client may send while its stream is open (requests pipelined behind it) and
 # still have the connection back for them; past this, the stream's end closes it.
@@ -132,3 +140,58 @@ class StreamConnection(BaseProtocol):
         super().connection_lost(exc)
         if self.stream is not None:
             self.stream.cancel()
+
+
+class TakenOverResponse(web.StreamResponse):
+    """A streaming response whose connection its stream takes over (`start`): from then
+    on the stream writes and ends the body, not aiohttp."""
+
+    _taken_over = False
+
+    async def start(self, request: web.BaseRequest, first_chunk: bytes) -> StreamConnection:
+        """Send the head and `first_chunk`, then take the connection over from aiohttp."""
+        await web.StreamResponse.prepare(self, request)  # not a subclass's own prepare
+        await self.write(first_chunk)
+        connection = StreamConnection.take_over(request, self)
+        self._taken_over = True
+        return connection
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self._taken_over:  # the stream's task ends its body
+            await super().write_eof(data)
+
+
+class OpenStreams:
+    """The event streams this reader process holds open (each a task of its own once its
+    connection is taken over), and how many it may."""
+
+    __slots__ = ("_tasks", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.limit = limit or sys.maxsize  # 0: no limit
+
+    @property
+    def count(self) -> int:
+        return len(self._tasks)
+
+    def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(stream)
+        self._tasks.add(task)
+        task.add_done_callback(self._ended)
+        connection.stream = task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("an event stream failed", exc_info=exc)
+
+    async def ended(self, within_seconds: float) -> None:
+        """Wait for every stream to end, `within_seconds` at most; then end the rest at once."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(set(self._tasks), timeout=within_seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)

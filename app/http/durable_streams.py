@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import urllib.parse
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
@@ -36,6 +37,7 @@ from app.durable_streams.sources import GenerationStream, Source, StoredStream
 from app.errors import InvalidRequest, NotFound, TokentapeError
 from app.http import auth
 from app.http.checks import read_body
+from app.http.connection import OpenStreams, StreamConnection, TakenOverResponse
 from app.http.errors import Handler
 from app.http.state import LOG
 from app.hub import Hub, StreamNotifier, Watch
@@ -52,6 +54,9 @@ SETTINGS = web.AppKey("stream_settings", Settings)
 STORE = web.AppKey("stream_store", StreamStore)
 NOTIFIER = web.AppKey("stream_notifier", StreamNotifier)
 SUBSCRIPTIONS = web.AppKey("stream_subscriptions", Subscriptions)
+# The SSE reads this reader holds open (no limit of their own: each ends within
+# `stream_sse_seconds`).
+OPEN_SSE_READS = web.AppKey("open_sse_reads", OpenStreams)
 CONTROL = f"/{protocol.RESERVED}"
 SUBSCRIPTION = CONTROL + "/subscriptions/{id}"
 
@@ -96,6 +101,7 @@ def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web
     app[STORE] = StreamStore(redis, settings)
     app[NOTIFIER] = StreamNotifier(hub)
     app[SUBSCRIPTIONS] = Subscriptions(redis, app[STORE], app[NOTIFIER], settings)
+    app[OPEN_SSE_READS] = OpenStreams(0)
     # The control routes first: the protocol reserves `__ds/` before any stream name.
     app.router.add_get(CONTROL + "/jwks.json", jwks)
     app.router.add_put(SUBSCRIPTION, put_subscription)
@@ -120,7 +126,8 @@ def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web
 
     async def stop_streams(app: web.Application) -> None:
         await app[SUBSCRIPTIONS].stop()
-        app[NOTIFIER].stop()
+        app[NOTIFIER].stop()  # ends the SSE reads: their clients come back to another reader
+        await app[OPEN_SSE_READS].ended(settings.stream_drain_seconds)
 
     app.on_startup.append(start_subscriptions)
     app.on_shutdown.append(stop_streams)
@@ -272,78 +279,115 @@ async def _stream_events(
 ) -> web.StreamResponse:
     """SSE: a data event per page, each followed by a control event; then live pages
     as appends come, heartbeats while idle; the response ends after the closing
-    control event or after `stream_sse_seconds` (the client reconnects from its offset)."""
+    control event or after `stream_sse_seconds` (the client reconnects from its offset).
+
+    The first page is read here, so that what fails answers as any read does; then the
+    stream takes its connection over (app/http/connection.py) and goes on in a task of
+    its own, holding neither the request nor the response.
+    """
     settings = request.app[SETTINGS]
     cursor = protocol.next_cursor(request.query.get("cursor"))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.stream_sse_seconds
-    async with request.app[NOTIFIER].watch(source.channel) as watch:
-        page = await source.read(position, refresh=True)
-        base64_encoded = not protocol.is_text(page.content_type)
-        headers = dict(SSE_HEADERS)
-        if base64_encoded:
-            headers[protocol.SSE_DATA_ENCODING] = "base64"
-        response = web.StreamResponse(status=200, headers=headers)
-        await response.prepare(request)
-        first = True
-        try:
-            while True:
-                if page.entries or first:
-                    frames = b""
-                    if page.entries:
-                        frames = protocol.sse_data_event(_body(page), base64_encoded=base64_encoded)
-                    frames += protocol.sse_control_event(
-                        protocol.format_offset(page.next_seq),
-                        cursor=cursor,
-                        up_to_date=page.up_to_date,
-                        closed=page.end_of_stream,
-                    )
-                    await _send(request, response, frames)
-                    first = False
-                if page.end_of_stream:
-                    break
-                if page.up_to_date and not await _wait(request, response, watch, deadline):
+    deadline = asyncio.get_running_loop().time() + settings.stream_sse_seconds
+    page = await source.read(position, refresh=True)
+    base64_encoded = not protocol.is_text(page.content_type)
+    headers = dict(SSE_HEADERS)
+    if base64_encoded:
+        headers[protocol.SSE_DATA_ENCODING] = "base64"
+    response = TakenOverResponse(status=200, headers=headers)
+    try:
+        connection = await response.start(request, _events(page, cursor, base64_encoded))
+    except ConnectionResetError:
+        return response  # the client went away
+    follow = _follow(
+        connection,
+        settings,
+        request.app[NOTIFIER].watch(source.channel),
+        source,
+        page,
+        cursor,
+        base64_encoded,
+        deadline,
+    )
+    request.app[OPEN_SSE_READS].start(connection, follow)
+    return response
+
+
+def _events(page: Page, cursor: str, base64_encoded: bool) -> bytes:
+    """A page's data event (unless it is empty) and its control event."""
+    frames = b""
+    if page.entries:
+        frames = protocol.sse_data_event(_body(page), base64_encoded=base64_encoded)
+    return frames + protocol.sse_control_event(
+        protocol.format_offset(page.next_seq),
+        cursor=cursor,
+        up_to_date=page.up_to_date,
+        closed=page.end_of_stream,
+    )
+
+
+async def _follow(
+    connection: StreamConnection,
+    settings: Settings,
+    watching: AbstractAsyncContextManager[Watch],
+    source: Source,
+    page: Page,
+    cursor: str,
+    base64_encoded: bool,
+    deadline: float,
+) -> None:
+    """The SSE read after its first page: the next pages as they are written, until the
+    stream closes, the response has lasted long enough, or this reader stops."""
+    keep_alive = True
+    try:
+        async with watching as watch:
+            while not page.end_of_stream:
+                if page.up_to_date and not await _wait(connection, settings, watch, deadline):
+                    keep_alive = not watch.closed  # a reader that stops closes it
                     break
                 try:
+                    # Read once the watch began too: an append made before it counts.
                     page = await source.read(Position(seq=page.next_seq), refresh=False)
                 except (TokentapeError, RedisError) as exc:
                     # Deleted, expired or replaced meanwhile, or Redis is away: the client
                     # reconnects from its offset and hears which.
-                    logger.info("SSE on %s ends: %s", request.path, exc)
+                    logger.info("an SSE read ends: %s", exc)
                     break
-        except _ClientGone:
-            return response
-    await response.write_eof()
-    return response
+                if page.entries or page.end_of_stream:
+                    await _send(connection, settings, _events(page, cursor, base64_encoded))
+        connection.end(keep_alive=keep_alive)
+    except _ClientGone:
+        pass
+    finally:
+        connection.abort()  # unless it ended, or the client closed it
 
 
 class _ClientGone(Exception):
-    """The client went away or stopped reading: its response ends."""
+    """The client stopped reading: its response ends."""
 
 
-async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+async def _send(connection: StreamConnection, settings: Settings, data: bytes) -> None:
     """Write, giving up on a client that accepts nothing for `write_timeout_seconds`."""
-    try:
-        async with asyncio.timeout(request.app[SETTINGS].write_timeout_seconds):
-            await response.write(data)
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-        raise _ClientGone from None
-    except ConnectionResetError:
-        raise _ClientGone from None
+    connection.write(data)
+    if connection.writing_paused:
+        try:
+            async with asyncio.timeout(settings.write_timeout_seconds):
+                await connection.drain()
+        except TimeoutError:
+            raise _ClientGone from None
 
 
 async def _wait(
-    request: web.Request, response: web.StreamResponse, watch: Watch, deadline: float
+    connection: StreamConnection, settings: Settings, watch: Watch, deadline: float
 ) -> bool:
-    """Wait for an append, with heartbeats; False once the response has lasted long enough."""
+    """Wait for an append, with heartbeats; False once the response has lasted long
+    enough or this reader stops."""
     loop = asyncio.get_running_loop()
-    heartbeat = request.app[SETTINGS].heartbeat_seconds
     while (remaining := deadline - loop.time()) > 0:
-        if await watch.wait_for_append(min(heartbeat, remaining)):
+        if await watch.wait_for_append(min(settings.heartbeat_seconds, remaining)):
             return True
-        await _send(request, response, sse.comment_frame("keep-alive"))
+        if watch.closed:
+            return False
+        await _send(connection, settings, sse.comment_frame("keep-alive"))
     return False
 
 

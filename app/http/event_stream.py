@@ -14,9 +14,6 @@ import asyncio
 import logging
 import random
 import re
-import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
@@ -26,7 +23,7 @@ from app import ai_sdk, sse
 from app.ai_sdk import UIMessageStream
 from app.errors import Expired, InvalidRequest
 from app.http import auth
-from app.http.connection import StreamConnection
+from app.http.connection import StreamConnection, TakenOverResponse
 from app.http.state import HUB, LOG, OPEN_STREAMS, SETTINGS, TELEMETRY
 from app.http.ui_message_stream import (
     NextChunk,
@@ -76,42 +73,6 @@ def parse_position(request: web.Request) -> int:
     return int(raw)
 
 
-class OpenStreams:
-    """The event streams this reader process holds open (each a task of its own once its
-    connection is taken over), and how many it may."""
-
-    __slots__ = ("_tasks", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.limit = limit or sys.maxsize  # 0: no limit
-
-    @property
-    def count(self) -> int:
-        return len(self._tasks)
-
-    def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(stream)
-        self._tasks.add(task)
-        task.add_done_callback(self._ended)
-        connection.stream = task
-
-    def _ended(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("an event stream failed", exc_info=exc)
-
-    async def ended(self, within_seconds: float) -> None:
-        """Wait for every stream to end, `within_seconds` at most; then end the rest at once."""
-        if not self._tasks:
-            return
-        _, late = await asyncio.wait(set(self._tasks), timeout=within_seconds)
-        for task in late:
-            task.cancel()
-        if late:
-            await asyncio.wait(late)
-
-
 @routes.get("/v1/generations/{id}/events")
 async def stream_events(request: web.Request) -> web.StreamResponse:
     settings, log = request.app[SETTINGS], request.app[LOG]
@@ -155,7 +116,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     return EventStream(request.app, generation_id, after_seq, link_to, ui_message_stream)
 
 
-class EventStream(web.StreamResponse):
+class EventStream(TakenOverResponse):
     """An open event stream, started once its handler and the middlewares have returned.
 
     aiohttp prepares the response a handler returns, as it sends a `FileResponse`. What
@@ -181,7 +142,6 @@ class EventStream(web.StreamResponse):
         self._after_seq = after_seq
         self._link_to = link_to
         self._ui_message_stream = ui_message_stream
-        self._taken_over = False
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -196,25 +156,18 @@ class EventStream(web.StreamResponse):
             headers=request.headers,
         )
         try:
-            writer = await super().prepare(request)
-            # Flush headers and a first chunk at once: proxies and clients see a live
-            # stream before the first event exists.
-            await self.write(sse.retry_frame(settings.retry_milliseconds))
-            connection = StreamConnection.take_over(request, self)
+            # Headers and a first chunk at once: proxies and clients see a live stream
+            # before the first event exists.
+            connection = await self.start(request, sse.retry_frame(settings.retry_milliseconds))
         except BaseException:
             with reader:  # ends the span as a stream ends: client_gone, or the error
                 raise
-        self._taken_over = True
         stream = _stream(
             app, connection, reader, self._generation_id, after_seq, self._ui_message_stream
         )
         self._ui_message_stream = None
         app[OPEN_STREAMS].start(connection, stream)
-        return writer
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        if not self._taken_over:  # the stream's task ends its body
-            await super().write_eof(data)
+        return await super().prepare(request)
 
 
 async def _stream(

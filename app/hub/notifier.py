@@ -30,16 +30,20 @@ LINGER_SECONDS = 5.0
 class Watch:
     """One request's view of one channel."""
 
-    __slots__ = ("_future", "_woken")
+    __slots__ = ("_future", "_woken", "closed")
 
     def __init__(self) -> None:
         self._woken = False
         self._future: asyncio.Future[None] | None = None
+        self.closed = False  # the notifier stopped: no wake-up will come
 
     async def wait_for_append(self, within: float) -> bool:
         """True once the stream was written to since the last call (or since the watch
-        began), False when `within` seconds passed without a write."""
+        began), False when `within` seconds passed without a write, or at once once the
+        notifier stopped."""
         if not self._woken:
+            if self.closed:
+                return False
             self._future = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(within):
@@ -55,6 +59,11 @@ class Watch:
         self._woken = True
         if self._future is not None and not self._future.done():
             self._future.set_result(None)
+
+    def close(self) -> None:
+        """Woken to read once more; no wait after that."""
+        self.closed = True
+        self.wake()
 
 
 class _Channel(Confirmable):
@@ -152,10 +161,11 @@ class StreamNotifier:
         self._hub.pubsub.unwatch(key)
 
     def stop(self) -> None:
-        """Let go of every channel; the watches still open are woken to read once more."""
+        """Let go of every channel; the watches still open read once more, and wait no more."""
         for key, record in self._channels.items():
             if record.linger is not None:
                 record.linger.cancel()
-            record.wake()
+            for watch in record.watches | record.joining:
+                watch.close()
             self._hub.pubsub.unwatch(key)
         self._channels.clear()

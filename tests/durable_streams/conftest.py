@@ -33,6 +33,15 @@ def streams_app(app: web.Application) -> web.Application:
     raise LookupError("no Durable Streams sub-application")
 
 
+def control_events(body: bytes) -> list[dict[str, object]]:
+    """The control events of an SSE body, decoded."""
+    return [
+        json.loads(block.split(b"\ndata:", 1)[1])
+        for block in body.split(b"\n\n")
+        if b"event: control" in block
+    ]
+
+
 async def until_waiting(app: web.Application, channel: str, count: int = 1) -> None:
     """Until `count` requests of `app` wait for a write on `channel`."""
     async with asyncio.timeout(10):

@@ -1,6 +1,7 @@
-"""An event stream's connection (app.http.connection) over raw sockets, as `serve` runs
-it: aiohttp lets go of it while the stream is open, and gets it back for the client's
-next request when the stream ends, unless that request could have been lost."""
+"""A stream's connection (app.http.connection) over raw sockets, as `serve` runs it:
+aiohttp lets go of it while an event stream or a Durable Streams SSE read is open, and
+gets it back for the client's next request when the stream ends, unless that request
+could have been lost."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from aiohttp.base_protocol import BaseProtocol
 from redis.asyncio import Redis
 
 from app import events
+from app.durable_streams import protocol
 from app.http import create_app
 from app.http.server import ServiceRunner
 from app.http.state import OPEN_STREAMS
+from app.keys import Keys
 from app.settings import Settings
 from app.store import GenerationLog
+from tests.durable_streams.conftest import control_events, until_waiting
 from tests.http.conftest import Writer, until_subscriptions
 
 
@@ -82,6 +86,8 @@ async def read_chunked_body(reader: asyncio.StreamReader) -> bytes:
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     status, headers = await read_head(reader)
+    if status == 204:
+        return status, b""
     if headers.get("Transfer-Encoding") == "chunked":
         return status, await read_chunked_body(reader)
     return status, await reader.readexactly(int(headers["Content-Length"]))
@@ -89,6 +95,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 def get(path: str, *headers: str, version: str = "HTTP/1.1") -> bytes:
     return "\r\n".join([f"GET {path} {version}", "Host: t", *headers, "", ""]).encode()
+
+
+def to_stream(method: str, name: str, data: bytes = b"", *headers: str) -> bytes:
+    """A Durable Streams request with a text body: PUT creates, POST appends (with
+    `Stream-Closed: true`, the last time)."""
+    head = [f"{method} /v1/stream/{name} HTTP/1.1", "Host: t", "Content-Type: text/plain"]
+    head += [*headers, f"Content-Length: {len(data)}", "", ""]
+    return "\r\n".join(head).encode() + data
 
 
 async def test_aiohttp_lets_go_of_a_live_stream_and_serves_the_next_request_after_it(
@@ -232,6 +246,58 @@ async def test_a_reader_that_stops_lets_go_of_a_stream_whose_client_reads_nothin
             await runner.cleanup()
         client.close()
     assert app[OPEN_STREAMS].count == 0
+
+
+async def test_a_durable_streams_sse_read_lets_go_of_aiohttp_and_serves_the_next_request(
+    served: Reader,
+) -> None:
+    async with served.connection() as (reader, client), served.connection() as (wreader, wclient):
+        wclient.write(to_stream("PUT", "s") + to_stream("POST", "s", b"one"))
+        assert (await read_response(wreader))[0] == 201
+        assert (await read_response(wreader))[0] == 204
+        client.write(get("/v1/stream/s?offset=-1&live=sse"))
+        status, headers = await read_head(reader)
+        assert (status, headers["Content-Type"]) == (200, "text/event-stream")
+        assert (await read_chunk(reader)).startswith(b"event: data\ndata:one\n\nid: ")
+        assert served.aiohttp_connections == 1  # the writer's
+        wclient.write(to_stream("POST", "s", b"two", f"{protocol.CLOSED}: true"))
+        assert (await read_response(wreader))[0] == 204
+        body = await read_chunked_body(reader)  # the closing control event ends it
+        assert body.startswith(b"event: data\ndata:two\n\nid: ")
+        assert control_events(body)[-1]["streamClosed"] is True
+        client.write(get("/healthz"))
+        assert await read_response(reader) == (200, b'{"status":"ok"}')
+
+
+async def test_a_reader_that_stops_ends_its_durable_streams_sse_reads(
+    settings: Settings, redis: Redis
+) -> None:
+    # Not left waiting for `stream_sse_seconds` (an hour here): the client comes back to
+    # another reader from its offset.
+    configured = settings.replace(stream_sse_seconds=3600)
+    app = create_app(configured, redis)
+    runner = ServiceRunner(app, configured)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        reader, client = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        async with asyncio.timeout(10):
+            client.write(to_stream("PUT", "s"))
+            assert (await read_response(reader))[0] == 201
+            client.write(get("/v1/stream/s?offset=-1&live=sse"))
+            assert (await read_head(reader))[0] == 200
+            first = await read_chunk(reader)
+            await until_waiting(app, Keys(settings.key_prefix).stream_channel("s"))
+    finally:
+        async with asyncio.timeout(10):
+            await runner.cleanup()
+    try:
+        async with asyncio.timeout(10):
+            assert await read_chunked_body(reader) == b""  # ended, not cut
+            assert await reader.read() == b""
+            assert control_events(first)[0]["upToDate"] is True
+    finally:
+        client.close()
 
 
 def test_aiohttp_still_has_what_a_stream_connection_relies_on() -> None:

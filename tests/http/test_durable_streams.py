@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -20,7 +19,7 @@ from app.http import create_app
 from app.keys import Keys
 from app.settings import Settings
 from tests.conftest import ON_EVERY_BACKEND
-from tests.durable_streams.conftest import until_waiting
+from tests.durable_streams.conftest import control_events, until_waiting
 from tests.http.conftest import Client, ClientFactory, Writer
 
 WriterFactory = Callable[..., Awaitable[Writer]]
@@ -36,14 +35,6 @@ async def quick(
     )
     app: web.Application = create_app(fast, store_redis)
     return await aiohttp_client(app)
-
-
-def control_events(body: bytes) -> list[dict[str, object]]:
-    return [
-        json.loads(block.split(b"\ndata:", 1)[1])
-        for block in body.split(b"\n\n")
-        if b"event: control" in block
-    ]
 
 
 @ON_EVERY_BACKEND

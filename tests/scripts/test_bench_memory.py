@@ -1,4 +1,5 @@
-"""The memory benchmark splits what idle event streams hold by who allocated it."""
+"""The memory benchmark splits what idle event streams, or Durable Streams SSE reads,
+hold by who allocated it."""
 
 from __future__ import annotations
 
@@ -7,18 +8,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_memory.py"
 
 
-def test_idle_streams_are_measured_and_split_by_owner() -> None:
+@pytest.mark.parametrize(
+    ("flags", "kind"),
+    [([], "event streams"), (["--durable-streams"], "Durable Streams SSE reads")],
+    ids=["events", "durable-streams"],
+)
+def test_idle_streams_are_measured_and_split_by_owner(flags: list[str], kind: str) -> None:
+    command = [sys.executable, str(SCRIPT), "--connections", "100", "--top", "3", "--frames", "6"]
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), "--connections", "100", "--top", "3", "--frames", "6"],
+        [*command, *flags],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
-    total = re.search(r"^100 idle event streams: ([0-9.]+) KiB each", run.stdout, re.M)
+    total = re.search(rf"^100 idle {kind}: ([0-9.]+) KiB each", run.stdout, re.M)
     assert total is not None, run.stdout + run.stderr
     owners = dict(
         re.findall(
