@@ -260,11 +260,13 @@ async def test_a_durable_streams_sse_read_lets_go_of_aiohttp_and_serves_the_next
         assert (status, headers["Content-Type"]) == (200, "text/event-stream")
         assert (await read_chunk(reader)).startswith(b"event: data\ndata:one\n\nid: ")
         assert served.aiohttp_connections == 1  # the writer's
-        wclient.write(to_stream("POST", "s", b"two", f"{protocol.CLOSED}: true"))
+        wclient.write(to_stream("POST", "s", b"two"))
         assert (await read_response(wreader))[0] == 204
-        body = await read_chunked_body(reader)  # the closing control event ends it
-        assert body.startswith(b"event: data\ndata:two\n\nid: ")
-        assert control_events(body)[-1]["streamClosed"] is True
+        assert (await read_chunk(reader)).startswith(b"event: data\ndata:two\n\nid: ")
+        wclient.write(to_stream("POST", "s", b"", f"{protocol.CLOSED}: true"))  # no data
+        assert (await read_response(wreader))[0] == 204
+        body = await read_chunked_body(reader)  # the closing control event, and the end
+        assert [event.get("streamClosed") for event in control_events(body)] == [True]
         client.write(get("/healthz"))
         assert await read_response(reader) == (200, b'{"status":"ok"}')
 
