@@ -52,8 +52,9 @@ class Reader:
         return len(server.connections)
 
 
-@pytest.fixture
-async def served(settings: Settings, redis: Redis) -> AsyncIterator[Reader]:
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, redis: Redis) -> AsyncIterator[Reader]:
+    """A reader as `serve` runs it, stopped (within 10 s) when the block ends."""
     app = create_app(settings, redis)
     runner = ServiceRunner(app, settings)
     await runner.setup()
@@ -61,7 +62,14 @@ async def served(settings: Settings, redis: Redis) -> AsyncIterator[Reader]:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         yield Reader(app, runner, runner.addresses[0][1])
     finally:
-        await runner.cleanup()
+        async with asyncio.timeout(10):
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def served(settings: Settings, redis: Redis) -> AsyncIterator[Reader]:
+    async with serving(settings, redis) as reader:
+        yield reader
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
@@ -200,19 +208,13 @@ async def test_a_connection_the_client_does_not_keep_closes_when_its_stream_ends
 async def test_a_reader_that_stops_ends_its_streams_and_closes_their_connections(
     settings: Settings, redis: Redis, log: GenerationLog
 ) -> None:
-    app = create_app(settings, redis)
-    runner = ServiceRunner(app, settings)
-    await runner.setup()
     writer = await Writer.start(log)
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        reader, client = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    async with serving(settings, redis) as served:
+        reader, client = await asyncio.open_connection("127.0.0.1", served.port)
         client.write(get(writer.events_url))
         async with asyncio.timeout(10):
             assert (await read_head(reader))[0] == 200
-            await until_subscriptions(app, 1)
-    finally:
-        await runner.cleanup()
+            await until_subscriptions(served.app, 1)
     try:
         async with asyncio.timeout(10):
             assert await read_chunked_body(reader) == b"retry: 1000\n\n"  # ended, not cut
@@ -228,24 +230,16 @@ async def test_a_reader_that_stops_lets_go_of_a_stream_whose_client_reads_nothin
     # are full. After TOKENTAPE_STREAM_DRAIN_SECONDS the stream is dropped, not waited on
     # for the write timeout (an hour here) or for ever.
     configured = settings.replace(stream_drain_seconds=0.5, write_timeout_seconds=3600)
-    app = create_app(configured, redis)
-    runner = ServiceRunner(app, configured)
-    await runner.setup()
     writer = await Writer.start(log)
-    client = socket.socket()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.connect(("127.0.0.1", runner.addresses[0][1]))
-        client.sendall(get(writer.events_url))
-        await until_subscriptions(app, 1)
-        for _ in range(40):  # far more than both ends' socket buffers hold
-            await writer.append(*[events.Token(text="x" * 65536)] * 4)
-    finally:
-        async with asyncio.timeout(10):
-            await runner.cleanup()
-        client.close()
-    assert app[OPEN_STREAMS].count == 0
+    with socket.socket() as client:
+        async with serving(configured, redis) as served:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", served.port))
+            client.sendall(get(writer.events_url))
+            await until_subscriptions(served.app, 1)
+            for _ in range(40):  # far more than both ends' socket buffers hold
+                await writer.append(*[events.Token(text="x" * 65536)] * 4)
+    assert served.app[OPEN_STREAMS].count == 0
 
 
 async def test_a_durable_streams_sse_read_lets_go_of_aiohttp_and_serves_the_next_request(
@@ -276,23 +270,15 @@ async def test_a_reader_that_stops_ends_its_durable_streams_sse_reads(
 ) -> None:
     # Not left waiting for `stream_sse_seconds` (an hour here): the client comes back to
     # another reader from its offset.
-    configured = settings.replace(stream_sse_seconds=3600)
-    app = create_app(configured, redis)
-    runner = ServiceRunner(app, configured)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        reader, client = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    async with serving(settings.replace(stream_sse_seconds=3600), redis) as served:
+        reader, client = await asyncio.open_connection("127.0.0.1", served.port)
         async with asyncio.timeout(10):
             client.write(to_stream("PUT", "s"))
             assert (await read_response(reader))[0] == 201
             client.write(get("/v1/stream/s?offset=-1&live=sse"))
             assert (await read_head(reader))[0] == 200
             first = await read_chunk(reader)
-            await until_waiting(app, Keys(settings.key_prefix).stream_channel("s"))
-    finally:
-        async with asyncio.timeout(10):
-            await runner.cleanup()
+            await until_waiting(served.app, Keys(settings.key_prefix).stream_channel("s"))
     try:
         async with asyncio.timeout(10):
             assert await read_chunked_body(reader) == b""  # ended, not cut
