@@ -4,6 +4,7 @@ shared by subscriptions, channels that come and go, the recheck beat, stopping."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -25,6 +26,10 @@ from tests.hub.conftest import REQUEST, read_seqs
 operation = st.one_of(
     st.tuples(st.just("append"), st.integers(1, 12)),
     st.tuples(st.just("subscribe"), st.integers(0, 40)),
+    # A reader whose live batches the hub writes itself while it waits (its sink).
+    st.tuples(st.just("subscribe_with_sink"), st.integers(0, 40)),
+    st.tuples(st.just("fall_behind"), st.integers(0, 7)),
+    st.tuples(st.just("append_while_waiting"), st.integers(0, 7)),
     st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
     st.tuples(st.just("consume"), st.integers(0, 7)),
     st.tuples(st.just("drop_next_live"), st.just(0)),
@@ -35,18 +40,42 @@ operation = st.one_of(
 
 
 class Reader:
-    def __init__(self, subscription: Subscription, after: int) -> None:
+    """A client of one subscription; with `sink`, also the subscription's sink, which
+    takes writes unless the client has fallen behind."""
+
+    def __init__(self, subscription: Subscription, after: int, *, sink: bool = False) -> None:
         self.subscription = subscription
         self.after = after
         self.parser = sse.Parser()
         self.seqs: list[int] = []
+        self.behind = False
+        if sink:
+            subscription.sink = self
 
     async def consume(self, wait: float) -> bytes | None:
         """One chunk (b"" when nothing came in time, None when the subscription ended)."""
         chunk = await self.subscription.next_chunk(wait)
         if chunk:
-            self.seqs.extend(int(m.id or 0) for m in self.parser.feed(chunk) if m.event != "gap")
+            self._read(chunk)
         return chunk
+
+    async def catch_up(self, last: int) -> None:
+        """Read until `last`, or until nothing more comes."""
+        while (self.seqs[-1] if self.seqs else self.after) < last:
+            if not await self.consume(1.0):
+                break
+
+    def _read(self, chunk: bytes) -> None:
+        self.seqs.extend(int(m.id or 0) for m in self.parser.feed(chunk) if m.event != "gap")
+
+    def ready(self) -> bool:
+        return not self.behind
+
+    def send(self, chunk: bytes, first_seq: int, last_seq: int, appended_ms: int) -> None:
+        assert not self.behind
+        before = len(self.seqs)
+        self._read(chunk)
+        assert self.seqs[before:] == list(range(first_seq, last_seq + 1))
 
 
 async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None:
@@ -86,10 +115,14 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 last = await log.append(lease, last + 1, batch)
                 if subscribed:
                     live_expected = last
-            elif kind == "subscribe":
+            elif kind in ("subscribe", "subscribe_with_sink"):
                 after = min(value, last)
-                readers.append(Reader(await hub.subscribe(generation_id, after), after))
+                subscription = await hub.subscribe(generation_id, after)
+                readers.append(Reader(subscription, after, sink=kind == "subscribe_with_sink"))
                 subscribed = True
+            elif kind == "fall_behind" and readers:
+                reader = readers[value % len(readers)]
+                reader.behind = not reader.behind
             elif kind == "unsubscribe" and readers:
                 reader = readers.pop(value % len(readers))
                 hub.unsubscribe(reader.subscription)
@@ -110,6 +143,23 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 last = await appending
                 if subscribed:
                     live_expected = last
+            elif kind == "append_while_waiting" and readers:
+                # A reader waits, caught up, while a batch is appended: with a sink, the hub
+                # writes it.
+                reader = readers[value % len(readers)]
+                await reader.catch_up(last)
+                waiting = asyncio.create_task(reader.consume(5.0))
+                await asyncio.sleep(0)  # it waits, unless something is ready for it
+                batch = [events.Token(text=str(last + i + 1)) for i in range(1 + value % 3)]
+                last = live_expected = await log.append(lease, last + 1, batch)
+                async with asyncio.timeout(5):
+                    while live_seen[0] < last:
+                        live_arrived.clear()
+                        await live_arrived.wait()
+                await asyncio.sleep(0)  # the hub's flush
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
             elif kind == "consume" and readers:
                 await readers[value % len(readers)].consume(0.01)
             elif kind == "drop_next_live":
@@ -121,10 +171,7 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                         live_arrived.clear()
                         await live_arrived.wait()
             elif kind == "catch_up" and readers:
-                reader = readers[value % len(readers)]
-                while (reader.seqs[-1] if reader.seqs else reader.after) < last:
-                    if not await reader.consume(1.0):
-                        break
+                await readers[value % len(readers)].catch_up(last)
         last = await log.append(lease, last + 1, [events.Done(reason="stop")])
         for reader in readers:
             async with asyncio.timeout(10):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from redis.asyncio import Redis
@@ -191,6 +192,9 @@ async def test_live_batches_go_to_a_waiting_subscriptions_sink_once_per_turn(hub
     assert [(first, last) for _, first, last in sink.sent] == [(1, 3), (4, 4)]
     assert not waiting.done()
     waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    assert await subscription.next_chunk(0.01) == b""  # nothing left for the task
     hub.unsubscribe(subscription)
 
 
