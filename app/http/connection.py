@@ -162,8 +162,8 @@ class TakenOverResponse(web.StreamResponse):
 
 
 class OpenStreams:
-    """The event streams this reader process holds open (each a task of its own once its
-    connection is taken over), and how many it may."""
+    """Streams this reader process holds open, each a task of its own once its connection
+    is taken over, and how many it may."""
 
     __slots__ = ("_tasks", "limit")
 
@@ -184,7 +184,7 @@ class OpenStreams:
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("an event stream failed", exc_info=exc)
+            logger.error("a stream failed", exc_info=exc)
 
     async def ended(self, within_seconds: float) -> None:
         """Wait for every stream to end, `within_seconds` at most; then end the rest at once."""

@@ -350,12 +350,12 @@ async def _follow(
                 except (TokentapeError, RedisError) as exc:
                     # Deleted, expired or replaced meanwhile, or Redis is away: the client
                     # reconnects from its offset and hears which.
-                    logger.info("an SSE read ends: %s", exc)
+                    logger.info("an SSE read of %s ends: %s", source.channel, exc)
                     break
                 if page.entries or page.end_of_stream:
                     await _send(connection, settings, _events(page, cursor, base64_encoded))
         connection.end(keep_alive=keep_alive)
-    except _ClientGone:
+    except (_ClientGone, ConnectionResetError):
         pass
     finally:
         connection.abort()  # unless it ended, or the client closed it
