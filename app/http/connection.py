@@ -98,9 +98,17 @@ class StreamConnection(BaseProtocol):
         else:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
-    async def drain(self) -> None:
-        """Return once the transport takes writes again (at once unless it is paused)."""
-        await self._drain_helper()
+    async def drain(self, within_seconds: float) -> bool:
+        """Wait while the client is behind (the transport above its high-water mark):
+        True once it takes writes again, False if it took none for `within_seconds`."""
+        if not self.writing_paused:
+            return True
+        try:
+            async with asyncio.timeout(within_seconds):
+                await self._drain_helper()
+        except TimeoutError:
+            return False
+        return True
 
     def end(self, *, keep_alive: bool) -> None:
         """End the body; with `keep_alive`, the client's next request goes to aiohttp."""

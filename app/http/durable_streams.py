@@ -368,12 +368,8 @@ class _ClientGone(Exception):
 async def _send(connection: StreamConnection, settings: Settings, data: bytes) -> None:
     """Write, giving up on a client that accepts nothing for `write_timeout_seconds`."""
     connection.write(data)
-    if connection.writing_paused:
-        try:
-            async with asyncio.timeout(settings.write_timeout_seconds):
-                await connection.drain()
-        except TimeoutError:
-            raise _ClientGone from None
+    if not await connection.drain(settings.write_timeout_seconds):
+        raise _ClientGone
 
 
 async def _wait(

@@ -218,15 +218,10 @@ async def _pump(
         if chunk and last_seq > after:
             reader.first_event(after + 1)
             reader.sent(last_seq - after, len(chunk), subscription.last_appended_ms)
-        if connection.writing_paused:
-            # The transport holds more than its high-water mark: the client is behind.
-            try:
-                async with asyncio.timeout(settings.write_timeout_seconds):
-                    await connection.drain()
-            except TimeoutError:
-                reader.ended("slow_client")
-                connection.abort()
-                return
+        if not await connection.drain(settings.write_timeout_seconds):
+            reader.ended("slow_client")
+            connection.abort()
+            return
         if subscription.finished:
             # Every reader of the generation was handed its last batch in this turn of
             # the loop: let them all write it before any one ends its stream (log lines,
