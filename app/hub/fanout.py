@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from app import loops
+from app.clock import MONOTONIC, Clock
 from app.hub.alarms import Alarms
 from app.hub.pubsub import Confirmable, Endpoint, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Page, Subscription, read_page
@@ -22,6 +23,14 @@ logger = logging.getLogger(__name__)
 
 # How long stop() waits for the hub's own tasks once cancelled and disconnected.
 STOP_TIMEOUT_SECONDS = 5.0
+
+# After a round of live writes that took t, the next starts t later at the earliest: when
+# one generation has thousands of clients, its writes take at most half of the loop, the
+# other half serves clients joining and catching up, and the batches that arrive in the
+# pause go out in one write per client instead of one each (a write costs about the same
+# whatever its size). A round shorter than the loop's timer resolution (about a
+# millisecond) never waits: single-client streams see no pause.
+WRITE_GAP_MIN_SECONDS = 0.001
 
 
 class Feed(Confirmable):
@@ -98,6 +107,7 @@ class Hub:
         buffer_limit: int = 1024,
         recheck_seconds: float = 5.0,
         linger_seconds: float = 5.0,
+        clock: Clock = MONOTONIC,
     ) -> None:
         """`redis` says which server to subscribe on, and how: no connection of its is used.
         On a cluster (a `RedisCluster`), its slot map says which node serves each channel."""
@@ -120,7 +130,9 @@ class Hub:
         self._background: set[asyncio.Task[None]] = set()
         self._closing = False
         self._changed = asyncio.Condition()
+        self.clock = clock
         self._to_flush: list[Subscription] = []
+        self._next_flush_at = 0.0
 
     @property
     def subscription_count(self) -> int:
@@ -149,12 +161,19 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     def flush_soon(self, subscription: Subscription) -> None:
-        """Call `subscription.flush()` once what runs now (a read's live batches) is done."""
+        """Call `subscription.flush()` once what runs now (a read's live batches) is done,
+        and the pause after the last round of live writes is over."""
         if not self._to_flush:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            pause = self._next_flush_at - self.clock.now()
+            if pause >= WRITE_GAP_MIN_SECONDS:
+                loop.call_later(pause, self._flush)
+            else:
+                loop.call_soon(self._flush)
         self._to_flush.append(subscription)
 
     def _flush(self) -> None:
+        started = self.clock.now()
         subscriptions, self._to_flush = self._to_flush, []
         for subscription in subscriptions:
             try:
@@ -164,6 +183,8 @@ class Hub:
                 # still get theirs.
                 logger.exception("live write to a client failed; ending its stream")
                 subscription.close()
+        ended = self.clock.now()
+        self._next_flush_at = ended + (ended - started)
 
     def retry_delay(self) -> float:
         """A pause before a failed log read is tried again."""

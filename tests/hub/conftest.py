@@ -14,7 +14,7 @@ from app.generations import parse_request
 from app.hub import Hub, Subscription
 from app.settings import Settings
 from app.store import GenerationLog
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, FakeClock
 
 REQUEST = parse_request(b'{"model":"sim","messages":[{"role":"user","content":"x"}]}')
 
@@ -27,9 +27,11 @@ def hub_name() -> str:
 
 @pytest.fixture
 async def hub(redis: Redis, settings: Settings, hub_name: str) -> AsyncIterator[Hub]:
-    """A started hub whose recheck beat is too slow to matter: only live delivery counts."""
+    """A started hub whose recheck beat is too slow to matter: only live delivery counts.
+    Its clock stands still, so a round of live writes never looks long enough to pause the
+    next (tests of that pause make a hub of their own)."""
     pubsub_redis = Redis.from_url(REDIS_URL, client_name=hub_name)
-    hub = Hub(GenerationLog(redis, settings), pubsub_redis, recheck_seconds=60)
+    hub = Hub(GenerationLog(redis, settings), pubsub_redis, recheck_seconds=60, clock=FakeClock())
     await hub.start()
     yield hub
     await hub.stop()

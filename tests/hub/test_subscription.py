@@ -13,7 +13,7 @@ from app.events import LogEntry
 from app.hub import Hub, Subscription
 from app.settings import Settings
 from app.store import GenerationLog, RawEntry
-from tests.conftest import leased_generation
+from tests.conftest import FakeClock, leased_generation
 from tests.live import frame_of
 
 
@@ -196,6 +196,56 @@ async def test_live_batches_go_to_a_waiting_subscriptions_sink_once_per_turn(hub
         await waiting
     assert await subscription.next_chunk(0.01) == b""  # nothing left for the task
     hub.unsubscribe(subscription)
+
+
+class _SlowWrites(_Recorder):
+    """A sink whose every write takes `seconds` of `clock`'s time."""
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
+        self.wrote = asyncio.Event()
+
+    def send(self, chunk: bytes, first_seq: int, last_seq: int, appended_ms: int) -> None:
+        super().send(chunk, first_seq, last_seq, appended_ms)
+        self.clock.advance(self.seconds)
+        self.wrote.set()
+
+
+async def test_after_a_long_round_of_live_writes_the_next_waits_as_long_and_takes_more(
+    redis: Redis, settings: Settings
+) -> None:
+    """A round of writes that took 20 ms holds the next back for 20 ms; what arrives in
+    that pause goes out with it, in one write."""
+    clock = FakeClock()
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, clock=clock)
+    await hub.start()
+    try:
+        generation_id, _ = await leased_generation(hub.log, "w")
+        subscription = await hub.subscribe(generation_id, 0)
+        assert await subscription.next_chunk(0.05) == b""
+        sink = _SlowWrites(clock, 0.02)
+        subscription.sink = sink
+        waiting = await _parked(subscription)
+        subscription.feed.dispatch(_live(range(1, 2)), 0.0)
+        await asyncio.sleep(0)
+        assert [(first, last) for _, first, last in sink.sent] == [(1, 1)]
+        sink.wrote.clear()
+        subscription.feed.dispatch(_live(range(2, 3)), 0.0)
+        await asyncio.sleep(0)
+        assert [(first, last) for _, first, last in sink.sent] == [(1, 1)]  # paused
+        subscription.feed.dispatch(_live(range(3, 4)), 0.0)
+        async with asyncio.timeout(5):
+            await sink.wrote.wait()
+        assert [(first, last) for _, first, last in sink.sent] == [(1, 1), (2, 3)]
+        assert not waiting.done()
+        waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        hub.unsubscribe(subscription)
+    finally:
+        await hub.stop()
 
 
 async def test_the_task_writes_for_a_client_that_is_behind_and_ends_the_stream(hub: Hub) -> None:
