@@ -29,8 +29,10 @@ STOP_TIMEOUT_SECONDS = 5.0
 # other half serves clients joining and catching up, and the batches that arrive in the
 # pause go out in one write per client instead of one each (a write costs about the same
 # whatever its size). A round shorter than the loop's timer resolution (about a
-# millisecond) never waits: single-client streams see no pause.
+# millisecond) never waits: single-client streams see no pause. Nor does a pause ever
+# exceed a few tokens' time, even after a round that a descheduled process made long.
 WRITE_GAP_MIN_SECONDS = 0.001
+WRITE_GAP_MAX_SECONDS = 0.05
 
 
 class Feed(Confirmable):
@@ -184,7 +186,7 @@ class Hub:
                 logger.exception("live write to a client failed; ending its stream")
                 subscription.close()
         ended = self.clock.now()
-        self._next_flush_at = ended + (ended - started)
+        self._next_flush_at = ended + min(ended - started, WRITE_GAP_MAX_SECONDS)
 
     def retry_delay(self) -> float:
         """A pause before a failed log read is tried again."""

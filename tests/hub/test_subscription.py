@@ -239,6 +239,18 @@ async def test_after_a_long_round_of_live_writes_the_next_waits_as_long_and_take
         async with asyncio.timeout(5):
             await sink.wrote.wait()
         assert [(first, last) for _, first, last in sink.sent] == [(1, 1), (2, 3)]
+        # A round that took a minute (a process that was not scheduled, say) holds the
+        # next back for no more than a few tokens' time.
+        sink.seconds = 60.0
+        sink.wrote.clear()
+        subscription.feed.dispatch(_live(range(4, 5)), 0.0)
+        async with asyncio.timeout(5):
+            await sink.wrote.wait()
+        sink.wrote.clear()
+        subscription.feed.dispatch(_live(range(5, 6)), 0.0)
+        async with asyncio.timeout(5):
+            await sink.wrote.wait()
+        assert [(first, last) for _, first, last in sink.sent][2:] == [(4, 4), (5, 5)]
         assert not waiting.done()
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
