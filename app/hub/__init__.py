@@ -29,9 +29,9 @@ holds a `Sink` (the stream's connection), and the hub writes every batch that ca
 in one read of the pub/sub connection to it in one write (`Hub.flush_soon`). The task
 writes only what needs more than a write: catch-up pages, a client that is behind, a
 heartbeat, the terminal batch and the stream's end. A round of these writes that took
-t (thousands of clients of one generation) holds the next round back for t (50 ms at
-most): live writes take at most half of the loop, and what arrives in the pause goes out with the
-next round, one write per client.
+t (thousands of clients of one generation) holds the next round back for t, 50 ms at
+most: live writes take at most half of the loop, and what arrives in the pause goes
+out with the next round, one write per client.
 
 The same connection wakes the requests that wait for a Durable Stream's next write
 (`notifier`): they watch its channel, and any message on it means "read again".
