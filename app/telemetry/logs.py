@@ -26,6 +26,7 @@ _RECORD_FIELDS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
 _ID_FIELDS = ("generation_id", "trace_id", "span_id")
+_NOT_EXTRAS = _RECORD_FIELDS | set(_ID_FIELDS)
 
 
 class generation_context:
@@ -139,6 +140,11 @@ def configure_logging(
     Calling it again replaces the handler it installed before, not others.
     """
     global _handler
+    # What no formatter of ours prints, a record need not look up: the caller's file and
+    # line (a frame walk), the thread's and the process's names (the logging HOWTO's
+    # "Optimization"). A reader logs three lines per generation.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     stream = sys.stderr if stream is None else stream
     if json is None:
         json = not (hasattr(stream, "isatty") and stream.isatty())
@@ -155,13 +161,22 @@ def configure_logging(
 
 
 def _extras(record: logging.LogRecord) -> Mapping[str, Any]:
+    fields = vars(record)
+    if not fields.keys() - _NOT_EXTRAS:
+        return {}
     return {
         key: value
-        for key, value in vars(record).items()
-        if key not in _RECORD_FIELDS and key not in _ID_FIELDS and not key.startswith("_")
+        for key, value in fields.items()
+        if key not in _NOT_EXTRAS and not key.startswith("_")
     }
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _iso_time(created: float) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-    return f"{seconds}.{int(created % 1 * 1000):03d}Z"
+    global _second
+    whole = int(created)
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"

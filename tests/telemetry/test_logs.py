@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,9 +25,15 @@ def root_logging() -> Iterator[None]:
     """Put the root logger back the way the test found it."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # configure_logging turns off what records look up for nobody; pytest's own reports
+    # name the file and line of a record.
+    looked_up = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    multiprocessing = logging.logMultiprocessing
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging._srcfile, logging.logThreads, logging.logProcesses = looked_up
+    logging.logMultiprocessing = multiprocessing
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -126,3 +133,30 @@ def test_a_terminal_gets_readable_lines_and_reconfiguring_replaces_the_handler()
     assert "ERROR tokentape: append failed" in second
     assert "Traceback" in second
     assert "ValueError: boom" in second
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_each_line_has_its_own_time_and_extras_across_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The formatter keeps the last second's text: a line in the next second, or in an
+    earlier one (another thread's), still gets its own; extras are a line's own too."""
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    logger = logging.getLogger("tokentape.test")
+    for created, extra in (
+        (1_780_000_000.999, {"a": 1}),
+        (1_780_000_001.0, {}),
+        (1_779_999_999.5, {"b": "x", "c": None}),
+    ):
+        monkeypatch.setattr(time, "time_ns", lambda created=created: int(created * 1e9))
+        monkeypatch.setattr(time, "time", lambda created=created: created)
+        logger.info("line", extra=extra)
+    times = [
+        (line["time"], {k: v for k, v in line.items() if k in "abc"}) for line in lines(stream)
+    ]
+    assert times == [
+        ("2026-05-28T20:26:40.999Z", {"a": 1}),
+        ("2026-05-28T20:26:41.000Z", {}),
+        ("2026-05-28T20:26:39.500Z", {"b": "x", "c": None}),
+    ]
