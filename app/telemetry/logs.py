@@ -176,7 +176,8 @@ _second: tuple[int, str] = (0, "")
 
 def _iso_time(created: float) -> str:
     global _second
+    second = _second  # read once: a thread of the exporters may log and replace it
     whole = int(created)
-    if _second[0] != whole:
-        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
-    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"
+    if second[0] != whole:
+        second = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{int(created % 1 * 1000):03d}Z"
