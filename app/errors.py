@@ -55,7 +55,8 @@ class Unauthorized(TokentapeError):
 class LimitExceeded(TokentapeError):
     """A request goes past a configured limit; `setting` names the variable that sets it.
 
-    With `retry_after` (seconds) it is a rate or a quota: 429 with `Retry-After`.
+    With `retry_after` (seconds) it is a rate or a quota: 429 (or `status`) with
+    `Retry-After`.
     """
 
     status = 400
@@ -68,12 +69,12 @@ class LimitExceeded(TokentapeError):
         *,
         setting: str,
         limit: int | float,
-        status: int = 400,
+        status: int | None = None,
         retry_after: float | None = None,
         **detail: Any,
     ) -> None:
         super().__init__(code, message, setting=setting, limit=limit, **detail)
-        self.status = 429 if retry_after is not None else status
+        self.status = status or (429 if retry_after is not None else 400)
         if retry_after is not None:
             self.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
 

@@ -61,7 +61,10 @@ def create_app(
     app.add_routes(health.routes)
     app.add_routes(openapi.routes)
     app.router.add_get("/metrics", metrics_handler)
-    app.add_subapp(durable_streams.PREFIX, durable_streams.create_app(settings, redis, app[HUB]))
+    app.add_subapp(
+        durable_streams.PREFIX,
+        durable_streams.create_app(settings, redis, app[HUB], app[OPEN_STREAMS]),
+    )
     cors.allow_origins(app, settings)
 
     async def start_hub(app: web.Application) -> None:

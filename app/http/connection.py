@@ -171,26 +171,38 @@ class TakenOverResponse(web.StreamResponse):
 
 class OpenStreams:
     """Streams this reader process holds open, each a task of its own once its connection
-    is taken over, and how many it may."""
+    is taken over, and how many it may: a set made `sharing` another counts against the
+    same limit (one `TOKENTAPE_MAX_STREAMS` for every kind of stream) and ends its own."""
 
-    __slots__ = ("_tasks", "limit")
+    __slots__ = ("_all", "_tasks", "limit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int = 0, *, sharing: OpenStreams | None = None) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        self.limit = limit or sys.maxsize  # 0: no limit
+        if sharing is None:
+            self._all: set[asyncio.Task[None]] = set()
+            self.limit = limit or sys.maxsize  # 0: no limit
+        else:
+            self._all, self.limit = sharing._all, sharing.limit
 
     @property
     def count(self) -> int:
         return len(self._tasks)
 
+    @property
+    def full(self) -> bool:
+        """Whether the streams of every set sharing the limit have reached it."""
+        return len(self._all) >= self.limit
+
     def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(stream)
         self._tasks.add(task)
+        self._all.add(task)
         task.add_done_callback(self._ended)
         connection.stream = task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._all.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("a stream failed", exc_info=exc)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
@@ -34,12 +35,12 @@ from app.durable_streams.errors import (
 )
 from app.durable_streams.protocol import Position
 from app.durable_streams.sources import GenerationStream, Source, StoredStream
-from app.errors import InvalidRequest, NotFound, TokentapeError
+from app.errors import InvalidRequest, LimitExceeded, NotFound, TokentapeError
 from app.http import auth
 from app.http.checks import read_body
 from app.http.connection import OpenStreams, StreamConnection, TakenOverResponse
 from app.http.errors import Handler
-from app.http.state import LOG
+from app.http.state import LOG, TELEMETRY
 from app.hub import Hub, StreamNotifier, Watch
 from app.keys import check_generation_id
 from app.settings import Settings
@@ -92,16 +93,18 @@ SSE_HEADERS = {
 }
 
 
-def create_app(settings: Settings, redis: Redis | RedisCluster, hub: Hub) -> web.Application:
+def create_app(
+    settings: Settings, redis: Redis | RedisCluster, hub: Hub, streams: OpenStreams
+) -> web.Application:
     """The sub-application to mount at PREFIX; `redis` (one Redis, or a `RedisCluster`) and
     `hub` are owned by the caller (the hub's pub/sub connection wakes the requests that
-    wait for a write)."""
+    wait for a write), and its SSE reads count against the limit of `streams`."""
     app = web.Application(middlewares=[_refusals])
     app[SETTINGS] = settings
     app[STORE] = StreamStore(redis, settings)
     app[NOTIFIER] = StreamNotifier(hub)
     app[SUBSCRIPTIONS] = Subscriptions(redis, app[STORE], app[NOTIFIER], settings)
-    app[OPEN_SSE_READS] = OpenStreams(0)
+    app[OPEN_SSE_READS] = OpenStreams(sharing=streams)
     # The control routes first: the protocol reserves `__ds/` before any stream name.
     app.router.add_get(CONTROL + "/jwks.json", jwks)
     app.router.add_put(SUBSCRIPTION, put_subscription)
@@ -286,6 +289,19 @@ async def _stream_events(
     its own, holding neither the request nor the response.
     """
     settings = request.app[SETTINGS]
+    if request.app[OPEN_SSE_READS].full:
+        request.config_dict[TELEMETRY].metrics.limit_refusals.add(1, {"limit": "max_streams"})
+        # Spread the full reader's returning clients over a few retry intervals.
+        retry_ms = random.randint(settings.retry_milliseconds, 5 * settings.retry_milliseconds)
+        raise LimitExceeded(
+            "busy",
+            f"this reader holds {settings.max_streams} open streams; retry after the "
+            "Retry-After seconds (another reader may have room)",
+            setting="TOKENTAPE_MAX_STREAMS",
+            limit=settings.max_streams,
+            status=503,
+            retry_after=retry_ms / 1000,
+        )
     cursor = protocol.next_cursor(request.query.get("cursor"))
     deadline = asyncio.get_running_loop().time() + settings.stream_sse_seconds
     page = await source.read(position, refresh=True)

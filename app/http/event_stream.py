@@ -81,7 +81,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     ui_messages = asks_for_ui_messages(request)
     key_holder = auth.authorize_read(request, generation_id)
     streams = request.app[OPEN_STREAMS]
-    if streams.count >= streams.limit:
+    if streams.full:
         # Spread the full reader's returning clients over a few retry intervals.
         retry_ms = random.randint(settings.retry_milliseconds, 5 * settings.retry_milliseconds)
         request.app[TELEMETRY].metrics.limit_refusals.add(1, _MAX_STREAMS)

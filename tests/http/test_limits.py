@@ -3,6 +3,7 @@ and the events endpoint past its limit answering as for a passing fault."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,8 +13,10 @@ from redis.asyncio import Redis
 
 from app import sse
 from app.http import create_app
+from app.keys import Keys
 from app.settings import Settings
 from app.store import GenerationLog
+from tests.durable_streams.conftest import until_waiting
 from tests.http.conftest import Client, ClientFactory, Stream, Writer, until_subscriptions
 from tests.telemetry.conftest import samples_by_name
 
@@ -157,3 +160,43 @@ async def test_past_the_open_streams_limit_a_client_is_told_to_come_back(
         "max_running_per_key": 0.0,
         "max_creations_per_minute": 0.0,
     }
+
+
+async def test_durable_streams_sse_reads_and_event_streams_share_the_open_streams_limit(
+    limited: AppFactory, log: GenerationLog, settings: Settings
+) -> None:
+    """One TOKENTAPE_MAX_STREAMS for both kinds of long-lived read: past it, an SSE read of
+    a Durable Stream is a 503 with Retry-After naming the setting (its clients retry), an
+    event stream the 200 that tells an EventSource to come back."""
+    client, app = await limited(max_streams=1, retry_milliseconds=1000)
+    text = {"Content-Type": "text/plain"}
+    assert (await client.put("/v1/stream/s", headers=text)).status == 201
+    writer = await Writer.start(log)
+    async with client.get("/v1/stream/s?offset=-1&live=sse") as holding:
+        assert holding.status == 200
+        await until_waiting(app, Keys(settings.key_prefix).stream_channel("s"))
+        async with client.get(writer.events_url) as turned_away:
+            assert turned_away.status == 200
+            assert b"\n: busy, retry\n" in await turned_away.read()
+        refused = await client.get("/v1/stream/s?offset=-1&live=sse")
+        assert refused.status == 503
+        assert 1 <= int(refused.headers["Retry-After"]) <= 5
+        error = (await refused.json())["error"]
+        assert (error["code"], error["setting"], error["limit"]) == (
+            "busy",
+            "TOKENTAPE_MAX_STREAMS",
+            1,
+        )
+        # Reads that end at once are not held: they pass.
+        assert (await client.get("/v1/stream/s?offset=-1")).status == 200
+    await writer.tokens(1)
+    async with asyncio.timeout(10):
+        while True:  # the held read's task ends once its client has gone
+            async with client.get(writer.events_url) as served:
+                kinds = [m.event for m in await Stream(served).rest()]
+            if kinds:
+                break
+    assert kinds == ["token", "done"]
+    samples = samples_by_name(await (await client.get("/metrics")).read())
+    refusals = {s.labels["limit"]: s.value for s in samples["tokentape_limit_refusals_total"]}
+    assert refusals["max_streams"] == 2.0
