@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Coroutine
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -129,9 +128,10 @@ class Hub:
         self.alarms = Alarms()
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._changed = asyncio.Condition()
+        # Made only while someone waits in `until_subscriptions`: every subscribe and
+        # unsubscribe would otherwise pay for telling nobody.
+        self._changed: asyncio.Future[None] | None = None
         self.clock = clock
         self._to_flush: list[Subscription] = []
         self._next_flush_at = 0.0
@@ -147,20 +147,15 @@ class Hub:
 
     async def until_subscriptions(self, count: int) -> None:
         """Wait until exactly `count` subscriptions are open (drain, tests)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.subscription_count == count)
+        while self.subscription_count != count:
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)
 
     def _notify(self) -> None:
-        async def notify() -> None:
-            async with self._changed:
-                self._changed.notify_all()
-
-        self._spawn(notify())
-
-    def _spawn(self, work: Coroutine[None, None, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        if self._changed is not None:
+            self._changed.set_result(None)
+            self._changed = None
 
     def flush_soon(self, subscription: Subscription) -> None:
         """Call `subscription.flush()` once what runs now (a read's live batches) is done,
