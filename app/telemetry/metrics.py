@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import Counter, Histogram, Meter, Observation, UpDownCounter
+from opentelemetry.metrics import Counter, Histogram, Meter, Observation
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 # What `generate_latest` writes by default. Not prometheus_client's CONTENT_TYPE_LATEST,
@@ -76,16 +76,20 @@ class Metrics:
             "delivery_latency", "From an event's append to its write on a client's socket.",
             _LATENCY_BUCKETS,
         )  # fmt: skip
-        self.active_streams: UpDownCounter = meter.create_up_down_counter(
-            "tokentape.active_streams", unit="{stream}", description="Open SSE connections."
+        # Both added to by every stream or every write to a client: plain ints, read when
+        # metrics are collected, instead of an instrument call each time.
+        self.active_streams = 0
+        meter.create_observable_up_down_counter(
+            "tokentape.active_streams",
+            callbacks=[lambda _: [Observation(self.active_streams)]],
+            unit="{stream}",
+            description="Open SSE connections.",
         )
         self.resumes = counter("resumes", "{connection}", "SSE connections that resumed.")
         self.gaps = counter("gaps", "{gap}", "Reads that asked for events retention removed.")
         self.slow_client_disconnects = counter(
             "slow_client_disconnects", "{connection}", "Connections closed for falling behind."
         )
-        # Added to on every write to every client: a plain int, read when metrics are
-        # collected, instead of an instrument call per write.
         self.events_sent = 0
         meter.create_observable_counter(
             "tokentape.events_sent",
@@ -105,7 +109,6 @@ class Metrics:
             self.lease_takeovers,
             self.cancellations,
             self.log_resets,
-            self.active_streams,
             self.resumes,
             self.gaps,
             self.slow_client_disconnects,

@@ -219,7 +219,7 @@ class ReaderSpan:
         self._otel_token: Token[Context] | None = None
 
     def __enter__(self) -> ReaderSpan:
-        self._metrics.active_streams.add(1)
+        self._metrics.active_streams += 1
         self._otel_token = otel_context.attach(trace.set_span_in_context(self.span))
         self._log_context.__enter__()
         return self
@@ -239,7 +239,7 @@ class ReaderSpan:
                 _failed(self.span, exc)
         finally:
             self._close()
-            self._metrics.active_streams.add(-1)
+            self._metrics.active_streams -= 1
             if self._otel_token is not None:
                 otel_context.detach(self._otel_token)
             self.span.end()

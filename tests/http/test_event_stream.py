@@ -341,6 +341,8 @@ async def test_a_stuck_client_is_disconnected_and_counted(
     async with client.get(writer.events_url) as response:
         await response.content.readany()  # the stream is open; from now on it reads nothing
         await until_subscriptions(app, 1)
+        samples = samples_by_name(await (await client.get("/metrics")).read())
+        assert samples["tokentape_active_streams"][0].value == 1
         # Far more than the socket buffers hold on both ends.
         for _ in range(40):
             await writer.append(*[events.Token(text=big)] * 10)
