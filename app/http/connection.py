@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -30,7 +31,12 @@ from typing import Any
 from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
 
+from app.http.state import SETTINGS, TELEMETRY
+
 logger = logging.getLogger(__name__)
+
+# The `limit` attribute of `limit_refusals` for a stream turned away by OpenStreams.
+_MAX_STREAMS = {"limit": "max_streams"}
 
 # What a client may send while its stream is open (requests pipelined behind it) and
 # still have the connection back for them; past this, the stream's end closes it.
@@ -192,6 +198,15 @@ class OpenStreams:
     def full(self) -> bool:
         """Whether the streams of every set sharing the limit have reached it."""
         return len(self._all) >= self.limit
+
+    @staticmethod
+    def turn_away(request: web.Request) -> int:
+        """Count a stream refused because the reader is `full`, and say in how many
+        milliseconds its client should come back: spread over a few retry intervals, so
+        that a full reader's clients do not all return at once."""
+        request.config_dict[TELEMETRY].metrics.limit_refusals.add(1, _MAX_STREAMS)
+        retry_ms = request.config_dict[SETTINGS].retry_milliseconds
+        return random.randint(retry_ms, 5 * retry_ms)
 
     def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(stream)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import urllib.parse
 from contextlib import AbstractAsyncContextManager
@@ -40,7 +39,7 @@ from app.http import auth
 from app.http.checks import read_body
 from app.http.connection import OpenStreams, StreamConnection, TakenOverResponse
 from app.http.errors import Handler
-from app.http.state import LOG, TELEMETRY
+from app.http.state import LOG
 from app.hub import Hub, StreamNotifier, Watch
 from app.keys import check_generation_id
 from app.settings import Settings
@@ -289,10 +288,9 @@ async def _stream_events(
     its own, holding neither the request nor the response.
     """
     settings = request.app[SETTINGS]
-    if request.app[OPEN_SSE_READS].full:
-        request.config_dict[TELEMETRY].metrics.limit_refusals.add(1, {"limit": "max_streams"})
-        # Spread the full reader's returning clients over a few retry intervals.
-        retry_ms = random.randint(settings.retry_milliseconds, 5 * settings.retry_milliseconds)
+    reads = request.app[OPEN_SSE_READS]
+    if reads.full:
+        retry_ms = reads.turn_away(request)
         raise LimitExceeded(
             "busy",
             f"this reader holds {settings.max_streams} open streams; retry after the "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 
 from aiohttp import hdrs, web
@@ -42,7 +41,6 @@ routes = web.RouteTableDef()
 
 _POSITION_RE = re.compile(r"^[0-9]{1,18}$")
 
-_MAX_STREAMS = {"limit": "max_streams"}
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -82,10 +80,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     key_holder = auth.authorize_read(request, generation_id)
     streams = request.app[OPEN_STREAMS]
     if streams.full:
-        # Spread the full reader's returning clients over a few retry intervals.
-        retry_ms = random.randint(settings.retry_milliseconds, 5 * settings.retry_milliseconds)
-        request.app[TELEMETRY].metrics.limit_refusals.add(1, _MAX_STREAMS)
-        return await _come_back_later(request, retry_ms, "busy")
+        return await _come_back_later(request, streams.turn_away(request), "busy")
     try:
         state, log_exists = await log.snapshot(generation_id)
     except (RedisError, OSError) as exc:
