@@ -180,15 +180,15 @@ class OpenStreams:
     is taken over, and how many it may: a set made `sharing` another counts against the
     same limit (one `TOKENTAPE_MAX_STREAMS` for every kind of stream) and ends its own."""
 
-    __slots__ = ("_all", "_tasks", "limit")
+    __slots__ = ("_open", "_tasks", "limit")
 
     def __init__(self, limit: int = 0, *, sharing: OpenStreams | None = None) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         if sharing is None:
-            self._all: set[asyncio.Task[None]] = set()
+            self._open = _Count()
             self.limit = limit or sys.maxsize  # 0: no limit
         else:
-            self._all, self.limit = sharing._all, sharing.limit
+            self._open, self.limit = sharing._open, sharing.limit
 
     @property
     def count(self) -> int:
@@ -197,7 +197,7 @@ class OpenStreams:
     @property
     def full(self) -> bool:
         """Whether the streams of every set sharing the limit have reached it."""
-        return len(self._all) >= self.limit
+        return self._open.value >= self.limit
 
     @staticmethod
     def turn_away(request: web.Request) -> int:
@@ -211,13 +211,13 @@ class OpenStreams:
     def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(stream)
         self._tasks.add(task)
-        self._all.add(task)
+        self._open.value += 1
         task.add_done_callback(self._ended)
         connection.stream = task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._all.discard(task)
+        self._open.value -= 1
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("a stream failed", exc_info=exc)
 
@@ -230,3 +230,12 @@ class OpenStreams:
             task.cancel()
         if late:
             await asyncio.wait(late)
+
+
+class _Count:
+    """The streams open in every OpenStreams sharing one limit."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
