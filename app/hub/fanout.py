@@ -30,8 +30,8 @@ STOP_TIMEOUT_SECONDS = 5.0
 # whatever its size). A round shorter than the loop's timer resolution (about a
 # millisecond) never waits: single-client streams see no pause. Nor does a pause ever
 # exceed a few tokens' time, even after a round that a descheduled process made long.
-WRITE_GAP_MIN_SECONDS = 0.001
-WRITE_GAP_MAX_SECONDS = 0.05
+WRITE_PAUSE_MIN_SECONDS = 0.001
+WRITE_PAUSE_MAX_SECONDS = 0.05
 
 
 class Feed(Confirmable):
@@ -163,7 +163,7 @@ class Hub:
         if not self._to_flush:
             loop = asyncio.get_running_loop()
             pause = self._next_flush_at - self.clock.now()
-            if pause >= WRITE_GAP_MIN_SECONDS:
+            if pause >= WRITE_PAUSE_MIN_SECONDS:
                 loop.call_later(pause, self._flush)
             else:
                 loop.call_soon(self._flush)
@@ -181,7 +181,7 @@ class Hub:
                 logger.exception("live write to a client failed; ending its stream")
                 subscription.close()
         ended = self.clock.now()
-        self._next_flush_at = ended + min(ended - started, WRITE_GAP_MAX_SECONDS)
+        self._next_flush_at = ended + min(ended - started, WRITE_PAUSE_MAX_SECONDS)
 
     def retry_delay(self) -> float:
         """A pause before a failed log read is tried again."""
