@@ -146,7 +146,8 @@ class Settings:
     # Per API key, across every reader (0: no limit); the service without keys has neither.
     max_running_per_key: int = 100
     max_creations_per_minute: int = 600
-    # Open event streams of one reader process; past it a client is told to come back.
+    # Open event streams and Durable Streams SSE reads of one reader process, together;
+    # past it a client is told to come back.
     max_streams: int = 20_000
     # A connection that has not sent a complete request head this long after it opened
     # (or after its last response) is closed; above nginx's 60 s upstream keep-alive, so
