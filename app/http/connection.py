@@ -180,15 +180,16 @@ class OpenStreams:
     is taken over, and how many it may: a set made `sharing` another counts against the
     same limit (one `TOKENTAPE_MAX_STREAMS` for every kind of stream) and ends its own."""
 
-    __slots__ = ("_open", "_tasks", "limit")
+    __slots__ = ("_sharing", "_tasks", "limit")
 
     def __init__(self, limit: int = 0, *, sharing: OpenStreams | None = None) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
         if sharing is None:
-            self._open = _Count()
+            self._sharing = [self._tasks]  # the tasks of every set under this limit
             self.limit = limit or sys.maxsize  # 0: no limit
         else:
-            self._open, self.limit = sharing._open, sharing.limit
+            self._sharing, self.limit = sharing._sharing, sharing.limit
+            self._sharing.append(self._tasks)
 
     @property
     def count(self) -> int:
@@ -197,7 +198,7 @@ class OpenStreams:
     @property
     def full(self) -> bool:
         """Whether the streams of every set sharing the limit have reached it."""
-        return self._open.value >= self.limit
+        return sum(map(len, self._sharing)) >= self.limit
 
     @staticmethod
     def turn_away(request: web.Request) -> int:
@@ -211,13 +212,11 @@ class OpenStreams:
     def start(self, connection: StreamConnection, stream: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(stream)
         self._tasks.add(task)
-        self._open.value += 1
         task.add_done_callback(self._ended)
         connection.stream = task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._open.value -= 1
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("a stream failed", exc_info=exc)
 
@@ -230,12 +229,3 @@ class OpenStreams:
             task.cancel()
         if late:
             await asyncio.wait(late)
-
-
-class _Count:
-    """The streams open in every OpenStreams sharing one limit."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0

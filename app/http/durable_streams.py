@@ -54,8 +54,8 @@ SETTINGS = web.AppKey("stream_settings", Settings)
 STORE = web.AppKey("stream_store", StreamStore)
 NOTIFIER = web.AppKey("stream_notifier", StreamNotifier)
 SUBSCRIPTIONS = web.AppKey("stream_subscriptions", Subscriptions)
-# The SSE reads this reader holds open (no limit of their own: each ends within
-# `stream_sse_seconds`).
+# The SSE reads this reader holds open, counted against TOKENTAPE_MAX_STREAMS with its
+# event streams.
 OPEN_SSE_READS = web.AppKey("open_sse_reads", OpenStreams)
 CONTROL = f"/{protocol.RESERVED}"
 SUBSCRIPTION = CONTROL + "/subscriptions/{id}"
@@ -322,7 +322,7 @@ async def _stream_events(
         base64_encoded,
         deadline,
     )
-    request.app[OPEN_SSE_READS].start(connection, follow)
+    reads.start(connection, follow)
     return response
 
 
