@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from app import loops
 from app.clock import MONOTONIC, Clock
 from app.hub.alarms import Alarms
-from app.hub.pubsub import Confirmable, Endpoint, PubSubConnection, ShardedPubSub
+from app.hub.pubsub import Changes, Confirmable, Endpoint, PubSubConnection, ShardedPubSub
 from app.hub.subscription import Page, Subscription, read_page
 from app.sse import Frame, live_frames
 from app.store import GenerationLog
@@ -129,9 +129,7 @@ class Hub:
         self._feeds: dict[str, Feed] = {}
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
-        # Made only while someone waits in `until_subscriptions`: every subscribe and
-        # unsubscribe would otherwise pay for telling nobody.
-        self._changed: asyncio.Future[None] | None = None
+        self._subscriptions_changed = Changes()
         self.clock = clock
         self._to_flush: list[Subscription] = []
         self._next_flush_at = 0.0
@@ -147,15 +145,7 @@ class Hub:
 
     async def until_subscriptions(self, count: int) -> None:
         """Wait until exactly `count` subscriptions are open (drain, tests)."""
-        while self.subscription_count != count:
-            if self._changed is None:
-                self._changed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._changed)
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set_result(None)
-            self._changed = None
+        await self._subscriptions_changed.until(lambda: self.subscription_count == count)
 
     def flush_soon(self, subscription: Subscription) -> None:
         """Call `subscription.flush()` once what runs now (a read's live batches) is done,
@@ -237,7 +227,7 @@ class Hub:
             feed.linger = None
         subscription = Subscription(self, feed, after_seq)
         feed.subscriptions.add(subscription)
-        self._notify()
+        self._subscriptions_changed.announce()
         if not await feed.until_confirmed(confirm_timeout):
             # The pub/sub connection is unwell; the recheck loop covers this feed.
             logger.warning("live channel of %s not confirmed in time", generation_id)
@@ -247,7 +237,7 @@ class Hub:
         feed = subscription.feed
         feed.subscriptions.discard(subscription)
         subscription.close()
-        self._notify()
+        self._subscriptions_changed.announce()
         if feed.subscriptions or feed.linger is not None or self._closing:
             return
         if self.linger_seconds > 0:

@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from app.hub.fanout import Hub
-from app.hub.pubsub import Confirmable
+from app.hub.pubsub import Changes, Confirmable
 
 # A channel nobody waits on stays subscribed this long: a reader that long-polls in a
 # loop comes back within it, and SUBSCRIBE/UNSUBSCRIBE do not churn.
@@ -97,8 +97,7 @@ class StreamNotifier:
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
         self._channels: dict[bytes, _Channel] = {}
-        # Resolved, and replaced, whenever a watch begins or ends.
-        self._changed: asyncio.Future[None] | None = None
+        self._watches_changed = Changes()  # a watch began or ended
 
     @contextlib.asynccontextmanager
     async def watch(self, channel: str) -> AsyncIterator[Watch]:
@@ -117,12 +116,12 @@ class StreamNotifier:
             await record.until_confirmed()
             record.joining.discard(watch)
             record.watches.add(watch)
-            self._announce_change()
+            self._watches_changed.announce()
             yield watch
         finally:
             record.joining.discard(watch)
             record.watches.discard(watch)
-            self._announce_change()
+            self._watches_changed.announce()
             self._linger(key, record)
 
     async def until_watchers(self, channel: str, count: int) -> None:
@@ -132,15 +131,7 @@ class StreamNotifier:
             record = self._channels.get(channel.encode())
             return len(record.watches) if record and record.confirmed else 0
 
-        while watchers() != count:
-            if self._changed is None:
-                self._changed = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._changed)
-
-    def _announce_change(self) -> None:
-        if self._changed is not None:
-            self._changed.set_result(None)
-            self._changed = None
+        await self._watches_changed.until(lambda: watchers() == count)
 
     @staticmethod
     def _unwatched(record: _Channel) -> bool:

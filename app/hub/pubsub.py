@@ -107,6 +107,28 @@ class Confirmable:
                 self._confirming = None
 
 
+class Changes:
+    """Something tasks wait on until it reaches a state (`until`); whoever changes it
+    says so (`announce`). The future they wait on is made only while someone waits:
+    announcing to nobody, on every subscribe or watch, costs nothing."""
+
+    __slots__ = ("_changed",)
+
+    def __init__(self) -> None:
+        self._changed: asyncio.Future[None] | None = None
+
+    async def until(self, reached: Callable[[], bool]) -> None:
+        while not reached():
+            if self._changed is None:
+                self._changed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._changed)
+
+    def announce(self) -> None:
+        if self._changed is not None:
+            self._changed.set_result(None)
+            self._changed = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     """A Redis server and how to log in to it."""
