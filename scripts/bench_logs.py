@@ -2,10 +2,10 @@
 
     python scripts/bench_logs.py --lines 50000 --repeats 5
 
-A reader writes three info lines per generation (its POST's and its GET's access
-lines, the stream's end), so their cost is part of every generation's. Each line
-here is an access line as `app.http.server.AccessLog` writes it (three arguments,
-three extras), written to a file: through `app.telemetry.configure_logging`'s
+A reader writes two info lines per generation (the access lines of its POST and,
+when the stream ends, of its GET), so their cost is part of every generation's. Each
+line here is an access line as `app.http.access_log.log_request` writes it (three
+arguments, three extras), written to a file: through `app.telemetry.configure_logging`'s
 handler (JSON, trace ids, extras), and through a stock `logging.StreamHandler` with
 `%(asctime)s %(levelname)s %(name)s %(message)s`, the baseline any service pays.
 Prints the best of `--repeats` in µs per line. Run it in two trees for an A/B.

@@ -25,12 +25,13 @@ import asyncio
 import logging
 import random
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from aiohttp import hdrs, web
 from aiohttp.base_protocol import BaseProtocol
 
+from app.http.access_log import log_request
 from app.http.state import SETTINGS, TELEMETRY
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,20 @@ MAX_PIPELINED_BYTES = 64 * 1024
 
 
 class StreamConnection(BaseProtocol):
-    """The connection of one event stream: chunks out, the client's going away in."""
+    """The connection of one event stream: chunks out, the client's going away in, and
+    the request's access line when the stream ends."""
 
-    __slots__ = ("_chunked", "_ended_body", "_received", "_reusable", "_server", "stream")
+    __slots__ = (
+        "_chunked",
+        "_end",
+        "_ended_body",
+        "_received",
+        "_request_line",
+        "_reusable",
+        "_server",
+        "bytes_sent",
+        "stream",
+    )
 
     def __init__(self, server: web.Server, *, chunked: bool, reusable: bool) -> None:
         super().__init__(asyncio.get_running_loop())
@@ -57,6 +69,10 @@ class StreamConnection(BaseProtocol):
         self._received = b""
         # Cancelled when the client goes away, as aiohttp does with a request's handler.
         self.stream: asyncio.Task[None] | None = None
+        # The response's bytes on the wire, head included, as aiohttp counts them.
+        self.bytes_sent = 0
+        self._request_line: tuple[str, str, int, str | None, float] | None = None
+        self._end: tuple[float, Mapping[str, object] | None] | None = None
 
     @classmethod
     def take_over(cls, request: web.BaseRequest, response: web.StreamResponse) -> StreamConnection:
@@ -80,6 +96,7 @@ class StreamConnection(BaseProtocol):
             and request.content.is_eof()
             and not handler._messages,
         )
+        connection.bytes_sent = request.writer.output_size
         transport.set_protocol(connection)
         connection.transport = transport
         handler.keep_alive(False)  # cancels its keep-alive timer
@@ -96,13 +113,13 @@ class StreamConnection(BaseProtocol):
         `drain` waits while the client is behind."""
         if self.transport is None:
             raise ConnectionResetError("the client went away")
-        if not self._chunked:
-            self.transport.write(data)
-        elif last:
+        if self._chunked and last:
             self._ended_body = True
-            self.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data))
-        else:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            data = b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)
+        elif self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self.transport.write(data)
+        self.bytes_sent += len(data)
 
     async def drain(self, within_seconds: float) -> bool:
         """Wait while the client is behind (the transport above its high-water mark):
@@ -124,6 +141,7 @@ class StreamConnection(BaseProtocol):
         self.transport, self.stream = None, None
         if self._chunked and not self._ended_body:
             transport.write(b"0\r\n\r\n")
+            self.bytes_sent += 5
         # A paused transport would tell a handler that never paused it to resume.
         if not (keep_alive and self._reusable and not self.writing_paused):
             transport.close()
@@ -141,6 +159,32 @@ class StreamConnection(BaseProtocol):
         if self.transport is not None:
             self.stream = None
             self.transport.abort()
+
+    def request_line(
+        self, method: str, path: str, status: int, remote: str | None, started: float
+    ) -> None:
+        """What the request's access line says of the request (app/http/server.py's
+        `AccessLog`), the loop's time it `started` included; the line waits for
+        `log_access`."""
+        self._request_line = (method, path, status, remote, started)
+        if self._end is not None:
+            self._write_access_line(self._request_line, self._end)
+
+    def log_access(self, fields: Mapping[str, object] | None = None) -> None:
+        """The stream has ended: write its access line, with `fields` of its own. Once."""
+        if self._end is None:
+            self._end = (self._loop.time(), fields)
+            if self._request_line is not None:
+                self._write_access_line(self._request_line, self._end)
+
+    def _write_access_line(
+        self,
+        request_line: tuple[str, str, int, str | None, float],
+        end: tuple[float, Mapping[str, object] | None],
+    ) -> None:
+        method, path, status, remote, started = request_line
+        ended, fields = end
+        log_request(method, path, status, remote, self.bytes_sent, ended - started, fields)
 
     def data_received(self, data: bytes) -> None:
         if not self._reusable:
@@ -160,18 +204,17 @@ class TakenOverResponse(web.StreamResponse):
     """A streaming response whose connection its stream takes over (`start`): from then
     on the stream writes and ends the body, not aiohttp."""
 
-    _taken_over = False
+    connection: StreamConnection | None = None
 
     async def start(self, request: web.BaseRequest, first_chunk: bytes) -> StreamConnection:
         """Send the head and `first_chunk`, then take the connection over from aiohttp."""
         await web.StreamResponse.prepare(self, request)  # not a subclass's own prepare
         await self.write(first_chunk)
-        connection = StreamConnection.take_over(request, self)
-        self._taken_over = True
-        return connection
+        self.connection = StreamConnection.take_over(request, self)
+        return self.connection
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if not self._taken_over:  # the stream's task ends its body
+        if self.connection is None:  # else the stream's task ends its body
             await super().write_eof(data)
 
 

@@ -373,6 +373,7 @@ async def _follow(
         pass
     finally:
         connection.abort()  # unless it ended, or the client closed it
+        connection.log_access()
 
 
 class _ClientGone(Exception):

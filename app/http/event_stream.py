@@ -187,9 +187,10 @@ async def _stream(
             finally:
                 hub.unsubscribe(subscription)
     except ConnectionResetError:
-        pass  # the client went away: `reader` logged it
+        pass  # the client went away: `reader` counted it
     finally:
         connection.abort()  # unless it ended, or the client closed it
+        connection.log_access(reader.log_fields())
 
 
 async def _pump(

@@ -14,6 +14,7 @@ they change. pyproject.toml bounds aiohttp from above.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -23,10 +24,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from app.http.access_log import access_logger, log_request
+from app.http.connection import TakenOverResponse
 from app.settings import Settings
 
 logger = logging.getLogger("tokentape.http")
-access_logger = logging.getLogger("tokentape.access")
 
 # aiohttp's limits on a request head (its defaults, named here because they are refused
 # with 431 below): the request line and each header, and the number of headers.
@@ -54,21 +56,18 @@ def runner_options(settings: Settings) -> dict[str, Any]:
 
 
 class AccessLog(AbstractAccessLogger):
-    """One line per request: method, path without its query (where read tokens travel),
-    status, size and duration; never a header."""
+    """One line per request (app/http/access_log.py); a stream's when the stream ends."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        access_logger.info(
-            "%s %s %d",
-            request.method,
-            # Percent-encoded as sent: a decoded path could carry a newline into the log.
-            request.rel_url.raw_path,
-            response.status,
-            extra={
-                "remote": request.remote,
-                "bytes_sent": response.body_length,
-                "duration_ms": round(time * 1000, 1),
-            },
+        path = request.rel_url.raw_path
+        if isinstance(response, TakenOverResponse) and response.connection is not None:
+            started = asyncio.get_running_loop().time() - time
+            response.connection.request_line(
+                request.method, path, response.status, request.remote, started
+            )
+            return
+        log_request(
+            request.method, path, response.status, request.remote, response.body_length, time
         )
 
     @property

@@ -2,7 +2,7 @@
 
 Every record gets `trace_id` and `span_id` from the current span, and
 `generation_id` from the generation being worked on (`generation_context`,
-entered by the generation and reader spans) or from `extra=`.
+entered by the generation and reader spans); `extra=` can give any of them instead.
 """
 
 from __future__ import annotations
@@ -69,11 +69,14 @@ class _MergingAdapter(logging.LoggerAdapter[logging.Logger]):
 
 
 class TraceContextFilter(logging.Filter):
-    """Adds `generation_id`, `trace_id` and `span_id` (None when unknown) to every record."""
+    """Adds `generation_id`, `trace_id` and `span_id` (None when unknown) to every record
+    that does not carry them in its `extra=`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "generation_id", None) is None:
             record.generation_id = _generation_id.get()
+        if getattr(record, "trace_id", None) is not None:
+            return True
         span_context = trace.get_current_span().get_span_context()
         if span_context.is_valid:
             record.trace_id = trace.format_trace_id(span_context.trace_id)
@@ -142,7 +145,7 @@ def configure_logging(
     global _handler
     # What no formatter of ours prints, a record need not look up: the caller's file and
     # line (a frame walk), the thread's and the process's names (the logging HOWTO's
-    # "Optimization"). A reader logs three lines per generation.
+    # "Optimization"). A reader logs two lines per generation.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     stream = sys.stderr if stream is None else stream

@@ -8,7 +8,6 @@ connection, linked to the generation span.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -64,7 +63,6 @@ EndReason = Literal["terminal", "client_gone", "server_drain", "slow_client"]
 _CLIENT_GONE = (ConnectionResetError, BrokenPipeError, asyncio.CancelledError)
 
 _propagator = TraceContextTextMapPropagator()
-_reader_log = logging.getLogger("tokentape.reader")
 
 
 def context_from_headers(headers: Mapping[str, str]) -> Context:
@@ -271,24 +269,30 @@ class ReaderSpan:
         self.span.add_event("gap", {GAP_REQUESTED: requested, GAP_FIRST_AVAILABLE: first_available})
 
     def ended(self, reason: EndReason) -> None:
-        """How the connection ended; the first reason given wins. One info log line."""
+        """How the connection ended; the first reason given wins."""
         if self.end_reason is not None:
             return
         self.end_reason = reason
         self.span.set_attribute(READ_END_REASON, reason)
         if reason == "slow_client":
             self._metrics.slow_client_disconnects.add(1)
-        _reader_log.info(
-            "sse connection ended: %s",
-            reason,
-            extra={
-                "generation_id": self._generation_id,
-                "position": self._position,
-                "first_seq": self.first_seq,
-                "events_sent": self.events_sent,
-                "bytes_sent": self.bytes_sent,
-            },
+
+    def log_fields(self) -> dict[str, object]:
+        """What the stream's access line says of it: the generation and the span (the
+        line is written once the span has ended), where it started, what it sent, and
+        how it ended."""
+        fields: dict[str, object] = {"generation_id": self._generation_id}
+        context = self.span.get_span_context()
+        if context.is_valid:
+            fields["trace_id"] = trace.format_trace_id(context.trace_id)
+            fields["span_id"] = trace.format_span_id(context.span_id)
+        fields.update(
+            end_reason=self.end_reason,
+            position=self._position,
+            first_seq=self.first_seq,
+            events_sent=self.events_sent,
         )
+        return fields
 
     def _close(self) -> None:
         self.span.set_attribute(READ_EVENTS_SENT, self.events_sent)

@@ -9,8 +9,10 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import logging
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -20,6 +22,7 @@ from redis.asyncio import Redis
 from app import events
 from app.durable_streams import protocol
 from app.http import create_app
+from app.http.connection import StreamConnection
 from app.http.server import ServiceRunner
 from app.http.state import OPEN_STREAMS
 from app.keys import Keys
@@ -101,6 +104,20 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(int(headers["Content-Length"]))
 
 
+async def read_to_body_end(reader: asyncio.StreamReader) -> bytes:
+    """The rest of a chunked body whose data holds no CRLF (SSE's), as sent."""
+    return await reader.readuntil(b"\r\n0\r\n\r\n")
+
+
+def access_lines(caplog: pytest.LogCaptureFixture, path: str) -> list[dict[str, Any]]:
+    """The access lines of requests for `path`: the message, then the fields."""
+    return [
+        {"message": record.getMessage(), **vars(record)}
+        for record in caplog.records
+        if record.name == "tokentape.access" and record.getMessage().split()[1] == path
+    ]
+
+
 def get(path: str, *headers: str, version: str = "HTTP/1.1") -> bytes:
     return "\r\n".join([f"GET {path} {version}", "Host: t", *headers, "", ""]).encode()
 
@@ -134,6 +151,83 @@ async def test_aiohttp_lets_go_of_a_live_stream_and_serves_the_next_request_afte
         assert served.aiohttp_connections == 1
         client.write(get("/healthz"))  # and the connection goes on as any other
         assert await read_response(reader) == (200, b'{"status":"ok"}')
+
+
+async def test_an_event_streams_access_line_is_written_when_it_ends_with_all_it_sent(
+    served: Reader, log: GenerationLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tokentape.access")
+    loop = asyncio.get_running_loop()
+    writer = await Writer.start(log)
+    async with served.connection() as (reader, client):
+        client.write(get(writer.events_url))
+        sent = await reader.readuntil(b"\r\n\r\n")
+        head_at = loop.time()
+        await until_subscriptions(served.app, 1)
+        assert access_lines(caplog, writer.events_url) == []  # not when the stream starts
+        await writer.tokens(2)
+        ended_by = loop.time()  # the stream cannot end before its last event exists
+        sent += await read_to_body_end(reader)
+        client.write(get("/healthz"))  # answered once the stream has ended
+        assert (await read_response(reader))[0] == 200
+
+    (line,) = access_lines(caplog, writer.events_url)
+    assert line["message"] == f"GET {writer.events_url} 200"
+    assert line["bytes_sent"] == len(sent)
+    assert line["duration_ms"] >= (ended_by - head_at) * 1000
+    assert line["generation_id"] == writer.generation_id
+    assert (line["end_reason"], line["position"], line["first_seq"], line["events_sent"]) == (
+        "terminal",
+        0,
+        1,
+        3,
+    )
+
+
+async def test_a_durable_streams_sse_reads_access_line_is_written_when_it_ends(
+    served: Reader, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tokentape.access")
+    async with served.connection() as (reader, client):
+        client.write(to_stream("PUT", "s") + to_stream("POST", "s", b"one"))
+        client.write(to_stream("POST", "s", b"", f"{protocol.CLOSED}: true"))
+        assert [(await read_response(reader))[0] for _ in range(3)] == [201, 204, 204]
+        client.write(get("/v1/stream/s?offset=-1&live=sse"))
+        sent = await reader.readuntil(b"\r\n\r\n") + await read_to_body_end(reader)
+        client.write(get("/healthz"))
+        assert (await read_response(reader))[0] == 200
+
+    (line,) = [line for line in access_lines(caplog, "/v1/stream/s") if "GET" in line["message"]]
+    assert line["message"] == "GET /v1/stream/s 200"
+    assert line["bytes_sent"] == len(sent)
+
+
+async def unanswered(request: web.BaseRequest) -> web.StreamResponse:
+    raise AssertionError("no request reaches this server")
+
+
+@pytest.mark.parametrize("request_first", [True, False], ids=["request-first", "end-first"])
+async def test_a_streams_access_line_waits_for_both_its_request_and_its_end(
+    caplog: pytest.LogCaptureFixture, request_first: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="tokentape.access")
+    connection = StreamConnection(web.Server(unanswered), chunked=True, reusable=True)
+    connection.bytes_sent = 42
+    started = asyncio.get_running_loop().time() - 2.0
+    if request_first:
+        connection.request_line("GET", "/x", 200, "127.0.0.1", started)
+    connection.log_access({"end_reason": "terminal"})
+    connection.log_access({"end_reason": "client_gone"})  # the first end counts
+    if not request_first:
+        connection.request_line("GET", "/x", 200, "127.0.0.1", started)
+
+    (line,) = access_lines(caplog, "/x")
+    assert (line["message"], line["bytes_sent"], line["end_reason"]) == (
+        "GET /x 200",
+        42,
+        "terminal",
+    )
+    assert 2000 <= line["duration_ms"] < 60_000
 
 
 async def test_the_aiohttp_handler_a_stream_let_go_of_is_freed_at_once(

@@ -81,14 +81,16 @@ def test_generation_logger_tags_lines_outside_any_span() -> None:
 
 
 @pytest.mark.usefixtures("root_logging")
-def test_a_client_disconnect_is_one_info_line_without_a_traceback(recorded: Recorded) -> None:
+def test_a_client_disconnect_logs_nothing_and_its_fields_go_on_the_access_line(
+    recorded: Recorded,
+) -> None:
     stream = io.StringIO()
     configure_logging("DEBUG", stream=stream)
 
+    reader = recorded.telemetry.reader_span(GENERATION_ID, position=4, resume=True, link_to=None)
+
     def handler() -> None:
-        with recorded.telemetry.reader_span(
-            GENERATION_ID, position=4, resume=True, link_to=None
-        ) as reader:
+        with reader:
             reader.first_event(5)
             reader.sent(2, 64)
             raise asyncio.CancelledError  # aiohttp cancels the handler of a vanished client
@@ -96,20 +98,21 @@ def test_a_client_disconnect_is_one_info_line_without_a_traceback(recorded: Reco
     with pytest.raises(asyncio.CancelledError):
         handler()
 
+    assert lines(stream) == []  # no traceback, and no line of its own
+    # The stream's access line, written after its span ended, names the span all the same.
+    logging.getLogger("tokentape.access").info("GET / 200", extra=reader.log_fields())
     (line,) = lines(stream)
     (span,) = recorded.finished()
     assert span.context is not None
-    assert line["level"] == "info"
-    assert line["message"] == "sse connection ended: client_gone"
     assert line["generation_id"] == GENERATION_ID
     assert line["trace_id"] == f"{span.context.trace_id:032x}"
-    assert (line["position"], line["first_seq"], line["events_sent"], line["bytes_sent"]) == (
+    assert line["span_id"] == f"{span.context.span_id:016x}"
+    assert (line["end_reason"], line["position"], line["first_seq"], line["events_sent"]) == (
+        "client_gone",
         4,
         5,
         2,
-        64,
     )
-    assert "exception" not in line
 
 
 @pytest.mark.usefixtures("root_logging")
