@@ -228,7 +228,13 @@ class Hub:
         subscription = Subscription(self, feed, after_seq)
         feed.subscriptions.add(subscription)
         self._subscriptions_changed.announce()
-        if not await feed.until_confirmed(confirm_timeout):
+        try:
+            confirmed = await feed.until_confirmed(confirm_timeout)
+        except BaseException:
+            # Cancelled (its client went away): nobody will unsubscribe what it never got.
+            self.unsubscribe(subscription)
+            raise
+        if not confirmed:
             # The pub/sub connection is unwell; the recheck loop covers this feed.
             logger.warning("live channel of %s not confirmed in time", generation_id)
         return subscription

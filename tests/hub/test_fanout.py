@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from app import events, sse
 from app.hub import Feed, Hub, Subscription
+from app.hub.pubsub import PubSubConnection
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.sse import Frame
@@ -206,6 +207,24 @@ async def test_concurrent_subscribes_are_each_confirmed(hub: Hub) -> None:
         assert await subscription.next_chunk(0.2) == b""  # caught up: live
         await hub.log.append(lease, 1, [events.Token(text="x")])
         assert await read_seqs(subscription, sse.Parser(), 1) == [1]
+
+
+async def test_a_subscribe_cancelled_before_its_channel_is_confirmed_leaves_nothing(
+    redis: Redis, settings: Settings
+) -> None:
+    # A hub not started confirms no channel: the subscribe waits, as it does for the
+    # SUBSCRIBE's reply, when its client goes away and its stream's task is cancelled.
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=0)
+    generation_id, _ = await leased_generation(hub.log, "w")
+    subscribing = asyncio.create_task(hub.subscribe(generation_id, 0))
+    async with asyncio.timeout(5):
+        await hub.until_subscriptions(1)
+    subscribing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await subscribing
+    assert hub.subscription_count == 0
+    assert isinstance(hub.pubsub, PubSubConnection)
+    assert hub.pubsub.channels == []  # its channel dropped with its feed
 
 
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
