@@ -46,6 +46,24 @@ ON_EVERY_BACKEND = pytest.mark.parametrize("backend", ["redis", "cluster"], indi
 
 
 @pytest.fixture
+def root_logging() -> Iterator[None]:
+    """Put the root logger back the way the test found it: for a test that calls
+    `configure_logging` (or `cli.main`, which does), whose handler would write to a
+    stream closed after the test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    # configure_logging turns off what records look up for nobody; pytest's own reports
+    # name the file and line of a record.
+    looked_up = (logging._srcfile, logging.logThreads, logging.logProcesses)
+    multiprocessing = logging.logMultiprocessing
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging._srcfile, logging.logThreads, logging.logProcesses = looked_up
+    logging.logMultiprocessing = multiprocessing
+
+
+@pytest.fixture
 def key_prefix() -> str:
     return f"tttest:{uuid.uuid4().hex[:12]}"
 

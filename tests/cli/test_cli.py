@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ def environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         if name.startswith("TOKENTAPE_"):
             monkeypatch.delenv(name)
     return monkeypatch
-
-
-@pytest.fixture
-def root_level() -> Iterator[None]:
-    """cli.main configures logging: put the root logger's level back afterwards."""
-    level = logging.getLogger().level
-    yield
-    logging.getLogger().setLevel(level)
 
 
 # -- arguments into Settings ----------------------------------------------------
@@ -119,7 +110,7 @@ def test_every_command_that_reaches_redis_takes_cluster(
 
 
 def test_worker_without_redis_says_how_to_give_one(
-    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], root_level: None
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], root_logging: None
 ) -> None:
     assert cli.main(["worker"]) == 2
     assert "--redis URL or set TOKENTAPE_REDIS_URL" in capsys.readouterr().err
@@ -148,7 +139,7 @@ def test_a_bad_setting_exits_2_naming_the_variable(
 
 
 def test_the_log_level_comes_from_settings(
-    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], root_level: None
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], root_logging: None
 ) -> None:
     environ.setenv("TOKENTAPE_LOG_LEVEL", "warning")
     assert cli.main(["worker"]) == 2  # no Redis: stops after configuring logging

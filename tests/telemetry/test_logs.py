@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,22 +17,6 @@ from tests.telemetry.conftest import GENERATION_ID, Recorded
 class Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    """Put the root logger back the way the test found it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    # configure_logging turns off what records look up for nobody; pytest's own reports
-    # name the file and line of a record.
-    looked_up = (logging._srcfile, logging.logThreads, logging.logProcesses)
-    multiprocessing = logging.logMultiprocessing
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging._srcfile, logging.logThreads, logging.logProcesses = looked_up
-    logging.logMultiprocessing = multiprocessing
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
