@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 # The `limit` attribute of `limit_refusals` for a stream turned away by OpenStreams.
 _MAX_STREAMS = {"limit": "max_streams"}
 
+# An access line's parts: the request's (method, path, status, remote, when it started)
+# and the stream's end (when, its own fields).
+_RequestLine = tuple[str, str, int, str | None, float]
+_End = tuple[float, Mapping[str, object] | None]
+
 # What a client may send while its stream is open (requests pipelined behind it) and
 # still have the connection back for them; past this, the stream's end closes it.
 MAX_PIPELINED_BYTES = 64 * 1024
@@ -71,8 +76,8 @@ class StreamConnection(BaseProtocol):
         self.stream: asyncio.Task[None] | None = None
         # The response's bytes on the wire, head included, as aiohttp counts them.
         self.bytes_sent = 0
-        self._request_line: tuple[str, str, int, str | None, float] | None = None
-        self._end: tuple[float, Mapping[str, object] | None] | None = None
+        self._request_line: _RequestLine | None = None
+        self._end: _End | None = None
 
     @classmethod
     def take_over(cls, request: web.BaseRequest, response: web.StreamResponse) -> StreamConnection:
@@ -177,11 +182,7 @@ class StreamConnection(BaseProtocol):
             if self._request_line is not None:
                 self._write_access_line(self._request_line, self._end)
 
-    def _write_access_line(
-        self,
-        request_line: tuple[str, str, int, str | None, float],
-        end: tuple[float, Mapping[str, object] | None],
-    ) -> None:
+    def _write_access_line(self, request_line: _RequestLine, end: _End) -> None:
         method, path, status, remote, started = request_line
         ended, fields = end
         log_request(method, path, status, remote, self.bytes_sent, ended - started, fields)
