@@ -39,11 +39,6 @@ logger = logging.getLogger(__name__)
 # The `limit` attribute of `limit_refusals` for a stream turned away by OpenStreams.
 _MAX_STREAMS = {"limit": "max_streams"}
 
-# An access line's parts: the request's (method, path, status, remote, when it started)
-# and the stream's end (when, its own fields).
-_RequestLine = tuple[str, str, int, str | None, float]
-_End = tuple[float, Mapping[str, object] | None]
-
 # What a client may send while its stream is open (requests pipelined behind it) and
 # still have the connection back for them; past this, the stream's end closes it.
 MAX_PIPELINED_BYTES = 64 * 1024
@@ -76,8 +71,10 @@ class StreamConnection(BaseProtocol):
         self.stream: asyncio.Task[None] | None = None
         # The response's bytes on the wire, head included, as aiohttp counts them.
         self.bytes_sent = 0
-        self._request_line: _RequestLine | None = None
-        self._end: _End | None = None
+        # The access line's parts: the request's (method, path, status, remote, when it
+        # started) and the stream's end (when, its own fields).
+        self._request_line: tuple[str, str, int, str | None, float] | None = None
+        self._end: tuple[float, Mapping[str, object] | None] | None = None
 
     @classmethod
     def take_over(cls, request: web.BaseRequest, response: web.StreamResponse) -> StreamConnection:
@@ -172,19 +169,20 @@ class StreamConnection(BaseProtocol):
         `AccessLog`), the loop's time it `started` included; the line waits for
         `log_access`."""
         self._request_line = (method, path, status, remote, started)
-        if self._end is not None:
-            self._write_access_line(self._request_line, self._end)
+        self._write_access_line()
 
     def log_access(self, fields: Mapping[str, object] | None = None) -> None:
         """The stream has ended: write its access line, with `fields` of its own. Once."""
         if self._end is None:
             self._end = (self._loop.time(), fields)
-            if self._request_line is not None:
-                self._write_access_line(self._request_line, self._end)
+            self._write_access_line()
 
-    def _write_access_line(self, request_line: _RequestLine, end: _End) -> None:
-        method, path, status, remote, started = request_line
-        ended, fields = end
+    def _write_access_line(self) -> None:
+        """Once both the request's part and the end are known, whichever came last."""
+        if self._request_line is None or self._end is None:
+            return
+        method, path, status, remote, started = self._request_line
+        ended, fields = self._end
         log_request(method, path, status, remote, self.bytes_sent, ended - started, fields)
 
     def data_received(self, data: bytes) -> None:
