@@ -33,8 +33,8 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app.embedded import RedisProcess, find_server
 from app.store.transport import Pipeline, exchange, pack, round_trip, within
+from scripts.bench import private_redis
 
 TIMEOUT_SECONDS = 5.0
 
@@ -89,12 +89,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    binary = find_server()
-    if binary is None:
-        raise SystemExit("no redis-server on PATH")
     with tempfile.TemporaryDirectory() as directory:
-        server = RedisProcess(binary, Path(directory))
-        server.start()
+        server = private_redis(Path(directory))
         try:
             layers = asyncio.run(run(server.url, args.calls, args.repeats))
         finally:
