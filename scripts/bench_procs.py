@@ -38,14 +38,16 @@ def free_port() -> int:
         return port
 
 
-def start_process(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def start_process(
+    argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     with log_path.open("ab") as log_file:
         return subprocess.Popen(
             argv,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd,
             start_new_session=True,
         )
 
