@@ -108,7 +108,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         if ui_messages
         else None
     )
-    return EventStream(request.app, generation_id, after_seq, link_to, ui_message_stream)
+    return EventStream(
+        request.app, generation_id, after_seq, link_to, ui_message_stream, live=not state.terminal
+    )
 
 
 class EventStream(TakenOverResponse):
@@ -129,6 +131,8 @@ class EventStream(TakenOverResponse):
         after_seq: int,
         link_to: str | None,
         ui_message_stream: UIMessageStream | None,
+        *,
+        live: bool,
     ) -> None:
         headers = SSE_HEADERS if ui_message_stream is None else UI_MESSAGE_STREAM_HEADERS
         super().__init__(status=200, headers=headers)
@@ -137,6 +141,7 @@ class EventStream(TakenOverResponse):
         self._after_seq = after_seq
         self._link_to = link_to
         self._ui_message_stream = ui_message_stream
+        self._live = live  # False: the log holds the terminal event, nothing will follow
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -158,7 +163,13 @@ class EventStream(TakenOverResponse):
             with reader:  # ends the span as a stream ends: client_gone, or the error
                 raise
         stream = _stream(
-            app, connection, reader, self._generation_id, after_seq, self._ui_message_stream
+            app,
+            connection,
+            reader,
+            self._generation_id,
+            after_seq,
+            self._ui_message_stream,
+            live=self._live,
         )
         self._ui_message_stream = None
         app[OPEN_STREAMS].start(connection, stream)
@@ -172,11 +183,13 @@ async def _stream(
     generation_id: str,
     after_seq: int,
     ui_message_stream: UIMessageStream | None,
+    *,
+    live: bool,
 ) -> None:
     settings, hub = app[SETTINGS], app[HUB]
     try:
         with reader:
-            subscription = await hub.subscribe(generation_id, after_seq)
+            subscription = await hub.subscribe(generation_id, after_seq, live=live)
             next_chunk: NextChunk = subscription.next_chunk
             if ui_message_stream is None:
                 subscription.sink = _LiveWrites(connection, reader)

@@ -42,6 +42,7 @@ class Feed(Confirmable):
         "channel",
         "generation_id",
         "linger",
+        "listening",
         "silent_since",
         "subscriptions",
     )
@@ -53,6 +54,7 @@ class Feed(Confirmable):
         self.subscriptions: set[Subscription] = set()
         self.silent_since = now
         self.linger: asyncio.TimerHandle | None = None
+        self.listening = False  # its live channel is subscribed
         # Catch-up pages being read, by the seq they follow; made only while one is.
         self._reading: dict[int, asyncio.Future[Page]] | None = None
 
@@ -208,26 +210,40 @@ class Hub:
     # -- subscriptions -------------------------------------------------------
 
     async def subscribe(
-        self, generation_id: str, after_seq: int, *, confirm_timeout: float = 5.0
+        self,
+        generation_id: str,
+        after_seq: int,
+        *,
+        live: bool = True,
+        confirm_timeout: float = 5.0,
     ) -> Subscription:
         """A subscription positioned after `after_seq`, live channel confirmed first.
 
         Subscribing before reading the log is what makes the hand-over from
         catch-up to live lossless: anything appended after the confirmation
         arrives live; anything before it is in the log.
+
+        `live=False` is for a generation whose terminal event is in the log: nothing
+        more will be appended, so the subscription reads the log alone and its channel
+        is not subscribed (no round trip before the first page). Should Redis come back
+        with an older copy of that log, the recheck beat finds what is appended again.
         """
         feed = self._feeds.get(generation_id)
         if feed is None:
             channel = self.log.keys.live_channel(generation_id).encode()
             feed = Feed(generation_id, channel, asyncio.get_running_loop().time())
             self._feeds[generation_id] = feed
-            self.pubsub.subscribe(channel, feed)
         elif feed.linger is not None:
             feed.linger.cancel()
             feed.linger = None
+        if live and not feed.listening:
+            feed.listening = True
+            self.pubsub.subscribe(feed.channel, feed)
         subscription = Subscription(self, feed, after_seq)
         feed.subscriptions.add(subscription)
         self._subscriptions_changed.announce()
+        if not live:
+            return subscription
         try:
             confirmed = await feed.until_confirmed(confirm_timeout)
         except BaseException:
@@ -246,7 +262,7 @@ class Hub:
         self._subscriptions_changed.announce()
         if feed.subscriptions or feed.linger is not None or self._closing:
             return
-        if self.linger_seconds > 0:
+        if self.linger_seconds > 0 and feed.listening:
             # Keep the channel a moment: reconnect storms come back to the same generation.
             loop = asyncio.get_running_loop()
             feed.linger = loop.call_later(self.linger_seconds, self._drop_feed, feed)
@@ -258,7 +274,8 @@ class Hub:
         if feed.subscriptions or self._feeds.get(feed.generation_id) is not feed:
             return
         del self._feeds[feed.generation_id]
-        self.pubsub.unsubscribe(feed.channel)
+        if feed.listening:
+            self.pubsub.unsubscribe(feed.channel)
 
     async def _recheck(self) -> None:
         """Silent feeds look at the log's last seq: the safety net under pub/sub.

@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from app import events
 from app.http import HUB
 from app.http.connection import StreamConnection
+from app.hub.pubsub import PubSubConnection
 from app.settings import Settings
 from app.store import GenerationLog
 from tests.conftest import ON_EVERY_BACKEND
@@ -72,6 +73,24 @@ async def test_a_finished_generation_is_served_whole_and_the_response_ends(
     assert stream.raw.endswith(
         b'id: 5\nevent: done\ndata: {"type":"done","reason":"stop","usage":{}}\n\n'
     )
+
+
+async def test_a_finished_generation_is_read_without_its_live_channel(
+    client: Client, writer_factory: WriterFactory, app: web.Application, log: GenerationLog
+) -> None:
+    pubsub = app[HUB].pubsub
+    assert isinstance(pubsub, PubSubConnection)
+    running = await writer_factory()
+    async with client.get(running.events_url) as response:
+        await response.content.readany()
+        await until_subscriptions(app, 1)
+        assert log.keys.live_channel(running.generation_id).encode() in pubsub.channels
+    finished = await writer_factory()
+    written = await finished.tokens(3)
+    status, messages = await read_all(client, finished.events_url)
+    assert (status, as_events(messages)) == (200, list(enumerate(written, start=1)))
+    # Nothing follows its terminal event: its stream did not wait for a SUBSCRIBE.
+    assert log.keys.live_channel(finished.generation_id).encode() not in pubsub.channels
 
 
 @ON_EVERY_BACKEND

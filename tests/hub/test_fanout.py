@@ -227,6 +227,37 @@ async def test_a_subscribe_cancelled_before_its_channel_is_confirmed_leaves_noth
     assert hub.pubsub.channels == []  # its channel dropped with its feed
 
 
+async def test_a_subscription_without_its_live_channel_reads_the_log_alone(
+    redis: Redis, settings: Settings
+) -> None:
+    # A hub not started confirms no channel: a live subscribe would wait for it.
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=0)
+    generation_id, lease = await leased_generation(hub.log, "w")
+    await hub.log.append(lease, 1, [events.Token(text="x"), events.Done(reason="stop")])
+    async with asyncio.timeout(5):
+        subscription = await hub.subscribe(generation_id, 0, live=False)
+    assert isinstance(hub.pubsub, PubSubConnection)
+    assert hub.pubsub.channels == []
+    assert await read_seqs(subscription, sse.Parser(), 2) == [1, 2]
+    assert await subscription.next_chunk(0.1) is None  # its terminal event handed out
+    hub.unsubscribe(subscription)
+    assert hub.subscription_count == 0
+
+
+async def test_a_live_subscription_joining_a_feed_without_its_channel_subscribes_it(
+    hub: Hub,
+) -> None:
+    generation_id, lease = await leased_generation(hub.log, "w")
+    reading = await hub.subscribe(generation_id, 0, live=False)
+    live = await hub.subscribe(generation_id, 0)
+    assert live.feed is reading.feed
+    assert live.feed.confirmed
+    assert await live.next_chunk(0.2) == b""  # caught up: live
+    await hub.log.append(lease, 1, [events.Token(text="x")])
+    assert await read_seqs(live, sse.Parser(), 1) == [1]
+    assert await read_seqs(reading, sse.Parser(), 1) == [1]
+
+
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
     redis: Redis, settings: Settings
 ) -> None:
