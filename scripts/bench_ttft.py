@@ -15,6 +15,13 @@ into the stages the log's own timestamps separate (all wall-clock ms on this mac
   delivered    first token appended -> its arrival at the client (hub, SSE, the socket)
 
 The log's timestamps are milliseconds, so stages shorter than a few ms read as 0 or 1.
+
+    python scripts/bench_ttft.py --generations 1 --repeat 200 --rate 200 --tokens 20 --beside-naive
+
+`--beside-naive` starts the naive reader of scripts/bench.py (scripts/naive_server.py)
+on the same Redis, fed by the same workers, and sends the bursts to the two readers in
+turn, so that both see the same moments of a machine whose speed swings from one run
+to the next; a table for each.
 """
 
 from __future__ import annotations
@@ -30,14 +37,17 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 
 import aiohttp
 
 from app.store import GenerationLog
-from scripts.bench import percentile, start_service
+from scripts.bench import NAIVE_SERVER, Service, percentile, start_service, wait_ready
 from scripts.bench_client import TERMINAL_TYPES, EventReader, raise_fd_limit, sim_body
+from scripts.bench_procs import HOST, free_port, start_process, stop_process
 
 STAGES = ("created", "picked up", "started", "first token", "delivered", "total")
 
@@ -83,23 +93,49 @@ async def stages(log: GenerationLog, timing: Timing) -> list[float]:
     return [b - a for a, b in itertools.pairwise(marks)] + [marks[-1] - marks[0]]
 
 
-async def run(args: argparse.Namespace) -> dict[str, list[float]]:
+async def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
+    """Each reader's stages, by its name."""
     body = sim_body(args.tokens, args.rate, seed=0)
-    by_stage: dict[str, list[float]] = {stage: [] for stage in STAGES}
     async with contextlib.AsyncExitStack() as stack:
         connector = aiohttp.TCPConnector(limit=0)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
         service = await start_service(stack, "ttft", session, workers=args.workers)
-        base_url = service.base_url
-        await one(session, base_url, sim_body(3, 1e9, seed=0))  # warm-up
-        for _ in range(args.repeat):
-            timings = await asyncio.gather(
-                *(one(session, base_url, body) for _ in range(args.generations))
-            )
-            for timing in timings:
-                for stage, ms in zip(STAGES, await stages(service.log, timing), strict=True):
-                    by_stage[stage].append(ms)
-    return by_stage
+        readers = {"tokentape": service.base_url}
+        if args.beside_naive:
+            readers["naive"] = await start_naive(stack, service, session)
+        by_reader: dict[str, dict[str, list[float]]] = {
+            name: {stage: [] for stage in STAGES} for name in readers
+        }
+        for base_url in readers.values():
+            await one(session, base_url, sim_body(3, 1e9, seed=0))  # warm-up
+        for burst in range(args.repeat):
+            names = list(readers)
+            for name in names if burst % 2 == 0 else reversed(names):
+                timings = await asyncio.gather(
+                    *(one(session, readers[name], body) for _ in range(args.generations))
+                )
+                for timing in timings:
+                    measured = await stages(service.log, timing)
+                    for stage, ms in zip(STAGES, measured, strict=True):
+                        by_reader[name][stage].append(ms)
+    return by_reader
+
+
+async def start_naive(
+    stack: contextlib.AsyncExitStack, service: Service, session: aiohttp.ClientSession
+) -> str:
+    """The naive reader on `service`'s Redis and key prefix: the same workers take its jobs."""
+    settings = service.log.settings
+    assert settings.redis_url is not None
+    env = {**os.environ, "TOKENTAPE_KEY_PREFIX": settings.key_prefix}
+    port = free_port()
+    log_path = Path(tempfile.mkdtemp(prefix="tokentape-ttft-naive-")) / "naive.log"
+    argv = [sys.executable, str(NAIVE_SERVER), "--redis", settings.redis_url, "--port", str(port)]
+    naive = start_process(argv, env, log_path)
+    stack.callback(stop_process, naive)
+    base_url = f"http://{HOST}:{port}"
+    await wait_ready(session, base_url, naive)
+    return base_url
 
 
 def report(by_stage: dict[str, list[float]]) -> str:
@@ -107,7 +143,7 @@ def report(by_stage: dict[str, list[float]]) -> str:
     for stage, values in by_stage.items():
         cells = [percentile(values, p) for p in (50, 90, 99)]
         lines.append(
-            f"| {stage} | " + " | ".join(f"{v:.0f}" for v in cells if v is not None) + " |"
+            f"| {stage} | " + " | ".join(f"{v:.1f}" for v in cells if v is not None) + " |"
         )
     return "\n".join(lines)
 
@@ -119,9 +155,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=60)
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s of each")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--beside-naive", action="store_true", help="the naive reader too, bursts in turn"
+    )
     args = parser.parse_args(argv)
     raise_fd_limit()
-    print(report(asyncio.run(run(args))))
+    by_reader = asyncio.run(run(args))
+    for name, by_stage in by_reader.items():
+        if len(by_reader) > 1:
+            print(f"\n{name}:")
+        print(report(by_stage))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 from app import events
 from app.store import GenerationLog
 from scripts.bench_ttft import STAGES, Timing, stages
 from scripts.pyspy_top import summarize
 from tests.conftest import leased_generation
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_samples_count_once_per_function_however_deep_it_recurses() -> None:
@@ -34,3 +41,19 @@ async def test_the_stages_of_a_first_token_add_up_to_its_time(log: GenerationLog
     assert measured["delivered"] == 2.0
     assert all(ms >= 0 for ms in measured.values())
     assert measured["total"] == sum(ms for stage, ms in measured.items() if stage != "total")
+
+
+def test_first_tokens_are_split_for_both_readers_read_in_turn() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_ttft.py"), "--generations", "1",
+         "--repeat", "2", "--tokens", "5", "--rate", "1000", "--beside-naive"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )  # fmt: skip
+    tables = re.findall(r"^(tokentape|naive):\n((?:\|.*\n)+)", run.stdout, re.M)
+    assert [name for name, _ in tables] == ["tokentape", "naive"], run.stdout + run.stderr
+    for _, table in tables:
+        stages_read = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
+        assert stages_read == list(STAGES)
