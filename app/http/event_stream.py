@@ -30,7 +30,7 @@ from app.http.ui_message_stream import (
     reframed,
     resumed_stream,
 )
-from app.hub import Subscription
+from app.hub import Page, Subscription
 from app.keys import check_generation_id
 from app.settings import Settings
 from app.telemetry.tracing import ReaderSpan
@@ -81,6 +81,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     streams = request.app[OPEN_STREAMS]
     if streams.full:
         return await _come_back_later(request, streams.turn_away(request), "busy")
+    hub = request.app[HUB]
+    # The first page is read beside the log's state, in the same round trip: its events
+    # go out as soon as the stream starts (for an ended generation, all of them).
+    first_page = (
+        hub.read_page(generation_id, after_seq, early=True)
+        if not ui_messages and request.method != hdrs.METH_HEAD
+        else None
+    )
     try:
         state, log_exists = await log.snapshot(generation_id)
     except (RedisError, OSError) as exc:
@@ -109,7 +117,13 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         else None
     )
     return EventStream(
-        request.app, generation_id, after_seq, link_to, ui_message_stream, live=not state.terminal
+        request.app,
+        generation_id,
+        after_seq,
+        link_to,
+        ui_message_stream,
+        live=not state.terminal,
+        first_page=first_page,
     )
 
 
@@ -133,6 +147,7 @@ class EventStream(TakenOverResponse):
         ui_message_stream: UIMessageStream | None,
         *,
         live: bool,
+        first_page: asyncio.Future[Page] | None = None,
     ) -> None:
         headers = SSE_HEADERS if ui_message_stream is None else UI_MESSAGE_STREAM_HEADERS
         super().__init__(status=200, headers=headers)
@@ -142,6 +157,7 @@ class EventStream(TakenOverResponse):
         self._link_to = link_to
         self._ui_message_stream = ui_message_stream
         self._live = live  # False: the log holds the terminal event, nothing will follow
+        self._first_page = first_page
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -170,8 +186,9 @@ class EventStream(TakenOverResponse):
             after_seq,
             self._ui_message_stream,
             live=self._live,
+            first_page=self._first_page,
         )
-        self._ui_message_stream = None
+        self._ui_message_stream = self._first_page = None
         app[OPEN_STREAMS].start(connection, stream)
         return await super().prepare(request)
 
@@ -185,11 +202,14 @@ async def _stream(
     ui_message_stream: UIMessageStream | None,
     *,
     live: bool,
+    first_page: asyncio.Future[Page] | None,
 ) -> None:
     settings, hub = app[SETTINGS], app[HUB]
     try:
         with reader:
-            subscription = await hub.subscribe(generation_id, after_seq, live=live)
+            subscription = await hub.subscribe(
+                generation_id, after_seq, live=live, first_page=first_page
+            )
             next_chunk: NextChunk = subscription.next_chunk
             if ui_message_stream is None:
                 subscription.sink = _LiveWrites(connection, reader)

@@ -6,7 +6,9 @@ of one generation share one `Feed` (`fanout`). A `Subscription` (`subscription`)
 is one client: it catches up from the log in pages, then takes live batches from
 its feed. The channel is subscribed before the log is read, so nothing falls
 between the two; live batches that arrive during a read are kept and take over
-when they continue the page.
+when they continue the page. A GET reads its first page beside the log's state,
+before it subscribes (`Hub.read_page(early=True)`): that page is handed out first
+and never taken as caught up, so the log is read again once the channel is confirmed.
 Delivery is exactly-once and in order because every subscription tracks the last
 seq it handed out and falls back to the log whenever live delivery cannot be
 trusted:
@@ -39,6 +41,6 @@ The same connection wakes the requests that wait for a Durable Stream's next wri
 
 from app.hub.fanout import Feed, Hub
 from app.hub.notifier import StreamNotifier, Watch
-from app.hub.subscription import Subscription
+from app.hub.subscription import Page, Subscription
 
-__all__ = ["Feed", "Hub", "StreamNotifier", "Subscription", "Watch"]
+__all__ = ["Feed", "Hub", "Page", "StreamNotifier", "Subscription", "Watch"]

@@ -38,7 +38,6 @@ class Feed(Confirmable):
     """All subscriptions of one generation in this process: the listener of its live channel."""
 
     __slots__ = (
-        "_reading",
         "channel",
         "generation_id",
         "linger",
@@ -55,32 +54,6 @@ class Feed(Confirmable):
         self.silent_since = now
         self.linger: asyncio.TimerHandle | None = None
         self.listening = False  # its live channel is subscribed
-        # Catch-up pages being read, by the seq they follow; made only while one is.
-        self._reading: dict[int, asyncio.Future[Page]] | None = None
-
-    def read_page(self, log: GenerationLog, after_seq: int, count: int) -> asyncio.Future[Page]:
-        """The log's page after `after_seq`, read and framed once for every subscription of
-        this feed that asks while it is read: clients joining a generation together start
-        from the same seq, and pages keep them on the same seqs until they are caught up.
-
-        Await it shielded: a subscription that gives up must not cancel the others' read.
-        """
-        if self._reading is None:
-            self._reading = {}
-        reading = self._reading.get(after_seq)
-        if reading is None:
-            reading = asyncio.ensure_future(read_page(log, self.generation_id, after_seq, count))
-            self._reading[after_seq] = reading
-            reading.add_done_callback(functools.partial(self._page_read, after_seq))
-        return reading
-
-    def _page_read(self, after_seq: int, reading: asyncio.Future[Page]) -> None:
-        if self._reading is not None and self._reading.get(after_seq) is reading:
-            del self._reading[after_seq]
-            if not self._reading:
-                self._reading = None
-        if not reading.cancelled():
-            reading.exception()  # retrieved: every subscription that asked may have left
 
     def recheck(self, last_seq: int | None = None) -> None:
         """Every subscription looks at the log (with `last_seq`, those behind it)."""
@@ -135,6 +108,9 @@ class Hub:
         self.clock = clock
         self._to_flush: list[Subscription] = []
         self._next_flush_at = 0.0
+        # Pages being read: by generation, the seq they follow, and whether they are read
+        # before a subscription's channel is confirmed (`early`).
+        self._reading: dict[tuple[str, int, bool], asyncio.Future[Page]] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -148,6 +124,36 @@ class Hub:
     async def until_subscriptions(self, count: int) -> None:
         """Wait until exactly `count` subscriptions are open (drain, tests)."""
         await self._subscriptions_changed.until(lambda: self.subscription_count == count)
+
+    def read_page(
+        self, generation_id: str, after_seq: int, *, early: bool = False
+    ) -> asyncio.Future[Page]:
+        """The log's page after `after_seq`, read and framed once for every reader that asks
+        while it is read: clients joining a generation together start from the same seq,
+        and pages keep them on the same seqs until they are caught up.
+
+        An `early` page is read before its reader's channel is confirmed: a GET starts it
+        beside its read of the log's state, one round trip for both, and its subscription
+        hands it out first (`subscribe(first_page=)`). Early pages are shared only with
+        each other: what follows one may have been published before the channel heard it.
+
+        Await it shielded: a reader that gives up must not cancel the others' read.
+        """
+        key = (generation_id, after_seq, early)
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = asyncio.ensure_future(
+                read_page(self.log, generation_id, after_seq, self.page_size)
+            )
+            self._reading[key] = reading
+            reading.add_done_callback(functools.partial(self._page_read, key))
+        return reading
+
+    def _page_read(self, key: tuple[str, int, bool], reading: asyncio.Future[Page]) -> None:
+        if self._reading.get(key) is reading:
+            del self._reading[key]
+        if not reading.cancelled():
+            reading.exception()  # retrieved: every reader that asked may have left
 
     def flush_soon(self, subscription: Subscription) -> None:
         """Call `subscription.flush()` once what runs now (a read's live batches) is done,
@@ -215,6 +221,7 @@ class Hub:
         after_seq: int,
         *,
         live: bool = True,
+        first_page: asyncio.Future[Page] | None = None,
         confirm_timeout: float = 5.0,
     ) -> Subscription:
         """A subscription positioned after `after_seq`, live channel confirmed first.
@@ -227,6 +234,9 @@ class Hub:
         more will be appended, so the subscription reads the log alone and its channel
         is not subscribed (no round trip before the first page). Should Redis come back
         with an older copy of that log, the recheck beat finds what is appended again.
+
+        `first_page`, an early `read_page` after `after_seq`, is handed out first, and
+        the log is read again after it, the channel confirmed.
         """
         feed = self._feeds.get(generation_id)
         if feed is None:
@@ -239,7 +249,7 @@ class Hub:
         if live and not feed.listening:
             feed.listening = True
             self.pubsub.subscribe(feed.channel, feed)
-        subscription = Subscription(self, feed, after_seq)
+        subscription = Subscription(self, feed, after_seq, first_page)
         feed.subscriptions.add(subscription)
         self._subscriptions_changed.announce()
         if not live:

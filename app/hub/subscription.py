@@ -59,6 +59,7 @@ class Subscription:
         "_ahead",
         "_alarm",
         "_deadline",
+        "_first_page",
         "_first_read",
         "_hub",
         "_live_hint",
@@ -80,7 +81,13 @@ class Subscription:
         "sink",
     )
 
-    def __init__(self, hub: Hub, feed: Feed, after_seq: int) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        feed: Feed,
+        after_seq: int,
+        first_page: asyncio.Future[Page] | None = None,
+    ) -> None:
         self._hub = hub
         self.feed = feed
         self.requested_after = after_seq
@@ -92,6 +99,9 @@ class Subscription:
         self._pending: list[Frame] = []
         self._pending_gap: bytes | None = None
         self._read_log = True  # catch-up, back-fill or slow-client mode
+        # Read before the channel was confirmed (`Hub.read_page(early=True)`): handed out
+        # first, never taken as caught up.
+        self._first_page = first_page
         self._first_read = True
         self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
@@ -312,11 +322,16 @@ class Subscription:
         """One page from the log; None when there is nothing (more) to read now."""
         if budget <= 0:
             return None
+        early, self._first_page = self._first_page, None
         try:
             async with asyncio.timeout(budget):
-                rows, chunk = await asyncio.shield(
-                    self.feed.read_page(self._hub.log, self.delivered, self._hub.page_size)
-                )
+                rows, chunk = await asyncio.shield(early) if early is not None else ([], b"")
+                if not rows:
+                    # Nothing read early, or nothing then: what the log holds now.
+                    early = None
+                    rows, chunk = await asyncio.shield(
+                        self._hub.read_page(self.generation_id, self.delivered)
+                    )
         except TimeoutError:
             return None
         except RedisError as exc:
@@ -360,8 +375,10 @@ class Subscription:
             if first_seq > self.delivered + 1 and not _announces_reset(rows[0], self.delivered):
                 self.gap = Gap(requested=self.delivered + 1, first_available=first_seq)
                 self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
-        # A full page: more to read. A short one: caught up, live takes over if it can.
-        self._continue_live(last_seq, caught_up=len(rows) < self._hub.page_size)
+        # A full page: more to read. A short one: caught up, live takes over if it can;
+        # unless it was read early, before the channel heard what followed it.
+        caught_up = early is None and len(rows) < self._hub.page_size
+        self._continue_live(last_seq, caught_up=caught_up)
         terminal = last_fields[1].decode() in TERMINAL_TYPES
         return self._deliver(chunk, last_seq, int(last_fields[5]), terminal)
 

@@ -29,6 +29,9 @@ operation = st.one_of(
     st.tuples(st.just("subscribe"), st.integers(0, 40)),
     # A reader whose live batches the hub writes itself while it waits (its sink).
     st.tuples(st.just("subscribe_with_sink"), st.integers(0, 40)),
+    # A reader whose first page was read before it subscribed, as a GET reads it beside
+    # the log's state, with appends in between.
+    st.tuples(st.just("subscribe_early"), st.integers(0, 40)),
     st.tuples(st.just("fall_behind"), st.integers(0, 7)),
     st.tuples(st.just("append_while_waiting"), st.integers(0, 7)),
     st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
@@ -120,6 +123,17 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 after = min(value, last)
                 subscription = await hub.subscribe(generation_id, after)
                 readers.append(Reader(subscription, after, sink=kind == "subscribe_with_sink"))
+                subscribed = True
+            elif kind == "subscribe_early":
+                after = min(value, last)
+                early = hub.read_page(generation_id, after, early=True)
+                await asyncio.shield(early)
+                batch = [events.Token(text=str(last + i + 1)) for i in range(1 + value % 3)]
+                last = await log.append(lease, last + 1, batch)
+                if subscribed:
+                    live_expected = last
+                subscription = await hub.subscribe(generation_id, after, first_page=early)
+                readers.append(Reader(subscription, after))
                 subscribed = True
             elif kind == "fall_behind" and readers:
                 reader = readers[value % len(readers)]
@@ -256,6 +270,20 @@ async def test_a_live_subscription_joining_a_feed_without_its_channel_subscribes
     await hub.log.append(lease, 1, [events.Token(text="x")])
     assert await read_seqs(live, sse.Parser(), 1) == [1]
     assert await read_seqs(reading, sse.Parser(), 1) == [1]
+
+
+async def test_what_follows_an_early_page_is_read_from_the_log_once_subscribed(
+    hub: Hub,
+) -> None:
+    # The last event comes between the early read and the subscribe: no live batch will
+    # show its absence, and the recheck beat (60 s here) is too slow to.
+    generation_id, lease = await leased_generation(hub.log, "w")
+    await hub.log.append(lease, 1, [events.Token(text="x")])
+    early = hub.read_page(generation_id, 0, early=True)
+    await asyncio.shield(early)
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    subscription = await hub.subscribe(generation_id, 0, first_page=early)
+    assert await read_seqs(subscription, sse.Parser(), 2) == [1, 2]
 
 
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
