@@ -7,7 +7,7 @@ is one client: it catches up from the log in pages, then takes live batches from
 its feed. The channel is subscribed before the log is read, so nothing falls
 between the two; live batches that arrive during a read are kept and take over
 when they continue the page. A GET reads its first page beside the log's state,
-before it subscribes (`Hub.read_page(early=True)`): that page is handed out first
+before it subscribes (`Hub.read_page` without a feed): that page is handed out first
 and never taken as caught up, so the log is read again once the channel is confirmed.
 Delivery is exactly-once and in order because every subscription tracks the last
 seq it handed out and falls back to the log whenever live delivery cannot be

@@ -108,9 +108,9 @@ class Hub:
         self.clock = clock
         self._to_flush: list[Subscription] = []
         self._next_flush_at = 0.0
-        # Pages being read: by generation, the seq they follow, and whether they are read
-        # before a subscription's channel is confirmed (`early`).
-        self._reading: dict[tuple[str, int, bool], asyncio.Future[Page]] = {}
+        # Pages being read: by generation, the seq they follow, and the feed whose
+        # subscriptions share them (None: read before any subscription, `early`).
+        self._reading: dict[tuple[str, int, Feed | None], asyncio.Future[Page]] = {}
 
     @property
     def subscription_count(self) -> int:
@@ -126,20 +126,20 @@ class Hub:
         await self._subscriptions_changed.until(lambda: self.subscription_count == count)
 
     def read_page(
-        self, generation_id: str, after_seq: int, *, early: bool = False
+        self, generation_id: str, after_seq: int, feed: Feed | None = None
     ) -> asyncio.Future[Page]:
-        """The log's page after `after_seq`, read and framed once for every reader that asks
-        while it is read: clients joining a generation together start from the same seq,
-        and pages keep them on the same seqs until they are caught up.
+        """The log's page after `after_seq`, read and framed once for every subscription of
+        `feed` that asks while it is read: clients joining a generation together start
+        from the same seq, and pages keep them on the same seqs until they are caught up.
 
-        An `early` page is read before its reader's channel is confirmed: a GET starts it
-        beside its read of the log's state, one round trip for both, and its subscription
-        hands it out first (`subscribe(first_page=)`). Early pages are shared only with
-        each other: what follows one may have been published before the channel heard it.
+        Without `feed`, an early page: read before its reader subscribes, as a GET reads
+        it beside the log's state (one round trip for both), and handed out first
+        (`subscribe(first_page=)`). Early pages are shared only with each other: what
+        follows one may have been published before any channel heard it.
 
         Await it shielded: a reader that gives up must not cancel the others' read.
         """
-        key = (generation_id, after_seq, early)
+        key = (generation_id, after_seq, feed)
         reading = self._reading.get(key)
         if reading is None:
             reading = asyncio.ensure_future(
@@ -149,7 +149,7 @@ class Hub:
             reading.add_done_callback(functools.partial(self._page_read, key))
         return reading
 
-    def _page_read(self, key: tuple[str, int, bool], reading: asyncio.Future[Page]) -> None:
+    def _page_read(self, key: tuple[str, int, Feed | None], reading: asyncio.Future[Page]) -> None:
         if self._reading.get(key) is reading:
             del self._reading[key]
         if not reading.cancelled():
@@ -235,8 +235,8 @@ class Hub:
         is not subscribed (no round trip before the first page). Should Redis come back
         with an older copy of that log, the recheck beat finds what is appended again.
 
-        `first_page`, an early `read_page` after `after_seq`, is handed out first, and
-        the log is read again after it, the channel confirmed.
+        `first_page`, an early `read_page` after `after_seq` (no feed), is handed out
+        first, and the log is read again after it, the channel confirmed.
         """
         feed = self._feeds.get(generation_id)
         if feed is None:

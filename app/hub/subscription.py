@@ -99,8 +99,8 @@ class Subscription:
         self._pending: list[Frame] = []
         self._pending_gap: bytes | None = None
         self._read_log = True  # catch-up, back-fill or slow-client mode
-        # Read before the channel was confirmed (`Hub.read_page(early=True)`): handed out
-        # first, never taken as caught up.
+        # Read before this subscription was made (`Hub.read_page` without a feed): handed
+        # out first, never taken as caught up.
         self._first_page = first_page
         self._first_read = True
         self._live_hint = 0  # highest seq announced live
@@ -330,7 +330,7 @@ class Subscription:
                     # Nothing read early, or nothing then: what the log holds now.
                     early = None
                     rows, chunk = await asyncio.shield(
-                        self._hub.read_page(self.generation_id, self.delivered)
+                        self._hub.read_page(self.generation_id, self.delivered, self.feed)
                     )
         except TimeoutError:
             return None

@@ -126,7 +126,7 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 subscribed = True
             elif kind == "subscribe_early":
                 after = min(value, last)
-                early = hub.read_page(generation_id, after, early=True)
+                early = hub.read_page(generation_id, after)
                 await asyncio.shield(early)
                 batch = [events.Token(text=str(last + i + 1)) for i in range(1 + value % 3)]
                 last = await log.append(lease, last + 1, batch)
@@ -279,7 +279,7 @@ async def test_what_follows_an_early_page_is_read_from_the_log_once_subscribed(
     # show its absence, and the recheck beat (60 s here) is too slow to.
     generation_id, lease = await leased_generation(hub.log, "w")
     await hub.log.append(lease, 1, [events.Token(text="x")])
-    early = hub.read_page(generation_id, 0, early=True)
+    early = hub.read_page(generation_id, 0)
     await asyncio.shield(early)
     await hub.log.append(lease, 2, [events.Done(reason="stop")])
     subscription = await hub.subscribe(generation_id, 0, first_page=early)
