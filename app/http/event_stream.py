@@ -210,6 +210,9 @@ async def _stream(
             subscription = await hub.subscribe(
                 generation_id, after_seq, live=live, first_page=first_page
             )
+            # The subscription lets go of it once handed out; this frame lives as long as
+            # the stream, and would keep it (and its task) for as long.
+            first_page = None
             next_chunk: NextChunk = subscription.next_chunk
             if ui_message_stream is None:
                 subscription.sink = _LiveWrites(connection, reader)

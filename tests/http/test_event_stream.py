@@ -5,9 +5,12 @@ The contract's core (`ON_EVERY_BACKEND`) runs on a Redis Cluster too."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
+import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -17,6 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 from app import events
 from app.http import HUB
 from app.http.connection import StreamConnection
+from app.hub import Hub, Page
 from app.hub.pubsub import PubSubConnection
 from app.settings import Settings
 from app.store import GenerationLog
@@ -91,6 +95,32 @@ async def test_a_finished_generation_is_read_without_its_live_channel(
     assert (status, as_events(messages)) == (200, list(enumerate(written, start=1)))
     # Nothing follows its terminal event: its stream did not wait for a SUBSCRIBE.
     assert log.keys.live_channel(finished.generation_id).encode() not in pubsub.channels
+
+
+async def test_an_open_stream_keeps_no_page_it_has_handed_out(
+    client: Client, writer_factory: WriterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thousands of idle streams each holding the pages they were sent would be
+    # thousands of pages.
+    pages: list[weakref.ref[asyncio.Future[Page]]] = []
+    read_page = Hub.read_page
+
+    def recorded(hub: Hub, *args: Any) -> asyncio.Future[Page]:
+        page = read_page(hub, *args)
+        pages.append(weakref.ref(page))
+        return page
+
+    monkeypatch.setattr(Hub, "read_page", recorded)
+    writer = await writer_factory()
+    await writer.append(events.Token(text="early"))  # in the page read beside the state
+    async with client.get(writer.events_url) as response:
+        stream = Stream(response)
+        assert [m.id for m in await stream.take(1)] == ["1"]
+        await writer.append(events.Token(text="later"))
+        assert [m.id for m in await stream.take(1)] == ["2"]
+        gc.collect()
+        assert pages
+        assert [page() for page in pages] == [None] * len(pages)
 
 
 @ON_EVERY_BACKEND
