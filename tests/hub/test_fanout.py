@@ -286,6 +286,23 @@ async def test_what_follows_an_early_page_is_read_from_the_log_once_subscribed(
     assert await read_seqs(subscription, sse.Parser(), 2) == [1, 2]
 
 
+async def test_what_follows_an_early_page_without_a_channel_is_read_from_the_log(
+    redis: Redis, settings: Settings
+) -> None:
+    # Its state said ended, but its page was read before the terminal event came: the
+    # log is all a subscription without a channel has (this hub, not started, has no
+    # recheck beat either).
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=0)
+    generation_id, lease = await leased_generation(hub.log, "w")
+    await hub.log.append(lease, 1, [events.Token(text="x")])
+    early = hub.read_page(generation_id, 0)
+    await asyncio.shield(early)
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    subscription = await hub.subscribe(generation_id, 0, live=False, first_page=early)
+    assert await read_seqs(subscription, sse.Parser(), 2) == [1, 2]
+    assert await subscription.next_chunk(0.1) is None
+
+
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
     redis: Redis, settings: Settings
 ) -> None:
