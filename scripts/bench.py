@@ -76,6 +76,8 @@ from scripts.bench_procs import (
 )
 
 NAIVE_SERVER = ROOT / "scripts" / "naive_server.py"
+# `tokentape serve` on a Redis the environment names (`Service.start_beside`'s argv).
+SERVE_ARGV = (sys.executable, "-m", "app", "serve", "--port", "{port}")
 
 Implementation = Literal["naive", "tokentape"]
 
@@ -462,11 +464,45 @@ async def wait_ready(
 
 @dataclasses.dataclass
 class Service:
-    """What `start_service` started: the reader's URL and process, and the log they share."""
+    """What `start_service` started: the reader's URL and process, the log they share, and
+    the environment and folder its processes run with."""
 
     base_url: str
     serve: subprocess.Popen[bytes]
     log: GenerationLog
+    env: dict[str, str]
+    run_dir: Path
+
+    async def start_beside(
+        self,
+        stack: contextlib.AsyncExitStack,
+        session: aiohttp.ClientSession,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path = ROOT,
+    ) -> tuple[str, subprocess.Popen[bytes]]:
+        """Another reader on this service's Redis and key prefix, so the same workers take
+        its jobs (see `start_reader`)."""
+        return await start_reader(stack, session, self.env, self.run_dir / f"{name}.log", argv, cwd)
+
+
+async def start_reader(
+    stack: contextlib.AsyncExitStack,
+    session: aiohttp.ClientSession,
+    env: dict[str, str],
+    log_path: Path,
+    argv: Sequence[str],
+    cwd: Path = ROOT,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A reader started with `argv` (`{redis}` and `{port}` filled in) in `cwd`, stopped by
+    `stack`, once it answers `session`: its URL and process."""
+    port = free_port()
+    fields = {"redis": env["TOKENTAPE_REDIS_URL"], "port": str(port)}
+    process = start_process([part.format(**fields) for part in argv], env, log_path, cwd)
+    stack.callback(stop_process, process)
+    base_url = f"http://{HOST}:{port}"
+    await wait_ready(session, base_url, process)
+    return base_url, process
 
 
 async def start_service(
@@ -486,11 +522,6 @@ async def start_service(
     server = private_redis(run_dir)
     stack.callback(server.stop)
     env = {**os.environ, "TOKENTAPE_REDIS_URL": server.url, "TOKENTAPE_KEY_PREFIX": prefix}
-    port = free_port()
-    serve = start_process(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)], env, run_dir / "serve.log"
-    )
-    stack.callback(stop_process, serve)
     for index in range(workers):
         worker = start_process(
             [sys.executable, "-m", "app", "worker"], env, run_dir / f"w{index}.log"
@@ -498,10 +529,9 @@ async def start_service(
         stack.callback(stop_process, worker)
     redis: aioredis.Redis = aioredis.Redis.from_url(server.url)
     stack.push_async_callback(redis.aclose)
-    base_url = f"http://{HOST}:{port}"
-    await wait_ready(session, base_url, serve)
+    base_url, serve = await start_reader(stack, session, env, run_dir / "serve.log", SERVE_ARGV)
     log = GenerationLog(redis, Settings(redis_url=server.url, key_prefix=prefix))
-    return Service(base_url, serve, log)
+    return Service(base_url, serve, log, env, run_dir)
 
 
 async def create_generation(

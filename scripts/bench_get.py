@@ -37,10 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import os
 import statistics
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -50,9 +47,8 @@ from app import events
 from app.generations import parse_request
 from app.keys import new_generation_id
 from app.store import GenerationLog
-from scripts.bench import Service, start_service, wait_ready
+from scripts.bench import SERVE_ARGV, start_service
 from scripts.bench_client import cpu_seconds
-from scripts.bench_procs import HOST, free_port, start_process, stop_process
 
 WARM_UP_READS = 200
 
@@ -86,7 +82,9 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Measured], float]:
         service = await start_service(stack, "get", session)
         readers = {"this tree": (service.base_url, service.serve)}
         if args.against is not None:
-            readers[str(args.against)] = await start_beside(stack, service, session, args.against)
+            readers[str(args.against)] = await service.start_beside(
+                stack, session, "against", SERVE_ARGV, cwd=args.against
+            )
         generation_ids = [
             await finished_generation(service.log, args.events)
             for _ in range(args.generations * len(readers))
@@ -128,31 +126,6 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Measured], float]:
             for name, (_, process) in readers.items()
         }
         return figures, wall / args.requests / len(readers)
-
-
-async def start_beside(
-    stack: contextlib.AsyncExitStack,
-    service: Service,
-    session: aiohttp.ClientSession,
-    tree: Path,
-) -> tuple[str, subprocess.Popen[bytes]]:
-    """A `serve` of the checkout `tree` on `service`'s Redis and key prefix."""
-    settings = service.log.settings
-    assert settings.redis_url is not None
-    env = {
-        **os.environ,
-        "TOKENTAPE_REDIS_URL": settings.redis_url,
-        "TOKENTAPE_KEY_PREFIX": settings.key_prefix,
-    }
-    port = free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="tokentape-get-against-")) / "serve.log"
-    serve = start_process(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)], env, log_path, cwd=tree
-    )
-    stack.callback(stop_process, serve)
-    base_url = f"http://{HOST}:{port}"
-    await wait_ready(session, base_url, serve)
-    return base_url, serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -37,17 +37,14 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 
 import aiohttp
 
 from app.store import GenerationLog
-from scripts.bench import NAIVE_SERVER, Service, percentile, start_service, wait_ready
+from scripts.bench import NAIVE_SERVER, percentile, start_service
 from scripts.bench_client import TERMINAL_TYPES, EventReader, raise_fd_limit, sim_body
-from scripts.bench_procs import HOST, free_port, start_process, stop_process
 
 STAGES = ("created", "picked up", "started", "first token", "delivered", "total")
 
@@ -102,7 +99,8 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
         service = await start_service(stack, "ttft", session, workers=args.workers)
         readers = {"tokentape": service.base_url}
         if args.beside_naive:
-            readers["naive"] = await start_naive(stack, service, session)
+            argv = (sys.executable, str(NAIVE_SERVER), "--redis", "{redis}", "--port", "{port}")
+            readers["naive"], _ = await service.start_beside(stack, session, "naive", argv)
         by_reader: dict[str, dict[str, list[float]]] = {
             name: {stage: [] for stage in STAGES} for name in readers
         }
@@ -119,23 +117,6 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, list[float]]]:
                     for stage, ms in zip(STAGES, measured, strict=True):
                         by_reader[name][stage].append(ms)
     return by_reader
-
-
-async def start_naive(
-    stack: contextlib.AsyncExitStack, service: Service, session: aiohttp.ClientSession
-) -> str:
-    """The naive reader on `service`'s Redis and key prefix: the same workers take its jobs."""
-    settings = service.log.settings
-    assert settings.redis_url is not None
-    env = {**os.environ, "TOKENTAPE_KEY_PREFIX": settings.key_prefix}
-    port = free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="tokentape-ttft-naive-")) / "naive.log"
-    argv = [sys.executable, str(NAIVE_SERVER), "--redis", settings.redis_url, "--port", str(port)]
-    naive = start_process(argv, env, log_path)
-    stack.callback(stop_process, naive)
-    base_url = f"http://{HOST}:{port}"
-    await wait_ready(session, base_url, naive)
-    return base_url
 
 
 def report(by_stage: dict[str, list[float]]) -> str:
