@@ -40,6 +40,7 @@ class Feed(Confirmable):
     __slots__ = (
         "channel",
         "generation_id",
+        "heard",
         "linger",
         "listening",
         "silent_since",
@@ -54,6 +55,9 @@ class Feed(Confirmable):
         self.silent_since = now
         self.linger: asyncio.TimerHandle | None = None
         self.listening = False  # its live channel is subscribed
+        # Counts what a page read before may not hold: live batches, losses, and the
+        # channel's confirmation (what was published before it was never heard).
+        self.heard = 0
 
     def recheck(self, last_seq: int | None = None) -> None:
         """Every subscription looks at the log (with `last_seq`, those behind it)."""
@@ -64,11 +68,21 @@ class Feed(Confirmable):
 
     def dispatch(self, frames: list[Frame], now: float) -> None:
         self.silent_since = now
+        self.heard += 1
         for subscription in list(self.subscriptions):
             subscription.offer(frames)
 
     def missed(self) -> None:
+        self.heard += 1
         self.recheck()
+
+    def subscribed(self) -> None:
+        if not self.confirmed:
+            # What was published before was never heard: a page read before is not enough.
+            self.heard += 1
+            for subscription in self.subscriptions:
+                subscription.offered_since(self.heard)
+        super().subscribed()
 
 
 class Hub:
@@ -143,7 +157,7 @@ class Hub:
         reading = self._reading.get(key)
         if reading is None:
             reading = asyncio.ensure_future(
-                read_page(self.log, generation_id, after_seq, self.page_size)
+                read_page(self.log, generation_id, after_seq, self.page_size, feed)
             )
             self._reading[key] = reading
             reading.add_done_callback(functools.partial(self._page_read, key))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import msgspec
 from redis.exceptions import RedisError
@@ -26,8 +26,16 @@ _reset_decoder = msgspec.json.Decoder(Reset)
 # and read again from the start (`id: 0` is its position after this event).
 RESTART = sse.event_frame(0, "reset", encode(Reset(from_seq=1)))
 
-# A catch-up page: the log's rows and their SSE frames.
-Page = tuple[list[RawEntry], bytes]
+
+class Page(NamedTuple):
+    """A catch-up page: the log's rows after a seq, their SSE frames, and when it was read."""
+
+    rows: list[RawEntry]
+    frames: bytes
+    # Read while this feed's channel was confirmed (None: early, before any channel),
+    # when the feed had heard `heard` times (`Feed.heard`): see `Subscription._trusts`.
+    feed: Feed | None
+    heard: int
 
 
 class Sink(Protocol):
@@ -42,13 +50,16 @@ class Sink(Protocol):
         ...
 
 
-async def read_page(log: GenerationLog, generation_id: str, after_seq: int, count: int) -> Page:
-    """Up to `count` rows after `after_seq`, and their frames."""
+async def read_page(
+    log: GenerationLog, generation_id: str, after_seq: int, count: int, feed: Feed | None
+) -> Page:
+    """Up to `count` rows after `after_seq`, and their frames, read for `feed`'s subscriptions."""
+    heard = feed.heard if feed is not None else 0
     rows = await log.read_rows(generation_id, after_seq, count)
     # Framed straight from the reply's bytes ("<seq>-0", [b"type", type, b"data", data,
     # b"t", ms]): no object per event on the catch-up path.
     frames = sse.event_frames((entry_id[:-2], fields[1], fields[3]) for entry_id, fields in rows)
-    return rows, frames
+    return Page(rows, frames, feed, heard)
 
 
 class Subscription:
@@ -61,6 +72,7 @@ class Subscription:
         "_deadline",
         "_first_page",
         "_first_read",
+        "_heard",
         "_hub",
         "_live_hint",
         "_pending",
@@ -100,8 +112,10 @@ class Subscription:
         self._pending_gap: bytes | None = None
         self._read_log = True  # catch-up, back-fill or slow-client mode
         # Read before this subscription was made (`Hub.read_page` without a feed): handed
-        # out first, never taken as caught up.
+        # out first.
         self._first_page = first_page
+        # Every live batch the feed heard after it had heard this many was offered here.
+        self._heard = feed.heard
         self._first_read = True
         self._live_hint = 0  # highest seq announced live
         self._waiter: asyncio.Future[None] | None = None
@@ -222,12 +236,20 @@ class Subscription:
         """
         if self.finished:
             return
+        if last_seq is None:
+            # Live batches were lost: a page read before now is not enough.
+            self.offered_since(self.feed.heard)
         if last_seq is None or last_seq < self.delivered:
             self._verify = True
         if self._read_log:
             return
         if last_seq is None or last_seq > self._queued_until or self._verify:
             self._switch_to_log()
+
+    def offered_since(self, heard: int) -> None:
+        """Every live batch the feed heard after it had heard `heard` was offered here: a
+        page read before that cannot be taken as caught up."""
+        self._heard = heard
 
     def close(self) -> None:
         """Unsubscribed, or the server is draining: `next_chunk` returns None from now on."""
@@ -322,14 +344,12 @@ class Subscription:
         """One page from the log; None when there is nothing (more) to read now."""
         if budget <= 0:
             return None
-        early, self._first_page = self._first_page, None
+        first, self._first_page = self._first_page, None
         try:
             async with asyncio.timeout(budget):
-                rows, chunk = await asyncio.shield(early) if early is not None else ([], b"")
-                if not rows:
-                    # Nothing read early, or nothing then: what the log holds now.
-                    early = None
-                    rows, chunk = await asyncio.shield(
+                page = await asyncio.shield(first) if first is not None else None
+                if page is None or not (page.rows or self._trusts(page)):
+                    page = await asyncio.shield(
                         self._hub.read_page(self.generation_id, self.delivered, self.feed)
                     )
         except TimeoutError:
@@ -340,7 +360,13 @@ class Subscription:
             logger.warning("log read for %s failed, retrying: %s", self.generation_id, exc)
             await asyncio.sleep(min(budget, self._hub.retry_delay()))
             return None
+        rows = page.rows
+        # A short page: caught up, live takes over if it can; unless a live batch this
+        # subscription was not offered may have followed it.
+        caught_up = len(rows) < self._hub.page_size and self._trusts(page)
         if not rows:
+            if not caught_up:
+                return None  # read again
             self._first_read = False
             if self._verify:
                 self._verify = False
@@ -375,12 +401,19 @@ class Subscription:
             if first_seq > self.delivered + 1 and not _announces_reset(rows[0], self.delivered):
                 self.gap = Gap(requested=self.delivered + 1, first_available=first_seq)
                 self._pending_gap = sse.unnumbered_frame("gap", encode(self.gap))
-        # A full page: more to read. A short one: caught up, live takes over if it can;
-        # unless it was read early, before the channel heard what followed it.
-        caught_up = early is None and len(rows) < self._hub.page_size
         self._continue_live(last_seq, caught_up=caught_up)
         terminal = last_fields[1].decode() in TERMINAL_TYPES
-        return self._deliver(chunk, last_seq, int(last_fields[5]), terminal)
+        return self._deliver(page.frames, last_seq, int(last_fields[5]), terminal)
+
+    def _trusts(self, page: Page) -> bool:
+        """Whether what followed `page` in the log has reached this subscription live.
+
+        Yes when its feed's channel was confirmed before the page was read and every live
+        batch the feed heard since was offered here. A page read early, under another
+        feed, or shared from a read sent before a batch this subscription was not offered
+        (it was made later, or batches were lost) says where to go on, not what is next.
+        """
+        return page.feed is self.feed and page.heard >= self._heard
 
     async def _look_at_the_end(self, budget: float) -> bytes | None:
         """Nothing follows `delivered` in the log: is the log's end below it? Then the log

@@ -20,7 +20,7 @@ from app.hub.pubsub import PubSubConnection
 from app.keys import new_generation_id
 from app.settings import Settings
 from app.sse import Frame
-from app.store import GenerationLog
+from app.store import GenerationLog, RawEntry
 from tests.conftest import REDIS_URL, leased_generation
 from tests.hub.conftest import REQUEST, read_seqs
 
@@ -301,6 +301,82 @@ async def test_what_follows_an_early_page_without_a_channel_is_read_from_the_log
     subscription = await hub.subscribe(generation_id, 0, live=False, first_page=early)
     assert await read_seqs(subscription, sse.Parser(), 2) == [1, 2]
     assert await subscription.next_chunk(0.1) is None
+
+
+async def test_a_subscription_sharing_a_read_begun_before_a_live_batch_reads_again(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A read in flight is shared with a subscription made after a live batch it does not
+    # hold: that batch was offered to the subscriptions of the moment only. The batch is
+    # the generation's last, so no later one shows its absence, and the recheck beat
+    # (60 s here) is too slow to.
+    generation_id, lease = await leased_generation(hub.log, "w")
+    first = await hub.subscribe(generation_id, 0)
+    read_rows = hub.log.read_rows
+    executed, release = asyncio.Event(), asyncio.Event()
+
+    async def held(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        rows = await read_rows(generation_id, after_seq, count)
+        executed.set()
+        await release.wait()
+        return rows
+
+    dispatch = Feed.dispatch
+    heard = asyncio.Event()
+
+    def dispatched(feed: Feed, frames: list[Frame], now: float) -> None:
+        dispatch(feed, frames, now)
+        heard.set()
+
+    monkeypatch.setattr(hub.log, "read_rows", held)
+    monkeypatch.setattr(Feed, "dispatch", dispatched)
+    async with asyncio.timeout(5):
+        reading = asyncio.create_task(first.next_chunk(5.0))
+        await executed.wait()
+        await hub.log.append(lease, 1, [events.Done(reason="stop")])
+        await heard.wait()
+    second = await hub.subscribe(generation_id, 0)
+    joining = asyncio.create_task(second.next_chunk(5.0))
+    await asyncio.sleep(0)  # it asks for the page: the read in flight
+    monkeypatch.setattr(hub.log, "read_rows", read_rows)
+    release.set()
+    assert [int(m.id or 0) for m in sse.Parser().feed(await reading or b"")] == [1]
+    assert [int(m.id or 0) for m in sse.Parser().feed(await joining or b"")] == [1]
+
+
+async def test_a_read_sent_before_the_channel_was_confirmed_is_not_caught_up(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader of the log alone (its generation had ended, by its state) is reading when
+    # a live reader joins the feed: what was appended before the live reader's channel was
+    # confirmed reaches it neither live nor in that read.
+    generation_id, lease = await leased_generation(hub.log, "w")
+    alone = await hub.subscribe(generation_id, 0, live=False)
+    read_rows = hub.log.read_rows
+    executed, release = asyncio.Event(), asyncio.Event()
+
+    async def held(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        rows = await read_rows(generation_id, after_seq, count)
+        executed.set()
+        await release.wait()
+        return rows
+
+    monkeypatch.setattr(hub.log, "read_rows", held)
+    async with asyncio.timeout(5):
+        reading = asyncio.create_task(alone.next_chunk(0.5))
+        await executed.wait()
+        await hub.log.append(lease, 1, [events.Done(reason="stop")])
+        live = await hub.subscribe(generation_id, 0)
+    assert live.feed is alone.feed
+    assert live.feed.confirmed
+    joining = asyncio.create_task(live.next_chunk(5.0))
+    await asyncio.sleep(0)  # it asks for the page: the read in flight
+    monkeypatch.setattr(hub.log, "read_rows", read_rows)
+    release.set()
+    assert [int(m.id or 0) for m in sse.Parser().feed(await joining or b"")] == [1]
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reading
 
 
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
