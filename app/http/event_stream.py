@@ -85,7 +85,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     # The first page is read beside the log's state, in the same round trip: its events
     # go out as soon as the stream starts (for an ended generation, all of them).
     first_page = (
-        hub.read_page(generation_id, after_seq)
+        hub.first_page(generation_id, after_seq)
         if not ui_messages and request.method != hdrs.METH_HEAD
         else None
     )

@@ -24,7 +24,7 @@ from app.generations import (
 )
 from app.http import auth
 from app.http.checks import read_body
-from app.http.state import ACCESS, LOG, SETTINGS, TELEMETRY
+from app.http.state import ACCESS, HUB, LOG, SETTINGS, TELEMETRY
 from app.keys import check_generation_id, new_generation_id
 from app.store import Admission, GenerationState
 
@@ -64,6 +64,9 @@ async def create_generation(request: web.Request) -> web.Response:
     log = request.app[LOG]
     if caller is not None:
         _admitted(await log.quotas.admit(caller.owner, generation_id), request)
+    # Its reader usually comes at once, here: its live channel is subscribed while the
+    # generation is created, so that the reader's GET finds it confirmed.
+    request.app[HUB].listen_ahead(generation_id)
     with request.app[TELEMETRY].request_span(request.headers, generation_id) as traceparent:
         await log.create(
             generation_id,

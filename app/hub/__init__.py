@@ -7,8 +7,12 @@ is one client: it catches up from the log in pages, then takes live batches from
 its feed. The channel is subscribed before the log is read, so nothing falls
 between the two; live batches that arrive during a read are kept and take over
 when they continue the page. A GET reads its first page beside the log's state,
-before it subscribes (`Hub.read_page` without a feed): that page is handed out first
-and never taken as caught up, so the log is read again once the channel is confirmed.
+before it subscribes (`Hub.first_page`), and hands it out first. A create subscribes
+the new generation's channel ahead of its reader (`Hub.listen_ahead`); a feed with no
+subscription keeps the last live batches it heard, and offers them to the next
+subscription made. A page read under a confirmed channel is caught up when every
+batch heard after its read was offered to the subscription; otherwise the log is
+read again once the channel is confirmed.
 Delivery is exactly-once and in order because every subscription tracks the last
 seq it handed out and falls back to the log whenever live delivery cannot be
 trusted:

@@ -33,6 +33,10 @@ STOP_TIMEOUT_SECONDS = 5.0
 WRITE_PAUSE_MIN_SECONDS = 0.001
 WRITE_PAUSE_MAX_SECONDS = 0.05
 
+# Live batches a feed keeps while it has no subscription: a GET's first page is read a
+# few milliseconds before its subscription is made, when a generation has just started.
+RECENT_BATCHES = 8
+
 
 class Feed(Confirmable):
     """All subscriptions of one generation in this process: the listener of its live channel."""
@@ -43,6 +47,7 @@ class Feed(Confirmable):
         "heard",
         "linger",
         "listening",
+        "recent",
         "silent_since",
         "subscriptions",
     )
@@ -58,6 +63,19 @@ class Feed(Confirmable):
         # Counts what a page read before may not hold: live batches, losses, and the
         # channel's confirmation (what was published before it was never heard).
         self.heard = 0
+        # The last live batches, up to `heard`, heard while no subscription was here to
+        # be offered them; made only then (see `add`).
+        self.recent: list[list[Frame]] | None = None
+
+    def add(self, subscription: Subscription) -> None:
+        """A new subscription, offered the batches heard while nobody was here: the reader
+        whose first page was read before it subscribed (`Hub.first_page`) finds what
+        followed that page among them, and need not read the log again."""
+        self.subscriptions.add(subscription)
+        recent = self.recent or ()
+        for frames in recent:
+            subscription.offer(frames)
+        subscription.offered_since(self.heard - len(recent))
 
     def recheck(self, last_seq: int | None = None) -> None:
         """Every subscription looks at the log (with `last_seq`, those behind it)."""
@@ -69,20 +87,33 @@ class Feed(Confirmable):
     def dispatch(self, frames: list[Frame], now: float) -> None:
         self.silent_since = now
         self.heard += 1
-        for subscription in list(self.subscriptions):
-            subscription.offer(frames)
+        if self.subscriptions:
+            self.recent = None
+            for subscription in list(self.subscriptions):
+                subscription.offer(frames)
+            return
+        recent = self.recent
+        if recent is None:
+            self.recent = recent = []
+        elif len(recent) == RECENT_BATCHES:
+            del recent[0]
+        recent.append(frames)
 
     def missed(self) -> None:
-        self.heard += 1
+        self._lost()
         self.recheck()
 
     def subscribed(self) -> None:
         if not self.confirmed:
             # What was published before was never heard: a page read before is not enough.
-            self.heard += 1
+            self._lost()
             for subscription in self.subscriptions:
                 subscription.offered_since(self.heard)
         super().subscribed()
+
+    def _lost(self) -> None:
+        self.heard += 1
+        self.recent = None
 
 
 class Hub:
@@ -146,10 +177,8 @@ class Hub:
         `feed` that asks while it is read: clients joining a generation together start
         from the same seq, and pages keep them on the same seqs until they are caught up.
 
-        Without `feed`, an early page: read before its reader subscribes, as a GET reads
-        it beside the log's state (one round trip for both), and handed out first
-        (`subscribe(first_page=)`). Early pages are shared only with each other: what
-        follows one may have been published before any channel heard it.
+        Without `feed`, an early page (`first_page`). Early pages are shared only with
+        each other: what follows one may have been published before any channel heard it.
 
         Await it shielded: a reader that gives up must not cancel the others' read.
         """
@@ -162,6 +191,23 @@ class Hub:
             self._reading[key] = reading
             reading.add_done_callback(functools.partial(self._page_read, key))
         return reading
+
+    def first_page(self, generation_id: str, after_seq: int) -> asyncio.Future[Page]:
+        """The first page of a reader about to subscribe, read beside the log's state as a
+        GET does (one round trip for both), and handed out first (`subscribe(first_page=)`).
+
+        Under the generation's feed when its channel is confirmed already (a reader is
+        here, or left a moment ago, or the generation was created here): then the page can
+        be taken as caught up. Otherwise early: the log is read again once the channel is.
+        """
+        feed = self.feed(generation_id)
+        if feed is not None and not (feed.listening and feed.confirmed):
+            feed = None
+        return self.read_page(generation_id, after_seq, feed)
+
+    def feed(self, generation_id: str) -> Feed | None:
+        """The generation's feed here, if it has one: readers, or lingering, or listened ahead."""
+        return self._feeds.get(generation_id)
 
     def _page_read(self, key: tuple[str, int, Feed | None], reading: asyncio.Future[Page]) -> None:
         if self._reading.get(key) is reading:
@@ -249,22 +295,18 @@ class Hub:
         is not subscribed (no round trip before the first page). Should Redis come back
         with an older copy of that log, the recheck beat finds what is appended again.
 
-        `first_page`, an early `read_page` after `after_seq` (no feed), is handed out
-        first, and the log is read again after it, the channel confirmed.
+        `first_page`, read after `after_seq` before this subscription was made
+        (`first_page`), is handed out first; the log is read again after it unless what
+        followed it has been offered here live (`Subscription._trusts`).
         """
-        feed = self._feeds.get(generation_id)
-        if feed is None:
-            channel = self.log.keys.live_channel(generation_id).encode()
-            feed = Feed(generation_id, channel, asyncio.get_running_loop().time())
-            self._feeds[generation_id] = feed
-        elif feed.linger is not None:
+        feed = self._feed_for(generation_id)
+        if feed.linger is not None:
             feed.linger.cancel()
             feed.linger = None
-        if live and not feed.listening:
-            feed.listening = True
-            self.pubsub.subscribe(feed.channel, feed)
+        if live:
+            self._listen(feed)
         subscription = Subscription(self, feed, after_seq, first_page)
-        feed.subscriptions.add(subscription)
+        feed.add(subscription)
         self._subscriptions_changed.announce()
         if not live:
             return subscription
@@ -278,6 +320,34 @@ class Hub:
             # The pub/sub connection is unwell; the recheck loop covers this feed.
             logger.warning("live channel of %s not confirmed in time", generation_id)
         return subscription
+
+    def listen_ahead(self, generation_id: str) -> Feed | None:
+        """Subscribe the live channel of a generation being created, before its first
+        reader comes (the client that created it, in the usual case): that reader's GET
+        then finds it confirmed and starts without waiting for a SUBSCRIBE. If no reader
+        comes here, the channel goes after the linger, as when the last reader leaves.
+
+        The generation's new feed; None if it had one, or feeds do not linger here."""
+        if self._closing or self.linger_seconds <= 0 or generation_id in self._feeds:
+            return None
+        feed = self._feed_for(generation_id)
+        self._listen(feed)
+        loop = asyncio.get_running_loop()
+        feed.linger = loop.call_later(self.linger_seconds, self._drop_feed, feed)
+        return feed
+
+    def _feed_for(self, generation_id: str) -> Feed:
+        feed = self._feeds.get(generation_id)
+        if feed is None:
+            channel = self.log.keys.live_channel(generation_id).encode()
+            feed = Feed(generation_id, channel, asyncio.get_running_loop().time())
+            self._feeds[generation_id] = feed
+        return feed
+
+    def _listen(self, feed: Feed) -> None:
+        if not feed.listening:
+            feed.listening = True
+            self.pubsub.subscribe(feed.channel, feed)
 
     def unsubscribe(self, subscription: Subscription) -> None:
         feed = subscription.feed

@@ -111,8 +111,7 @@ class Subscription:
         self._pending: list[Frame] = []
         self._pending_gap: bytes | None = None
         self._read_log = True  # catch-up, back-fill or slow-client mode
-        # Read before this subscription was made (`Hub.read_page` without a feed): handed
-        # out first.
+        # Read before this subscription was made (`Hub.first_page`): handed out first.
         self._first_page = first_page
         # Every live batch the feed heard after it had heard this many was offered here.
         self._heard = feed.heard

@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from app import events
+from app.http.state import HUB
 from app.store import GenerationLog
 from tests.conftest import ON_EVERY_BACKEND
 from tests.http.conftest import Client, Writer
@@ -41,6 +43,18 @@ async def test_create_queues_a_job_and_answers_201(
     assert request.sim.tokens == 5
     jobs: Any = await store_redis.xrange(log.keys.shard(generation_id).jobs)
     assert [fields[b"generation"].decode() for _, fields in jobs] == [generation_id]
+
+
+async def test_a_generation_is_listened_for_from_its_creation(
+    client: Client, app: web.Application
+) -> None:
+    # Its reader usually comes at once: its GET finds the live channel confirmed and
+    # waits for no SUBSCRIBE.
+    response = await client.post("/v1/generations", json=VALID)
+    feed = app[HUB].feed((await response.json())["id"])
+    assert feed is not None
+    assert await feed.until_confirmed(5)
+    assert not feed.subscriptions  # no reader yet
 
 
 async def test_trace_context_travels_with_the_job(

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from app import events, sse
 from app.hub import Feed, Hub, Subscription
+from app.hub.fanout import RECENT_BATCHES
 from app.hub.pubsub import PubSubConnection
 from app.keys import new_generation_id
 from app.settings import Settings
@@ -31,7 +32,9 @@ operation = st.one_of(
     st.tuples(st.just("subscribe_with_sink"), st.integers(0, 40)),
     # A reader whose first page was read before it subscribed, as a GET reads it beside
     # the log's state, with appends in between.
-    st.tuples(st.just("subscribe_early"), st.integers(0, 40)),
+    st.tuples(st.just("subscribe_first"), st.integers(0, 40)),
+    # The generation's channel subscribed before any reader, as its creation does.
+    st.tuples(st.just("listen_ahead"), st.just(0)),
     st.tuples(st.just("fall_behind"), st.integers(0, 7)),
     st.tuples(st.just("append_while_waiting"), st.integers(0, 7)),
     st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
@@ -124,17 +127,22 @@ async def run_program(program: list[tuple[str, int]], buffer_limit: int) -> None
                 subscription = await hub.subscribe(generation_id, after)
                 readers.append(Reader(subscription, after, sink=kind == "subscribe_with_sink"))
                 subscribed = True
-            elif kind == "subscribe_early":
+            elif kind == "subscribe_first":
                 after = min(value, last)
-                early = hub.read_page(generation_id, after)
-                await asyncio.shield(early)
+                first_page = hub.first_page(generation_id, after)
+                await asyncio.shield(first_page)
                 batch = [events.Token(text=str(last + i + 1)) for i in range(1 + value % 3)]
                 last = await log.append(lease, last + 1, batch)
                 if subscribed:
                     live_expected = last
-                subscription = await hub.subscribe(generation_id, after, first_page=early)
+                subscription = await hub.subscribe(generation_id, after, first_page=first_page)
                 readers.append(Reader(subscription, after))
                 subscribed = True
+            elif kind == "listen_ahead":
+                feed = hub.listen_ahead(generation_id)
+                if feed is not None:
+                    assert await feed.until_confirmed(5)
+                    subscribed = True
             elif kind == "fall_behind" and readers:
                 reader = readers[value % len(readers)]
                 reader.behind = not reader.behind
@@ -377,6 +385,107 @@ async def test_a_read_sent_before_the_channel_was_confirmed_is_not_caught_up(
     reading.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reading
+
+
+async def test_a_generation_listened_ahead_is_read_once_then_live(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its channel is confirmed before its reader comes: the page read beside the log's
+    # state is caught up, and live delivery takes over without reading the log again.
+    generation_id, lease = await leased_generation(hub.log, "w")
+    await hub.log.append(lease, 1, [events.Token(text="x")])
+    feed = hub.listen_ahead(generation_id)
+    assert feed is not None
+    assert await feed.until_confirmed(5)
+    read_rows, reads = hub.log.read_rows, [0]
+
+    async def counted(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        reads[0] += 1
+        return await read_rows(generation_id, after_seq, count)
+
+    monkeypatch.setattr(hub.log, "read_rows", counted)
+    first_page = hub.first_page(generation_id, 0)
+    subscription = await hub.subscribe(generation_id, 0, first_page=first_page)
+    assert subscription.feed is feed
+    parser = sse.Parser()
+    assert await read_seqs(subscription, parser, 1) == [1]
+    assert await subscription.next_chunk(0.1) == b""  # live
+    await hub.log.append(lease, 2, [events.Done(reason="stop")])
+    assert await read_seqs(subscription, parser, 2) == [2]
+    assert reads == [1]
+
+
+@pytest.mark.parametrize(
+    ("batches", "reads"), [(1, 0), (RECENT_BATCHES, 0), (RECENT_BATCHES + 1, 1)]
+)
+async def test_batches_heard_between_a_first_page_and_its_subscribe_are_offered_or_read(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch, batches: int, reads: int
+) -> None:
+    # The page was read under a confirmed channel; the generation's next batches, its last
+    # among them, were heard before the subscription was there to be offered them. The
+    # feed kept the last RECENT_BATCHES for it; past those, the log is read again.
+    generation_id, lease = await leased_generation(hub.log, "w")
+    feed = hub.listen_ahead(generation_id)
+    assert feed is not None
+    assert await feed.until_confirmed(5)
+    first_page = hub.first_page(generation_id, 0)
+    assert (await asyncio.shield(first_page)).rows == []
+    dispatch, heard = Feed.dispatch, [0]
+    all_heard = asyncio.Event()
+
+    def dispatched(feed: Feed, frames: list[Frame], now: float) -> None:
+        dispatch(feed, frames, now)
+        heard[0] += 1
+        if heard[0] == batches:
+            all_heard.set()
+
+    monkeypatch.setattr(Feed, "dispatch", dispatched)
+    for seq in range(1, batches + 1):
+        last = seq == batches
+        await hub.log.append(
+            lease, seq, [events.Done(reason="stop") if last else events.Token(text="x")]
+        )
+    async with asyncio.timeout(5):
+        await all_heard.wait()
+    read_rows, read_count = hub.log.read_rows, [0]
+
+    async def counted(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        read_count[0] += 1
+        return await read_rows(generation_id, after_seq, count)
+
+    monkeypatch.setattr(hub.log, "read_rows", counted)
+    subscription = await hub.subscribe(generation_id, 0, first_page=first_page)
+    assert await read_seqs(subscription, sse.Parser(), batches) == list(range(1, batches + 1))
+    assert read_count == [reads]
+
+
+async def test_a_channel_listened_ahead_goes_after_the_linger_unless_a_reader_comes(
+    redis: Redis, settings: Settings
+) -> None:
+    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=60)
+    await hub.start()
+    try:
+        read, unread = new_generation_id(), new_generation_id()
+        read_channel, unread_channel = (hub.log.keys.live_channel(g) for g in (read, unread))
+        feed = hub.listen_ahead(read)
+        hub.linger_seconds = 1.0  # long enough to see its channel subscribed first
+        unread_feed = hub.listen_ahead(unread)
+        assert hub.listen_ahead(read) is None  # it has its feed
+        assert feed is not None
+        assert await feed.until_confirmed(5)
+        assert unread_feed is not None
+        assert await unread_feed.until_confirmed(5)
+        assert await redis.pubsub_numsub(unread_channel) == [(unread_channel.encode(), 1)]
+        subscription = await hub.subscribe(read, 0)
+        assert subscription.feed is feed
+        assert feed.linger is None  # its reader keeps it
+        async with asyncio.timeout(10):
+            # What Redis holds is checked: it tells nobody when a channel is let go.
+            while await redis.pubsub_numsub(unread_channel) != [(unread_channel.encode(), 0)]:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert await redis.pubsub_numsub(read_channel) == [(read_channel.encode(), 1)]
+    finally:
+        await hub.stop()
 
 
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
