@@ -37,6 +37,12 @@ WRITE_PAUSE_MAX_SECONDS = 0.05
 # few milliseconds before its subscription is made, when a generation has just started.
 RECENT_BATCHES = 8
 
+# How long a channel subscribed at a generation's creation waits for its first reader:
+# a client's GET comes within a few round trips of the POST's answer, often on another
+# connection (to another process of `serve --processes`, which hears every live batch
+# of that generation meanwhile for nobody). Never longer than the hub's linger.
+LISTEN_AHEAD_SECONDS = 2.0
+
 
 class Feed(Confirmable):
     """All subscriptions of one generation in this process: the listener of its live channel."""
@@ -325,15 +331,15 @@ class Hub:
         """Subscribe the live channel of a generation being created, before its first
         reader comes (the client that created it, in the usual case): that reader's GET
         then finds it confirmed and starts without waiting for a SUBSCRIBE. If no reader
-        comes here, the channel goes after the linger, as when the last reader leaves.
+        comes here within `LISTEN_AHEAD_SECONDS`, the channel goes.
 
         The generation's new feed; None if it had one, or feeds do not linger here."""
         if self._closing or self.linger_seconds <= 0 or generation_id in self._feeds:
             return None
         feed = self._feed_for(generation_id)
         self._listen(feed)
-        loop = asyncio.get_running_loop()
-        feed.linger = loop.call_later(self.linger_seconds, self._drop_feed, feed)
+        wait = min(self.linger_seconds, LISTEN_AHEAD_SECONDS)
+        feed.linger = asyncio.get_running_loop().call_later(wait, self._drop_feed, feed)
         return feed
 
     def _feed_for(self, generation_id: str) -> Feed:
