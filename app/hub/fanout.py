@@ -301,8 +301,8 @@ class Hub:
         is not subscribed (no round trip before the first page). Should Redis come back
         with an older copy of that log, the recheck beat finds what is appended again.
 
-        `first_page`, read after `after_seq` before this subscription was made
-        (`first_page`), is handed out first; the log is read again after it unless what
+        `first_page` (`Hub.first_page` after `after_seq`, read before this subscription
+        was made) is handed out first; the log is read again after it unless what
         followed it has been offered here live (`Subscription._trusts`).
         """
         feed = self._feed_for(generation_id)

@@ -311,6 +311,62 @@ async def test_what_follows_an_early_page_without_a_channel_is_read_from_the_log
     assert await subscription.next_chunk(0.1) is None
 
 
+class HeldReads:
+    """The log's reads run, then wait to answer until `answer`."""
+
+    def __init__(self, log: GenerationLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.executed, self._release = asyncio.Event(), asyncio.Event()
+        self._log, self._read_rows, self._monkeypatch = log, log.read_rows, monkeypatch
+        monkeypatch.setattr(log, "read_rows", self._held)
+
+    async def _held(self, generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        rows = await self._read_rows(generation_id, after_seq, count)
+        self.executed.set()
+        await self._release.wait()
+        return rows
+
+    def answer(self) -> None:
+        """Answer the reads held; the next ones answer at once."""
+        self._monkeypatch.setattr(self._log, "read_rows", self._read_rows)
+        self._release.set()
+
+
+class CountedReads:
+    """How many times the log is read."""
+
+    def __init__(self, log: GenerationLog, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, self._read_rows = 0, log.read_rows
+        monkeypatch.setattr(log, "read_rows", self._counted)
+
+    async def _counted(self, generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
+        self.count += 1
+        return await self._read_rows(generation_id, after_seq, count)
+
+
+class HeardBatches:
+    """How many live batches the feeds have heard."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count, self._changed, dispatch = 0, asyncio.Event(), Feed.dispatch
+
+        def dispatched(feed: Feed, frames: list[Frame], now: float) -> None:
+            dispatch(feed, frames, now)
+            self.count += 1
+            self._changed.set()
+
+        monkeypatch.setattr(Feed, "dispatch", dispatched)
+
+    async def until(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while self.count < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def seqs_of(chunk: bytes | None) -> list[int]:
+    return [int(m.id or 0) for m in sse.Parser().feed(chunk or b"")]
+
+
 async def test_a_subscription_sharing_a_read_begun_before_a_live_batch_reads_again(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -320,36 +376,18 @@ async def test_a_subscription_sharing_a_read_begun_before_a_live_batch_reads_aga
     # (60 s here) is too slow to.
     generation_id, lease = await leased_generation(hub.log, "w")
     first = await hub.subscribe(generation_id, 0)
-    read_rows = hub.log.read_rows
-    executed, release = asyncio.Event(), asyncio.Event()
-
-    async def held(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
-        rows = await read_rows(generation_id, after_seq, count)
-        executed.set()
-        await release.wait()
-        return rows
-
-    dispatch = Feed.dispatch
-    heard = asyncio.Event()
-
-    def dispatched(feed: Feed, frames: list[Frame], now: float) -> None:
-        dispatch(feed, frames, now)
-        heard.set()
-
-    monkeypatch.setattr(hub.log, "read_rows", held)
-    monkeypatch.setattr(Feed, "dispatch", dispatched)
+    held, heard = HeldReads(hub.log, monkeypatch), HeardBatches(monkeypatch)
     async with asyncio.timeout(5):
         reading = asyncio.create_task(first.next_chunk(5.0))
-        await executed.wait()
+        await held.executed.wait()
         await hub.log.append(lease, 1, [events.Done(reason="stop")])
-        await heard.wait()
+        await heard.until(1)
     second = await hub.subscribe(generation_id, 0)
     joining = asyncio.create_task(second.next_chunk(5.0))
     await asyncio.sleep(0)  # it asks for the page: the read in flight
-    monkeypatch.setattr(hub.log, "read_rows", read_rows)
-    release.set()
-    assert [int(m.id or 0) for m in sse.Parser().feed(await reading or b"")] == [1]
-    assert [int(m.id or 0) for m in sse.Parser().feed(await joining or b"")] == [1]
+    held.answer()
+    assert seqs_of(await reading) == [1]
+    assert seqs_of(await joining) == [1]
 
 
 async def test_a_read_sent_before_the_channel_was_confirmed_is_not_caught_up(
@@ -360,28 +398,18 @@ async def test_a_read_sent_before_the_channel_was_confirmed_is_not_caught_up(
     # confirmed reaches it neither live nor in that read.
     generation_id, lease = await leased_generation(hub.log, "w")
     alone = await hub.subscribe(generation_id, 0, live=False)
-    read_rows = hub.log.read_rows
-    executed, release = asyncio.Event(), asyncio.Event()
-
-    async def held(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
-        rows = await read_rows(generation_id, after_seq, count)
-        executed.set()
-        await release.wait()
-        return rows
-
-    monkeypatch.setattr(hub.log, "read_rows", held)
+    held = HeldReads(hub.log, monkeypatch)
     async with asyncio.timeout(5):
         reading = asyncio.create_task(alone.next_chunk(0.5))
-        await executed.wait()
+        await held.executed.wait()
         await hub.log.append(lease, 1, [events.Done(reason="stop")])
         live = await hub.subscribe(generation_id, 0)
     assert live.feed is alone.feed
     assert live.feed.confirmed
     joining = asyncio.create_task(live.next_chunk(5.0))
     await asyncio.sleep(0)  # it asks for the page: the read in flight
-    monkeypatch.setattr(hub.log, "read_rows", read_rows)
-    release.set()
-    assert [int(m.id or 0) for m in sse.Parser().feed(await joining or b"")] == [1]
+    held.answer()
+    assert seqs_of(await joining) == [1]
     reading.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await reading
@@ -397,13 +425,7 @@ async def test_a_generation_listened_ahead_is_read_once_then_live(
     feed = hub.listen_ahead(generation_id)
     assert feed is not None
     assert await feed.until_confirmed(5)
-    read_rows, reads = hub.log.read_rows, [0]
-
-    async def counted(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
-        reads[0] += 1
-        return await read_rows(generation_id, after_seq, count)
-
-    monkeypatch.setattr(hub.log, "read_rows", counted)
+    reads = CountedReads(hub.log, monkeypatch)
     first_page = hub.first_page(generation_id, 0)
     subscription = await hub.subscribe(generation_id, 0, first_page=first_page)
     assert subscription.feed is feed
@@ -412,7 +434,7 @@ async def test_a_generation_listened_ahead_is_read_once_then_live(
     assert await subscription.next_chunk(0.1) == b""  # live
     await hub.log.append(lease, 2, [events.Done(reason="stop")])
     assert await read_seqs(subscription, parser, 2) == [2]
-    assert reads == [1]
+    assert reads.count == 1
 
 
 @pytest.mark.parametrize(
@@ -430,36 +452,20 @@ async def test_batches_heard_between_a_first_page_and_its_subscribe_are_offered_
     assert await feed.until_confirmed(5)
     first_page = hub.first_page(generation_id, 0)
     assert (await asyncio.shield(first_page)).rows == []
-    dispatch, heard = Feed.dispatch, [0]
-    all_heard = asyncio.Event()
-
-    def dispatched(feed: Feed, frames: list[Frame], now: float) -> None:
-        dispatch(feed, frames, now)
-        heard[0] += 1
-        if heard[0] == batches:
-            all_heard.set()
-
-    monkeypatch.setattr(Feed, "dispatch", dispatched)
+    heard = HeardBatches(monkeypatch)
     for seq in range(1, batches + 1):
         last = seq == batches
         await hub.log.append(
             lease, seq, [events.Done(reason="stop") if last else events.Token(text="x")]
         )
-    async with asyncio.timeout(5):
-        await all_heard.wait()
-    read_rows, read_count = hub.log.read_rows, [0]
-
-    async def counted(generation_id: str, after_seq: int, count: int) -> list[RawEntry]:
-        read_count[0] += 1
-        return await read_rows(generation_id, after_seq, count)
-
-    monkeypatch.setattr(hub.log, "read_rows", counted)
+    await heard.until(batches)
+    counted = CountedReads(hub.log, monkeypatch)
     subscription = await hub.subscribe(generation_id, 0, first_page=first_page)
     assert await read_seqs(subscription, sse.Parser(), batches) == list(range(1, batches + 1))
-    assert read_count == [reads]
+    assert counted.count == reads
 
 
-async def test_a_channel_listened_ahead_goes_after_the_linger_unless_a_reader_comes(
+async def test_a_channel_listened_ahead_goes_unless_a_reader_comes(
     redis: Redis, settings: Settings
 ) -> None:
     hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=60)
@@ -467,8 +473,8 @@ async def test_a_channel_listened_ahead_goes_after_the_linger_unless_a_reader_co
     try:
         read, unread = new_generation_id(), new_generation_id()
         read_channel, unread_channel = (hub.log.keys.live_channel(g) for g in (read, unread))
-        feed = hub.listen_ahead(read)
-        hub.linger_seconds = 1.0  # long enough to see its channel subscribed first
+        feed = hub.listen_ahead(read)  # waits LISTEN_AHEAD_SECONDS for its reader
+        hub.linger_seconds = 1.0  # caps that: long enough to see the channel subscribed
         unread_feed = hub.listen_ahead(unread)
         assert hub.listen_ahead(read) is None  # it has its feed
         assert feed is not None
