@@ -465,33 +465,26 @@ async def test_batches_heard_between_a_first_page_and_its_subscribe_are_offered_
     assert counted.count == reads
 
 
-async def test_a_channel_listened_ahead_goes_unless_a_reader_comes(
-    redis: Redis, settings: Settings
-) -> None:
-    hub = Hub(GenerationLog(redis, settings), redis, recheck_seconds=60, linger_seconds=60)
-    await hub.start()
-    try:
-        read, unread = new_generation_id(), new_generation_id()
-        read_channel, unread_channel = (hub.log.keys.live_channel(g) for g in (read, unread))
-        feed = hub.listen_ahead(read)  # waits LISTEN_AHEAD_SECONDS for its reader
-        hub.linger_seconds = 1.0  # caps that: long enough to see the channel subscribed
-        unread_feed = hub.listen_ahead(unread)
-        assert hub.listen_ahead(read) is None  # it has its feed
-        assert feed is not None
-        assert await feed.until_confirmed(5)
-        assert unread_feed is not None
-        assert await unread_feed.until_confirmed(5)
-        assert await redis.pubsub_numsub(unread_channel) == [(unread_channel.encode(), 1)]
-        subscription = await hub.subscribe(read, 0)
-        assert subscription.feed is feed
-        assert feed.linger is None  # its reader keeps it
-        async with asyncio.timeout(10):
-            # What Redis holds is checked: it tells nobody when a channel is let go.
-            while await redis.pubsub_numsub(unread_channel) != [(unread_channel.encode(), 0)]:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-        assert await redis.pubsub_numsub(read_channel) == [(read_channel.encode(), 1)]
-    finally:
-        await hub.stop()
+async def test_a_channel_listened_ahead_goes_unless_a_reader_comes(hub: Hub, redis: Redis) -> None:
+    read, unread = new_generation_id(), new_generation_id()
+    read_channel, unread_channel = (hub.log.keys.live_channel(g) for g in (read, unread))
+    feed = hub.listen_ahead(read)  # waits LISTEN_AHEAD_SECONDS for its reader
+    hub.linger_seconds = 1.0  # caps that: long enough to see the channel subscribed
+    unread_feed = hub.listen_ahead(unread)
+    assert hub.listen_ahead(read) is None  # it has its feed
+    assert feed is not None
+    assert await feed.until_confirmed(5)
+    assert unread_feed is not None
+    assert await unread_feed.until_confirmed(5)
+    assert await redis.pubsub_numsub(unread_channel) == [(unread_channel.encode(), 1)]
+    subscription = await hub.subscribe(read, 0)
+    assert subscription.feed is feed
+    assert feed.linger is None  # its reader keeps it
+    async with asyncio.timeout(10):
+        # What Redis holds is checked: it tells nobody when a channel is let go.
+        while await redis.pubsub_numsub(unread_channel) != [(unread_channel.encode(), 0)]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    assert await redis.pubsub_numsub(read_channel) == [(read_channel.encode(), 1)]
 
 
 async def test_a_channel_dropped_and_subscribed_again_stays_live(
