@@ -8,7 +8,7 @@ append time, atomically, never by the writer.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -115,8 +115,13 @@ def event_type(event: Event) -> str:
     return tag
 
 
-def is_terminal(event: Event) -> bool:
-    return isinstance(event, Done | Error)
+# Every event type is a leaf, so its exact type answers what isinstance would, at a
+# fraction of isinstance's cost on a msgspec Struct (a worker asks several times per event).
+_TERMINAL_TYPES = frozenset((Done, Error))
+
+
+def is_terminal(event: Event) -> TypeGuard[TerminalEvent]:
+    return type(event) in _TERMINAL_TYPES
 
 
 def status_of(event: TerminalEvent) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import msgspec
@@ -10,7 +11,7 @@ import pytest
 
 from app import events
 
-ALL = [
+ALL: list[events.Event] = [
     events.Started(model="sim", attempt=2),
     events.Started(),
     events.Token(text='héllo\n"world" \u2028 😀'),
@@ -110,3 +111,11 @@ def test_terminal_events_and_statuses() -> None:
     assert events.status_of(events.Done(reason="stop")) == "done"
     assert events.status_of(events.Done(reason="cancelled")) == "cancelled"
     assert events.status_of(events.Error(code="x", message="y")) == "error"
+    terminal = [events.event_type(event) for event in ALL if events.is_terminal(event)]
+    assert terminal == ["done", "done", "error"]
+
+
+def test_event_types_are_leaves() -> None:
+    # is_terminal compares exact types: a subclass of an event type would slip past it.
+    for event_type in typing.get_args(events.Event):
+        assert event_type.__subclasses__() == [], event_type

@@ -8,6 +8,7 @@ script (`app.store.scripts`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -111,6 +112,9 @@ class GenerationLog:
         self._open_ttl = b"%d" % self.ttls.open_ms
         self._log_ttl = b"%d" % self.ttls.log_ms
         self._meta_ttl = b"%d" % self.ttls.meta_ms
+        # And the keys of each generation a worker runs at once, built once, not per event.
+        cached = settings.worker_concurrency
+        self._append_keys = functools.lru_cache(maxsize=cached)(self._keys_of)
         self.jobs = JobQueue(routes, self.keys, settings, self._commands)
         self.retention = Retention(self, self._commands)
         self.quotas = Quotas(self.keys, settings, self._commands)
@@ -361,21 +365,14 @@ class GenerationLog:
                 raise ValueError("a terminal event must be the last of its batch")
         final, reason = "", ""
         last_event = batch[-1]
-        if isinstance(last_event, events.Done):
-            final, reason = events.status_of(last_event), last_event.reason
-        elif isinstance(last_event, events.Error):
-            final, reason = "error", last_event.code
+        if events.is_terminal(last_event):  # checked first: isinstance costs (per batch)
+            final = events.status_of(last_event)
+            reason = last_event.reason if isinstance(last_event, events.Done) else last_event.code
         pairs: list[bytes | str] = []
         for event in batch:
             pairs.append(events.event_type(event))
             pairs.append(events.encode(event))
-        k = self.keys
-        keys = AppendKeys(
-            meta=k.meta(generation_id),
-            log=k.log(generation_id),
-            request=k.request(generation_id),
-            lease=k.lease(generation_id),
-        )
+        keys, channel = self._append_keys(generation_id)
         args = AppendArgs(
             epoch=epoch,
             first_seq=first_seq,
@@ -383,13 +380,24 @@ class GenerationLog:
             open_ttl_ms=self._open_ttl,
             log_ttl_ms=self._log_ttl,
             meta_ttl_ms=self._meta_ttl,
-            channel=k.live_channel(generation_id),
+            channel=channel,
             final=final,
             reason=reason,
             min_idle_ms="" if min_idle_ms is None else min_idle_ms,
             n=len(batch),
         )
         return keys, args, pairs
+
+    def _keys_of(self, generation_id: str) -> tuple[AppendKeys, str]:
+        """append.lua's KEYS for a generation, and its live channel."""
+        k = self.keys
+        keys = AppendKeys(
+            meta=k.meta(generation_id),
+            log=k.log(generation_id),
+            request=k.request(generation_id),
+            lease=k.lease(generation_id),
+        )
+        return keys, k.live_channel(generation_id)
 
     # -- leases -------------------------------------------------------------
 

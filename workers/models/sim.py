@@ -188,9 +188,12 @@ def plan(params: SimParams, prompt: int) -> Iterator[Event]:
     )
 
 
+_PACED_TYPES = frozenset((Token, ToolCallDelta))
+
+
 def _paced(event: Event) -> bool:
     """Tokens and argument fragments take time to generate; a complete call or Done does not."""
-    return isinstance(event, Token | ToolCallDelta)
+    return type(event) in _PACED_TYPES
 
 
 class SimModel:
