@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app import events
 from app.store import GenerationLog
-from scripts.bench_ttft import STAGES, Timing, stages
+from scripts.bench_ttft import STAGES, Timing, drifts, stages
 from scripts.pyspy_top import summarize
 from tests.conftest import leased_generation
 
@@ -43,6 +45,20 @@ async def test_the_stages_of_a_first_token_add_up_to_its_time(log: GenerationLog
     assert measured["total"] == sum(ms for stage, ms in measured.items() if stage != "total")
 
 
+async def test_drift_is_split_between_the_log_and_the_client(log: GenerationLog) -> None:
+    generation_id, lease = await leased_generation(log, "w")
+    tokens = [events.Token(text=word) for word in ("a", "b", "c")]
+    await log.append(lease, 1, [events.Started(model="sim"), *tokens])
+    appended = (await log.read(generation_id, 1, 1))[0].appended_ms  # one batch, one time
+    # At 10 tokens/s the log holds all three 200, 100 and 0 ms behind the pace; the
+    # client gets them at the pace, the first before its headers (so not live).
+    timing = Timing(generation_id, posted_ms=appended - 50.0, connected_ms=appended + 50.0)
+    timing.tokens = [(seq, appended + 100.0 * k) for k, seq in enumerate((2, 3, 4))]
+    in_log, at_client = await drifts(log, timing, rate=10.0)
+    assert in_log == pytest.approx([200.0, 100.0, 0.0], abs=0.01)
+    assert at_client == pytest.approx([0.0, 0.0], abs=0.01)
+
+
 def test_first_tokens_are_split_for_both_readers_read_in_turn() -> None:
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_ttft.py"), "--generations", "1",
@@ -57,3 +73,5 @@ def test_first_tokens_are_split_for_both_readers_read_in_turn() -> None:
     for _, table in tables:
         stages_read = [row.split("|")[1].strip() for row in table.splitlines()[2:]]
         assert stages_read == list(STAGES)
+    drift_rows = re.findall(r"^\| (in the log|at the client) \|", run.stdout, re.M)
+    assert drift_rows == ["in the log", "at the client"] * 2, run.stdout
