@@ -112,7 +112,7 @@ class GenerationLog:
         self._open_ttl = b"%d" % self.ttls.open_ms
         self._log_ttl = b"%d" % self.ttls.log_ms
         self._meta_ttl = b"%d" % self.ttls.meta_ms
-        # And the keys of each generation a worker runs at once, built once, not per event.
+        # And each generation's keys, built once (for as many as a worker runs), not per event.
         cached = settings.worker_concurrency
         self._append_keys = functools.lru_cache(maxsize=cached)(self._keys_of)
         self.jobs = JobQueue(routes, self.keys, settings, self._commands)
