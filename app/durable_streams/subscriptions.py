@@ -508,8 +508,10 @@ def verify_token(key: bytes, subscription_id: str, token: str, now: float) -> in
     """The generation `token` was issued for; TOKEN_INVALID or TOKEN_EXPIRED."""
     claims_text, _, signature = token.partition(".")
     try:
-        expected = hmac.digest(key, claims_text.encode(), "sha256")
-        if not hmac.compare_digest(_unb64(signature), expected):
+        # Compared as text: decoding would also take the encodings of the same bytes
+        # that differ in the last character's unused bits.
+        expected = _b64(hmac.digest(key, claims_text.encode(), "sha256"))
+        if not hmac.compare_digest(signature.encode(), expected.encode()):
             raise ValueError("signature")
         claims = msgspec.json.decode(_unb64(claims_text), type=_TokenClaims)
     except (ValueError, msgspec.DecodeError):

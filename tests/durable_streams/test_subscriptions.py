@@ -3,6 +3,9 @@ compared, callback tokens, and what acks may say."""
 
 from __future__ import annotations
 
+import base64
+import string
+
 import pytest
 
 from app.durable_streams import subscriptions
@@ -108,6 +111,20 @@ def test_subscription_ids_are_one_url_safe_segment() -> None:
             subscriptions.check_id(bad)
 
 
+def test_a_token_is_refused_in_any_encoding_but_its_own() -> None:
+    key = b"k" * 32
+    token = subscriptions.issue_token(key, "sub-1", 7, now=1000.0)
+    # The signature's last character holds 4 bits of it and 2 unused ones, which a
+    # base64 decoder ignores: setting them encodes the same bytes differently.
+    alphabet = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"
+    same_bytes = token[:-1] + alphabet[alphabet.index(token[-1]) | 1]
+    assert base64.urlsafe_b64decode(same_bytes.split(".")[1] + "=") == base64.urlsafe_b64decode(
+        token.split(".")[1] + "="
+    )
+    with pytest.raises(CallbackTokenInvalid):
+        subscriptions.verify_token(key, "sub-1", same_bytes, now=1000.0)
+
+
 def test_a_token_names_its_subscription_and_generation_and_expires() -> None:
     key = b"k" * 32
     token = subscriptions.issue_token(key, "sub-1", 7, now=1000.0)
@@ -116,8 +133,10 @@ def test_a_token_names_its_subscription_and_generation_and_expires() -> None:
         subscriptions.verify_token(key, "sub-2", token, now=1000.0)
     with pytest.raises(CallbackTokenInvalid):
         subscriptions.verify_token(b"x" * 32, "sub-1", token, now=1000.0)  # another incarnation
+    claims, signature = token.split(".")
+    another = ("B" if signature[0] == "A" else "A") + signature[1:]
     with pytest.raises(CallbackTokenInvalid):
-        subscriptions.verify_token(key, "sub-1", token[:-2] + "AA", now=1000.0)
+        subscriptions.verify_token(key, "sub-1", f"{claims}.{another}", now=1000.0)
     with pytest.raises(CallbackTokenInvalid):
         subscriptions.verify_token(key, "sub-1", "not-a-token", now=1000.0)
     with pytest.raises(CallbackTokenExpired):
