@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from app.client import Entry
 from app.keys import check_generation_id
@@ -46,8 +47,9 @@ StartProcess = Callable[..., Awaitable[TokentapeProcess]]
 
 
 @pytest.fixture
-async def start_process(key_prefix: str) -> AsyncIterator[StartProcess]:
-    """Start `python -m app` processes under this test's prefix; killed after the test.
+async def start_process(key_prefix: str, redis: Redis) -> AsyncIterator[StartProcess]:
+    """Start `python -m app` processes under this test's prefix; killed after the test,
+    and then the prefix's keys deleted (by the `redis` fixture, torn down after this one).
 
     `serve` gets a free port unless given one (a restarted reader takes its old one).
     """
