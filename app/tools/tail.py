@@ -241,7 +241,7 @@ def _render(
         renderer.tool_call(event.name, event.arguments)
     elif isinstance(event, events.Started) and (event.attempt or 1) > 1:
         notice(f"↻ seq {entry.seq}: a worker took over (attempt {event.attempt})")
-    elif isinstance(event, events.Done | events.Error):
+    elif events.is_terminal(event):
         return event
     return None
 

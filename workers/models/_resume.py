@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from app.events import Done, Error, Event, Token, ToolCall, ToolCallDelta
+from app.events import Event, Token, ToolCall, ToolCallDelta, is_terminal
 from workers.models.base import ProviderError
 
 
@@ -35,7 +35,7 @@ def resume_from(prior: Sequence[Event], provider: str) -> Resume:
             started_calls.add(event.index)
         elif isinstance(event, ToolCall):
             completed.append(event)
-        elif isinstance(event, Done | Error):
+        elif is_terminal(event):
             finished = True
     unfinished = started_calls - {call.index for call in completed}
     if unfinished and not finished:
