@@ -211,11 +211,14 @@ class RedisProcess:
         port: int | None = None,
         config: Sequence[str] = (),
         log_file: Path | None = None,
+        cluster_bus: bool = False,
     ) -> None:
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
         self._port_fixed = port is not None
+        # A cluster node's bus listens on a port of its own, chosen like `port`.
+        self.cluster_port = free_port() if cluster_bus else None
         self.config = tuple(config)
         self.log_file = log_file
         self._process: subprocess.Popen[bytes] | None = None
@@ -252,6 +255,8 @@ class RedisProcess:
                 return
             if attempt < 2 and not self._port_fixed:
                 self.port = free_port()
+                if self.cluster_port is not None:
+                    self.cluster_port = free_port()
         raise EmbeddedUnavailable(
             f"{self.binary} did not start on port {self.port}; run it by hand to see why"
         )
@@ -269,6 +274,7 @@ class RedisProcess:
                     "--dir", str(self.directory),
                     "--daemonize", "no",
                     "--loglevel", "warning",
+                    *(("--cluster-port", str(self.cluster_port)) if self.cluster_port else ()),
                     *self.config,  # later options win
                 ],
                 stdin=subprocess.DEVNULL,
@@ -360,13 +366,16 @@ class RedisClusterProcesses:
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
-                "--cluster-port", str(free_port()),
                 # A replica syncs at once, not after the default 5 s of waiting for others.
                 "--repl-diskless-sync-delay", "0",
             )  # fmt: skip
             log_file = None if log_dir is None else log_dir / f"node-{i}.log"
             node = RedisProcess(
-                binary, directory / f"node-{i}", config=(*options, *config), log_file=log_file
+                binary,
+                directory / f"node-{i}",
+                config=(*options, *config),
+                log_file=log_file,
+                cluster_bus=True,
             )
             self.nodes.append(node)
 

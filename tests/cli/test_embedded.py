@@ -140,6 +140,27 @@ def test_a_restarted_server_keeps_its_port_or_fails(tmp_path: Path) -> None:
 
 
 @needs_redis_server
+def test_a_cluster_node_whose_bus_port_was_taken_starts_on_other_ports(tmp_path: Path) -> None:
+    binary = embedded.find_server()
+    assert binary is not None
+    node = RedisProcess(binary, tmp_path, config=("--cluster-enabled", "yes"), cluster_bus=True)
+    bus_port = node.cluster_port
+    assert bus_port is not None
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", bus_port))
+        taken.listen()
+        node.start()
+    try:
+        assert node.cluster_port not in (None, bus_port)
+        client = SyncRedis(port=node.port)
+        assert client.ping()
+        client.close()
+    finally:
+        node.kill()
+
+
+@needs_redis_server
 def test_redis_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [
